@@ -1,0 +1,74 @@
+"""edgerun: an on-device LLM runtime and compression toolchain for laptop CPUs.
+
+The Python API mirrors the CLI::
+
+    import edgerun
+    session = edgerun.load()                      # default model, pulled on first use
+    for piece in session.chat("What is the capital of France?"):
+        print(piece, end="", flush=True)
+    print(session.stats.decode_tokens_per_s)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgerun.backends.base import GenerationStats, SamplingParams
+from edgerun.errors import EdgerunError
+from edgerun.session import Session
+
+__version__ = "0.1.0"
+
+
+def load(model: str | Path | None = None, *, backend: str = "llama.cpp", system: str | None = None,
+         chat_template: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+         batch_threads: int | None = None, max_tokens: int | None = None, temperature: float = 0.8,
+         top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
+         seed: int | None = None, progress: bool = True, notify=None, **engine_options) -> Session:
+    """Open a chat session on ``model`` (a catalog name, a path, or None for the default model).
+
+    Args:
+        model: catalog name (pulled on first use) or path to a model file.
+        backend: engine name (``"llama.cpp"``).
+        system: system prompt.
+        chat_template: a built-in template name or a Jinja file, overriding the model's own.
+        n_ctx: context window in tokens (default min(4096, the model's training context)).
+        threads, batch_threads: decode / prompt threads (default: physical cores).
+        max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed: sampling
+            (:class:`SamplingParams`).
+        progress: show a progress bar when pulling.
+        notify: callback for one-line notices (context trimmed); default: ``session.notices``.
+        engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``).
+
+    Raises:
+        EdgerunError: unknown model, bad file, download failure, missing chat template, engine error.
+    """
+    from edgerun import catalog, templates
+    from edgerun.backends import open_backend
+
+    from edgerun.formats import gguf as gguf_format
+
+    label = str(model or catalog.DEFAULT_MODEL)
+    entry = catalog.CATALOG.get(label)
+    if entry is not None and not entry.chat and chat_template is None and not Path(label).exists():
+        # known to have no chat template: say so before a download
+        templates.choose(None, None, model_label=f"{label} (a base model)")
+    path = catalog.resolve(model, progress=progress)
+    info = gguf_format.validate(path)
+    # refuse a model without a chat template before loading it (never fall back silently)
+    templates.choose(info.chat_template, chat_template, model_label=label)
+    engine = open_backend(backend, path, info=info, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
+                          seed=seed, **engine_options)
+    try:
+        special = engine.special_tokens
+        template = templates.choose(info.chat_template, chat_template, model_label=label,
+                                    bos_token=special["bos_token"], eos_token=special["eos_token"])
+    except EdgerunError:
+        engine.close()
+        raise
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    return Session(engine, template, system=system, sampling=sampling, notify=notify)
+
+
+__all__ = ["load", "Session", "SamplingParams", "GenerationStats", "EdgerunError", "__version__"]

@@ -1,0 +1,27 @@
+"""Engines behind one interface (:class:`edgerun.backends.base.Backend`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
+from edgerun.errors import UsageError
+
+BACKENDS = ("llama.cpp",)
+
+
+def open_backend(name: str, path: str | Path, **options) -> Backend:
+    """Load the model at ``path`` in the engine ``name`` with engine ``options``.
+
+    Raises:
+        UsageError: an unknown engine name.
+        ModelFileError, BackendError: as raised by the engine.
+    """
+    if name in ("llama.cpp", "llamacpp", "gguf"):
+        from edgerun.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(path, **options)
+    raise UsageError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}")
+
+
+__all__ = ["Backend", "GenerationStats", "MemoryInfo", "SamplingParams", "open_backend", "physical_cores", "BACKENDS"]

@@ -1,0 +1,166 @@
+"""The small interface every engine implements: load, tokenize, stream or complete, logits, memory.
+
+A backend runs one model; it never writes model files (that is ``converters/``) and never
+measures beyond what its engine reports (that is ``profilers/``). Sessions and profilers only use
+what is declared here, so the llama.cpp, ONNX and torch engines are interchangeable.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Defaults are llama.cpp's.
+
+    Attributes:
+        max_tokens: upper bound on generated tokens; None generates until an end-of-generation
+            token or until the context is full.
+        temperature: 0 is greedy (deterministic).
+        top_p, top_k, min_p: nucleus, top-k and min-p truncation.
+        repeat_penalty: 1.0 disables it.
+        seed: sampling seed for temperature > 0; None draws one.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Timing and token counts of one generation.
+
+    Attributes:
+        prompt_tokens: tokens in the prompt.
+        prefill_tokens: prompt tokens evaluated by this call (the rest was reused from the KV cache
+            of the previous turn).
+        generated_tokens: tokens sampled, excluding the end-of-generation token.
+        ttft_ms: time to first token in ms (wall clock from the call to the first token).
+        prefill_ms: engine time evaluating the prompt, ms.
+        decode_ms: engine time evaluating generated tokens, ms.
+        decode_steps: number of single-token evaluations timed in ``decode_ms``.
+        finish_reason: ``"stop"`` (end-of-generation token), ``"length"`` (max_tokens or context
+            full) or ``"interrupted"`` (the caller stopped reading, e.g. Ctrl-C).
+        context_used: tokens in the context after this reply.
+        context_size: the context window in tokens.
+    """
+
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_steps: int = 0
+    finish_reason: str = ""
+    context_used: int = 0
+    context_size: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """Prompt evaluation speed in tokens/s, or None when nothing was timed."""
+        return self.prefill_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 and self.prefill_tokens else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Generation speed in tokens/s over single-token evaluations, or None when nothing was timed."""
+        return self.decode_steps / (self.decode_ms / 1e3) if self.decode_ms > 0 and self.decode_steps else None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+
+@dataclass
+class MemoryInfo:
+    """Memory a loaded model uses, in bytes.
+
+    Attributes:
+        model_bytes: bytes of the weights as loaded by the engine.
+        kv_cache_bytes: bytes allocated for the KV cache at the current context size.
+        rss_bytes: resident set size of this process now.
+    """
+
+    model_bytes: int
+    kv_cache_bytes: int
+    rss_bytes: int
+
+
+class Backend(ABC):
+    """One loaded model in one engine.
+
+    Implementations set ``name`` (engine name) and ``n_ctx`` (context window in tokens) and
+    ``last_stats`` after each :meth:`stream` or :meth:`complete`.
+    """
+
+    name: str = ""
+    n_ctx: int = 0
+    last_stats: GenerationStats
+
+    @abstractmethod
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a formatted prompt: special-token texts are parsed, BOS added if the model wants it."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text (no BOS, special-token texts not parsed)."""
+
+    @abstractmethod
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of token ids (special tokens rendered as text)."""
+
+    @abstractmethod
+    def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
+        """Yield text pieces as tokens are decoded; ``last_stats`` is set when the iterator ends or is closed."""
+
+    @abstractmethod
+    def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
+        """Generate and return the whole reply (the engine's non-streaming path)."""
+
+    @abstractmethod
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position: float32 array of shape (len(tokens), vocab size)."""
+
+    @abstractmethod
+    def memory(self) -> MemoryInfo:
+        """Bytes used by weights, KV cache and the whole process."""
+
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, str]:
+        """Texts of the model's special tokens, keys ``bos_token`` and ``eos_token`` (empty if none)."""
+
+    def close(self) -> None:
+        """Free the engine's resources."""
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (the default thread count for inference).
+
+    llama-cpp-python defaults to half the logical CPUs, which is 1 on a 2-vCPU machine; compute
+    kernels gain nothing from SMT siblings but lose a lot from idle physical cores.
+    """
+    import psutil
+
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or allowed
+    logical = psutil.cpu_count(logical=True) or allowed
+    # Threads per core from the machine, applied to the CPUs this process may use.
+    per_core = max(1, logical // physical)
+    return max(1, allowed // per_core)

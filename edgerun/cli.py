@@ -1,0 +1,213 @@
+"""The ``edgerun`` command: a thin argparse layer over the Python API (``edgerun.load``, ``edgerun.catalog``).
+
+Errors a user can cause print ``error: <one line>`` on stderr and exit non-zero, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+
+from edgerun import catalog
+from edgerun.errors import EdgerunError, UsageError
+
+HELP_TEXT = """commands:
+  /clear   forget the conversation (the system prompt stays)
+  /stats   TTFT, prefill and decode speed of the last reply, context used
+  /help    this help
+  /exit    leave (also Ctrl-D)
+Ctrl-C stops a reply and keeps the conversation."""
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model (interactive, or one reply with -p or stdin)",
+                       description="Chat with a model. Without -p and with a terminal on stdin, starts an "
+                                   "interactive session; otherwise answers one prompt and exits.")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"catalog name or path to a .gguf file (default: {catalog.DEFAULT_MODEL})")
+    p.add_argument("-p", "--prompt", help="answer this prompt and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply (default: until done)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default 40)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default 4096 or less)")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template to use instead of the model's: chatml, llama3, gemma, or a Jinja file")
+    p.set_defaults(func=cmd_chat)
+
+
+def _check_sampling(args) -> None:
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.ctx_size is not None and args.ctx_size < 16:
+        raise UsageError("--ctx-size must be at least 16")
+
+
+def format_stats(stats) -> str:
+    """One line of /stats: TTFT (ms), prefill and decode tokens/s, context used."""
+    def rate(v):
+        return f"{v:.1f} tokens/s" if v else "n/a"
+    if not stats.finish_reason:
+        return "no reply yet"
+    return (f"TTFT {stats.ttft_ms:.1f} ms | prefill {stats.prefill_tokens} tokens, {rate(stats.prefill_tokens_per_s)}"
+            f" | decode {stats.generated_tokens} tokens, {rate(stats.decode_tokens_per_s)}"
+            f" | context {stats.context_used}/{stats.context_size} tokens | finish: {stats.finish_reason}")
+
+
+def _print_reply(pieces) -> None:
+    out = sys.stdout
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+
+
+def cmd_chat(args) -> int:
+    import edgerun
+
+    _check_sampling(args)
+    interactive = args.prompt is None and sys.stdin.isatty()
+    prompt = args.prompt
+    if prompt is None and not interactive:
+        prompt = sys.stdin.read().strip()  # `echo question | edgerun chat`: drop the shell's newline
+    if prompt is not None and not prompt.strip():
+        raise UsageError("empty prompt: give text with -p or on stdin")
+
+    def notify(msg: str) -> None:
+        print(f"[{msg}]", file=sys.stderr, flush=True)
+
+    session = edgerun.load(args.model, system=args.system, chat_template=args.chat_template,
+                           n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           seed=args.seed, notify=notify)
+    try:
+        if not interactive:
+            _print_reply(session.chat(prompt, stream=True))
+            return 0
+        return _repl(session, args)
+    finally:
+        session.backend.close()
+
+
+def _repl(session, args) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    b = session.backend
+    name = args.model or catalog.DEFAULT_MODEL
+    print(f"edgerun chat: {name} ({b.name}, {getattr(b, 'threads', '?')} threads, context {b.n_ctx} tokens, "
+          f"template {session.template.name}). /help for commands, Ctrl-D to exit.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print("\n(use /exit or Ctrl-D to leave)", file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd = text.split()[0].lower()
+            if cmd in ("/exit", "/quit", "/bye"):
+                return 0
+            if cmd == "/clear":
+                session.clear()
+                print("[conversation cleared]", file=sys.stderr)
+            elif cmd == "/stats":
+                print(format_stats(session.stats))
+            elif cmd in ("/help", "/?"):
+                print(HELP_TEXT)
+            else:
+                print(f"unknown command {cmd}; /help lists the commands", file=sys.stderr)
+            continue
+        pieces = session.chat(line, stream=True)
+        try:
+            _print_reply(pieces)
+        except KeyboardInterrupt:
+            pieces.close()
+            print("\n[interrupted]", file=sys.stderr)
+
+
+def cmd_pull(args) -> int:
+    path = catalog.pull(args.name, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    rows = [("NAME", "KIND", "SIZE", "PULLED", "LICENSE", "DESCRIPTION")]
+    for e in catalog.entries():
+        rows.append((e.name, e.kind, f"{e.size / 2**20:.0f} MiB", "yes" if catalog.is_pulled(e) else "no",
+                     e.license, e.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    print(f"cache: {catalog.home()}", file=sys.stderr)
+    return 0
+
+
+def cmd_rm(args) -> int:
+    for name in args.names:
+        catalog.remove(name)
+        print(f"removed {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgerun import __version__
+
+    parser = argparse.ArgumentParser(prog="edgerun", description="On-device LLM runtime and compression toolchain.")
+    parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_chat(sub)
+    p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")
+    p.add_argument("name")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("list", help="list catalog models and datasets and whether they are pulled")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("rm", help="remove pulled models or datasets from the cache")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(func=cmd_rm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except EdgerunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"error: no space left on the device ({e.filename or 'disk full'}); free some space "
+                  "and try again", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Errors a user can cause. Each carries a one-line message naming the problem and the fix.
+
+The CLI prints ``error: <message>`` and exits non-zero for any :class:`EdgerunError`; anything
+else is a bug in edgerun and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdgerunError(Exception):
+    """Base class of every error a user can cause (bad input, missing model, no network)."""
+
+    exit_code = 1
+
+
+class UnknownModelError(EdgerunError):
+    """A model name that is neither in the catalog nor a path to an existing file."""
+
+
+class ModelFileError(EdgerunError):
+    """A model file that is missing, not of the expected format, truncated or corrupted."""
+
+
+class DownloadError(EdgerunError):
+    """The package registry could not be reached, or it did not serve the pinned package."""
+
+
+class ChecksumError(EdgerunError):
+    """A downloaded file whose sha256 differs from the one pinned in the catalog."""
+
+
+class ChatTemplateError(EdgerunError):
+    """A model without a usable chat template, or a template that fails to render."""
+
+
+class BackendError(EdgerunError):
+    """An engine refused to load a model or to run a request with the given options."""
+
+
+class UsageError(EdgerunError):
+    """Invalid options or arguments (bad value, empty prompt, conflicting flags)."""
+
+    exit_code = 2

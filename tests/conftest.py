@@ -1,0 +1,93 @@
+"""Shared fixtures. The real default model is pulled once into EDGERUN_HOME (default: the user cache).
+
+Set EDGERUN_HOME to share the cache between CI steps; nothing here downloads twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgerun import catalog
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """Path of the default chat model (SmolLM2-135M-Instruct Q4_1), pulled on first use."""
+    return catalog.pull(catalog.DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def llama_backend(default_model_path):
+    """One llama.cpp instance of the default model shared by the chat tests (2048-token context)."""
+    from edgerun.backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(default_model_path, n_ctx=2048, seed=0)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def greedy_session(llama_backend):
+    """A fresh greedy (temperature 0) chat session on the shared default-model backend."""
+    from edgerun import templates
+    from edgerun.backends.base import SamplingParams
+    from edgerun.session import Session
+
+    special = llama_backend.special_tokens
+    template = templates.choose(llama_backend.info.chat_template, None, "default",
+                                special["bos_token"], special["eos_token"])
+    return Session(llama_backend, template, sampling=SamplingParams(temperature=0.0, max_tokens=48, seed=0))
+
+
+def cli_env(**extra) -> dict:
+    """Environment for running the ``edgerun`` CLI in a subprocess (same cache as the tests)."""
+    env = dict(os.environ)
+    env["EDGERUN_HOME"] = str(catalog.home())
+    env.update(extra)
+    return env
+
+
+def edgerun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgerun.cli", *args]
+
+
+def write_tiny_gguf(path: Path, chat_template: str | None = None, arch: str = "llama",
+                    n_tensors: int = 2) -> Path:
+    """A small, valid GGUF file: metadata of a Llama-like model and ``n_tensors`` F32 tensors of 32x4."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_name("tiny")
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(32)
+    w.add_head_count(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    for i in range(n_tensors):
+        w.add_tensor(f"t{i}.weight", np.arange(128, dtype=np.float32).reshape(4, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_wheel(directory: Path, package: str, version: str, members: dict[str, bytes]) -> Path:
+    """A minimal wheel carrying ``members`` (path -> bytes), servable to ``pip download --find-links``."""
+    dist = package.replace("-", "_")
+    path = directory / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        info = f"{dist}-{version}.dist-info"
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return path
