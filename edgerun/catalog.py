@@ -92,9 +92,31 @@ _GEMMA_PARTS = tuple(
     for i in range(4)
 )
 
+# Calibration and evaluation text: exllamav2's standard calibration set (MIT), six distinct domains.
+_CAL = "exllamav2/conversion/standard_cal_data/"
+_CALIBRATION_TEXTS = [
+    # name, file, sha256, size, description
+    ("wiki", "wiki.utf8", "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7", 2_093_275,
+     "English Wikipedia articles (2,349 documents); CC-BY-SA text"),
+    ("c4", "c4.utf8", "baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505", 332_173,
+     "C4 web text (118 documents); ODC-BY"),
+    ("tiny", "tiny.utf8", "e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de", 261_693,
+     "TinyStories-style simple stories"),
+    ("code", "code.utf8", "23f989c24baf6529e89343c51439a18ea831db5afcaf2635a0a16b2990fc5221", 248_834,
+     "source code in many languages"),
+    ("multilingual", "multilingual.utf8", "609be9ea4ee44cfb92a29d9579e4d744383652ebc1dacd7dc370a1db4aaf3459",
+     222_555, "text in many languages"),
+    ("technical", "technical.utf8", "9c760a3e4917fa6a9851753a5bc7f0187a28590c28587aa23eed81a36a18ccfc", 196_701,
+     "licences and technical documentation"),
+]
+
 CATALOG: dict[str, CatalogEntry] = {
     e.name: e
     for e in [
+        *(CatalogEntry(name=name, kind="dataset", filename=fname, parts=(Part("exllamav2", "0.3.2", _CAL + fname),),
+                       sha256=sha, size=size, license="MIT (exllamav2); text under its sources' terms",
+                       description=f"calibration text: {desc}")
+          for name, fname, sha, size, desc in _CALIBRATION_TEXTS),
         CatalogEntry(
             name="smollm2-135m-instruct",
             kind="model",
@@ -219,6 +241,20 @@ def entries(kind: str | None = None) -> Iterator[CatalogEntry]:
     for name in sorted(CATALOG):
         if kind is None or CATALOG[name].kind == kind:
             yield CATALOG[name]
+
+
+def dataset_path(name: str, progress: bool = True) -> Path:
+    """Local path of dataset ``name``, pulled on first use.
+
+    Raises:
+        UnknownModelError: ``name`` is not a catalog dataset.
+        DownloadError, ChecksumError: as for :func:`pull`.
+    """
+    entry = get(name)
+    if entry.kind != "dataset":
+        raise UnknownModelError(f"'{name}' is a model, not a dataset; datasets: "
+                                + ", ".join(e.name for e in entries("dataset")))
+    return pull(name, progress=progress)
 
 
 def resolve(model: str | os.PathLike | None, progress: bool = True) -> Path:

@@ -143,6 +143,37 @@ def _repl(session, args) -> int:
             print("\n[interrupted]", file=sys.stderr)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model as GGUF at a llama.cpp quantization type, with a manifest",
+                       description="Export SRC (catalog name, .gguf file or HF checkpoint directory). A GGUF "
+                                   "source is dequantized once into a cached float32 checkpoint first.")
+    p.add_argument("src", help="catalog name, .gguf file or Hugging Face checkpoint directory")
+    p.add_argument("--to", default="gguf", help="output format (gguf)")
+    p.add_argument("--quant", default="Q8_0", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, "
+                                                   "Q3_K_M, Q2_K, ... (default Q8_0)")
+    p.add_argument("-o", "--output", default=None, help="output path (default: ./<model>-<QUANT>.gguf)")
+    p.add_argument("--token-embedding-type", default=None, help="ggml type for token_embd (e.g. Q4_0)")
+    p.add_argument("--output-tensor-type", default=None, help="ggml type for the output head (e.g. Q6_K)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the output and measuring perplexity")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from converters.export import export
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = export(args.src, to=args.to, quant=args.quant, out=args.output, force=args.force,
+                    token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
+                    verify=not args.no_verify, threads=args.threads, log=log)
+    print(result.output)
+    log(f"manifest: {result.manifest}")
+    return 0
+
+
 def cmd_pull(args) -> int:
     path = catalog.pull(args.name, progress=not args.quiet)
     print(path)
@@ -175,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_chat(sub)
+    _add_export(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")
     p.add_argument("name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

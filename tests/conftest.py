@@ -91,3 +91,59 @@ def write_wheel(directory: Path, package: str, version: str, members: dict[str, 
         zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{info}/RECORD", "")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(default_model_path):
+    """The default model dequantized into a float32 HF checkpoint (cached under EDGERUN_HOME)."""
+    from converters.source import open_source
+
+    return open_source(catalog.DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_gguf(smollm2_source) -> Path:
+    """The source written as an F32 GGUF by edgerun's writer (cached under EDGERUN_HOME)."""
+    from converters.export import f32_cache
+
+    return f32_cache(smollm2_source)
+
+
+@pytest.fixture(scope="session")
+def exported(smollm2_f32_gguf, tmp_path_factory):
+    """Exports of the default model by quant type, made once per session: ``exported("Q8_0")``."""
+    from converters.export import export
+
+    out_dir = tmp_path_factory.mktemp("exports")
+    made = {}
+
+    def get(quant: str):
+        if quant not in made:
+            made[quant] = export(catalog.DEFAULT_MODEL, quant=quant, out=out_dir / f"smollm2-{quant}.gguf",
+                                 verify=False, progress=False, log=lambda m: None)
+        return made[quant]
+
+    return get
+
+
+def make_tiny_checkpoint(directory: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Llama or Gemma 3 checkpoint (hidden 64, 2 layers) using the tokenizer in ``tokenizer_dir``."""
+    import torch
+    from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, **common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(num_key_value_heads=1, head_dim=32, sliding_window=16,
+                                                   query_pre_attn_scalar=32, **common))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # make norms non-trivial so a missing +1 or permutation shows
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return directory

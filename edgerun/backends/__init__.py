@@ -7,7 +7,7 @@ from pathlib import Path
 from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
 from edgerun.errors import UsageError
 
-BACKENDS = ("llama.cpp",)
+BACKENDS = ("llama.cpp", "torch")
 
 
 def open_backend(name: str, path: str | Path, **options) -> Backend:
@@ -21,6 +21,11 @@ def open_backend(name: str, path: str | Path, **options) -> Backend:
         from edgerun.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(path, **options)
+    if name == "torch":
+        from edgerun.backends.torch import TorchBackend
+
+        options.pop("info", None)
+        return TorchBackend(path, **options)
     raise UsageError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}")
 
 

@@ -134,6 +134,14 @@ class Backend(ABC):
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position: float32 array of shape (len(tokens), vocab size)."""
 
+    def token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """log p(tokens[i] | tokens[:i]) for i = 1..n-1: float64 array of shape (len(tokens) - 1,).
+
+        The default computes all logits at once; engines override it to bound memory by the vocabulary.
+        """
+        tokens = [int(t) for t in tokens]
+        return log_softmax_at(self.logits(tokens)[:-1], tokens[1:])
+
     @abstractmethod
     def memory(self) -> MemoryInfo:
         """Bytes used by weights, KV cache and the whole process."""
@@ -145,6 +153,22 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Free the engine's resources."""
+
+
+def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """log softmax(logits[i])[targets[i]] for each row, computed in float64.
+
+    Args:
+        logits: (n, vocab) float array.
+        targets: n token ids.
+
+    Returns:
+        float64 array of shape (n,).
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+    return x[np.arange(len(x)), np.asarray(targets)] - lse
 
 
 def physical_cores() -> int:

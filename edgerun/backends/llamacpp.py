@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
+from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, log_softmax_at,
+                                   physical_cores)
 from edgerun.errors import BackendError
 from edgerun.formats import gguf as gguf_format
 
@@ -239,6 +240,23 @@ class LlamaCppBackend(Backend):
         Raises:
             BackendError: more tokens than the context holds, or llama_decode fails.
         """
+        out = np.empty((len(tokens), self.llm.n_vocab()), dtype=np.float32)
+        for start, chunk in self._logit_chunks(tokens):
+            out[start:start + len(chunk)] = chunk
+        return out
+
+    def token_logprobs(self, tokens: Sequence[int]) -> np.ndarray:
+        """log p(tokens[i] | tokens[:i]) for i >= 1: float64 (len(tokens) - 1,), one batch of logits at a time."""
+        tokens = [int(t) for t in tokens]
+        out = np.empty(len(tokens) - 1, dtype=np.float64)
+        for start, chunk in self._logit_chunks(tokens):
+            stop = min(start + len(chunk), len(tokens) - 1)
+            if stop > start:
+                out[start:stop] = log_softmax_at(chunk[: stop - start], tokens[start + 1:stop + 1])
+        return out
+
+    def _logit_chunks(self, tokens: Sequence[int]):
+        """Evaluate ``tokens`` from an empty KV cache in batches; yield (start, float32 logits of the batch)."""
         lc, llm = self._llama_cpp, self.llm
         tokens = [int(t) for t in tokens]
         if not tokens or len(tokens) > self.n_ctx:
@@ -246,7 +264,6 @@ class LlamaCppBackend(Backend):
         n_vocab, n_batch = llm.n_vocab(), llm.n_batch
         llm.reset()
         lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
-        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
         batch = lc.llama_batch_init(n_batch, 0, 1)
         try:
             for start in range(0, len(tokens), n_batch):
@@ -261,13 +278,11 @@ class LlamaCppBackend(Backend):
                 if lc.llama_decode(llm.ctx, batch) != 0:
                     raise BackendError("llama_decode failed while computing logits")
                 ptr = lc.llama_get_logits(llm.ctx)
-                out[start:start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk) * n_vocab,)).reshape(
-                    len(chunk), n_vocab)
+                yield start, np.ctypeslib.as_array(ptr, shape=(len(chunk) * n_vocab,)).reshape(len(chunk), n_vocab).copy()
         finally:
             lc.llama_batch_free(batch)
             lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
             llm.reset()
-        return out
 
     def kv_bytes_per_token(self) -> float:
         """KV cache bytes per context token: 2 (K and V) x layers x KV heads x head dim x element bytes.

@@ -1,0 +1,166 @@
+"""``edgerun export``: source -> (passes) -> writer -> manifest -> verification.
+
+GGUF flow: the source checkpoint is written once as an exact F32 GGUF (cached under
+``$EDGERUN_HOME/cache/f32/``), then quantized by llama.cpp to the requested type. Verification loads
+the output in llama.cpp and prints its perplexity on a held-out slice of the wiki calibration text
+next to the source's (the cached F32 GGUF in llama.cpp, which matches the source's torch logits to
+~1e-6 of their range), both measured in the same run by the shared protocol
+(:mod:`profilers.accuracy`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from converters import gguf as gguf_writer
+from converters import manifest as manifest_mod
+from converters.source import Source, open_source
+from edgerun import catalog
+from edgerun.errors import UsageError
+
+FORMATS = ("gguf",)
+VERIFY_WINDOWS = 4
+VERIFY_WINDOW = 512
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and measured.
+
+    Attributes:
+        output: the exported file or directory.
+        manifest: path of its manifest.
+        record: the manifest's content.
+    """
+
+    output: Path
+    manifest: Path
+    record: dict = field(default_factory=dict)
+
+
+def default_output(source: Source, src_name: str, to: str, quant: str) -> Path:
+    """``./<model>-<QUANT>.gguf`` (or ``./<model>-onnx-<quant>/``) in the current directory."""
+    base = src_name if src_name in catalog.CATALOG else source.path.name
+    base = Path(base).name.removesuffix(".gguf")
+    return Path.cwd() / (f"{base}-{quant}.gguf" if to == "gguf" else f"{base}-onnx-{quant}")
+
+
+def f32_cache(source: Source, progress: Callable | None = None) -> Path:
+    """The source written as an F32 GGUF, cached per source checkpoint."""
+    out = catalog.home() / "cache" / "f32" / f"{source.path.name}.gguf"
+    if not out.exists() or out.stat().st_mtime < (source.path / "config.json").stat().st_mtime:
+        gguf_writer.write_f32(source.path, out, name=source.label, force=True, progress=progress)
+    return out
+
+
+def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path | None = None, force: bool = False,
+           token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
+           threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+    """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
+
+    Args:
+        src: the source model.
+        to: output format (``"gguf"``).
+        quant: output type (default ``Q8_0``); see :data:`converters.gguf.OUTPUT_TYPES`.
+        out: output path (default: a name saying model, format and type, in the current directory).
+        force: overwrite an existing output.
+        token_embedding_type, output_tensor_type: per-tensor ggml types for the embedding / output head.
+        verify: load the output and print its perplexity next to the source's.
+        threads: CPU threads for quantization and verification.
+        progress: show progress bars.
+        log: where one-line progress messages go.
+
+    Raises:
+        UsageError: unknown format or type, output exists without ``force``, unsupported architecture.
+        ModelFileError, UnknownModelError, DownloadError: bad or missing source.
+        BackendError: llama.cpp fails.
+    """
+    t0 = time.perf_counter()
+    to = to.lower()
+    if to not in FORMATS:
+        raise UsageError(f"unknown export format '{to}'; supported: {', '.join(FORMATS)}")
+    quant = gguf_writer.check_type(quant or "Q8_0")
+    gguf_writer.check_tensor_type(token_embedding_type, "--token-embedding-type")
+    gguf_writer.check_tensor_type(output_tensor_type, "--output-tensor-type")
+    if out is not None and Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    source = open_source(src, progress=progress)
+    out = Path(out) if out else default_output(source, str(src), to, quant)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    log(f"source: {source.label} ({source.architecture}) at {source.path}")
+
+    bar = _bar("writing F32 GGUF", progress)
+    f32 = f32_cache(source, progress=bar)
+    passes = [{"name": "write-gguf-f32", "writer": "gguf-py GGUFWriter", "cached_at": str(f32)}]
+    if quant == "F32":
+        gguf_writer.write_f32(source.path, out, name=source.label, force=force)
+    else:
+        log(f"quantizing to {quant} with llama.cpp")
+        gguf_writer.quantize(f32, out, quant, token_embedding_type, output_tensor_type, threads=threads, force=force)
+        passes.append({"name": "quantize", "tool": "llama_cpp.llama_model_quantize", "type": quant,
+                       "token_embedding_type": token_embedding_type, "output_tensor_type": output_tensor_type})
+    export_seconds = time.perf_counter() - t0
+
+    from profilers.bpw import gguf_bpw
+
+    bpw = gguf_bpw(out)
+    record = {
+        "format": to,
+        "type": quant,
+        "source": source.as_dict(),
+        "passes": passes,
+        "output": {"path": str(out.resolve()), "sha256": catalog.file_sha256(out), "size_bytes": out.stat().st_size},
+        "bpw": bpw.as_dict(),
+        "export_seconds": round(export_seconds, 2),
+    }
+    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
+        f"linear BPW {bpw.linear_bpw:.3f}")
+    if verify:
+        record["verification"] = verify_gguf(out, f32, source, threads=threads, progress=progress, log=log)
+    else:
+        record["verification"] = {"skipped": True}
+    record["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    path = manifest_mod.write(out, record)
+    return ExportResult(output=out, manifest=path, record=record)
+
+
+def verify_gguf(out: Path, f32: Path, source: Source, threads: int | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict:
+    """Load ``out`` in llama.cpp and measure its perplexity next to the source's (F32 GGUF), same run."""
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from profilers.accuracy import perplexity
+
+    ctx = VERIFY_WINDOW + 8
+    results = {}
+    for role, path, label, kv in (("source", f32, f"{source.label} (F32)", "f32"), ("output", out, out.name, "f16")):
+        backend = LlamaCppBackend(path, n_ctx=ctx, threads=threads, cache_type_k=kv, cache_type_v=kv)
+        try:
+            r = perplexity(backend, label, window=VERIFY_WINDOW, n_windows=VERIFY_WINDOWS, progress=progress)
+        finally:
+            backend.close()
+        results[role] = r.as_dict()
+    s, o = results["source"]["perplexity"], results["output"]["perplexity"]
+    log(f"perplexity on held-out wiki ({VERIFY_WINDOWS} x {VERIFY_WINDOW} tokens): source {s:.3f} "
+        f"[{source.label}], output {o:.3f} ({(o / s - 1) * 100:+.2f}%)")
+    return results
+
+
+def _bar(desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    state = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="tensor", leave=False)
+        state["bar"].update(done - state["bar"].n)
+        if done == total:
+            state["bar"].close()
+
+    return update

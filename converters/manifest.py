@@ -1,0 +1,52 @@
+"""The manifest written next to every export: source, passes, output sha256 and size, effective BPW, tools, time.
+
+Location: ``<file>.manifest.json`` beside an exported file, ``manifest.json`` inside an exported
+directory. Written atomically, JSON (no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from converters.atomic import atomic_file
+
+TOOLS = ("edgerun", "llama-cpp-python", "gguf", "transformers", "torch", "safetensors", "onnxruntime",
+         "onnxruntime-genai", "numpy")
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of the tools that can touch an export."""
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def manifest_path(output: str | Path) -> Path:
+    """Where the manifest of ``output`` lives."""
+    output = Path(output)
+    return output / "manifest.json" if output.is_dir() else output.with_name(output.name + ".manifest.json")
+
+
+def write(output: str | Path, record: dict) -> Path:
+    """Write ``record`` (plus tool versions and a UTC timestamp) as the manifest of ``output``."""
+    record = dict(record)
+    record.setdefault("created_utc", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    record.setdefault("tools", tool_versions())
+    path = manifest_path(output)
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read(output: str | Path) -> dict:
+    """The manifest of ``output``."""
+    return json.loads(manifest_path(output).read_text(encoding="utf-8"))

@@ -1,0 +1,242 @@
+"""Reference engine: a Hugging Face checkpoint run with PyTorch/transformers on the CPU.
+
+It is the reference every parity check compares against (float32 by default) and the home of what
+llama.cpp cannot do (exact MoE routing, per-layer KV precision, MixPE emulation: later issues).
+The streaming path is a plain decode loop over a transformers ``DynamicCache`` (the previous turn's
+cache is reused up to the longest common prefix); the non-streaming path is ``model.generate``.
+Only safetensors weights are loaded (no pickles).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
+from edgerun.errors import BackendError
+from edgerun.formats import safetensors as st_format
+
+DEFAULT_CTX = 4096
+
+
+class TorchBackend(Backend):
+    """An HF checkpoint directory loaded with transformers.
+
+    Args:
+        path: checkpoint directory (config.json, *.safetensors, tokenizer files).
+        n_ctx: context window in tokens (default min(4096, max_position_embeddings)).
+        threads: torch intra-op threads (default: physical cores).
+        dtype: ``"float32"`` (reference) or ``"bfloat16"``.
+        seed: default sampling seed.
+
+    Raises:
+        ModelFileError: not a checkpoint directory, pickled weights, corrupted safetensors.
+        BackendError: transformers cannot build the model.
+    """
+
+    name = "torch"
+
+    def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
+                 dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None, **_ignored):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # deprecation chatter from generate() is not for our users
+        self.path = Path(path)
+        st_format.checkpoint_files(self.path)
+        cfg = st_format.read_config(self.path)
+        self.threads = int(threads) if threads else physical_cores()
+        torch.set_num_threads(self.threads)
+        self._torch = torch
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype),
+                                                              use_safetensors=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise BackendError(f"transformers could not load {self.path}: {e}") from None
+        self.model.eval()
+        import inspect
+
+        # transformers >= 5.2x renames the forward's `past_key_values` argument to `cache`
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, int(cfg.get("max_position_embeddings", DEFAULT_CTX)))
+        self.seed = seed
+        self._cache = None
+        self._cached_tokens: list[int] = []
+        self.last_stats = GenerationStats(context_size=self.n_ctx)
+        self._bos = self.tokenizer.bos_token_id
+        self._add_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) or self._tokenizer_adds_bos()
+        eos = self.model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if self.tokenizer.eos_token_id is not None:
+            self._eos.add(self.tokenizer.eos_token_id)
+
+    def _tokenizer_adds_bos(self) -> bool:
+        ids = self.tokenizer("a", add_special_tokens=True).input_ids
+        return self._bos is not None and bool(ids) and ids[0] == self._bos
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+        if self._add_bos and self._bos is not None and (not ids or ids[0] != self._bos):
+            ids = [self._bos] + ids
+        return list(ids)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return {"bos_token": self.tokenizer.bos_token or "", "eos_token": self.tokenizer.eos_token or ""}
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def _forward(self, ids: list[int], cache, past: int):
+        torch = self._torch
+        x = torch.tensor([ids], dtype=torch.long)
+        pos = torch.arange(past, past + len(ids)).unsqueeze(0)
+        with torch.inference_mode():
+            out = self.model(input_ids=x, use_cache=True, position_ids=pos, **{self._cache_kwarg: cache})
+        return out.logits[0], getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position: float32 (len(tokens), vocab), no cache reused."""
+        tokens = [int(t) for t in tokens]
+        if not tokens or len(tokens) > self.n_ctx:
+            raise BackendError(f"logits need 1..{self.n_ctx} tokens, got {len(tokens)}")
+        logits, _ = self._forward(tokens, None, 0)
+        return logits.float().numpy()
+
+    def _prefix_cache(self, prompt: list[int]):
+        """Reuse the cached KV of the previous call up to the longest common prefix (leaving >= 1 token)."""
+        n = 0
+        for a, b in zip(self._cached_tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)
+        if self._cache is None or n == 0:
+            return None, 0
+        extra = self._cache.get_seq_length() - n
+        if extra > 0:
+            self._cache.crop(-extra)  # transformers 5: a negative count removes that many newest tokens
+        return self._cache, n
+
+    def _sample(self, logits, sampling: SamplingParams, gen) -> int:
+        torch = self._torch
+        if sampling.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+        if sampling.top_k and sampling.top_k > 0:
+            kth = torch.topk(probs, min(sampling.top_k, probs.numel())).values[-1]
+            probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+        if sampling.min_p and sampling.min_p > 0:
+            probs = torch.where(probs < sampling.min_p * probs.max(), torch.zeros_like(probs), probs)
+        if sampling.top_p and sampling.top_p < 1:
+            sorted_p, idx = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < sampling.top_p * sorted_p.sum()
+            mask = torch.zeros_like(probs, dtype=torch.bool)
+            mask[idx[keep]] = True
+            probs = torch.where(mask, probs, torch.zeros_like(probs))
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+    def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
+        torch = self._torch
+        prompt = [int(t) for t in prompt_tokens]
+        room = self.n_ctx - len(prompt)
+        if room < 1:
+            raise BackendError(f"the prompt ({len(prompt)} tokens) does not fit the context of {self.n_ctx} tokens")
+        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else (self.seed or 0))
+        stats = GenerationStats(prompt_tokens=len(prompt), context_size=self.n_ctx)
+        cache, reused = self._prefix_cache(prompt)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        stats.prefill_tokens = len(prompt) - reused
+        generated: list[int] = []
+        shown = ""
+        finish = "interrupted"
+        t0 = time.perf_counter()
+        try:
+            logits, cache = self._forward(prompt[reused:], cache, reused)
+            stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+            self._cached_tokens = list(prompt)
+            while True:
+                tok = self._sample(logits[-1], sampling, gen)
+                if not generated:
+                    stats.ttft_ms = (time.perf_counter() - t0) * 1e3
+                if tok in self._eos:
+                    finish = "stop"
+                    break
+                generated.append(tok)
+                text = self.detokenize(generated)
+                if not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
+                if len(generated) >= max_new:
+                    finish = "length"
+                    break
+                t1 = time.perf_counter()
+                logits, cache = self._forward([tok], cache, len(prompt) + len(generated) - 1)
+                self._cached_tokens.append(tok)
+                stats.decode_ms += (time.perf_counter() - t1) * 1e3
+                stats.decode_steps += 1
+        finally:
+            self._cache = cache
+            stats.generated_tokens = len(generated)
+            stats.finish_reason = finish
+            stats.context_used = len(self._cached_tokens)
+            self.last_stats = stats
+
+    def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
+        torch = self._torch
+        prompt = [int(t) for t in prompt_tokens]
+        room = self.n_ctx - len(prompt)
+        if room < 1:
+            raise BackendError(f"the prompt ({len(prompt)} tokens) does not fit the context of {self.n_ctx} tokens")
+        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        kwargs = dict(max_new_tokens=max_new, eos_token_id=sorted(self._eos), pad_token_id=sorted(self._eos)[0])
+        if sampling.temperature > 0:
+            torch.manual_seed(sampling.seed if sampling.seed is not None else (self.seed or 0))
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, min_p=sampling.min_p)
+        else:
+            kwargs.update(do_sample=False)
+        # model.generate exposes no per-phase timing: the stats of this path carry token counts only
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                      **kwargs)
+        new = out[0, len(prompt):].tolist()
+        finish = "stop" if new and new[-1] in self._eos else "length"
+        if new and new[-1] in self._eos:
+            new = new[:-1]
+        self._cache, self._cached_tokens = None, []
+        self.last_stats = GenerationStats(prompt_tokens=len(prompt), prefill_tokens=len(prompt),
+                                          generated_tokens=len(new), finish_reason=finish,
+                                          context_used=len(prompt) + len(new), context_size=self.n_ctx)
+        return self.detokenize(new)
+
+    def memory(self) -> MemoryInfo:
+        import psutil
+
+        model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        cfg = self.model.config
+        n_head = cfg.num_attention_heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+        per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", n_head) * hd * 4
+        return MemoryInfo(model_bytes=int(model_bytes), kv_cache_bytes=int(per_token * len(self._cached_tokens)),
+                          rss_bytes=psutil.Process().memory_info().rss)
+
+    def close(self) -> None:
+        self.model = None
+        self._cache = None

@@ -1,0 +1,118 @@
+"""Validate safetensors files and Hugging Face checkpoint directories before anything loads them.
+
+safetensors layout (huggingface/safetensors ``README``, "Format"): an 8-byte little-endian header
+length N, N bytes of JSON mapping tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the data section that follows the header), and an optional ``__metadata__``
+map of strings. Every extent is checked against the file size and the tensor's element count, so
+a truncated or corrupted file gets a one-line error instead of a loader's stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgerun.errors import ModelFileError
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    """One tensor entry: name, dtype (e.g. ``"F32"``), shape, byte extent in the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def validate_file(path: str | Path) -> dict[str, SafetensorsTensor]:
+    """Check a ``.safetensors`` file's header and extents; return its tensors by name.
+
+    Raises:
+        ModelFileError: missing, truncated or corrupted file, or an unknown dtype.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"no such file: {path}")
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    if size < 8:
+        raise ModelFileError(f"{bad} ({size} bytes)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ModelFileError(f"{bad}: header length {n} does not fit the file of {size} bytes (truncated or corrupted)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{bad}: corrupted header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{bad}: header is not a JSON object")
+    data_size = size - 8 - n
+    tensors: dict[str, SafetensorsTensor] = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(f"{bad}: malformed entry for tensor {name}") from None
+        if dtype not in DTYPE_BYTES:
+            raise ModelFileError(f"{bad}: tensor {name} has unknown dtype {dtype}")
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise ModelFileError(f"{bad}: tensor {name} has a negative dimension")
+            numel *= d
+        if not (0 <= begin <= end <= data_size) or end - begin != numel * DTYPE_BYTES[dtype]:
+            raise ModelFileError(f"{path} is truncated or corrupted: tensor {name} needs bytes {begin}..{end} "
+                                 f"of a {data_size}-byte data section")
+        tensors[name] = SafetensorsTensor(name, dtype, shape, int(begin), int(end))
+    return tensors
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The ``*.safetensors`` files of a Hugging Face checkpoint directory, validated.
+
+    Raises:
+        ModelFileError: not a directory, no ``config.json``, no safetensors weights (pickled
+            ``.bin`` weights are refused: they can run code when loaded), or a bad file.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise ModelFileError(f"{d} is not a checkpoint directory")
+    if not (d / "config.json").is_file():
+        raise ModelFileError(f"{d} has no config.json; a Hugging Face checkpoint directory needs one")
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        if list(d.glob("*.bin")) or list(d.glob("*.pt")):
+            raise ModelFileError(f"{d} holds only pickled weights (.bin/.pt), which edgerun does not load; "
+                                 "convert them to safetensors first")
+        raise ModelFileError(f"{d} has no .safetensors weights")
+    for f in files:
+        validate_file(f)
+    return files
+
+
+def read_config(directory: str | Path) -> dict:
+    """``config.json`` of a checkpoint directory.
+
+    Raises:
+        ModelFileError: unreadable or not a JSON object.
+    """
+    p = Path(directory) / "config.json"
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"cannot read {p}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelFileError(f"{p} is not a JSON object")
+    return cfg

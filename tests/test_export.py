@@ -1,0 +1,234 @@
+"""edgerun export to GGUF: exact F32 writer, llama.cpp quantization, effective BPW, manifest, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from converters import gguf as gguf_writer
+from converters.atomic import OutputExistsError
+from converters.export import export
+from edgerun import catalog
+from edgerun.backends.base import SamplingParams
+from edgerun.errors import EdgerunError, ModelFileError, UsageError
+
+from conftest import cli_env, edgerun_cmd, make_tiny_checkpoint, write_tiny_gguf
+
+PROMPT = "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (a.max() - a.min()))
+
+
+def test_f32_gguf_matches_the_source_logits(smollm2_source, smollm2_f32_gguf):
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from edgerun.backends.torch import TorchBackend
+
+    torch_ref = TorchBackend(smollm2_source.path, n_ctx=256)
+    engine = LlamaCppBackend(smollm2_f32_gguf, n_ctx=256, cache_type_k="f32", cache_type_v="f32")
+    try:
+        tokens = torch_ref.encode_prompt(PROMPT)
+        assert engine.encode_prompt(PROMPT) == tokens
+        a, b = torch_ref.logits(tokens), engine.logits(tokens)
+        assert _max_rel_diff(a, b) < 1e-3
+        assert (a.argmax(1) == b.argmax(1)).all()
+    finally:
+        engine.close()
+        torch_ref.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_tiny_checkpoint_round_trips_exactly(arch, tmp_path, smollm2_source):
+    # a random model with non-trivial norms: a missing Q/K permutation or Gemma's +1 would show
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from edgerun.backends.torch import TorchBackend
+
+    ckpt = make_tiny_checkpoint(tmp_path / arch, arch, smollm2_source.path)
+    out = gguf_writer.write_f32(ckpt, tmp_path / f"{arch}.gguf")  # no sidecar: the BPE tokenizer path
+    text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to find food."
+    torch_ref = TorchBackend(ckpt, n_ctx=128)
+    engine = LlamaCppBackend(out, n_ctx=128, cache_type_k="f32", cache_type_v="f32")
+    try:
+        tokens = torch_ref.tokenize(text)
+        assert engine.tokenize(text) == tokens and len(tokens) > 16  # longer than Gemma's sliding window
+        assert _max_rel_diff(torch_ref.logits(tokens), engine.logits(tokens)) < 1e-3
+    finally:
+        engine.close()
+        torch_ref.close()
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_quantized_exports_answer_a_factual_prompt(exported, quant):
+    from edgerun.backends.llamacpp import LlamaCppBackend
+
+    engine = LlamaCppBackend(exported(quant).output, n_ctx=256)
+    try:
+        reply = engine.complete(engine.encode_prompt(PROMPT), SamplingParams(temperature=0.0, max_tokens=24))
+    finally:
+        engine.close()
+    assert "Berlin" in reply
+
+
+def test_q8_0_linear_bpw_is_8_5_exactly(exported):
+    bpw = exported("Q8_0").record["bpw"]
+    assert bpw["linear_tensor_types"] == {"Q8_0": 1.0}
+    assert bpw["linear_bpw"] == 8.5  # 34 bytes per block of 32 weights
+    assert bpw["file_bpw"] == pytest.approx(bpw["file_bytes"] * 8 / bpw["n_params"])
+    assert bpw["output_bpw"] is None  # tied embeddings stay tied
+
+
+def test_q4_k_m_bpw_follows_the_measured_tensor_type_mix(exported):
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    bpw = exported("Q4_K_M").record["bpw"]
+    mix = bpw["linear_tensor_types"]
+    assert "Q5_0" in mix  # rows of 576 are not a multiple of 256: llama.cpp fell back from Q4_K
+    bits = {t: GGML_QUANT_SIZES[GGMLQuantizationType[t]][1] * 8 / GGML_QUANT_SIZES[GGMLQuantizationType[t]][0]
+            for t in mix}
+    assert bpw["linear_bpw"] == pytest.approx(sum(share * bits[t] for t, share in mix.items()), rel=1e-4)
+    assert 4.5 < bpw["linear_bpw"] < 6.0
+
+
+def test_manifest_records_source_passes_and_a_verifiable_sha256(exported):
+    result = exported("Q8_0")
+    record = json.loads(result.manifest.read_text())
+    assert result.manifest.name == "smollm2-Q8_0.gguf.manifest.json"
+    assert record["source"]["label"] == "Q4_1-dequantized smollm2-135m-instruct"
+    assert record["source"]["origin_sha256"] == catalog.get(catalog.DEFAULT_MODEL).sha256
+    assert [p["name"] for p in record["passes"]] == ["write-gguf-f32", "quantize"]
+    assert record["output"]["sha256"] == catalog.file_sha256(result.output)
+    assert record["output"]["size_bytes"] == result.output.stat().st_size
+    for key in ("bpw", "tools", "export_seconds", "wall_seconds", "created_utc", "verification"):
+        assert key in record
+    assert record["tools"]["llama-cpp-python"] == "0.3.36"
+
+
+def test_token_embedding_type_override_lowers_file_bpw(exported, tmp_path, smollm2_f32_gguf):
+    result = export(catalog.DEFAULT_MODEL, quant="Q8_0", out=tmp_path / "q8-emb-q4.gguf", verify=False,
+                    token_embedding_type="Q4_0", progress=False, log=lambda m: None)
+    bpw, base = result.record["bpw"], exported("Q8_0").record["bpw"]
+    assert base["embedding_bpw"] == 8.5 and bpw["embedding_bpw"] == 4.5
+    embedding_share = 49152 * 576 / bpw["n_params"]  # the tied embedding is 21% of SmolLM2's weights
+    assert base["file_bpw"] - bpw["file_bpw"] == pytest.approx(4.0 * embedding_share, rel=0.01)
+
+
+def test_export_cli_verifies_with_perplexity_next_to_the_source(smollm2_f32_gguf, tmp_path):
+    import subprocess
+
+    out = tmp_path / "q8.gguf"
+    r = subprocess.run(edgerun_cmd("export", catalog.DEFAULT_MODEL, "--quant", "Q8_0", "-o", str(out)),
+                       capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("perplexity on held-out wiki"))
+    assert "Q4_1-dequantized smollm2-135m-instruct" in line
+    ver = json.loads((tmp_path / "q8.gguf.manifest.json").read_text())["verification"]
+    src, res = ver["source"]["perplexity"], ver["output"]["perplexity"]
+    assert 1 < src < 100 and abs(res / src - 1) < 0.03  # Q8_0 stays within 3% of its F32 source
+    assert "llama_model_loader" not in r.stderr  # llama.cpp's per-tensor log is not shown
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_unknown_quant_type_lists_the_valid_ones():
+    with pytest.raises(UsageError, match="unknown quantization type 'Q4_K_X'; valid: F32, F16"):
+        export(catalog.DEFAULT_MODEL, quant="Q4_K_X", progress=False)
+
+
+def test_existing_output_is_refused_without_force(tmp_path):
+    out = tmp_path / "taken.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="already exists; pass --force"):
+        export(catalog.DEFAULT_MODEL, quant="Q8_0", out=out, progress=False)
+    assert out.read_bytes() == b"keep me"
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    p = write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    with pytest.raises(UsageError, match="unsupported architecture gpt2; supported: llama, gemma3"):
+        export(str(p), quant="Q8_0", progress=False)
+
+
+def _copy_checkpoint(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "edgerun_source.json"))
+    return dst
+
+
+def test_checkpoint_missing_a_tensor_is_refused(tmp_path, smollm2_source):
+    from safetensors.numpy import save_file
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    from safetensors.numpy import load_file
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, ckpt / "model.safetensors")
+    with pytest.raises(ModelFileError, match="missing 1 tensors, e.g. model.layers.1.mlp.up_proj.weight"):
+        gguf_writer.write_f32(ckpt, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_checkpoint_with_a_mismatched_shape_is_refused(tmp_path, smollm2_source):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"] = weights["model.layers.0.mlp.down_proj.weight"][:, :100].copy()
+    save_file(weights, ckpt / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"down_proj.weight has shape \(64, 100\), expected \(64, 128\)"):
+        gguf_writer.write_f32(ckpt, tmp_path / "out.gguf")
+
+
+def test_corrupted_safetensors_header_is_refused(tmp_path, smollm2_source):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[8:20] = b"{not json!!!"
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="not a valid safetensors file: corrupted header"):
+        export(str(ckpt), quant="Q8_0", out=tmp_path / "x.gguf", progress=False)
+
+
+def test_truncated_safetensors_is_refused(tmp_path, smollm2_source):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    p = ckpt / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-1000])
+    with pytest.raises(ModelFileError, match="truncated or corrupted"):
+        export(str(ckpt), quant="Q8_0", out=tmp_path / "x.gguf", progress=False)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ModelFileError, match="only pickled weights"):
+        export(str(d), quant="Q8_0", progress=False)
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError(errno.ENOSPC, "No space left on device")])
+def test_interrupted_or_full_disk_write_leaves_nothing(tmp_path, smollm2_source, failure):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    out = tmp_path / "out" / "model.gguf"
+
+    def boom(done, total):
+        if done == 5:
+            raise failure if isinstance(failure, OSError) else failure()
+
+    expected = EdgerunError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as e:
+        gguf_writer.write_f32(ckpt, out, progress=boom)
+    if expected is EdgerunError:
+        assert "no space left" in str(e.value)
+    assert list(out.parent.iterdir()) == []  # no partial file beside the destination
+
+
+def test_output_exists_error_from_the_writer(tmp_path, smollm2_source):
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    out = tmp_path / "a.gguf"
+    out.write_bytes(b"x")
+    with pytest.raises(OutputExistsError):
+        gguf_writer.write_f32(ckpt, out)
