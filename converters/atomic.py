@@ -26,6 +26,12 @@ def _check_dest(dest: Path, force: bool) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _disk_full(dest: Path) -> EdgerunError:
     return EdgerunError(f"no space left on the device while writing {dest}; nothing was written there")
 
@@ -43,6 +49,7 @@ def atomic_file(dest: str | Path, force: bool = False) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an export is an ordinary file
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
@@ -67,6 +74,7 @@ def atomic_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
     dest = Path(dest)
     _check_dest(dest, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is an ordinary directory
     try:
         yield tmp
         if dest.exists():

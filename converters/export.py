@@ -21,7 +21,7 @@ from converters.source import Source, open_source
 from edgerun import catalog
 from edgerun.errors import UsageError
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "onnx")
 VERIFY_WINDOWS = 4
 VERIFY_WINDOW = 512
 
@@ -58,13 +58,15 @@ def f32_cache(source: Source, progress: Callable | None = None) -> Path:
 
 def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path | None = None, force: bool = False,
            token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
-           threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+           threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+           block_size: int = 32, onnx_algo: str = "builder") -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
     Args:
         src: the source model.
-        to: output format (``"gguf"``).
-        quant: output type (default ``Q8_0``); see :data:`converters.gguf.OUTPUT_TYPES`.
+        to: output format, ``"gguf"`` or ``"onnx"``.
+        quant: GGUF type (default ``Q8_0``; see :data:`converters.gguf.OUTPUT_TYPES`) or ONNX precision
+            (``fp32``, ``int8``, ``int4``; default ``int4``).
         out: output path (default: a name saying model, format and type, in the current directory).
         force: overwrite an existing output.
         token_embedding_type, output_tensor_type: per-tensor ggml types for the embedding / output head.
@@ -72,6 +74,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         threads: CPU threads for quantization and verification.
         progress: show progress bars.
         log: where one-line progress messages go.
+        block_size: ONNX int4 block size (32, 64, 128).
+        onnx_algo: ONNX int4 algorithm (``builder``, ``rtn``, ``hqq``, ``gptq``).
 
     Raises:
         UsageError: unknown format or type, output exists without ``force``, unsupported architecture.
@@ -82,9 +86,16 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     to = to.lower()
     if to not in FORMATS:
         raise UsageError(f"unknown export format '{to}'; supported: {', '.join(FORMATS)}")
-    quant = gguf_writer.check_type(quant or "Q8_0")
-    gguf_writer.check_tensor_type(token_embedding_type, "--token-embedding-type")
-    gguf_writer.check_tensor_type(output_tensor_type, "--output-tensor-type")
+    if to == "gguf":
+        quant = gguf_writer.check_type(quant or "Q8_0")
+        gguf_writer.check_tensor_type(token_embedding_type, "--token-embedding-type")
+        gguf_writer.check_tensor_type(output_tensor_type, "--output-tensor-type")
+    else:
+        from converters.onnx import check_options
+
+        if token_embedding_type or output_tensor_type:
+            raise UsageError("--token-embedding-type and --output-tensor-type apply to GGUF exports only")
+        quant, block_size, onnx_algo = check_options(quant or "int4", block_size, onnx_algo)
     if out is not None and Path(out).exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     source = open_source(src, progress=progress)
@@ -93,34 +104,48 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     log(f"source: {source.label} ({source.architecture}) at {source.path}")
 
-    bar = _bar("writing F32 GGUF", progress)
-    f32 = f32_cache(source, progress=bar)
-    passes = [{"name": "write-gguf-f32", "writer": "gguf-py GGUFWriter", "cached_at": str(f32)}]
-    if quant == "F32":
-        gguf_writer.write_f32(source.path, out, name=source.label, force=force)
+    f32 = f32_cache(source, progress=_bar("writing F32 GGUF", progress))
+    if to == "gguf":
+        passes = [{"name": "write-gguf-f32", "writer": "gguf-py GGUFWriter", "cached_at": str(f32)}]
+        if quant == "F32":
+            gguf_writer.write_f32(source.path, out, name=source.label, force=force)
+        else:
+            log(f"quantizing to {quant} with llama.cpp")
+            gguf_writer.quantize(f32, out, quant, token_embedding_type, output_tensor_type, threads=threads,
+                                 force=force)
+            passes.append({"name": "quantize", "tool": "llama_cpp.llama_model_quantize", "type": quant,
+                           "token_embedding_type": token_embedding_type, "output_tensor_type": output_tensor_type})
     else:
-        log(f"quantizing to {quant} with llama.cpp")
-        gguf_writer.quantize(f32, out, quant, token_embedding_type, output_tensor_type, threads=threads, force=force)
-        passes.append({"name": "quantize", "tool": "llama_cpp.llama_model_quantize", "type": quant,
-                       "token_embedding_type": token_embedding_type, "output_tensor_type": output_tensor_type})
+        from converters.onnx import write_onnx
+
+        log(f"writing ONNX {quant}" + (f" (block {block_size}, {onnx_algo})" if quant == "int4" else ""))
+        write_onnx(source.path, out, precision=quant, block_size=block_size, algo=onnx_algo, force=force)
+        passes = [{"name": "write-onnx", "tool": "onnxruntime-genai model builder", "precision": quant}]
+        if quant == "int8":
+            passes.append({"name": "quantize", "tool": "onnxruntime.quantization.quantize_dynamic",
+                           "weight_type": "QInt8"})
+        elif quant == "int4":
+            passes.append({"name": "quantize", "block_size": block_size, "algorithm": onnx_algo,
+                           "tool": "onnxruntime-genai model builder" if onnx_algo == "builder"
+                           else "onnxruntime.quantization.MatMulNBitsQuantizer"})
     export_seconds = time.perf_counter() - t0
 
-    from profilers.bpw import gguf_bpw
+    from profilers.bpw import gguf_bpw, onnx_bpw
 
-    bpw = gguf_bpw(out)
+    bpw = gguf_bpw(out) if to == "gguf" else onnx_bpw(out)
     record = {
         "format": to,
         "type": quant,
         "source": source.as_dict(),
         "passes": passes,
-        "output": {"path": str(out.resolve()), "sha256": catalog.file_sha256(out), "size_bytes": out.stat().st_size},
+        "output": _output_record(out),
         "bpw": bpw.as_dict(),
         "export_seconds": round(export_seconds, 2),
     }
-    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
+    log(f"wrote {out} ({bpw.file_bytes / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
         f"linear BPW {bpw.linear_bpw:.3f}")
     if verify:
-        record["verification"] = verify_gguf(out, f32, source, threads=threads, progress=progress, log=log)
+        record["verification"] = verify_export(out, to, f32, source, threads=threads, progress=progress, log=log)
     else:
         record["verification"] = {"skipped": True}
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -128,16 +153,26 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     return ExportResult(output=out, manifest=path, record=record)
 
 
-def verify_gguf(out: Path, f32: Path, source: Source, threads: int | None = None, progress: bool = True,
-                log: Callable[[str], None] = print) -> dict:
-    """Load ``out`` in llama.cpp and measure its perplexity next to the source's (F32 GGUF), same run."""
-    from edgerun.backends.llamacpp import LlamaCppBackend
+def _output_record(out: Path) -> dict:
+    if out.is_file():
+        return {"path": str(out.resolve()), "sha256": catalog.file_sha256(out), "size_bytes": out.stat().st_size}
+    files = {f.name: {"sha256": catalog.file_sha256(f), "size_bytes": f.stat().st_size}
+             for f in sorted(out.iterdir()) if f.is_file() and f.name != "manifest.json"}
+    return {"path": str(out.resolve()), "files": files, "size_bytes": sum(v["size_bytes"] for v in files.values())}
+
+
+def verify_export(out: Path, to: str, f32: Path, source: Source, threads: int | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+    """Load ``out`` in its engine and measure its perplexity next to the source's (F32 GGUF), same run."""
+    from edgerun.backends import open_backend
     from profilers.accuracy import perplexity
 
     ctx = VERIFY_WINDOW + 8
     results = {}
-    for role, path, label, kv in (("source", f32, f"{source.label} (F32)", "f32"), ("output", out, out.name, "f16")):
-        backend = LlamaCppBackend(path, n_ctx=ctx, threads=threads, cache_type_k=kv, cache_type_v=kv)
+    for role, path, label, engine, kv in (("source", f32, f"{source.label} (F32)", "llama.cpp", "f32"),
+                                          ("output", out, out.name, "llama.cpp" if to == "gguf" else "onnx", "f16")):
+        options = {"cache_type_k": kv, "cache_type_v": kv} if engine == "llama.cpp" else {}
+        backend = open_backend(engine, path, n_ctx=ctx, threads=threads, **options)
         try:
             r = perplexity(backend, label, window=VERIFY_WINDOW, n_windows=VERIFY_WINDOWS, progress=progress)
         finally:

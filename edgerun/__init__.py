@@ -20,7 +20,7 @@ from edgerun.session import Session
 __version__ = "0.1.0"
 
 
-def load(model: str | Path | None = None, *, backend: str = "llama.cpp", system: str | None = None,
+def load(model: str | Path | None = None, *, backend: str | None = None, system: str | None = None,
          chat_template: str | None = None, n_ctx: int | None = None, threads: int | None = None,
          batch_threads: int | None = None, max_tokens: int | None = None, temperature: float = 0.8,
          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -29,7 +29,8 @@ def load(model: str | Path | None = None, *, backend: str = "llama.cpp", system:
 
     Args:
         model: catalog name (pulled on first use) or path to a model file.
-        backend: engine name (``"llama.cpp"``).
+        backend: engine name (``"llama.cpp"``, ``"onnx"``, ``"torch"``); default: from the path
+            (a GGUF file, an onnxruntime-genai directory, a Hugging Face checkpoint directory).
         system: system prompt.
         chat_template: a built-in template name or a Jinja file, overriding the model's own.
         n_ctx: context window in tokens (default min(4096, the model's training context)).
@@ -44,8 +45,7 @@ def load(model: str | Path | None = None, *, backend: str = "llama.cpp", system:
         EdgerunError: unknown model, bad file, download failure, missing chat template, engine error.
     """
     from edgerun import catalog, templates
-    from edgerun.backends import open_backend
-
+    from edgerun.backends import detect_backend, open_backend
     from edgerun.formats import gguf as gguf_format
 
     label = str(model or catalog.DEFAULT_MODEL)
@@ -54,14 +54,17 @@ def load(model: str | Path | None = None, *, backend: str = "llama.cpp", system:
         # known to have no chat template: say so before a download
         templates.choose(None, None, model_label=f"{label} (a base model)")
     path = catalog.resolve(model, progress=progress)
-    info = gguf_format.validate(path)
-    # refuse a model without a chat template before loading it (never fall back silently)
-    templates.choose(info.chat_template, chat_template, model_label=label)
-    engine = open_backend(backend, path, info=info, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
+    backend = backend or detect_backend(path)
+    if backend in ("llama.cpp", "llamacpp", "gguf"):
+        info = gguf_format.validate(path)
+        # refuse a model without a chat template before loading it (never fall back silently)
+        templates.choose(info.chat_template, chat_template, model_label=label)
+        engine_options["info"] = info
+    engine = open_backend(backend, path, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
                           seed=seed, **engine_options)
     try:
         special = engine.special_tokens
-        template = templates.choose(info.chat_template, chat_template, model_label=label,
+        template = templates.choose(engine.chat_template, chat_template, model_label=label,
                                     bos_token=special["bos_token"], eos_token=special["eos_token"])
     except EdgerunError:
         engine.close()

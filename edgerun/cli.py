@@ -37,6 +37,9 @@ def _add_chat(sub) -> None:
     p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default 4096 or less)")
     p.add_argument("--chat-template", default=None,
                    help="chat template to use instead of the model's: chatml, llama3, gemma, or a Jinja file")
+    p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch"],
+                   help="engine (default: llama.cpp for .gguf files, onnx for onnxruntime-genai directories, "
+                        "torch for Hugging Face checkpoint directories)")
     p.set_defaults(func=cmd_chat)
 
 
@@ -87,7 +90,7 @@ def cmd_chat(args) -> int:
     def notify(msg: str) -> None:
         print(f"[{msg}]", file=sys.stderr, flush=True)
 
-    session = edgerun.load(args.model, system=args.system, chat_template=args.chat_template,
+    session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, notify=notify)
@@ -144,14 +147,19 @@ def _repl(session, args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a model as GGUF at a llama.cpp quantization type, with a manifest",
+    p = sub.add_parser("export", help="write a model as GGUF (llama.cpp types) or ONNX (fp32/int8/int4), with a manifest",
                        description="Export SRC (catalog name, .gguf file or HF checkpoint directory). A GGUF "
                                    "source is dequantized once into a cached float32 checkpoint first.")
     p.add_argument("src", help="catalog name, .gguf file or Hugging Face checkpoint directory")
-    p.add_argument("--to", default="gguf", help="output format (gguf)")
-    p.add_argument("--quant", default="Q8_0", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, "
-                                                   "Q3_K_M, Q2_K, ... (default Q8_0)")
-    p.add_argument("-o", "--output", default=None, help="output path (default: ./<model>-<QUANT>.gguf)")
+    p.add_argument("--to", default="gguf", choices=["gguf", "onnx"], help="output format (default gguf)")
+    p.add_argument("--quant", default=None,
+                   help="GGUF: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, Q3_K_M, Q2_K, ... "
+                        "(default Q8_0); ONNX: fp32, int8, int4 (default int4)")
+    p.add_argument("-o", "--output", default=None,
+                   help="output path (default: ./<model>-<QUANT>.gguf or ./<model>-onnx-<quant>/)")
+    p.add_argument("--block-size", type=int, default=32, help="ONNX int4 block size: 32, 64 or 128 (default 32)")
+    p.add_argument("--onnx-algo", default="builder",
+                   help="ONNX int4 algorithm: builder (onnxruntime-genai's RTN), rtn, hqq, gptq (default builder)")
     p.add_argument("--token-embedding-type", default=None, help="ggml type for token_embd (e.g. Q4_0)")
     p.add_argument("--output-tensor-type", default=None, help="ggml type for the output head (e.g. Q6_K)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -168,7 +176,8 @@ def cmd_export(args) -> int:
 
     result = export(args.src, to=args.to, quant=args.quant, out=args.output, force=args.force,
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                    verify=not args.no_verify, threads=args.threads, log=log)
+                    verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
+                    onnx_algo=args.onnx_algo)
     print(result.output)
     log(f"manifest: {result.manifest}")
     return 0

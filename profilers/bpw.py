@@ -101,3 +101,114 @@ def gguf_bpw(path: str | Path) -> BPWReport:
         embedding_bpw=emb.n_bytes * 8 / emb.n_elements if emb else None,
         output_bpw=out.n_bytes * 8 / out.n_elements if out else None,
         bytes_per_token=per_token, tensor_types=_shares(by_type, n), linear_tensor_types=_shares(lin_type, lin_params))
+
+
+_NOT_PARAMS = ("cos_cache", "sin_cache")
+_SCALE_SUFFIXES = ("_scales", "_scale", "_zero_point", "_zp", "_zero_points")
+_LINEAR_OPS = ("MatMulNBits", "MatMulInteger", "MatMul", "DynamicQuantizeMatMul")
+
+
+def _initializer_bytes(init, onnx) -> int:
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in init.external_data}.get("length", 0))
+    if init.raw_data:
+        return len(init.raw_data)
+    numel = 1
+    for d in init.dims:
+        numel *= d
+    return numel * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
+def _weight_base(name: str) -> str:
+    for suffix in ("_Q4", "_Q8", "_quantized", *_SCALE_SUFFIXES):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def onnx_bpw(model_dir: str | Path) -> BPWReport:
+    """Measure an ONNX model directory from its graph's initializers.
+
+    Parameters are the file's own: a MatMulNBits weight counts K x N (its packed bytes, scales and
+    zero points count as its bytes), quantization scales/zero points and the rotary cos/sin tables
+    count no parameters, and an embedding the exporter stored untied counts twice, because the file
+    really holds it twice.
+
+    Raises:
+        ModelFileError: not a valid model directory.
+    """
+    import onnx
+
+    from edgerun.backends.onnx import validate_model_dir
+
+    model_dir = Path(model_dir)
+    cfg = validate_model_dir(model_dir)
+    model_file = model_dir / cfg["model"]["decoder"]["filename"]
+    model = onnx.load(str(model_file), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    nbytes = {name: _initializer_bytes(i, onnx) for name, i in inits.items()}
+    params = {}
+    linear_weights = set()
+    kinds = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) > 1 and node.input[1] in inits:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            params[node.input[1]] = int(attrs["K"]) * int(attrs["N"])
+            kinds[node.input[1]] = f"int{attrs.get('bits', 4)}-b{attrs.get('block_size', '?')}"
+        if node.op_type in _LINEAR_OPS and "/layers." in node.name:
+            linear_weights.update(i for i in node.input[1:2] if i in inits)
+    for name, init in inits.items():
+        if name in params:
+            continue
+        if name in _NOT_PARAMS or name.endswith(_SCALE_SUFFIXES):
+            params[name] = 0
+            continue
+        numel = 1
+        for d in init.dims:
+            numel *= d
+        params[name] = numel
+        kinds[name] = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+    # scales and zero points belong to the quantized weight they scale; every other initializer owns itself
+    quantized = {_weight_base(w): w for w in params if params[w] and w != _weight_base(w)}
+    owned = {}
+    for name, b in nbytes.items():
+        owner = quantized.get(_weight_base(name), name) if params.get(name, 0) == 0 else name
+        owned[owner] = owned.get(owner, 0) + b
+    files = [model_file, *(model_dir / f for f in {e.value for i in inits.values() for e in i.external_data
+                                                     if e.key == "location"})]
+    file_bytes = sum(f.stat().st_size for f in files if f.is_file())
+    n = sum(params.values())
+    lin_params = sum(params[w] for w in linear_weights)
+    lin_bytes = sum(owned.get(w, 0) for w in linear_weights)
+    by_kind, lin_kind = Counter(), Counter()
+    for w, p in params.items():
+        if p:
+            by_kind[kinds.get(w, "?")] += p
+            if w in linear_weights:
+                lin_kind[kinds.get(w, "?")] += p
+    emb = _embedding_initializer(model, inits)
+    out = next((n_.input[1] for n_ in model.graph.node if n_.name.startswith("/lm_head/")
+                and n_.op_type in _LINEAR_OPS and len(n_.input) > 1 and n_.input[1] in inits), None)
+    vocab = max(1, int(cfg["model"].get("vocab_size", 1)))
+    per_token = sum(b for w, b in owned.items() if w != emb or emb == out)
+    if emb and emb != out:
+        per_token += owned.get(emb, 0) // vocab
+    return BPWReport(
+        file_bytes=file_bytes, n_params=n, file_bpw=file_bytes * 8 / n if n else 0.0,
+        linear_params=lin_params, linear_bytes=lin_bytes, linear_bpw=lin_bytes * 8 / lin_params if lin_params else 0.0,
+        embedding_bpw=owned[emb] * 8 / params[emb] if emb and params.get(emb) else None,
+        output_bpw=owned[out] * 8 / params[out] if out and params.get(out) else None,
+        bytes_per_token=per_token, tensor_types=_shares(by_kind, n), linear_tensor_types=_shares(lin_kind, lin_params))
+
+
+def _embedding_initializer(model, inits) -> str | None:
+    """The initializer the token-embedding lookup reads, followed back through Reshape/Transpose nodes."""
+    producers = {o: node for node in model.graph.node for o in node.output}
+    node = next((n for n in model.graph.node if "embed_tokens" in n.name and n.op_type.startswith("Gather")), None)
+    name = node.input[0] if node is not None else None
+    for _ in range(8):
+        if name is None or name in inits:
+            return name
+        prev = producers.get(name)
+        name = prev.input[0] if prev is not None and prev.input else None
+    return None

@@ -147,3 +147,20 @@ def make_tiny_checkpoint(directory: Path, arch: str, tokenizer_dir: Path, seed: 
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def onnx_exported(smollm2_f32_gguf, tmp_path_factory):
+    """ONNX exports of the default model by precision, made once per session: ``onnx_exported("int4")``."""
+    from converters.export import export
+
+    out_dir = tmp_path_factory.mktemp("onnx")
+    made = {}
+
+    def get(precision: str):
+        if precision not in made:
+            made[precision] = export(catalog.DEFAULT_MODEL, to="onnx", quant=precision, out=out_dir / precision,
+                                     verify=False, progress=False, log=lambda m: None)
+        return made[precision]
+
+    return get

@@ -7,7 +7,18 @@ from pathlib import Path
 from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
 from edgerun.errors import UsageError
 
-BACKENDS = ("llama.cpp", "torch")
+BACKENDS = ("llama.cpp", "onnx", "torch")
+
+
+def detect_backend(path: str | Path) -> str:
+    """The engine for a model path: GGUF files -> llama.cpp, onnxruntime-genai directories -> onnx,
+    Hugging Face checkpoint directories -> torch."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "genai_config.json").is_file():
+            return "onnx"
+        return "torch"
+    return "llama.cpp"
 
 
 def open_backend(name: str, path: str | Path, **options) -> Backend:
@@ -21,6 +32,11 @@ def open_backend(name: str, path: str | Path, **options) -> Backend:
         from edgerun.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(path, **options)
+    if name in ("onnx", "onnxruntime-genai"):
+        from edgerun.backends.onnx import OnnxBackend
+
+        options.pop("info", None)
+        return OnnxBackend(path, **options)
     if name == "torch":
         from edgerun.backends.torch import TorchBackend
 
@@ -29,4 +45,4 @@ def open_backend(name: str, path: str | Path, **options) -> Backend:
     raise UsageError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}")
 
 
-__all__ = ["Backend", "GenerationStats", "MemoryInfo", "SamplingParams", "open_backend", "physical_cores", "BACKENDS"]
+__all__ = ["detect_backend", "Backend", "GenerationStats", "MemoryInfo", "SamplingParams", "open_backend", "physical_cores", "BACKENDS"]

@@ -151,6 +151,11 @@ class Backend(ABC):
     def special_tokens(self) -> dict[str, str]:
         """Texts of the model's special tokens, keys ``bos_token`` and ``eos_token`` (empty if none)."""
 
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (Jinja text), or None when it has none."""
+        return None
+
     def close(self) -> None:
         """Free the engine's resources."""
 

@@ -159,6 +159,10 @@ class LlamaCppBackend(Backend):
         return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
 
     @property
+    def chat_template(self) -> str | None:
+        return self.info.chat_template
+
+    @property
     def special_tokens(self) -> dict[str, str]:
         def text(i):
             return self.detokenize([int(i)]) if i is not None and i >= 0 else ""

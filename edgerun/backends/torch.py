@@ -94,6 +94,11 @@ class TorchBackend(Backend):
         return self.tokenizer.decode(list(tokens), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     @property
+    def chat_template(self) -> str | None:
+        t = getattr(self.tokenizer, "chat_template", None)
+        return t if isinstance(t, str) else None
+
+    @property
     def special_tokens(self) -> dict[str, str]:
         return {"bos_token": self.tokenizer.bos_token or "", "eos_token": self.tokenizer.eos_token or ""}
 

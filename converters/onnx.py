@@ -1,0 +1,200 @@
+"""HF checkpoint -> ONNX decoder with KV cache, for onnxruntime-genai.
+
+- fp32 and int4 graphs come from onnxruntime-genai's model builder
+  (``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu``), which fuses
+  QKV, writes MatMulNBits int4 weights (block size 32/64/128, symmetric, round to nearest) and the
+  ``genai_config.json`` and tokenizer files the runtime needs. It runs in a subprocess: its log goes
+  to ``builder.log`` in the output, not to the user's terminal.
+- int8 weights: onnxruntime's ``quantize_dynamic`` (QInt8 weights, dynamically quantized
+  activations) applied to the fp32 graph.
+- Other int4 algorithms on the fp32 graph with onnxruntime's ``MatMulNBitsQuantizer``: ``rtn``,
+  ``hqq`` (Badri & Shaji 2023, half-quadratic, no calibration data) and ``gptq`` (Frantar et al. 2023,
+  calibrated on the wiki calibration split), for when the builder's default is not what was asked.
+
+Every output directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from converters.atomic import atomic_dir
+from edgerun.errors import BackendError, UsageError
+from edgerun.formats import safetensors as st_format
+
+PRECISIONS = ("fp32", "int8", "int4")
+INT4_ALGOS = ("builder", "rtn", "hqq", "gptq")
+BLOCK_SIZES = (32, 64, 128)
+_RUNTIME_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                  "special_tokens_map.json", "generation_config.json")
+
+
+def check_options(precision: str, block_size: int, algo: str) -> tuple[str, int, str]:
+    """Validate ONNX export options.
+
+    Raises:
+        UsageError: unknown precision, block size or algorithm (the message lists the valid ones).
+    """
+    p = precision.lower()
+    if p not in PRECISIONS:
+        raise UsageError(f"unknown ONNX precision '{precision}'; valid: {', '.join(PRECISIONS)}")
+    if block_size not in BLOCK_SIZES:
+        raise UsageError(f"unsupported int4 block size {block_size}; valid: {', '.join(map(str, BLOCK_SIZES))}")
+    a = algo.lower()
+    if a not in INT4_ALGOS:
+        raise UsageError(f"unknown int4 algorithm '{algo}'; valid: {', '.join(INT4_ALGOS)}")
+    if a != "builder" and p != "int4":
+        raise UsageError(f"--onnx-algo {a} applies to int4 only")
+    return p, block_size, a
+
+
+def run_builder(checkpoint: Path, out: Path, precision: str, block_size: int = 32) -> None:
+    """Run onnxruntime-genai's model builder in a subprocess; its log is kept in ``out/builder.log``.
+
+    Raises:
+        BackendError: the builder fails (the last line of its log is in the message).
+    """
+    cache = out / ".builder-cache"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(cache)]
+    if precision == "int4":
+        cmd += ["--extra_options", f"block_size={block_size}"]
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "builder.log"
+    with open(log, "w", encoding="utf-8") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    shutil.rmtree(cache, ignore_errors=True)
+    if rc != 0:
+        lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        raise BackendError(f"onnxruntime-genai's builder failed on {checkpoint}: {lines[-1] if lines else rc}")
+
+
+def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4", block_size: int = 32,
+               algo: str = "builder", force: bool = False) -> Path:
+    """Export an HF checkpoint to an onnxruntime-genai model directory, atomically.
+
+    Args:
+        checkpoint: HF checkpoint directory.
+        out: output directory.
+        precision: ``fp32``, ``int8`` (quantize_dynamic) or ``int4`` (MatMulNBits).
+        block_size: int4 block size (32, 64 or 128).
+        algo: int4 algorithm: ``builder`` (the builder's RTN), ``rtn``, ``hqq`` or ``gptq``.
+        force: replace an existing output directory.
+
+    Raises:
+        UsageError: bad options, output exists without ``force``.
+        ModelFileError: invalid checkpoint.
+        BackendError: the builder or a quantizer fails.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    precision, block_size, algo = check_options(precision, block_size, algo)
+    st_format.checkpoint_files(checkpoint)
+    with atomic_dir(out, force=force) as tmp:
+        if precision == "fp32" or (precision == "int4" and algo == "builder"):
+            run_builder(checkpoint, tmp, precision, block_size)
+        else:
+            fp32 = tmp / ".fp32"
+            run_builder(checkpoint, fp32, "fp32")
+            for name in _RUNTIME_FILES:
+                if (fp32 / name).exists():
+                    shutil.copy2(fp32 / name, tmp / name)
+            if precision == "int8":
+                _quantize_int8(fp32 / "model.onnx", tmp / "model.onnx")
+            else:
+                _quantize_int4(fp32 / "model.onnx", tmp / "model.onnx", block_size, algo, checkpoint)
+            shutil.copy2(fp32 / "builder.log", tmp / "builder.log")
+            shutil.rmtree(fp32)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """onnxruntime's quantizers log per node at INFO/WARNING on the root logger: keep that off the terminal."""
+    root = logging.getLogger()
+    saved = [(lg, lg.level) for lg in (root, logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer"))]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_logging():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": True})
+    _name_external_data(dst)
+
+
+def _quantize_int4(src: Path, dst: Path, block_size: int, algo: str, checkpoint: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    if algo == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    elif algo == "rtn":
+        config = mnq.RTNWeightOnlyQuantConfig(quant_format=QuantFormat.QOperator)
+    else:
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_CalibrationReader(src, checkpoint),
+                                               block_size=block_size, quant_format=QuantFormat.QOperator)
+    model = onnx.load(str(src))
+    quantizer = mnq.MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, algo_config=config)
+    with _quiet_logging():
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+    _name_external_data(dst)
+
+
+def _name_external_data(model_path: Path) -> None:
+    """onnxruntime-genai expects the weights in ``<model>.data``; rewrite whatever name a tool chose."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=True)
+    for f in model_path.parent.glob("*.data"):
+        f.unlink()
+    for f in model_path.parent.glob("*.onnx_data"):
+        f.unlink()
+    onnx.save_model(model, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=model_path.name + ".data", size_threshold=1024)
+
+
+class _CalibrationReader:
+    """GPTQ calibration inputs for the builder's decoder: wiki calibration windows, empty KV cache."""
+
+    def __init__(self, model_path: Path, checkpoint: Path, n_samples: int = 8, length: int = 256):
+        import json
+
+        import numpy as np
+        from transformers import AutoTokenizer
+
+        from edgerun import data
+
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+        ids = tok(data.text("wiki", "calibration"), add_special_tokens=False).input_ids
+        cfg = json.loads((model_path.parent / "genai_config.json").read_text())["model"]["decoder"]
+        kv, hd, layers = cfg["num_key_value_heads"], cfg["head_size"], cfg["num_hidden_layers"]
+        self.samples = []
+        for i in range(n_samples):
+            window = np.array([ids[i * length:(i + 1) * length]], dtype=np.int64)
+            feed = {"input_ids": window, "attention_mask": np.ones_like(window)}
+            for layer in range(layers):
+                for kind in ("key", "value"):
+                    feed[f"past_key_values.{layer}.{kind}"] = np.zeros((1, kv, 0, hd), dtype=np.float32)
+            self.samples.append(feed)
+        self._it = iter(self.samples)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.samples)

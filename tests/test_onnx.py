@@ -1,0 +1,90 @@
+"""ONNX export (onnxruntime-genai builder, quantize_dynamic) and the ONNX backend, on the real default model."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from edgerun.backends.base import SamplingParams
+from edgerun.errors import ModelFileError, UsageError
+
+from conftest import cli_env, edgerun_cmd
+
+PROMPT = "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_fp32_onnx_matches_torch_logits(onnx_exported, smollm2_source):
+    from edgerun.backends.onnx import OnnxBackend
+    from edgerun.backends.torch import TorchBackend
+
+    torch_ref = TorchBackend(smollm2_source.path, n_ctx=256)
+    engine = OnnxBackend(onnx_exported("fp32").output, n_ctx=256)
+    tokens = torch_ref.encode_prompt(PROMPT)
+    assert engine.encode_prompt(PROMPT) == tokens
+    a, b = torch_ref.logits(tokens), engine.logits(tokens)
+    assert np.abs(a - b).max() / (a.max() - a.min()) < 1e-3
+    assert (a.argmax(1) == b.argmax(1)).all()
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_onnx_answers_and_detokenizes_cleanly(onnx_exported, precision):
+    from edgerun.backends.onnx import OnnxBackend
+
+    engine = OnnxBackend(onnx_exported(precision).output, n_ctx=256)
+    tokens = engine.encode_prompt(PROMPT)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    streamed = "".join(engine.stream(tokens, params))
+    assert "Berlin" in streamed
+    assert "Ġ" not in streamed and "Ċ" not in streamed  # no byte-level BPE markers leak into text
+    assert engine.complete(tokens, params) == streamed  # the non-streaming path agrees
+    assert engine.last_stats.generated_tokens > 3
+
+
+def test_onnx_bpw_from_initializers(onnx_exported):
+    int4 = onnx_exported("int4").record["bpw"]
+    assert int4["linear_tensor_types"] == {"int4-b32": 1.0}
+    assert int4["linear_bpw"] == pytest.approx(5.0)  # 4 bits + one fp32 scale per 32 weights
+    fp32 = onnx_exported("fp32").record["bpw"]
+    assert fp32["linear_bpw"] == pytest.approx(32.0)
+    assert fp32["n_params"] == 134_515_008  # tied embedding counted once, as in the source
+
+
+def test_chat_cli_runs_an_onnx_directory(onnx_exported):
+    r = subprocess.run(edgerun_cmd("chat", str(onnx_exported("int4").output), "-p", "What is the capital of Japan?",
+                                   "--temperature", "0", "--max-tokens", "24"),
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Tokyo" in r.stdout
+
+
+def test_truncated_external_data_is_refused(onnx_exported, tmp_path):
+    import shutil
+
+    src = onnx_exported("int4").output
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    data = broken / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    from edgerun.backends.onnx import OnnxBackend
+
+    with pytest.raises(ModelFileError, match="model.onnx.data is truncated"):
+        OnnxBackend(broken)
+
+
+def test_directory_without_genai_config_is_refused(tmp_path):
+    from edgerun.backends.onnx import OnnxBackend
+
+    (tmp_path / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ModelFileError, match="not an onnxruntime-genai model"):
+        OnnxBackend(tmp_path)
+
+
+def test_bad_onnx_options_are_refused():
+    from converters.export import export
+
+    with pytest.raises(UsageError, match="unknown ONNX precision 'int3'; valid: fp32, int8, int4"):
+        export("smollm2-135m-instruct", to="onnx", quant="int3", progress=False)
+    with pytest.raises(UsageError, match="unsupported int4 block size 48"):
+        export("smollm2-135m-instruct", to="onnx", quant="int4", block_size=48, progress=False)
