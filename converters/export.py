@@ -21,7 +21,7 @@ from converters.source import Source, open_source
 from edgerun import catalog
 from edgerun.errors import UsageError
 
-FORMATS = ("gguf", "onnx")
+FORMATS = ("gguf", "onnx", "hf")
 VERIFY_WINDOWS = 4
 VERIFY_WINDOW = 512
 
@@ -42,10 +42,11 @@ class ExportResult:
 
 
 def default_output(source: Source, src_name: str, to: str, quant: str) -> Path:
-    """``./<model>-<QUANT>.gguf`` (or ``./<model>-onnx-<quant>/``) in the current directory."""
+    """``./<model>-<QUANT>.gguf``, ``./<model>-onnx-<quant>/`` or ``./<model>-<ptq>-w<bits>g<group>/``."""
     base = src_name if src_name in catalog.CATALOG else source.path.name
     base = Path(base).name.removesuffix(".gguf")
-    return Path.cwd() / (f"{base}-{quant}.gguf" if to == "gguf" else f"{base}-onnx-{quant}")
+    name = {"gguf": f"{base}-{quant}.gguf", "onnx": f"{base}-onnx-{quant}", "hf": f"{base}-{quant}"}[to]
+    return Path.cwd() / name
 
 
 def f32_cache(source: Source, progress: Callable | None = None) -> Path:
@@ -59,7 +60,8 @@ def f32_cache(source: Source, progress: Callable | None = None) -> Path:
 def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path | None = None, force: bool = False,
            token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
            threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-           block_size: int = 32, onnx_algo: str = "builder") -> ExportResult:
+           block_size: int = 32, onnx_algo: str = "builder", ptq: str | None = None, bits: int = 4,
+           group_size: int = 64, calib_samples: int = 16) -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
     Args:
@@ -76,6 +78,9 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         log: where one-line progress messages go.
         block_size: ONNX int4 block size (32, 64, 128).
         onnx_algo: ONNX int4 algorithm (``builder``, ``rtn``, ``hqq``, ``gptq``).
+        ptq: torch-side PTQ method (``rtn``, ``gptq``, ``awq``) for ``to="hf"``: a GPTQ-layout checkpoint.
+        bits, group_size: PTQ weight bits (2, 3, 4, 8) and input columns per scale.
+        calib_samples: PTQ calibration windows of 512 tokens from the wiki calibration split.
 
     Raises:
         UsageError: unknown format or type, output exists without ``force``, unsupported architecture.
@@ -86,11 +91,17 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     to = to.lower()
     if to not in FORMATS:
         raise UsageError(f"unknown export format '{to}'; supported: {', '.join(FORMATS)}")
+    if to == "hf":
+        if ptq is None:
+            raise UsageError("--to hf writes a PTQ checkpoint: give --ptq rtn|gptq|awq")
+        quant = f"{ptq}-w{bits}g{group_size}"
+    elif ptq is not None:
+        raise UsageError("--ptq writes a Hugging Face checkpoint: use it with --to hf")
     if to == "gguf":
         quant = gguf_writer.check_type(quant or "Q8_0")
         gguf_writer.check_tensor_type(token_embedding_type, "--token-embedding-type")
         gguf_writer.check_tensor_type(output_tensor_type, "--output-tensor-type")
-    else:
+    elif to == "onnx":
         from converters.onnx import check_options
 
         if token_embedding_type or output_tensor_type:
@@ -115,6 +126,17 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
                                  force=force)
             passes.append({"name": "quantize", "tool": "llama_cpp.llama_model_quantize", "type": quant,
                            "token_embedding_type": token_embedding_type, "output_tensor_type": output_tensor_type})
+    elif to == "hf":
+        from converters.ptq import quantize_checkpoint
+
+        log(f"quantizing linear layers with {ptq.upper()} to {bits} bits, groups of {group_size} "
+            f"(calibration: {calib_samples} x 512 tokens of the wiki calibration split)")
+        quantize_checkpoint(source.path, out, method=ptq, bits=bits, group_size=group_size,
+                            n_samples=calib_samples, seq_len=512, force=force,
+                            progress=_bar(f"{ptq} layers", progress))
+        passes = [{"name": "ptq", "method": ptq, "bits": bits, "group_size": group_size, "layout": "gptq",
+                   "calibration": {"dataset": "wiki", "split": "calibration", "windows": calib_samples,
+                                   "tokens_per_window": 512}}]
     else:
         from converters.onnx import write_onnx
 
@@ -130,9 +152,9 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
                            else "onnxruntime.quantization.MatMulNBitsQuantizer"})
     export_seconds = time.perf_counter() - t0
 
-    from profilers.bpw import gguf_bpw, onnx_bpw
+    from profilers.bpw import checkpoint_bpw, gguf_bpw, onnx_bpw
 
-    bpw = gguf_bpw(out) if to == "gguf" else onnx_bpw(out)
+    bpw = {"gguf": gguf_bpw, "onnx": onnx_bpw, "hf": checkpoint_bpw}[to](out)
     record = {
         "format": to,
         "type": quant,
@@ -169,8 +191,9 @@ def verify_export(out: Path, to: str, f32: Path, source: Source, threads: int | 
 
     ctx = VERIFY_WINDOW + 8
     results = {}
+    engines = {"gguf": "llama.cpp", "onnx": "onnx", "hf": "torch"}
     for role, path, label, engine, kv in (("source", f32, f"{source.label} (F32)", "llama.cpp", "f32"),
-                                          ("output", out, out.name, "llama.cpp" if to == "gguf" else "onnx", "f16")):
+                                          ("output", out, out.name, engines[to], "f16")):
         options = {"cache_type_k": kv, "cache_type_v": kv} if engine == "llama.cpp" else {}
         backend = open_backend(engine, path, n_ctx=ctx, threads=threads, **options)
         try:

@@ -151,7 +151,8 @@ def _add_export(sub) -> None:
                        description="Export SRC (catalog name, .gguf file or HF checkpoint directory). A GGUF "
                                    "source is dequantized once into a cached float32 checkpoint first.")
     p.add_argument("src", help="catalog name, .gguf file or Hugging Face checkpoint directory")
-    p.add_argument("--to", default="gguf", choices=["gguf", "onnx"], help="output format (default gguf)")
+    p.add_argument("--to", default="gguf", choices=["gguf", "onnx", "hf"],
+                   help="output format: gguf, onnx, or hf (a safetensors checkpoint; with --ptq) (default gguf)")
     p.add_argument("--quant", default=None,
                    help="GGUF: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, Q3_K_M, Q2_K, ... "
                         "(default Q8_0); ONNX: fp32, int8, int4 (default int4)")
@@ -162,6 +163,12 @@ def _add_export(sub) -> None:
                    help="ONNX int4 algorithm: builder (onnxruntime-genai's RTN), rtn, hqq, gptq (default builder)")
     p.add_argument("--token-embedding-type", default=None, help="ggml type for token_embd (e.g. Q4_0)")
     p.add_argument("--output-tensor-type", default=None, help="ggml type for the output head (e.g. Q6_K)")
+    p.add_argument("--ptq", default=None, choices=["rtn", "gptq", "awq"],
+                   help="torch-side weight quantization into a GPTQ-layout checkpoint (with --to hf)")
+    p.add_argument("--bits", type=int, default=4, help="PTQ weight bits: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=64, help="PTQ input columns per scale (default 64)")
+    p.add_argument("--calib-samples", type=int, default=16,
+                   help="PTQ calibration windows of 512 tokens from the wiki calibration split (default 16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output and measuring perplexity")
@@ -177,7 +184,8 @@ def cmd_export(args) -> int:
     result = export(args.src, to=args.to, quant=args.quant, out=args.output, force=args.force,
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                     verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
-                    onnx_algo=args.onnx_algo)
+                    onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
+                    calib_samples=args.calib_samples)
     print(result.output)
     log(f"manifest: {result.manifest}")
     return 0

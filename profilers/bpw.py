@@ -212,3 +212,59 @@ def _embedding_initializer(model, inits) -> str | None:
         prev = producers.get(name)
         name = prev.input[0] if prev is not None and prev.input else None
     return None
+
+
+def checkpoint_bpw(directory: str | Path) -> BPWReport:
+    """Measure an HF safetensors checkpoint, including edgerun's GPTQ-layout PTQ checkpoints.
+
+    A GPTQ-layout linear counts in x out parameters; its ``qweight``, ``qzeros``, ``scales`` and
+    ``g_idx`` bytes are its bytes.
+
+    Raises:
+        ModelFileError: invalid checkpoint.
+    """
+    from edgerun.formats import safetensors as st_format
+
+    directory = Path(directory)
+    files = st_format.checkpoint_files(directory)
+    cfg = st_format.read_config(directory)
+    bits = (cfg.get("quantization_config") or {}).get("bits")
+    tensors = {}
+    for f in files:
+        tensors.update(st_format.validate_file(f))
+    params, owned, kinds = {}, {}, {}
+    for name, t in tensors.items():
+        size = t.end - t.begin
+        base, _, leaf = name.rpartition(".")
+        if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            key = base + ".weight"
+            owned[key] = owned.get(key, 0) + size
+            if leaf == "qweight":
+                params[key] = t.shape[0] * 32 // bits * t.shape[1]
+                kinds[key] = f"int{bits}"
+            continue
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        params[name], owned[name], kinds[name] = numel, owned.get(name, 0) + size, t.dtype
+    file_bytes = sum(f.stat().st_size for f in files)
+    n = sum(params.values())
+    linear = [k for k in params if ".layers." in k and k.endswith("proj.weight")]
+    lin_params = sum(params[k] for k in linear)
+    lin_bytes = sum(owned[k] for k in linear)
+    by_kind, lin_kind = Counter(), Counter()
+    for k, p in params.items():
+        by_kind[kinds[k]] += p
+        if k in linear:
+            lin_kind[kinds[k]] += p
+    emb = "model.embed_tokens.weight" if "model.embed_tokens.weight" in params else None
+    out = "lm_head.weight" if "lm_head.weight" in params else None
+    vocab = int(cfg.get("vocab_size", 1))
+    per_token = sum(b for k, b in owned.items() if k != emb) + ((owned[emb] if out is None else owned[emb] // vocab)
+                                                                if emb else 0)
+    return BPWReport(
+        file_bytes=file_bytes, n_params=n, file_bpw=file_bytes * 8 / n,
+        linear_params=lin_params, linear_bytes=lin_bytes, linear_bpw=lin_bytes * 8 / lin_params if lin_params else 0.0,
+        embedding_bpw=owned[emb] * 8 / params[emb] if emb else None,
+        output_bpw=owned[out] * 8 / params[out] if out else None,
+        bytes_per_token=per_token, tensor_types=_shares(by_kind, n), linear_tensor_types=_shares(lin_kind, lin_params))

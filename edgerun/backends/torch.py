@@ -52,10 +52,10 @@ class TorchBackend(Backend):
         self.threads = int(threads) if threads else physical_cores()
         torch.set_num_threads(self.threads)
         self._torch = torch
+        hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype),
-                                                              use_safetensors=True)
+            self.model = self._load_model(cfg, getattr(torch, dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise BackendError(f"transformers could not load {self.path}: {e}") from None
         self.model.eval()
@@ -74,6 +74,25 @@ class TorchBackend(Backend):
         self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         if self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
+
+    def _load_model(self, cfg: dict, dtype):
+        """transformers' loader, or for an edgerun PTQ checkpoint (GPTQ layout) its dequantized weights."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from converters.ptq import dequantized_state_dict, is_quantized_checkpoint
+
+        if not is_quantized_checkpoint(cfg):
+            return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, use_safetensors=True)
+        state, _ = dequantized_state_dict(self.path)
+        config = AutoConfig.from_pretrained(self.path)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.tie_weights()
+        return model
 
     def _tokenizer_adds_bos(self) -> bool:
         ids = self.tokenizer("a", add_special_tokens=True).input_ids

@@ -1,0 +1,141 @@
+"""Group-wise integer weight quantization and the GPTQ checkpoint layout (bit packing).
+
+Quantizer (asymmetric min/max, per output row and per group of ``group_size`` input columns)::
+
+    scale = (max(w_g) - min(w_g)) / (2^bits - 1)        zero = round(-min(w_g) / scale)
+    q = clamp(round(w / scale) + zero, 0, 2^bits - 1)    w_hat = (q - zero) * scale
+
+Storage follows the GPTQ checkpoint layout used by AutoGPTQ / GPTQModel / transformers
+(``quant_method: gptq``, ``checkpoint_format: gptq``), per linear layer of shape (out, in):
+
+- ``qweight`` int32 (in * bits / 32, out): the codes of each output column, packed along the input
+  dimension as a little-endian bit stream (value j occupies bits ``bits*j .. bits*j+bits-1``; for 3
+  bits, 32 values fill 3 words and values straddle word boundaries);
+- ``qzeros`` int32 (in / group_size, out * bits / 32): zero points packed the same way along the
+  output dimension, stored minus one (the GPTQ v1 convention);
+- ``scales`` float16 (in / group_size, out);
+- ``g_idx`` int32 (in,): the group of each input column (``i // group_size``; no act-order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass
+class QuantizedLinear:
+    """Integer codes of one linear layer's weight (out, in) with per-group scales and zero points.
+
+    Attributes:
+        q: uint8 codes, shape (out, in).
+        scales: float32 (out, in // group_size).
+        zeros: int32 zero points, shape (out, in // group_size).
+        bits, group_size: the format.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 weight (out, in): (q - zero) * scale, group by group."""
+        g = self.group_size
+        scales = self.scales.repeat_interleave(g, dim=1)
+        zeros = self.zeros.repeat_interleave(g, dim=1).float()
+        return (self.q.float() - zeros) * scales
+
+
+def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max scale and zero point for each row of ``w`` (rows, group) -> (rows,), (rows,)."""
+    maxq = 2 ** bits - 1
+    wmin = torch.clamp(w.min(dim=1).values, max=0.0)
+    wmax = torch.clamp(w.max(dim=1).values, min=0.0)
+    scale = (wmax - wmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-wmin / scale)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``w`` (rows, cols) for per-row ``scale`` and ``zero`` (rows,)."""
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+
+
+def check_format(in_features: int, bits: int, group_size: int) -> None:
+    """Raise ValueError unless ``bits`` and ``group_size`` fit a layer with ``in_features`` inputs."""
+    if bits not in BITS:
+        raise ValueError(f"{bits}-bit weights are not supported; use one of {', '.join(map(str, BITS))}")
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide the layer's {in_features} inputs")
+    if (in_features * bits) % 32:
+        raise ValueError(f"{in_features} inputs at {bits} bits do not fill whole 32-bit words")
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedLinear:
+    """Round-to-nearest group-wise quantization of a weight (out, in), float32."""
+    out_f, in_f = w.shape
+    check_format(in_f, bits, group_size)
+    groups = w.reshape(out_f * (in_f // group_size), group_size)
+    scale, zero = group_params(groups, bits)
+    q = quantize_with(groups, scale, zero, bits).reshape(out_f, in_f)
+    return QuantizedLinear(q.to(torch.uint8), scale.reshape(out_f, -1), zero.reshape(out_f, -1).to(torch.int32),
+                           bits, group_size)
+
+
+# --- GPTQ checkpoint layout ---------------------------------------------------------------------
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (n, m) along axis 0 into int32 words (n * bits / 32, m), as a little-endian bit stream."""
+    n, m = values.shape
+    v = values.astype(np.uint64)
+    out = np.zeros((n * bits // 32, m), dtype=np.uint64)
+    for j in range(n):
+        bit = j * bits
+        word, shift = divmod(bit, 32)
+        out[word] |= (v[j] << np.uint64(shift)) & np.uint64(0xFFFFFFFF)
+        if shift + bits > 32:  # the value straddles two words (3-bit codes)
+            out[word + 1] |= v[j] >> np.uint64(32 - shift)
+    return out.astype(np.uint32).view(np.int32)
+
+
+def unpack_bits(words: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: int32 words (n * bits / 32, m) -> codes (n, m) as uint8."""
+    w = words.view(np.uint32).astype(np.uint64)
+    mask = np.uint64(2 ** bits - 1)
+    out = np.empty((n, w.shape[1]), dtype=np.uint8)
+    for j in range(n):
+        word, shift = divmod(j * bits, 32)
+        val = w[word] >> np.uint64(shift)
+        if shift + bits > 32:
+            val |= w[word + 1] << np.uint64(32 - shift)
+        out[j] = (val & mask).astype(np.uint8)
+    return out
+
+
+def to_gptq_tensors(ql: QuantizedLinear) -> dict[str, np.ndarray]:
+    """``qweight``, ``qzeros``, ``scales``, ``g_idx`` of one layer in the GPTQ checkpoint layout."""
+    out_f, in_f = ql.q.shape
+    q = ql.q.numpy().T  # (in, out): pack along the input dimension
+    zeros = (ql.zeros.numpy().T - 1) & (2 ** ql.bits - 1)  # (groups, out), GPTQ v1 stores zero - 1
+    return {
+        "qweight": pack_bits(q, ql.bits),
+        "qzeros": pack_bits(zeros.T.astype(np.uint32), ql.bits).T.copy(),
+        "scales": ql.scales.numpy().T.astype(np.float16).copy(),
+        "g_idx": (np.arange(in_f) // ql.group_size).astype(np.int32),
+    }
+
+
+def from_gptq_tensors(t: dict[str, np.ndarray], bits: int, group_size: int, in_f: int, out_f: int) -> QuantizedLinear:
+    """Read one layer back from the GPTQ layout (scales come back as their float16 values)."""
+    q = unpack_bits(t["qweight"], bits, in_f).T
+    # (groups, out); stored zero - 1 modulo 2^bits, so zero 0 round-trips
+    zeros = (unpack_bits(t["qzeros"].T.copy(), bits, out_f).T.astype(np.int32) + 1) & (2 ** bits - 1)
+    return QuantizedLinear(torch.from_numpy(q.copy()), torch.from_numpy(t["scales"].astype(np.float32).T.copy()),
+                           torch.from_numpy(zeros.T.copy()), bits, group_size)
