@@ -32,8 +32,19 @@ def _umask() -> int:
     return mask
 
 
-def _disk_full(dest: Path) -> EdgerunError:
-    return EdgerunError(f"no space left on the device while writing {dest}; nothing was written there")
+@contextlib.contextmanager
+def _cleanup_on_failure(dest: Path, cleanup) -> Iterator[None]:
+    """Run ``cleanup`` on any failure (Ctrl-C included); a full disk becomes a one-line error."""
+    try:
+        yield
+    except OSError as e:
+        cleanup()
+        if e.errno == errno.ENOSPC:
+            raise EdgerunError(f"no space left on the device while writing {dest}; nothing was written there") from None
+        raise
+    except BaseException:
+        cleanup()
+        raise
 
 
 @contextlib.contextmanager
@@ -50,17 +61,9 @@ def atomic_file(dest: str | Path, force: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an export is an ordinary file
-    try:
+    with _cleanup_on_failure(dest, lambda: tmp_path.unlink(missing_ok=True)):
         yield tmp_path
         os.replace(tmp_path, dest)
-    except OSError as e:
-        tmp_path.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise _disk_full(dest) from None
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -75,7 +78,7 @@ def atomic_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
     _check_dest(dest, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is an ordinary directory
-    try:
+    with _cleanup_on_failure(dest, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
@@ -85,11 +88,3 @@ def atomic_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise _disk_full(dest) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

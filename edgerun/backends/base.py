@@ -26,6 +26,8 @@ class SamplingParams:
         top_p, top_k, min_p: nucleus, top-k and min-p truncation.
         repeat_penalty: 1.0 disables it.
         seed: sampling seed for temperature > 0; None draws one.
+        ignore_eos: keep generating past end-of-generation tokens until ``max_tokens`` (benchmarks
+            use it so every run decodes the same number of tokens).
     """
 
     max_tokens: int | None = None
@@ -35,6 +37,7 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -158,6 +161,21 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Free the engine's resources."""
+
+
+def reply_budget(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
+    """Tokens a reply may take: ``max_tokens`` capped by the room left in the context.
+
+    Raises:
+        BackendError: the prompt alone fills the context.
+    """
+    from edgerun.errors import BackendError
+
+    room = n_ctx - n_prompt
+    if room < 1:
+        raise BackendError(f"the prompt ({n_prompt} tokens) does not fit the context of {n_ctx} tokens; "
+                           "raise --ctx-size")
+    return room if max_tokens is None else min(max_tokens, room)
 
 
 def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:

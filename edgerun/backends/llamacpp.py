@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, log_softmax_at,
-                                   physical_cores)
+                                   physical_cores, reply_budget)
 from edgerun.errors import BackendError
 from edgerun.formats import gguf as gguf_format
 
@@ -133,7 +133,7 @@ class LlamaCppBackend(Backend):
                 n_threads=self.threads, n_threads_batch=self.batch_threads, flash_attn=flash_attn,
                 type_k=_KV_TYPE_IDS[cache_type_k], type_v=_KV_TYPE_IDS[cache_type_v],
                 verbose=False, **extra)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError):
             raise BackendError(f"llama.cpp could not load {self.path} (architecture "
                                f"'{self.info.architecture}'): {_first_llama_error()}") from None
         # llama.cpp pads its KV cache to a multiple of 256 cells, but llama-cpp-python's token
@@ -171,11 +171,7 @@ class LlamaCppBackend(Backend):
     # --- generation ---------------------------------------------------------------------------
 
     def _completion_args(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> dict:
-        room = self.n_ctx - len(prompt_tokens)
-        if room < 1:
-            raise BackendError(f"the prompt ({len(prompt_tokens)} tokens) does not fit the context "
-                               f"of {self.n_ctx} tokens; raise --ctx-size")
-        max_tokens = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        max_tokens = reply_budget(self.n_ctx, len(prompt_tokens), sampling.max_tokens)
         return dict(prompt=list(prompt_tokens), max_tokens=max_tokens, temperature=sampling.temperature,
                     top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
                     repeat_penalty=sampling.repeat_penalty, seed=sampling.seed, stop=[])
@@ -210,6 +206,40 @@ class LlamaCppBackend(Backend):
         self.last_stats = stats
 
     def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
+        if sampling.ignore_eos:
+            return self._stream_fixed_length(prompt_tokens, sampling)
+        return self._stream_completion(prompt_tokens, sampling)
+
+    def _stream_fixed_length(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
+        """Exactly ``max_tokens`` tokens through ``Llama.generate`` (which does not stop at end-of-generation)."""
+        args = self._completion_args(prompt_tokens, sampling)
+        stats = self._start(prompt_tokens)
+        t0 = time.perf_counter()
+        generated: list[int] = []
+        pending = b""
+        finish = "interrupted"
+        try:
+            if args["seed"] is not None:
+                self.llm.set_seed(args["seed"])
+            for tok in self.llm.generate(args["prompt"], top_k=args["top_k"], top_p=args["top_p"], min_p=args["min_p"],
+                                         temp=args["temperature"], repeat_penalty=args["repeat_penalty"]):
+                if not generated:
+                    stats.ttft_ms = (time.perf_counter() - t0) * 1e3
+                generated.append(tok)
+                pending += self.llm.detokenize([tok], prev_tokens=args["prompt"] + generated[:-1], special=True)
+                try:
+                    text, pending = pending.decode("utf-8"), b""
+                except UnicodeDecodeError:
+                    text = ""
+                if text:
+                    yield text
+                if len(generated) >= args["max_tokens"]:
+                    finish = "length"
+                    break
+        finally:
+            self._finish(stats, len(generated), finish)
+
+    def _stream_completion(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
         args = self._completion_args(prompt_tokens, sampling)
         stats = self._start(prompt_tokens)
         t0 = time.perf_counter()

@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
+from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores,
+                                   reply_budget)
 from edgerun.errors import BackendError, ModelFileError
 
 DEFAULT_CTX = 4096
@@ -155,7 +156,8 @@ class OnnxBackend(Backend):
     def _generator(self, prompt: list[int], max_new: int, sampling: SamplingParams):
         og = self._og
         params = og.GeneratorParams(self.model)
-        opts = dict(max_length=len(prompt) + max_new, min_length=0)
+        opts = dict(max_length=len(prompt) + max_new,
+                    min_length=len(prompt) + max_new if sampling.ignore_eos else 0)
         if sampling.temperature > 0:
             opts.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                         random_seed=sampling.seed if sampling.seed is not None else (self.seed or 0))
@@ -164,15 +166,9 @@ class OnnxBackend(Backend):
         params.set_search_options(**opts)
         return og.Generator(self.model, params)
 
-    def _room(self, prompt: list[int], sampling: SamplingParams) -> int:
-        room = self.n_ctx - len(prompt)
-        if room < 1:
-            raise BackendError(f"the prompt ({len(prompt)} tokens) does not fit the context of {self.n_ctx} tokens")
-        return room if sampling.max_tokens is None else min(sampling.max_tokens, room)
-
     def _run(self, prompt_tokens: Sequence[int], sampling: SamplingParams, stream: bool) -> Iterator[str]:
         prompt = [int(t) for t in prompt_tokens]
-        max_new = self._room(prompt, sampling)
+        max_new = reply_budget(self.n_ctx, len(prompt), sampling.max_tokens)
         stats = GenerationStats(prompt_tokens=len(prompt), prefill_tokens=len(prompt), context_size=self.n_ctx)
         gen = self._generator(prompt, max_new, sampling)
         decoder = self.tokenizer.create_stream() if stream else None
@@ -191,7 +187,7 @@ class OnnxBackend(Backend):
                     stats.decode_steps += 1
                 else:
                     stats.ttft_ms = (time.perf_counter() - t0) * 1e3
-                if tok in self._eos:
+                if tok in self._eos and not sampling.ignore_eos:
                     finish = "stop"
                     break
                 generated.append(tok)

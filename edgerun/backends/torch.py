@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
+from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores,
+                                   reply_budget)
 from edgerun.errors import BackendError
 from edgerun.formats import safetensors as st_format
 
@@ -42,7 +43,7 @@ class TorchBackend(Backend):
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None, **_ignored):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # deprecation chatter from generate() is not for our users
@@ -175,10 +176,7 @@ class TorchBackend(Backend):
     def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
         torch = self._torch
         prompt = [int(t) for t in prompt_tokens]
-        room = self.n_ctx - len(prompt)
-        if room < 1:
-            raise BackendError(f"the prompt ({len(prompt)} tokens) does not fit the context of {self.n_ctx} tokens")
-        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        max_new = reply_budget(self.n_ctx, len(prompt), sampling.max_tokens)
         gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else (self.seed or 0))
         stats = GenerationStats(prompt_tokens=len(prompt), context_size=self.n_ctx)
         cache, reused = self._prefix_cache(prompt)
@@ -199,7 +197,7 @@ class TorchBackend(Backend):
                 tok = self._sample(logits[-1], sampling, gen)
                 if not generated:
                     stats.ttft_ms = (time.perf_counter() - t0) * 1e3
-                if tok in self._eos:
+                if tok in self._eos and not sampling.ignore_eos:
                     finish = "stop"
                     break
                 generated.append(tok)
@@ -225,10 +223,7 @@ class TorchBackend(Backend):
     def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
         torch = self._torch
         prompt = [int(t) for t in prompt_tokens]
-        room = self.n_ctx - len(prompt)
-        if room < 1:
-            raise BackendError(f"the prompt ({len(prompt)} tokens) does not fit the context of {self.n_ctx} tokens")
-        max_new = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        max_new = reply_budget(self.n_ctx, len(prompt), sampling.max_tokens)
         kwargs = dict(max_new_tokens=max_new, eos_token_id=sorted(self._eos), pad_token_id=sorted(self._eos)[0])
         if sampling.temperature > 0:
             torch.manual_seed(sampling.seed if sampling.seed is not None else (self.seed or 0))
