@@ -24,7 +24,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
               "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K"]
-ONNX_VARIANTS = [("fp32", "builder"), ("int8", "builder"), ("int4", "builder"), ("int4", "hqq")]
+ONNX_VARIANTS = [("fp32", "builder"), ("int8", "dynamic"), ("int8", "builder"), ("int4", "builder"), ("int4", "hqq")]
 PROMPT = "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--only", nargs="*", choices=["gguf", "onnx"], help="run only these formats")
     args = ap.parse_args(argv)
 
     from converters.export import export, f32_cache
@@ -71,9 +72,12 @@ def main(argv=None) -> int:
     parity = f32_parity(source, f32)
     print(f"source {source.label}: perplexity {src_ppl:.3f}; F32 parity {parity['relative']:.2e}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [("gguf", t, "builder") for t in GGUF_TYPES] + [("onnx", p, a) for p, a in ONNX_VARIANTS]
+        jobs = [("gguf", t, "default") for t in GGUF_TYPES] + [("onnx", p, a) for p, a in ONNX_VARIANTS]
+        if args.only:
+            jobs = [j for j in jobs if j[0] in args.only]
         for fmt, quant, algo in jobs:
-            name = f"{quant}" if fmt == "gguf" else f"onnx-{quant}" + ("" if algo == "builder" else f"-{algo}")
+            default = {"int8": "dynamic"}.get(quant, "builder")
+            name = f"{quant}" if fmt == "gguf" else f"onnx-{quant}" + ("" if algo == default else f"-{algo}")
             out = Path(tmp) / (f"{name}.gguf" if fmt == "gguf" else name)
             t0 = time.perf_counter()
             result = export(args.model, to=fmt, quant=quant, out=out, verify=False, progress=False,

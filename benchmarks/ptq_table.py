@@ -68,11 +68,12 @@ def main(argv=None) -> int:
     def ppl(path):
         b = TorchBackend(path, n_ctx=520)
         try:
-            return perplexity(b, str(path), n_windows=args.windows).perplexity
+            return (perplexity(b, str(path), n_windows=args.windows).perplexity,
+                    perplexity(b, str(path), dataset="tiny", n_windows=2).perplexity)
         finally:
             b.close()
 
-    src_ppl = ppl(source.path)
+    src_ppl, src_tiny = ppl(source.path)
     print(f"source {source.label}: perplexity {src_ppl:.3f}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,14 +84,16 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 quantize_checkpoint(source.path, out, method=method, bits=bits, group_size=64, n_samples=args.samples)
                 seconds = time.perf_counter() - t0
-                p = ppl(out)
+                p, p_tiny = ppl(out)
                 bpw = checkpoint_bpw(out)
                 rows.append({"method": method, "bits": bits, "group_size": 64, "perplexity": p,
+                             "perplexity_tiny": p_tiny, "perplexity_tiny_vs_source": p_tiny / src_tiny - 1,
                              "perplexity_vs_source": p / src_ppl - 1, "linear_bpw": bpw.linear_bpw,
                              "file_bpw": bpw.file_bpw, "seconds": seconds, "block3_down_proj_error": errors[method]})
                 print(f"{method} w{bits}g64: ppl {p:.3f} ({(p / src_ppl - 1) * 100:+.1f}%), linear BPW {bpw.linear_bpw:.3f}, "
                       f"{seconds:.0f} s, layer error {errors[method]}", flush=True)
     result = {"benchmark": "ptq_table", "source": source.label, "source_perplexity": src_ppl,
+              "source_perplexity_tiny": src_tiny,
               "calibration": {"dataset": "wiki", "split": "calibration", "windows": args.samples, "tokens": 512},
               "protocol": {"dataset": "wiki", "split": "heldout", "window": 512, "windows": args.windows},
               "rows": rows, "date": time.strftime("%Y-%m-%d")}
@@ -98,13 +101,16 @@ def main(argv=None) -> int:
     (args.out / "ptq_table.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# Torch-side PTQ: SmolLM2-135M-Instruct", "",
           f"{result['date']}. Source {source.label} (float32): perplexity {src_ppl:.3f} on held-out wiki "
-          f"({args.windows} x 512 tokens, torch). Calibration: {args.samples} x 512 tokens of the wiki calibration split.",
-          "", "| method | bits | linear BPW | perplexity | vs source | time s | block-3 down_proj rel. error (typical / window-first tokens) |",
-          "|---|---|---|---|---|---|---|"]
+          f"({args.windows} x 512 tokens, torch) and {src_tiny:.3f} on held-out tiny stories (2 x 512). "
+          f"Calibration: {args.samples} x 512 tokens of the wiki calibration split.",
+          "", "| method | bits | linear BPW | wiki perplexity | vs source | tiny perplexity | vs source | time s | "
+          "block-3 down_proj rel. error (typical / window-first tokens) |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["block3_down_proj_error"]
         md.append(f"| {r['method']} | {r['bits']} | {r['linear_bpw']:.3f} | {r['perplexity']:.3f} | "
-                  f"{r['perplexity_vs_source'] * 100:+.1f}% | {r['seconds']:.0f} | "
+                  f"{r['perplexity_vs_source'] * 100:+.1f}% | {r['perplexity_tiny']:.3f} | "
+                  f"{r['perplexity_tiny_vs_source'] * 100:+.1f}% | {r['seconds']:.0f} | "
                   f"{e['typical_tokens']:.2e} / {e['window_first_tokens']:.2e} |")
     md.append("")
     (args.out / "ptq_table.md").write_text("\n".join(md))

@@ -60,7 +60,7 @@ def f32_cache(source: Source, progress: Callable | None = None) -> Path:
 def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path | None = None, force: bool = False,
            token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
            threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-           block_size: int = 32, onnx_algo: str = "builder", ptq: str | None = None, bits: int = 4,
+           block_size: int = 32, onnx_algo: str = "default", ptq: str | None = None, bits: int = 4,
            group_size: int = 64, calib_samples: int = 16) -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
@@ -77,7 +77,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         progress: show progress bars.
         log: where one-line progress messages go.
         block_size: ONNX int4 block size (32, 64, 128).
-        onnx_algo: ONNX int4 algorithm (``builder``, ``rtn``, ``hqq``, ``gptq``).
+        onnx_algo: ONNX weight algorithm: int4 ``builder`` (default), ``rtn``, ``hqq``, ``gptq``; int8
+            ``dynamic`` (default) or ``builder``.
         ptq: torch-side PTQ method (``rtn``, ``gptq``, ``awq``) for ``to="hf"``: a GPTQ-layout checkpoint.
         bits, group_size: PTQ weight bits (2, 3, 4, 8) and input columns per scale.
         calib_samples: PTQ calibration windows of 512 tokens from the wiki calibration split.
@@ -140,14 +141,15 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     else:
         from converters.onnx import write_onnx
 
-        log(f"writing ONNX {quant}" + (f" (block {block_size}, {onnx_algo})" if quant == "int4" else ""))
+        log(f"writing ONNX {quant}" + (f" (block {block_size}, {onnx_algo})" if quant != "fp32" else ""))
         write_onnx(source.path, out, precision=quant, block_size=block_size, algo=onnx_algo, force=force)
         passes = [{"name": "write-onnx", "tool": "onnxruntime-genai model builder", "precision": quant}]
-        if quant == "int8":
+        if quant == "int8" and onnx_algo == "dynamic":
             passes.append({"name": "quantize", "tool": "onnxruntime.quantization.quantize_dynamic",
-                           "weight_type": "QInt8"})
-        elif quant == "int4":
-            passes.append({"name": "quantize", "block_size": block_size, "algorithm": onnx_algo,
+                           "weight_type": "QInt8", "activations": "dynamic per-tensor uint8"})
+        elif quant in ("int4", "int8"):
+            passes.append({"name": "quantize", "bits": 4 if quant == "int4" else 8, "block_size": block_size,
+                           "algorithm": onnx_algo,
                            "tool": "onnxruntime-genai model builder" if onnx_algo == "builder"
                            else "onnxruntime.quantization.MatMulNBitsQuantizer"})
     export_seconds = time.perf_counter() - t0

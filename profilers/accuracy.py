@@ -102,3 +102,88 @@ def perplexity(backend, model: str, dataset: str = "wiki", split: str = "heldout
     nll = total / count
     return PerplexityResult(model=model, perplexity=math.exp(nll), nll=nll, tokens_scored=count,
                             windows=len(windows), window=window, dataset=dataset, split=split)
+
+
+# --- task accuracy by log-likelihood of the choices ------------------------------------------------
+
+@dataclass
+class TaskResult:
+    """Zero-shot multiple-choice accuracy of one model on one task.
+
+    Attributes:
+        model, task: labels. n: items scored.
+        accuracy: share of items whose gold choice has the highest summed log-likelihood.
+        accuracy_norm: the same with log-likelihood divided by the choice's length in bytes
+            (favours neither short nor long answers; lm-eval-harness's ``acc_norm``).
+        ci95, ci95_norm: Wilson 95% intervals (low, high) of the two.
+        chance: accuracy of guessing (1 / number of choices, averaged).
+    """
+
+    model: str
+    task: str
+    n: int
+    accuracy: float
+    accuracy_norm: float
+    ci95: tuple[float, float]
+    ci95_norm: tuple[float, float]
+    chance: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for z = 1.96)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _continuation_tokens(backend, context: str, choice: str, ctx_plain: list[int]) -> list[int]:
+    """Tokens of ``choice`` as they follow ``context`` (tokenized together, so merges at the seam are kept)."""
+    full = backend.tokenize(context + choice)
+    if full[: len(ctx_plain)] == ctx_plain and len(full) > len(ctx_plain):
+        return full[len(ctx_plain):]
+    return backend.tokenize(choice)
+
+
+def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool = False,
+                  max_context: int | None = None) -> TaskResult:
+    """Zero-shot accuracy of ``backend`` on ``n`` items of ``task`` (``edgerun.data.TASKS``).
+
+    Each choice is scored by the sum of its tokens' log-probabilities after the context (the
+    model's own tokenizer, BOS when the model uses one); contexts longer than ``max_context`` tokens
+    (default: the backend's context minus 64) keep their last tokens.
+
+    Raises:
+        UsageError: unknown task or too few items.
+    """
+    from edgerun.data import task_items
+
+    items = task_items(task, n)
+    limit = (max_context or getattr(backend, "n_ctx", 2048) - 64)
+    bos = backend.encode_prompt("")
+    hits = hits_norm = 0
+    chance = 0.0
+    iterator = items
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(items, desc=f"{task} {model}", unit="item", leave=False)
+    for item in iterator:
+        ctx_plain = backend.tokenize(item.context)
+        conts = [_continuation_tokens(backend, item.context, c, ctx_plain) for c in item.choices]
+        keep = limit - max(len(c) for c in conts) - len(bos)
+        ctx = bos + ctx_plain[-keep:]
+        scores = [float(lp.sum()) for lp in backend.continuation_logprobs(ctx, conts)]
+        norm = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, item.choices)]
+        hits += int(max(range(len(scores)), key=scores.__getitem__) == item.gold)
+        hits_norm += int(max(range(len(norm)), key=norm.__getitem__) == item.gold)
+        chance += 1 / len(item.choices)
+    return TaskResult(model=model, task=task, n=len(items), accuracy=hits / len(items),
+                      accuracy_norm=hits_norm / len(items), ci95=wilson_interval(hits, len(items)),
+                      ci95_norm=wilson_interval(hits_norm, len(items)), chance=chance / len(items))

@@ -8,6 +8,7 @@ clock from the call to the first token.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from collections import deque
@@ -289,34 +290,81 @@ class LlamaCppBackend(Backend):
                 out[start:stop] = log_softmax_at(chunk[: stop - start], tokens[start + 1:stop + 1])
         return out
 
+    def continuation_logprobs(self, context: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """log p of each continuation's tokens after ``context``; the context is evaluated once.
+
+        Returns:
+            one float64 array per continuation, of its length.
+        """
+        ctx = [int(t) for t in context]
+        if not ctx:
+            raise BackendError("continuation scoring needs a non-empty context")
+        out = []
+        with self._fresh_cache():
+            last = None
+            for start, chunk in self._decode_chunks(ctx, 0, last_only=True):
+                last = chunk[-1]
+            mem = self._llama_cpp.llama_get_memory(self.llm.ctx)
+            for cont in continuations:
+                cont = [int(t) for t in cont]
+                if len(ctx) + len(cont) > self.n_ctx:
+                    raise BackendError(f"context plus continuation exceed the context of {self.n_ctx} tokens")
+                self._llama_cpp.llama_memory_seq_rm(mem, 0, len(ctx), -1)
+                lp = np.empty(len(cont), dtype=np.float64)
+                lp[0] = log_softmax_at(last[None, :], cont[:1])[0]
+                if len(cont) > 1:
+                    for start, chunk in self._decode_chunks(cont[:-1], len(ctx)):
+                        lp[1 + start:1 + start + len(chunk)] = log_softmax_at(chunk, cont[1 + start:1 + start + len(chunk)])
+                out.append(lp)
+        return out
+
+    @contextlib.contextmanager
+    def _fresh_cache(self):
+        """An empty KV cache for low-level evaluation, emptied again afterwards (chat history is re-prefilled)."""
+        lc, llm = self._llama_cpp, self.llm
+        llm.reset()
+        lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
+        try:
+            yield
+        finally:
+            lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
+            llm.reset()
+
     def _logit_chunks(self, tokens: Sequence[int]):
         """Evaluate ``tokens`` from an empty KV cache in batches; yield (start, float32 logits of the batch)."""
-        lc, llm = self._llama_cpp, self.llm
         tokens = [int(t) for t in tokens]
         if not tokens or len(tokens) > self.n_ctx:
             raise BackendError(f"logits need 1..{self.n_ctx} tokens, got {len(tokens)}")
+        with self._fresh_cache():
+            yield from self._decode_chunks(tokens, 0)
+
+    def _decode_chunks(self, tokens: list[int], pos0: int, last_only: bool = False):
+        """llama_decode ``tokens`` at positions ``pos0..`` in batches; yield (start, float32 logits of the batch).
+
+        With ``last_only`` only the final token of the final batch asks for logits (one row is yielded then).
+        """
+        lc, llm = self._llama_cpp, self.llm
         n_vocab, n_batch = llm.n_vocab(), llm.n_batch
-        llm.reset()
-        lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
         batch = lc.llama_batch_init(n_batch, 0, 1)
         try:
             for start in range(0, len(tokens), n_batch):
                 chunk = tokens[start:start + n_batch]
+                final = start + len(chunk) == len(tokens)
                 batch.n_tokens = len(chunk)
                 for i, tok in enumerate(chunk):
                     batch.token[i] = tok
-                    batch.pos[i] = start + i
+                    batch.pos[i] = pos0 + start + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
-                    batch.logits[i] = 1
+                    batch.logits[i] = 0 if last_only and not (final and i == len(chunk) - 1) else 1
                 if lc.llama_decode(llm.ctx, batch) != 0:
                     raise BackendError("llama_decode failed while computing logits")
-                ptr = lc.llama_get_logits(llm.ctx)
-                yield start, np.ctypeslib.as_array(ptr, shape=(len(chunk) * n_vocab,)).reshape(len(chunk), n_vocab).copy()
+                rows = (1 if final else 0) if last_only else len(chunk)
+                if rows:
+                    ptr = lc.llama_get_logits(llm.ctx)
+                    yield start, np.ctypeslib.as_array(ptr, shape=(rows * n_vocab,)).reshape(rows, n_vocab).copy()
         finally:
             lc.llama_batch_free(batch)
-            lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
-            llm.reset()
 
     def kv_bytes_per_token(self) -> float:
         """KV cache bytes per context token: 2 (K and V) x layers x KV heads x head dim x element bytes.

@@ -1,0 +1,191 @@
+"""``edgerun bench report DIR``: plots of every metric against effective BPW, with linear fits, and a summary table.
+
+Runs are aggregated per cell (median over repetitions). For each metric (decode tokens/s, TTFT,
+peak RSS, decode latency per token, energy where measured) and each BPW measure (file BPW, linear
+BPW, bytes read per token), one PNG shows one line per model and backend with its least-squares
+line and R^2 (LLMOnDevice reports near-linear scaling of system metrics with effective BPW).
+``summary.md`` holds the per-cell medians, the R^2 table, roofline fractions and the quality records.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from edgerun.errors import UsageError
+
+METRICS = {
+    "decode_tokens_per_s": "decode tokens/s",
+    "decode_ms_per_token": "decode latency per token (ms)",
+    "ttft_ms": "TTFT (ms)",
+    "peak_rss_bytes": "peak RSS (MiB)",
+    "package_joules_above_idle": "package energy above idle (J)",
+}
+BPW_MEASURES = {"file_bpw": "file BPW", "linear_bpw": "linear BPW", "bytes_per_token": "bytes read per token (MiB)"}
+
+
+def load_runs(directory: str | Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(ok cell records, quality records, other records) from ``DIR/runs.jsonl``.
+
+    Raises:
+        UsageError: no runs.jsonl in ``directory``.
+    """
+    path = Path(directory) / "runs.jsonl"
+    if not path.is_file():
+        raise UsageError(f"{directory} has no runs.jsonl; run 'edgerun bench --sweep FILE --out {directory}' first")
+    cells, quality, other = [], [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("kind") == "quality":
+            (quality if rec.get("status") == "ok" else other).append(rec)
+        elif rec.get("status") == "ok":
+            cells.append(rec)
+        else:
+            other.append(rec)
+    return cells, quality, other
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """One row per cell: the cell fields and the median of each numeric metric over its repetitions."""
+    rows = []
+    for rec in cells:
+        metrics = [r["metrics"] for r in rec["runs"]]
+        row = dict(rec["cell"])
+        for k in metrics[0]:
+            vals = [m[k] for m in metrics if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
+            if vals:
+                row[k] = statistics.median(vals)
+            elif k not in row:
+                row[k] = metrics[0][k]
+        if row.get("decode_tokens_per_s"):
+            row["decode_ms_per_token"] = 1e3 / row["decode_tokens_per_s"]
+        rows.append(row)
+    return rows
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
+    """Least-squares slope, intercept and R^2 of y on x (None with fewer than 3 distinct x)."""
+    import numpy as np
+
+    if len(set(xs)) < 3:
+        return None
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    slope, intercept = np.polyfit(x, y, 1)
+    pred = slope * x + intercept
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return float(slope), float(intercept), (1 - ss_res / ss_tot) if ss_tot > 0 else 1.0
+
+
+def _series(rows: list[dict], metric: str, measure: str) -> dict[str, tuple[list[float], list[float]]]:
+    groups: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for r in rows:
+        if r.get(metric) is None or r.get(measure) is None:
+            continue
+        label = f"{r['model']} / {r['backend']}"
+        if len({(x['threads'], x['kv_cache_type'], x['prompt_tokens'], x['gen_tokens']) for x in rows}) > 1:
+            label += f" / t{r['threads']} {r['kv_cache_type']} p{r['prompt_tokens']} g{r['gen_tokens']}"
+        x = r[measure] / 2**20 if measure == "bytes_per_token" else r[measure]
+        y = r[metric] / 2**20 if metric == "peak_rss_bytes" else r[metric]
+        groups[label][0].append(x)
+        groups[label][1].append(y)
+    return groups
+
+
+def render(directory: str | Path) -> Path:
+    """Write PNG plots and ``summary.md`` into ``directory``; returns the summary path.
+
+    Raises:
+        UsageError: no runs recorded.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    cells, quality, other = load_runs(directory)
+    if not cells:
+        raise UsageError(f"{directory}/runs.jsonl has no successful runs to report")
+    rows = aggregate(cells)
+    fits = []
+    for metric, mlabel in METRICS.items():
+        if not any(r.get(metric) is not None for r in rows):
+            continue
+        fig, axes = plt.subplots(1, len(BPW_MEASURES), figsize=(5 * len(BPW_MEASURES), 4))
+        for ax, (measure, xlabel) in zip(axes, BPW_MEASURES.items()):
+            for label, (xs, ys) in sorted(_series(rows, metric, measure).items()):
+                ax.scatter(xs, ys, label=label, s=18)
+                fit = linear_fit(xs, ys)
+                if fit:
+                    slope, intercept, r2 = fit
+                    lo, hi = min(xs), max(xs)
+                    ax.plot([lo, hi], [slope * lo + intercept, slope * hi + intercept], linewidth=1)
+                    fits.append({"metric": metric, "measure": measure, "series": label, "r2": r2, "slope": slope,
+                                 "points": len(xs)})
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(mlabel)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{mlabel} vs effective BPW")
+        fig.tight_layout()
+        fig.savefig(directory / f"{metric}_vs_bpw.png", dpi=110)
+        plt.close(fig)
+    summary = directory / "summary.md"
+    summary.write_text(_markdown(rows, fits, quality, other), encoding="utf-8")
+    (directory / "summary.json").write_text(json.dumps({"rows": rows, "fits": fits, "quality": quality}, indent=1,
+                                                       default=str))
+    return summary
+
+
+def _fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def _markdown(rows, fits, quality, other) -> str:
+    lines = ["# Benchmark summary", "",
+             "Medians over repetitions. Energy: " + _energy_note(rows), "",
+             "| model | variant | backend | threads | KV | prompt/gen | file BPW | linear BPW | MiB/token | TTFT ms | "
+             "prefill tok/s | decode tok/s | ITL p50/p95 ms | peak RSS MiB | roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], -r["file_bpw"], r["backend"])):
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['backend']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
+            f"{r['prompt_tokens']}/{r['gen_tokens']} | {r['file_bpw']:.2f} | {r['linear_bpw']:.2f} | "
+            f"{r['bytes_per_token'] / 2**20:.1f} | {_fmt(r.get('ttft_ms'))} | {_fmt(r.get('prefill_tokens_per_s'))} | "
+            f"{_fmt(r.get('decode_tokens_per_s'))} | {_fmt(r.get('itl_p50_ms'), '.2f')}/{_fmt(r.get('itl_p95_ms'), '.2f')} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} | {_fmt(r.get('roofline_fraction'), '.0%')} |")
+    lines += ["", "## Linear fits (R^2)", "", "| metric | vs | series | points | slope | R^2 |", "|---|---|---|---|---|---|"]
+    for f in fits:
+        lines.append(f"| {f['metric']} | {f['measure']} | {f['series']} | {f['points']} | {f['slope']:.4g} | {f['r2']:.3f} |")
+    if quality:
+        lines += ["", "## Quality", "", "| model | variant | file BPW | perplexity (wiki held-out) | task | accuracy [95% CI] | acc_norm [95% CI] | n |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for q in sorted(quality, key=lambda q: (q["model"], -q["bpw"]["file_bpw"])):
+            ppl = q["quality"]["perplexity"]["perplexity"]
+            tasks = q["quality"]["tasks"] or {"-": None}
+            for task, t in tasks.items():
+                if t is None:
+                    lines.append(f"| {q['model']} | {q['variant']} | {q['bpw']['file_bpw']:.2f} | {ppl:.2f} | - | - | - | - |")
+                else:
+                    lines.append(f"| {q['model']} | {q['variant']} | {q['bpw']['file_bpw']:.2f} | {ppl:.2f} | {task} | "
+                                 f"{t['accuracy']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}] | "
+                                 f"{t['accuracy_norm']:.3f} [{t['ci95_norm'][0]:.3f}, {t['ci95_norm'][1]:.3f}] | {t['n']} |")
+    if other:
+        lines += ["", "## Not run", ""]
+        for o in other:
+            what = o.get("cell") or {"model": o.get("model"), "variant": o.get("variant")}
+            lines.append(f"- {what}: {o.get('status')} ({o.get('reason') or o.get('error')})")
+    return "\n".join(lines) + "\n"
+
+
+def _energy_note(rows) -> str:
+    for r in rows:
+        if isinstance(r.get("energy"), str):
+            return r["energy"] + "; estimates from the device TDP, where given, are in the JSON as estimated_* fields."
+    return "measured from RAPL counters, idle baseline subtracted."

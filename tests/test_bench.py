@@ -1,0 +1,149 @@
+"""edgerun bench: a small sweep end to end, resume, a failing cell, bad sweep files, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import cli_env, edgerun_cmd
+
+SWEEP = """\
+name: {name}
+models: [smollm2-135m-instruct{extra_model}]
+variants:
+  - {{format: gguf, quant: Q8_0}}
+  - {{format: onnx, quant: int4}}
+backends: [edgerun, llama-cpp-python]
+threads: [2]
+kv_cache_types: [f16]
+prompt_tokens: [16]
+gen_tokens: [8]
+repetitions: 1
+warmup: 0
+ctx_size: 128
+accuracy:
+  perplexity_windows: 1
+"""
+
+
+def _write(tmp_path, name="tiny-sweep", extra_model=""):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(SWEEP.format(name=name, extra_model=extra_model))
+    return p
+
+
+def _records(out):
+    recs = []
+    for line in (out / "runs.jsonl").read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut by an interrupt
+    return recs
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, smollm2_f32_gguf):
+    """The tiny sweep run once (its exports are cached under EDGERUN_HOME/cache/exports)."""
+    from profilers import sweep
+
+    tmp = tmp_path_factory.mktemp("bench")
+    sw = sweep.load(_write(tmp))
+    out = tmp / "results"
+    sweep.run(sw, out, progress=False, log=lambda m: None)
+    return tmp, sw, out
+
+
+def test_sweep_records_every_cell(swept):
+    _, sw, out = swept
+    recs = _records(out)
+    cells = [r for r in recs if r.get("kind") != "quality"]
+    assert len(cells) == 4  # 2 variants x 2 backends
+    status = {(r["cell"]["variant"], r["cell"]["backend"]): r["status"] for r in cells}
+    assert status == {("Q8_0", "edgerun"): "ok", ("Q8_0", "llama-cpp-python"): "ok",
+                      ("onnx-int4", "edgerun"): "ok", ("onnx-int4", "llama-cpp-python"): "not applicable"}
+    ok = next(r for r in cells if r["status"] == "ok" and r["cell"]["backend"] == "edgerun")
+    m = ok["runs"][0]["metrics"]
+    assert m["generated_tokens"] == 8 and m["ttft_ms"] > 0 and m["peak_rss_bytes"] > 0
+    assert m["linear_bpw"] == 8.5
+    assert "energy" in m or "energy_joules" in m  # measured, or unavailable with its reason
+    assert ok["machine"]["versions"]["llama-cpp-python"] == "0.3.36"
+    quality = [r for r in recs if r.get("kind") == "quality"]
+    assert {q["variant"] for q in quality} == {"Q8_0", "onnx-int4"}
+    assert all(q["status"] == "ok" and q["quality"]["perplexity"]["perplexity"] > 1 for q in quality)
+
+
+def test_sweep_resumes_without_rerunning_done_cells(swept):
+    from profilers import sweep
+
+    _, sw, out = swept
+    before = _records(out)
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    # an interrupt cut the last line in half: that cell (and only it) runs again
+    (out / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    messages = []
+    sweep.run(sw, out, progress=False, log=messages.append)
+    after = [r for r in _records(out)]
+    assert any("already done" in m for m in messages)
+    assert len(after) == len(before)  # the cut record was replaced by one new run, nothing else re-ran
+
+
+def test_a_different_sweep_in_the_same_directory_is_refused(swept, tmp_path):
+    from edgerun.errors import UsageError
+    from profilers import sweep
+
+    _, _, out = swept
+    other = sweep.load(_write(tmp_path, name="other-sweep"))
+    with pytest.raises(UsageError, match="holds results of a different sweep"):
+        sweep.run(other, out, progress=False, log=lambda m: None)
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, default_model_path, swept):
+    from profilers import sweep
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(default_model_path.read_bytes()[:1000])
+    sw = sweep.load(_write(tmp_path, extra_model=f", {broken}"))
+    out = tmp_path / "results"
+    sweep.run(sw, out, progress=False, log=lambda m: None)
+    recs = [r for r in _records(out) if r.get("kind") != "quality"]
+    errors = [r for r in recs if r["status"] == "error"]
+    assert errors and all(str(broken) == r["cell"]["model"] for r in errors)
+    assert "truncated" in errors[0]["error"]
+    assert any(r["status"] == "ok" for r in recs)
+
+
+def test_report_renders_plots_and_a_summary(swept):
+    from profilers import report
+
+    _, _, out = swept
+    summary = report.render(out)
+    text = summary.read_text()
+    assert "| smollm2-135m-instruct | Q8_0 | edgerun |" in text
+    assert "not applicable" in text
+    png = out / "decode_tokens_per_s_vs_bpw.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("models: [smollm2-135m-instruct]", "models: [llama-9000]"), "line 2: unknown model 'llama-9000'"),
+    (("quant: Q8_0", "quant: Q9_9"), "line 4: unknown quantization type 'Q9_9'"),
+    (("repetitions: 1", "repetitions: zero"), "line 11: field 'repetitions' must be a positive integer"),
+    (("backends: [edgerun, llama-cpp-python]", "backends: [edgerun, vllm]"), "line 6: field 'backends' item 1"),
+])
+def test_bad_sweep_files_name_the_field_and_line(tmp_path, edit, message):
+    from profilers import sweep
+    from profilers.yamlfile import YamlError
+
+    p = _write(tmp_path)
+    p.write_text(p.read_text().replace(*edit))
+    with pytest.raises(YamlError, match=message):
+        sweep.load(p)
+
+
+def test_bench_cli_reports_a_missing_directory(tmp_path):
+    r = subprocess.run(edgerun_cmd("bench", "report", str(tmp_path / "nothing")), capture_output=True, text=True,
+                       env=cli_env(), timeout=120)
+    assert r.returncode == 2 and "has no runs.jsonl" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,193 @@
+"""Profilers: RAPL energy on fake powercap trees, latency and memory on real generations, device configs."""
+
+from __future__ import annotations
+
+import pathlib
+import textwrap
+
+import pytest
+
+from profilers import power
+
+
+def _zone(root: pathlib.Path, name: str, dirname: str, energy: int, max_range: int = 262_143_328_850) -> pathlib.Path:
+    d = root / dirname
+    d.mkdir(parents=True)
+    (d / "name").write_text(name + "\n")
+    (d / "energy_uj").write_text(f"{energy}\n")
+    (d / "max_energy_range_uj").write_text(f"{max_range}\n")
+    return d
+
+
+def _set(d: pathlib.Path, energy: int) -> None:
+    (d / "energy_uj").write_text(f"{energy}\n")
+
+
+def test_intel_tree_energy_by_domain(tmp_path):
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 1_000_000)
+    core = _zone(tmp_path, "core", "intel-rapl:0:0", 500_000)
+    dram = _zone(tmp_path, "dram", "intel-rapl:0:1", 10)
+    meter = power.EnergyMeter(tmp_path, sample_s=60)
+    with meter:
+        _set(pkg, 3_500_000)   # +2.5 J
+        _set(core, 1_500_000)  # +1.0 J
+        _set(dram, 250_010)    # +0.25 J
+    r = meter.reading
+    assert r.available and r.wraps == 0
+    assert r.joules == pytest.approx({"package": 2.5, "core": 1.0, "dram": 0.25})
+    assert r.watts["package"] == pytest.approx(2.5 / r.seconds)
+
+
+def test_counter_wraparound_is_corrected(tmp_path):
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 999_000, max_range=1_000_000)
+    meter = power.EnergyMeter(tmp_path, sample_s=60)
+    with meter:
+        _set(pkg, 2_000)  # wrapped: 1,000 uJ to the top, one step over, then 2,000
+    assert meter.reading.wraps == 1
+    assert meter.reading.joules["package"] == pytest.approx((1_000 + 1 + 2_000) / 1e6)
+
+
+def test_amd_tree_has_package_and_core_only(tmp_path):
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 0)
+    core = _zone(tmp_path, "core", "intel-rapl:0:0", 0)
+    meter = power.EnergyMeter(tmp_path, sample_s=60)
+    with meter:
+        _set(pkg, 4_000_000)
+        _set(core, 3_000_000)
+    assert set(meter.reading.joules) == {"package", "core"}
+    assert power.discover(tmp_path)[1] == ""
+
+
+def test_permission_denied_is_reported_not_zero(tmp_path, monkeypatch):
+    _zone(tmp_path, "package-0", "intel-rapl:0", 123)
+    real = pathlib.Path.read_text
+
+    def deny(self, *a, **k):  # what a patched kernel does for non-root readers of energy_uj
+        if self.name == "energy_uj":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", deny)
+    meter = power.EnergyMeter(tmp_path)
+    with meter:
+        pass
+    assert not meter.reading.available
+    assert "permission denied" in meter.reading.reason
+    assert meter.reading.as_dict() == {"energy": f"unavailable ({meter.reading.reason})"}
+
+
+def test_no_powercap_tree_means_unavailable(tmp_path):
+    meter = power.EnergyMeter(tmp_path / "missing")
+    with meter:
+        pass
+    assert meter.reading.as_dict()["energy"].startswith("unavailable (no ")
+
+
+def test_tdp_estimate_is_a_separate_labelled_field():
+    est = power.estimate_from_tdp(tdp_watts=28, idle_watts=3, cpu_utilization=0.5, seconds=2.0)
+    assert est["estimated_energy_joules_from_tdp"] == pytest.approx((3 + 0.5 * 25) * 2.0)
+    assert "not a measurement" in est["estimate_basis"]
+    assert "energy_joules" not in est
+
+
+# --- latency and memory on the real model ---------------------------------------------------------
+
+def test_latency_on_a_real_generation(llama_backend):
+    from profilers import latency
+
+    prompt = llama_backend.tokenize("The history of the printing press begins")
+    rec = latency.measure(llama_backend, prompt, max_tokens=24)
+    assert rec.ttft_ms > 0 and rec.total_ms > rec.ttft_ms
+    assert rec.generated_tokens == 24  # fixed length: end-of-generation tokens are not honoured
+    assert abs(len(llama_backend.tokenize(rec.text)) - rec.generated_tokens) <= 2
+    assert rec.decode_tokens_per_s > 0 and rec.engine_decode_tokens_per_s > 0
+    assert rec.itl_p50_ms <= rec.itl_p95_ms
+
+
+def test_peak_rss_rises_with_a_larger_model(exported, smollm2_f32_gguf):
+    import gc
+
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from profilers import latency
+    from profilers.memory import PeakRSS
+
+    def delta(path):
+        gc.collect()
+        with PeakRSS() as rss:
+            b = LlamaCppBackend(path, n_ctx=256)
+            latency.measure(b, b.tokenize("Hello there, how are you today?"), max_tokens=4)
+            b.close()
+        return rss.peak_bytes - rss.start_bytes
+
+    small, large = delta(exported("Q4_K_M").output), delta(smollm2_f32_gguf)
+    assert large > small + 200 * 2**20  # the F32 file is ~5x the Q4_K_M one (515 vs 100 MiB)
+
+
+def test_context_reuse_scoring_matches_full_evaluation(llama_backend):
+    from edgerun.backends.base import Backend
+
+    ctx = llama_backend.tokenize("Question: Which is a mammal?\nAnswer:")
+    conts = [llama_backend.tokenize(" a dolphin"), llama_backend.tokenize(" a shark swimming fast")]
+    fast = llama_backend.continuation_logprobs(ctx, conts)
+    slow = Backend.continuation_logprobs(llama_backend, ctx, conts)  # the generic path, one full pass each
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and abs(a - b).max() < 1e-3
+
+
+def test_arc_easy_accuracy_beats_chance_with_an_interval(exported):
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from profilers.accuracy import task_accuracy
+
+    b = LlamaCppBackend(exported("Q8_0").output, n_ctx=512)
+    try:
+        r = task_accuracy(b, "smollm2 Q8_0", "arc-easy", n=40)
+    finally:
+        b.close()
+    assert r.n == 40 and r.chance == pytest.approx(0.25, abs=0.01)
+    assert r.ci95[0] <= r.accuracy <= r.ci95[1]
+    assert r.accuracy_norm > 0.35  # SmolLM2-135M is well above the 25% of guessing on ARC-Easy
+
+
+def test_wilson_interval_known_values():
+    from profilers.accuracy import wilson_interval
+
+    lo, hi = wilson_interval(50, 100)
+    assert (round(lo, 3), round(hi, 3)) == (0.404, 0.596)
+    assert wilson_interval(0, 10)[0] == 0.0
+
+
+# --- device configs -------------------------------------------------------------------------------
+
+def test_shipped_device_configs_load():
+    from profilers import device
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "device_configs"
+    names = {device.load(p).name for p in root.glob("*.yaml")}
+    assert {"framework13-ryzen7-7840u", "intel-i7-1365u-ultrabook"} <= names
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\ncpu_model: y\ncores: [\n", "malformed YAML at line"),
+    ("name: x\ncpu_model: y\ncores: -2\nthreads: 4\nram_gib: 8\nmemory_budget_gib: 4\n", "line 3: field 'cores' must be a positive integer"),
+    ("name: x\ncpu_model: y\ncores: 2\nthreads: 4\nram_gib: 8\nmemory_budget_gib: 16\n", "line 6: field 'memory_budget_gib' (16) exceeds ram_gib"),
+    ("name: x\ncpu_model: y\ncores: 2\nthreads: 4\nram_gib: 8\nmemory_budget_gib: 4\nturbo: yes\n", "line 7: unknown field 'turbo'"),
+    ("name: x\ncores: 2\n", "missing field 'cpu_model'"),
+])
+def test_bad_device_yaml_names_the_field_and_line(tmp_path, text, message):
+    from profilers import device
+    from profilers.yamlfile import YamlError
+
+    p = tmp_path / "d.yaml"
+    p.write_text(text)
+    with pytest.raises(YamlError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        device.load(p)
+
+
+def test_detect_describes_this_machine():
+    from profilers import device
+
+    d = device.detect(measure=False)
+    assert d.cores >= 1 and d.threads >= d.cores and d.ram_gib > 0
+    assert d.tdp_watts is None  # never guessed
+    text = device.to_yaml(d)
+    assert "cpu_model" in text
