@@ -27,14 +27,15 @@ def layer_errors(source_path, bits: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import converters.ptq as ptq
+    from converters.calibration import block_inputs, calibration_windows, run_block
     from converters.ptq.methods import METHODS
 
     tok = AutoTokenizer.from_pretrained(source_path)
     model = AutoModelForCausalLM.from_pretrained(source_path, dtype=torch.float32)
     seq = 512
-    hiddens, kwargs = ptq.block_inputs(model, ptq.calibration_windows(tok, 8, seq))
+    hiddens, kwargs = block_inputs(model, calibration_windows(tok, 8, seq))
     for layer in model.model.layers[:3]:
-        hiddens = ptq._run_block(layer, hiddens, kwargs)
+        hiddens = run_block(layer, hiddens, kwargs)
     x = ptq._record_inputs(model.model.layers[3], hiddens, kwargs)["mlp.down_proj"]
     w = model.model.layers[3].mlp.down_proj.weight.detach().float()
     first = torch.zeros(x.shape[0], dtype=torch.bool)

@@ -20,6 +20,8 @@ from converters import manifest as manifest_mod
 from converters.source import Source, open_source
 from edgerun import catalog
 from edgerun.errors import UsageError
+from edgerun.formats.safetensors import read_config
+from edgerun.moe.store import MOE_KEY, is_carved
 
 FORMATS = ("gguf", "onnx", "hf")
 VERIFY_WINDOWS = 4
@@ -49,11 +51,38 @@ def default_output(source: Source, src_name: str, to: str, quant: str) -> Path:
     return Path.cwd() / name
 
 
-def f32_cache(source: Source, progress: Callable | None = None) -> Path:
-    """The source written as an F32 GGUF, cached per source checkpoint."""
-    out = catalog.home() / "cache" / "f32" / f"{source.path.name}.gguf"
-    if not out.exists() or out.stat().st_mtime < (source.path / "config.json").stat().st_mtime:
-        gguf_writer.write_f32(source.path, out, name=source.label, force=True, progress=progress)
+def f32_cache(source: Source | Path, progress: Callable | None = None, label: str | None = None) -> Path:
+    """A checkpoint (a Source, or a checkpoint directory) written as an F32 GGUF, cached per checkpoint."""
+    path = source.path if isinstance(source, Source) else Path(source)
+    name = label or (source.label if isinstance(source, Source) else path.name)
+    out = catalog.home() / "cache" / "f32" / f"{path.name}.gguf"
+    if not out.exists() or out.stat().st_mtime < (path / "config.json").stat().st_mtime:
+        gguf_writer.write_f32(path, out, name=name, force=True, progress=progress)
+    return out
+
+
+def carved_cache(source: Source, config: str, tokens: int, progress: bool, log: Callable[[str], None]) -> Path:
+    """The source carved with CMoE ``config`` on ``tokens`` calibration tokens, cached under $EDGERUN_HOME."""
+    from converters.carve import carve_checkpoint
+    from edgerun.moe import config as moe_config
+
+    cfg = moe_config.parse(config, int(read_config(source.path)["intermediate_size"]))
+    out = catalog.home() / "cache" / "carved" / f"{source.path.name}-{cfg.name}-t{tokens}"
+    if not (out / "config.json").is_file():
+        log(f"carving {source.label} into {cfg.name} (CMoE, {tokens} calibration tokens)")
+        carve_checkpoint(source.path, out, cfg.name, tokens=tokens, force=True,
+                         progress=_bar(f"carving {cfg.name}", progress))
+    return out
+
+
+def granite_cache(carved: Path, progress: bool, log: Callable[[str], None]) -> Path:
+    """A carved checkpoint hosted as Granite's shared-expert MoE with a fitted linear router, cached."""
+    from converters.moe_export import to_granite
+
+    out = carved.with_name(carved.name + "-granite")
+    if not (out / "config.json").is_file():
+        log("fitting linear routers to CMoE's choices (Granite shared-expert MoE host)")
+        to_granite(carved, out, force=True, progress=_bar("routers", progress))
     return out
 
 
@@ -61,7 +90,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
            token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
            threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
            block_size: int = 32, onnx_algo: str = "default", ptq: str | None = None, bits: int = 4,
-           group_size: int = 64, calib_samples: int = 16) -> ExportResult:
+           group_size: int = 64, calib_samples: int = 16, carve: str | None = None,
+           carve_tokens: int = 16384) -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
     Args:
@@ -82,6 +112,9 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         ptq: torch-side PTQ method (``rtn``, ``gptq``, ``awq``) for ``to="hf"``: a GPTQ-layout checkpoint.
         bits, group_size: PTQ weight bits (2, 3, 4, 8) and input columns per scale.
         calib_samples: PTQ calibration windows of 512 tokens from the wiki calibration split.
+        carve: a CMoE configuration (``SxAyEz``): carve the source into an MoE first; the GGUF/ONNX
+            output hosts it as Granite's shared-expert MoE with fitted linear routers.
+        carve_tokens: CMoE calibration tokens.
 
     Raises:
         UsageError: unknown format or type, output exists without ``force``, unsupported architecture.
@@ -116,11 +149,29 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     log(f"source: {source.label} ({source.architecture}) at {source.path}")
 
-    f32 = f32_cache(source, progress=_bar("writing F32 GGUF", progress))
+    model_path, label, passes = source.path, source.label, []
+    if carve or is_carved(read_config(source.path)):
+        if to == "hf":
+            raise UsageError("--to hf with --ptq takes a dense source; carve and PTQ do not combine yet")
+        carved = carved_cache(source, carve, carve_tokens, progress, log) if carve else source.path
+        meta = read_config(carved)[MOE_KEY]
+        passes.append({"name": "carve", "method": "cmoe", "config": meta["name"], "calibration": meta["calibration"],
+                       "carve_seconds": meta.get("carve_seconds"), "checkpoint": str(carved)})
+        model_path = granite_cache(carved, progress, log)
+        host = read_config(model_path)[MOE_KEY]
+        passes.append({"name": "host-as-granitemoe", "router": "linear, fitted to CMoE's top-k",
+                       "router_temperature": host["router_temperature"],
+                       "router_agreement_mean": host["router_agreement_mean"],
+                       "router_agreement_by_layer": host["router_agreement"], "checkpoint": str(model_path)})
+        label = f"{source.label} carved {meta['name']}"
+        log(f"router agreement with CMoE's top-{meta['active']} on held-out tokens: "
+            f"{host['router_agreement_mean']:.1%} (mean over layers)")
+    dense_f32 = f32_cache(source, progress=_bar("writing F32 GGUF", progress))
+    f32 = dense_f32 if model_path == source.path else f32_cache(model_path, _bar("writing F32 GGUF", progress), label)
     if to == "gguf":
-        passes = [{"name": "write-gguf-f32", "writer": "gguf-py GGUFWriter", "cached_at": str(f32)}]
+        passes.append({"name": "write-gguf-f32", "writer": "gguf-py GGUFWriter", "cached_at": str(f32)})
         if quant == "F32":
-            gguf_writer.write_f32(source.path, out, name=source.label, force=force)
+            gguf_writer.write_f32(model_path, out, name=label, force=force)
         else:
             log(f"quantizing to {quant} with llama.cpp")
             gguf_writer.quantize(f32, out, quant, token_embedding_type, output_tensor_type, threads=threads,
@@ -132,18 +183,22 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
 
         log(f"quantizing linear layers with {ptq.upper()} to {bits} bits, groups of {group_size} "
             f"(calibration: {calib_samples} x 512 tokens of the wiki calibration split)")
-        quantize_checkpoint(source.path, out, method=ptq, bits=bits, group_size=group_size,
+        quantize_checkpoint(model_path, out, method=ptq, bits=bits, group_size=group_size,
                             n_samples=calib_samples, seq_len=512, force=force,
                             progress=_bar(f"{ptq} layers", progress))
-        passes = [{"name": "ptq", "method": ptq, "bits": bits, "group_size": group_size, "layout": "gptq",
-                   "calibration": {"dataset": "wiki", "split": "calibration", "windows": calib_samples,
-                                   "tokens_per_window": 512}}]
+        passes.append({"name": "ptq", "method": ptq, "bits": bits, "group_size": group_size, "layout": "gptq",
+                       "calibration": {"dataset": "wiki", "split": "calibration", "windows": calib_samples,
+                                       "tokens_per_window": 512}})
     else:
         from converters.onnx import write_onnx
 
         log(f"writing ONNX {quant}" + (f" (block {block_size}, {onnx_algo})" if quant != "fp32" else ""))
-        write_onnx(source.path, out, precision=quant, block_size=block_size, algo=onnx_algo, force=force)
-        passes = [{"name": "write-onnx", "tool": "onnxruntime-genai model builder", "precision": quant}]
+        write_onnx(model_path, out, precision=quant, block_size=block_size, algo=onnx_algo, force=force)
+        own = model_path != source.path
+        if own and onnx_algo == "builder" and quant != "fp32":
+            onnx_algo = "rtn"  # the builder does not know the MoE host: its graph is quantized afterwards
+        passes.append({"name": "write-onnx", "precision": quant,
+                       "tool": "torch.onnx.export (dynamo)" if own else "onnxruntime-genai model builder"})
         if quant == "int8" and onnx_algo == "dynamic":
             passes.append({"name": "quantize", "tool": "onnxruntime.quantization.quantize_dynamic",
                            "weight_type": "QInt8", "activations": "dynamic per-tensor uint8"})
@@ -169,7 +224,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     log(f"wrote {out} ({bpw.file_bytes / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
         f"linear BPW {bpw.linear_bpw:.3f}")
     if verify:
-        record["verification"] = verify_export(out, to, f32, source, threads=threads, progress=progress, log=log)
+        record["verification"] = verify_export(out, to, dense_f32, source, threads=threads, progress=progress,
+                                               log=log)
     else:
         record["verification"] = {"skipped": True}
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)

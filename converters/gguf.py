@@ -42,7 +42,7 @@ OUTPUT_TYPES = ("F32", *QUANT_TYPES)
 # per-tensor types accepted for --token-embedding-type / --output-tensor-type (ggml type names)
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0",
                 "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "granitemoe")
 
 
 def check_type(out_type: str) -> str:
@@ -112,11 +112,19 @@ def _write_arch_metadata(w, arch: str, cfg: dict) -> None:
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_vocab_size(int(cfg["vocab_size"]))
-    if arch == "llama":
+    if arch in ("llama", "granitemoe"):
         w.add_rope_dimension_count(head_dim)
         if head_dim != hidden // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
+    if arch == "granitemoe":
+        w.add_expert_count(int(cfg["num_local_experts"]))
+        w.add_expert_used_count(int(cfg["num_experts_per_tok"]))
+        w.add_expert_shared_feed_forward_length(int(cfg["shared_intermediate_size"]))
+        w.add_attention_scale(float(cfg["attention_multiplier"]))
+        w.add_embedding_scale(float(cfg["embedding_multiplier"]))
+        w.add_residual_scale(float(cfg["residual_multiplier"]))
+        w.add_logit_scale(float(cfg["logits_scaling"]))
     elif arch == "gemma3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -197,7 +205,8 @@ def write_f32(checkpoint: str | Path, out: str | Path, name: str | None = None, 
     n_kv = int(cfg.get("num_key_value_heads", n_head))
     tied = bool(cfg.get("tie_word_embeddings", False))
     expected = _expected_shapes(arch, cfg)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    tmap = gguf.get_tensor_name_map(model_arch, n_layer)
 
     handles = [safe_open(str(f), framework="numpy") for f in files]
     where = {k: h for h in handles for k in h.keys()}
@@ -223,16 +232,14 @@ def write_f32(checkpoint: str | Path, out: str | Path, name: str | None = None, 
                 raise ModelFileError(f"{checkpoint}: tensor {hf_name} has shape {tuple(data.shape)}, "
                                      f"expected {expected[hf_name]} from config.json")
             data = np.ascontiguousarray(data, dtype=np.float32)
-            if arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
+            if arch in ("llama", "granitemoe") and hf_name.endswith("self_attn.q_proj.weight"):
                 data = permute_rotary_rows(data, n_head)
-            elif arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
+            elif arch in ("llama", "granitemoe") and hf_name.endswith("self_attn.k_proj.weight"):
                 data = permute_rotary_rows(data, n_kv)
             elif arch == "gemma3" and hf_name.endswith("norm.weight"):
                 data = data + np.float32(1.0)
-            gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ModelFileError(f"no GGUF name for tensor {hf_name} of architecture {arch}")
-            w.add_tensor(gguf_name, data)
+            for gguf_name, part in _gguf_tensors(arch, hf_name, data, tmap):
+                w.add_tensor(gguf_name, part)
             if progress:
                 progress(i + 1, len(names))
         w.write_header_to_file()
@@ -240,6 +247,37 @@ def write_f32(checkpoint: str | Path, out: str | Path, name: str | None = None, 
         w.write_tensors_to_file()
         w.close()
     return out
+
+
+def _gguf_tensors(arch: str, hf_name: str, data: np.ndarray, tmap):
+    """(GGUF name, array) pairs for one HF tensor; Granite's fused gate/up tensors split in two."""
+    import gguf
+
+    if arch == "granitemoe" and (".block_sparse_moe." in hf_name or ".shared_mlp." in hf_name):
+        bid = int(hf_name.split(".")[2])
+        T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+
+        def name(t):
+            return names[t].format(bid=bid) + ".weight"
+
+        if hf_name.endswith("router.weight"):
+            return [(name(T.FFN_GATE_INP), data)]                              # (E, d), kept F32 by llama.cpp
+        if hf_name.endswith("experts.gate_up_proj"):
+            half = data.shape[1] // 2                                           # (E, 2m, d)
+            return [(name(T.FFN_GATE_EXP), np.ascontiguousarray(data[:, :half])),
+                    (name(T.FFN_UP_EXP), np.ascontiguousarray(data[:, half:]))]
+        if hf_name.endswith("experts.down_proj"):
+            return [(name(T.FFN_DOWN_EXP), data)]                               # (E, d, m)
+        if hf_name.endswith("input_linear.weight"):
+            half = data.shape[0] // 2                                           # (2S, d)
+            return [(name(T.FFN_GATE_SHEXP), np.ascontiguousarray(data[:half])),
+                    (name(T.FFN_UP_SHEXP), np.ascontiguousarray(data[half:]))]
+        if hf_name.endswith("output_linear.weight"):
+            return [(name(T.FFN_DOWN_SHEXP), data)]
+    gguf_name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise ModelFileError(f"no GGUF name for tensor {hf_name} of architecture {arch}")
+    return [(gguf_name, data)]
 
 
 def _tensor_order(name: str) -> tuple:
@@ -263,8 +301,18 @@ def _expected_shapes(arch: str, cfg: dict) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
             p + "self_attn.q_proj.weight": (n_head * hd, d), p + "self_attn.k_proj.weight": (n_kv * hd, d),
             p + "self_attn.v_proj.weight": (n_kv * hd, d), p + "self_attn.o_proj.weight": (d, n_head * hd),
-            p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d), p + "mlp.down_proj.weight": (d, ff),
         })
+        if arch == "granitemoe":
+            e, shared = int(cfg["num_local_experts"]), int(cfg["shared_intermediate_size"])
+            shapes.update({p + "block_sparse_moe.router.weight": (e, d),
+                           p + "block_sparse_moe.experts.gate_up_proj": (e, 2 * ff, d),
+                           p + "block_sparse_moe.experts.down_proj": (e, d, ff)})
+            if shared:
+                shapes.update({p + "shared_mlp.input_linear.weight": (2 * shared, d),
+                               p + "shared_mlp.output_linear.weight": (d, shared)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
+                           p + "mlp.down_proj.weight": (d, ff)})
         if arch == "gemma3":
             shapes.update({p + "pre_feedforward_layernorm.weight": (d,), p + "post_feedforward_layernorm.weight": (d,),
                            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})

@@ -107,12 +107,22 @@ def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4",
     checkpoint, out = Path(checkpoint), Path(out)
     precision, block_size, algo = check_options(precision, block_size, algo)
     st_format.checkpoint_files(checkpoint)
+    # the carved MoE's host architecture is not one the builder knows: its graph comes from torch.onnx.export
+    own_graph = st_format.read_config(checkpoint).get("model_type") == "granitemoeshared"
+    if own_graph and algo == "builder" and precision != "fp32":
+        algo = "rtn"
     with atomic_dir(out, force=force) as tmp:
         if algo == "builder":  # fp32, or MatMulNBits int4/int8 weights written by the builder itself
-            run_builder(checkpoint, tmp, precision, block_size)
+            if own_graph:
+                _export_own_graph(checkpoint, tmp)
+            else:
+                run_builder(checkpoint, tmp, precision, block_size)
         else:
             fp32 = tmp / ".fp32"
-            run_builder(checkpoint, fp32, "fp32")
+            if own_graph:
+                _export_own_graph(checkpoint, fp32)
+            else:
+                run_builder(checkpoint, fp32, "fp32")
             for name in _RUNTIME_FILES:
                 if (fp32 / name).exists():
                     shutil.copy2(fp32 / name, tmp / name)
@@ -120,9 +130,25 @@ def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4",
                 _quantize_int8(fp32 / "model.onnx", tmp / "model.onnx")
             else:
                 _quantize_int4(fp32 / "model.onnx", tmp / "model.onnx", block_size, algo, checkpoint)
-            shutil.copy2(fp32 / "builder.log", tmp / "builder.log")
+            if (fp32 / "builder.log").is_file():
+                shutil.copy2(fp32 / "builder.log", tmp / "builder.log")
             shutil.rmtree(fp32)
     return out
+
+
+def _export_own_graph(checkpoint: Path, directory: Path) -> None:
+    """fp32 graph of a granitemoeshared checkpoint via torch.onnx.export; its log goes to ``export.log``."""
+    import io
+    import warnings
+
+    from converters.onnx_decoder import export
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings(), \
+            _quiet_logging():
+        warnings.simplefilter("ignore")
+        export(checkpoint, directory, force=True)
+    (directory / "export.log").write_text(log.getvalue(), encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -196,10 +222,13 @@ class _CalibrationReader:
         ids = tok(data.text("wiki", "calibration"), add_special_tokens=False).input_ids
         cfg = json.loads((model_path.parent / "genai_config.json").read_text())["model"]["decoder"]
         kv, hd, layers = cfg["num_key_value_heads"], cfg["head_size"], cfg["num_hidden_layers"]
+        with_positions = "position_ids" in cfg.get("inputs", {})
         self.samples = []
         for i in range(n_samples):
             window = np.array([ids[i * length:(i + 1) * length]], dtype=np.int64)
             feed = {"input_ids": window, "attention_mask": np.ones_like(window)}
+            if with_positions:
+                feed["position_ids"] = np.arange(length, dtype=np.int64)[None]
             for layer in range(layers):
                 for kind in ("key", "value"):
                     feed[f"past_key_values.{layer}.{kind}"] = np.zeros((1, kv, 0, hd), dtype=np.float32)

@@ -29,6 +29,8 @@ SOURCE_META = "edgerun_source.json"
 TOKENIZER_SIDECAR = "tokenizer.gguf.json"
 # GGUF architecture -> HF model_type, for the architectures the export flow supports
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3_text"}
+# HF model_type -> GGUF architecture, for HF checkpoints (a carved MoE is hosted as Granite's shared-expert MoE)
+HF_ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3", "granitemoeshared": "granitemoe"}
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,9 @@ def architecture_of(config: dict) -> str:
         UsageError: an architecture the export flow does not support (the message lists those it does).
     """
     model_type = config.get("model_type", "?")
-    for arch, mt in SUPPORTED_ARCHITECTURES.items():
-        if model_type == mt or (arch == "gemma3" and model_type == "gemma3"):
-            return arch
-    raise UsageError(f"unsupported architecture {model_type}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if model_type in HF_ARCHITECTURES:
+        return HF_ARCHITECTURES[model_type]
+    raise UsageError(f"unsupported architecture {model_type}; supported: {', '.join(HF_ARCHITECTURES)}")
 
 
 def open_source(src: str | Path, progress: bool = True) -> Source:

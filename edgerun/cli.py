@@ -170,10 +170,52 @@ def _add_export(sub) -> None:
     p.add_argument("--group-size", type=int, default=64, help="PTQ input columns per scale (default 64)")
     p.add_argument("--calib-samples", type=int, default=16,
                    help="PTQ calibration windows of 512 tokens from the wiki calibration split (default 16)")
+    p.add_argument("--carve", default=None, metavar="SxAyEz",
+                   help="carve the dense FFNs into an MoE first (CMoE), e.g. S2A4E16")
+    p.add_argument("--carve-tokens", type=int, default=16384, help="CMoE calibration tokens (default 16384)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output and measuring perplexity")
     p.set_defaults(func=cmd_export)
+
+
+def _add_carve(sub) -> None:
+    p = sub.add_parser("carve", help="carve a dense model's FFNs into a mixture of experts (CMoE, training-free)",
+                       description="Carve SRC (catalog name, .gguf or HF checkpoint of a Llama-family model) into "
+                                   "an SxAyEz MoE: x shared experts, y of z-x routed experts active per token.")
+    p.add_argument("src")
+    p.add_argument("--config", required=True, metavar="SxAyEz", help="e.g. S2A4E16 (x shared, y active, z total)")
+    p.add_argument("--calib", default="wiki", help="calibration dataset (default wiki)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("-o", "--output", default=None, help="output directory (default ./<model>-<config>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_carve)
+
+
+def cmd_carve(args) -> int:
+    from converters.carve import carve_checkpoint
+    from converters.source import open_source
+    from edgerun import catalog as cat
+
+    source = open_source(args.src)
+    out = args.output or (f"{args.src if args.src in cat.CATALOG else source.path.name}-{args.config.upper()}")
+    if args.tokens < 1:
+        raise UsageError("--tokens must be at least 1")
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"carving {args.config.upper()}", unit="layer")
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        path = carve_checkpoint(source.path, out, args.config, tokens=args.tokens, dataset=args.calib, force=args.force,
+                                progress=progress)
+    finally:
+        bar.close()
+    print(path)
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -186,7 +228,7 @@ def cmd_export(args) -> int:
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                     verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
                     onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
-                    calib_samples=args.calib_samples)
+                    calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens)
     print(result.output)
     log(f"manifest: {result.manifest}")
     return 0
@@ -277,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_chat(sub)
     _add_export(sub)
+    _add_carve(sub)
     _add_bench(sub)
     _add_device(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")

@@ -41,12 +41,13 @@ def real_layer_activations(smollm2_source):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import converters.ptq as ptq
+    from converters.calibration import block_inputs, calibration_windows, run_block
 
     tok = AutoTokenizer.from_pretrained(smollm2_source.path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_source.path, dtype=torch.float32)
-    hiddens, kwargs = ptq.block_inputs(model, ptq.calibration_windows(tok, 4, 256))
+    hiddens, kwargs = block_inputs(model, calibration_windows(tok, 4, 256))
     for layer in model.model.layers[:3]:
-        hiddens = ptq._run_block(layer, hiddens, kwargs)
+        hiddens = run_block(layer, hiddens, kwargs)
     layer = model.model.layers[3]
     inputs = ptq._record_inputs(layer, hiddens, kwargs)
     return layer, hiddens, kwargs, inputs
@@ -70,12 +71,13 @@ def test_awq_scale_fold_preserves_the_block_output(real_layer_activations):
     import copy
 
     import converters.ptq as ptq
+    from converters.calibration import run_block
 
     layer, hiddens, kwargs, inputs = real_layer_activations
     folded = copy.deepcopy(layer)
     ptq._awq_scale_and_fold(folded, inputs, 4, 64, gemma=False)
-    before = ptq._run_block(layer, hiddens[:1], kwargs[:1])[0]
-    after = ptq._run_block(folded, hiddens[:1], kwargs[:1])[0]
+    before = run_block(layer, hiddens[:1], kwargs[:1])[0]
+    after = run_block(folded, hiddens[:1], kwargs[:1])[0]
     assert (after - before).abs().max() < 1e-3 * before.abs().max()
     assert not torch.equal(folded.mlp.up_proj.weight, layer.mlp.up_proj.weight)  # a scale was folded in
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from converters.atomic import atomic_dir
+from converters.calibration import block_inputs, calibration_windows, run_block
 from converters.ptq.methods import METHODS
 from converters.ptq.quant import BITS, QuantizedLinear, check_format, from_gptq_tensors, to_gptq_tensors
 from edgerun.errors import UsageError
@@ -41,56 +42,6 @@ _COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "spec
          "generation_config.json", "tokenizer.gguf.json")
 
 
-class _Stop(Exception):
-    pass
-
-
-def calibration_windows(tokenizer, n_samples: int, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
-    """``n_samples`` token windows (1, seq_len) from the calibration split of ``dataset``.
-
-    Raises:
-        UsageError: too little calibration text for the windows asked for.
-    """
-    from edgerun import data
-
-    ids = tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
-    if len(ids) < n_samples * seq_len:
-        raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than {n_samples} x {seq_len}")
-    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(n_samples)]
-
-
-def block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-    """Hidden states entering block 0 for each window, with the keyword arguments the model passes blocks."""
-    layers = model.model.layers
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                try:
-                    model(input_ids=w, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return [c[0] for c in captured], [c[1] for c in captured]
-
-
-def _run_block(layer, hiddens, kwargs_list):
-    with torch.inference_mode():
-        outs = []
-        for h, kw in zip(hiddens, kwargs_list):
-            out = layer(h, **kw)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
-
-
 def _record_inputs(layer, hiddens, kwargs_list) -> dict[str, torch.Tensor]:
     """Run the block once, recording the (tokens, in) float32 inputs of each of its linear layers."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in LINEARS}
@@ -100,7 +51,7 @@ def _record_inputs(layer, hiddens, kwargs_list) -> dict[str, torch.Tensor]:
         handles.append(mod.register_forward_pre_hook(
             lambda m, args, name=name: seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
     try:
-        _run_block(layer, hiddens, kwargs_list)
+        run_block(layer, hiddens, kwargs_list)
     finally:
         for h in handles:
             h.remove()
@@ -219,7 +170,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
         inputs = _record_inputs(layer, hiddens, kwargs_list)
         for name, ql in quantize_layer_linears(layer, inputs, method, bits, group_size, arch == "gemma3").items():
             quantized[f"model.layers.{i}.{name}"] = ql
-        hiddens = _run_block(layer, hiddens, kwargs_list)
+        hiddens = run_block(layer, hiddens, kwargs_list)
         if progress:
             progress(i + 1, len(layers))
     return _save(model, quantized, checkpoint, out, cfg, method, bits, group_size, force)

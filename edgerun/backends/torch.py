@@ -77,11 +77,14 @@ class TorchBackend(Backend):
             self._eos.add(self.tokenizer.eos_token_id)
 
     def _load_model(self, cfg: dict, dtype):
-        """transformers' loader, or for an edgerun PTQ checkpoint (GPTQ layout) its dequantized weights."""
+        """transformers' loader; for a carved MoE the exact CMoE layers; for a PTQ checkpoint its dequantized weights."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from converters.ptq import dequantized_state_dict, is_quantized_checkpoint
+        from edgerun.moe import store
 
+        if store.is_carved(cfg):
+            return store.load_model(self.path, dtype)
         if not is_quantized_checkpoint(cfg):
             return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, use_safetensors=True)
         state, _ = dequantized_state_dict(self.path)

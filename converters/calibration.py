@@ -1,0 +1,65 @@
+"""Calibration plumbing shared by the passes that calibrate block by block (PTQ, CMoE carving).
+
+The inputs of decoder block 0 are captured with the keyword arguments the model passes its blocks
+(rotary position embeddings, attention mask), so later blocks can be run one at a time on whatever
+the already-processed blocks produce (GPTQ's and CMoE's sequential calibration).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgerun.errors import UsageError
+
+
+class _Stop(Exception):
+    pass
+
+
+def calibration_windows(tokenizer, n_samples: int, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
+    """``n_samples`` token windows (1, seq_len) from the calibration split of ``dataset``.
+
+    Raises:
+        UsageError: too little calibration text for the windows asked for.
+    """
+    from edgerun import data
+
+    ids = tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
+    if len(ids) < n_samples * seq_len:
+        raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than {n_samples} x {seq_len}")
+    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(n_samples)]
+
+
+def block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering block 0 for each window, with the keyword arguments the model passes blocks."""
+    layers = model.model.layers
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                try:
+                    model(input_ids=w, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return [c[0] for c in captured], [c[1] for c in captured]
+
+
+def run_block(layer, hiddens, kwargs_list):
+    """Outputs of decoder block ``layer`` for each captured input (no grad)."""
+    with torch.inference_mode():
+        outs = []
+        for h, kw in zip(hiddens, kwargs_list):
+            out = layer(h, **kw)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+

@@ -1,0 +1,242 @@
+"""CMoE: carve a dense Llama-family SwiGLU FFN into shared + routed experts, training-free.
+
+Method (Pei et al., "CMoE: Fast Carving of Mixture-of-Experts for Efficient LLM Inference",
+arXiv 2502.04416; the released code's details where the paper is silent, see
+``shared/research/premoe_cmoe.md`` Sec. 2):
+
+1. **Profiling**, layer by layer and sequentially (layer i+1 sees the outputs of the already-carved
+   layer i): on the calibration tokens, the cosine-normalised SwiGLU activation
+   ``h = SiLU(x^ W^_gate^T) * (x^ W^_up^T)`` (token x and every weight row L2-normalised); per token
+   the K_a = 10 neurons with the largest |h| are marked (ATopK); the activation rate mu_i is the
+   share of tokens marking neuron i.
+2. **Shared expert**: the x*m neurons with the highest mu.
+3. **Routed experts**: the other neurons in z - x groups of exactly m. Seeds are the marker columns
+   of the remaining neurons with the highest mu; the cost of neuron i to seed j is the L1 (Hamming)
+   distance of their marker columns over the calibration tokens; one balanced assignment (each seed
+   has capacity m) solved exactly as a linear assignment on the cost matrix with each seed's column
+   repeated m times (``scipy.optimize.linear_sum_assignment``; at SmolLM2's sizes the square matrix
+   is at most 1,440 x 1,440 and solves in well under a second, so the min-cost-flow formulation on
+   the un-expanded problem, which matters at 7B scale, is not needed). One iteration, as released.
+4. **Router**: per routed expert, the representative neuron is the member whose marker column is
+   closest (L1, as in the code; the paper's Eq. 7 says L2) to the group's mean column; the router
+   rows are its L2-normalised gate and up rows (see :mod:`edgerun.moe.layer` for the scores).
+5. Training-free gates: every selected routed expert has gate 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from converters.atomic import atomic_dir
+from converters.calibration import block_inputs, calibration_windows
+from edgerun.errors import UsageError
+from edgerun.formats import safetensors as st_format
+from edgerun.moe import config as moe_config
+from edgerun.moe.layer import CarvedMoE
+from edgerun.moe.store import MOE_KEY, is_carved, layer_file, layer_tensors
+
+K_A = 10
+_COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+         "generation_config.json", "tokenizer.gguf.json")
+
+
+def activation_markers(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, k_a: int = K_A) -> torch.Tensor:
+    """ATopK markers: bool (tokens, d_ff), True for each token's k_a neurons of largest |cosine SwiGLU activation|.
+
+    Args:
+        x: FFN inputs (tokens, d_model) float32.
+        w_gate, w_up: (d_ff, d_model) float32.
+    """
+    xn = F.normalize(x, dim=-1)
+    h = F.silu(xn @ F.normalize(w_gate, dim=-1).T) * (xn @ F.normalize(w_up, dim=-1).T)   # (tokens, d_ff)
+    top = torch.topk(h.abs(), k_a, dim=-1).indices
+    markers = torch.zeros_like(h, dtype=torch.bool)
+    markers.scatter_(1, top, True)
+    return markers
+
+
+def _l1_to_columns(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """L1 distance between the columns of a (T, n) in {0,1} and the columns of c (T, k) in [0,1]: (n, k)."""
+    # sum_t |a - c| = sum_t c + sum_t a * (1 - 2c)   (a is binary)
+    return c.sum(0)[None, :] + a.T @ (1.0 - 2.0 * c)
+
+
+def balanced_assignment(cost: np.ndarray, capacity: int) -> np.ndarray:
+    """Assign n items to k groups of exactly ``capacity`` minimising total cost (n = k * capacity).
+
+    Exact: a linear assignment on the cost matrix with each group's column repeated ``capacity`` times.
+
+    Returns:
+        group index per item, int64 (n,).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, k = cost.shape
+    if n != k * capacity:
+        raise ValueError(f"{n} items do not fill {k} groups of {capacity}")
+    rows, cols = linear_sum_assignment(np.repeat(cost, capacity, axis=1))
+    groups = np.empty(n, dtype=np.int64)
+    groups[rows] = cols // capacity
+    return groups
+
+
+def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
+              cfg: moe_config.MoEConfig, k_a: int = K_A) -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
+    """Carve one FFN (gate/up (d_ff, d), down (d, d_ff)) on its calibration inputs x (tokens, d).
+
+    Returns:
+        (the MoE layer, shared neuron ids (x*m,), routed neuron ids (z-x, m), statistics).
+    """
+    d_ff, d_model = w_gate.shape
+    m, n_routed = cfg.expert_size, cfg.routed
+    markers = activation_markers(x, w_gate, w_up, k_a).float()             # (T, d_ff)
+    mu = markers.mean(0)                                                      # activation rates
+    order = torch.argsort(mu, descending=True, stable=True)
+    shared = torch.sort(order[: cfg.shared_neurons]).values
+    rest = torch.sort(order[cfg.shared_neurons:]).values                      # n = d_ff - x*m neurons
+    seeds = order[cfg.shared_neurons: cfg.shared_neurons + n_routed]         # highest-rate remaining neurons
+    a = markers[:, rest]                                                      # (T, n)
+    cost = _l1_to_columns(a, markers[:, seeds])                               # (n, z-x)
+    groups = torch.from_numpy(balanced_assignment(cost.double().numpy(), m))
+    members = torch.stack([rest[groups == j] for j in range(n_routed)])      # (z-x, m), sorted ids
+    reps = []
+    for j in range(n_routed):
+        cols = markers[:, members[j]]                                         # (T, m)
+        centroid = cols.mean(1, keepdim=True)                                 # (T, 1)
+        reps.append(members[j][torch.argmin(_l1_to_columns(cols, centroid)[:, 0])])
+    reps = torch.stack(reps)
+
+    moe = CarvedMoE(d_model, cfg.shared_neurons, n_routed, m, cfg.active)
+    with torch.no_grad():
+        moe.shared_gate.copy_(w_gate[shared])
+        moe.shared_up.copy_(w_up[shared])
+        moe.shared_down.copy_(w_down[:, shared])
+        moe.expert_gate.copy_(w_gate[members])
+        moe.expert_up.copy_(w_up[members])
+        moe.expert_down.copy_(torch.stack([w_down[:, members[j]] for j in range(n_routed)]))
+        moe.router_gate.copy_(F.normalize(w_gate[reps], dim=-1))
+        moe.router_up.copy_(F.normalize(w_up[reps], dim=-1))
+    stats = {"mu_shared_mean": float(mu[shared].mean()) if len(shared) else None,
+             "mu_routed_mean": float(mu[rest].mean()), "representatives": reps.tolist()}
+    return moe, shared, members, stats
+
+
+def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, tokens: int = 16384,
+                     seq_len: int = 2048, dataset: str = "wiki", k_a: int = K_A, force: bool = False,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
+    """Carve every FFN of an HF Llama checkpoint and write the carved checkpoint (see :mod:`edgerun.moe.store`).
+
+    Args:
+        checkpoint: dense float HF checkpoint directory (Llama family, SwiGLU).
+        out: output directory.
+        config: ``SxAyEz``.
+        tokens, seq_len: calibration tokens, in windows of ``seq_len`` from ``dataset``'s calibration split.
+        k_a: neurons marked per token (ATopK).
+        force: replace an existing output.
+        progress: called as ``progress(done_layers, total_layers)``.
+
+    Raises:
+        UsageError: unsupported architecture (non-Llama, non-SwiGLU), an already carved source, a bad
+            configuration, too little calibration text, output exists without ``force``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    st_format.checkpoint_files(checkpoint)
+    cfg = st_format.read_config(checkpoint)
+    if is_carved(cfg):
+        raise UsageError(f"{checkpoint} is already a carved MoE ({cfg[MOE_KEY]['name']}); carve its dense source")
+    if cfg.get("model_type") != "llama" or cfg.get("hidden_act", "silu") != "silu":
+        raise UsageError(f"CMoE carving supports Llama-family SwiGLU models; {checkpoint} is "
+                         f"{cfg.get('model_type')} with {cfg.get('hidden_act')}")
+    moe_cfg = moe_config.parse(config, int(cfg["intermediate_size"]))
+    if tokens < seq_len:
+        seq_len = tokens
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.eval()
+    windows = calibration_windows(tokenizer, tokens // seq_len, seq_len, dataset)
+    hiddens, kwargs_list = block_inputs(model, windows)
+    layers, carved = model.model.layers, []
+    for i, layer in enumerate(layers):
+        residuals, ffn_in = _ffn_inputs(layer, hiddens, kwargs_list)
+        mlp = layer.mlp
+        moe, shared, members, stats = carve_ffn(mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
+                                                mlp.down_proj.weight.detach().float(), torch.cat(ffn_in), moe_cfg, k_a)
+        layer.mlp = moe
+        carved.append((moe, shared, members, stats))
+        with torch.inference_mode():                            # layer i+1 is profiled on carved layer i
+            hiddens = [(r + moe(x))[None] for r, x in zip(residuals, ffn_in)]
+        if progress:
+            progress(i + 1, len(layers))
+    seconds = time.perf_counter() - t0
+    meta = {**moe_cfg.as_dict(), "method": "cmoe", "router": "cmoe-analytical", "top_k": moe_cfg.active,
+            "k_a": k_a, "calibration": {"dataset": dataset, "split": "calibration", "tokens": len(windows) * seq_len,
+                                        "window": seq_len},
+            "carve_seconds": round(seconds, 1), "source": str(checkpoint)}
+    _save(model, carved, checkpoint, out, cfg, meta, force)
+    return out
+
+
+class _SkipFFN(Exception):
+    pass
+
+
+def _ffn_inputs(layer, hiddens, kwargs_list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run a Llama block's attention half on each captured input.
+
+    Returns:
+        (residual streams after attention, FFN inputs = their post-attention RMSNorm), one (tokens, d)
+        float32 pair per window; the block's output is ``residual + ffn(ffn_input)``, so the FFN can be
+        replaced without running attention again.
+    """
+    residuals, inputs = [], []
+    h1 = layer.post_attention_layernorm.register_forward_pre_hook(
+        lambda mod, args: residuals.append(args[0].detach()[0].float()))
+
+    def grab(mod, args):
+        inputs.append(args[0].detach()[0].float())
+        raise _SkipFFN
+
+    h2 = layer.mlp.register_forward_pre_hook(grab)
+    try:
+        with torch.inference_mode():
+            for h, kw in zip(hiddens, kwargs_list):
+                try:
+                    layer(h, **kw)
+                except _SkipFFN:
+                    pass
+    finally:
+        h1.remove()
+        h2.remove()
+    return residuals, inputs
+
+
+def _save(model, carved, checkpoint: Path, out: Path, cfg: dict, meta: dict, force: bool) -> None:
+    from safetensors.torch import save_file
+
+    dense = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." not in k}
+    if cfg.get("tie_word_embeddings", False):
+        dense.pop("lm_head.weight", None)
+    cfg = dict(cfg)
+    cfg[MOE_KEY] = meta
+    with atomic_dir(out, force=force) as tmp:
+        save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "experts").mkdir()
+        for i, (moe, shared, members, _) in enumerate(carved):
+            save_file(layer_tensors(moe, shared, members), str(layer_file(tmp, i)), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        for name in _COPY:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)

@@ -1,0 +1,188 @@
+"""A carved CMoE checkpoint as a standard MoE architecture that transformers, llama.cpp and ONNX run.
+
+The host is Granite's MoE with a shared expert (transformers ``GraniteMoeSharedForCausalLM``,
+llama.cpp ``granitemoe``): Llama attention, RMSNorm, an ungated shared SwiGLU expert of its own
+width, and routed SwiGLU experts chosen by a *linear* router, ``top-k`` of the router logits, each
+weighted by the softmax over the chosen logits. With Granite's multipliers neutral (attention
+multiplier 1/sqrt(head_dim), embedding and residual multipliers 1, logits scaling 1) the dense part
+is exactly Llama.
+
+CMoE routes differently (:mod:`edgerun.moe.layer`): a non-linear analytical score, and every chosen
+expert weighted 1. The export therefore fits what it must:
+
+- **a linear router** W (z-x, d) fitted by least squares to CMoE's router scores on calibration FFN
+  inputs; its *router agreement* (share of held-out tokens whose top-k set equals CMoE's) is measured
+  and recorded. CMoE's scores ``|u.x| SiLU(g.x)`` are not linear in x and its router probabilities
+  are nearly tied (on SmolLM2 the largest of 5 is ~0.2008), so agreement is low; soft cross-entropy,
+  top-k BCE and longer Adam runs were tried and did not do better on held-out tokens
+  (``benchmarks/results/cmoe_table.md``). What the engines run is then measured by its own perplexity;
+- **flat weights**: the exported router is ``temperature x W`` with a small temperature, so the
+  softmax over the chosen logits is close to uniform (1/k), and every routed expert's down
+  projection is multiplied by k, making each chosen expert's weight ~1 as in CMoE. The top-k order
+  (and so the choice) does not depend on the temperature.
+
+The result is an HF checkpoint (``model_type: granitemoeshared``) that is also the source of the
+GGUF (``granitemoe``) and ONNX writers; its routing is "the exported routing" that the engines'
+logits are compared against.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from converters.atomic import atomic_dir
+from converters.calibration import calibration_windows
+from edgerun.errors import UsageError
+from edgerun.formats import safetensors as st_format
+from edgerun.moe.layer import CarvedMoE
+from edgerun.moe.store import MOE_KEY, is_carved
+
+ROUTER_TEMPERATURE = 0.01
+_COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+         "generation_config.json", "tokenizer.gguf.json")
+
+
+def topk_agreement(logits: torch.Tensor, reference: torch.Tensor, k: int) -> float:
+    """Share of rows whose top-k index set under ``logits`` equals the one under ``reference`` (both (n, E))."""
+    a = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, logits.topk(k, dim=1).indices, True)
+    b = torch.zeros_like(reference, dtype=torch.bool).scatter_(1, reference.topk(k, dim=1).indices, True)
+    return float((a == b).all(dim=1).float().mean())
+
+
+def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """A linear router (z-x, d) fitted by ridge least squares to CMoE's router scores on FFN inputs x (tokens, d).
+
+    The target is log p (CMoE's softmax probabilities), i.e. the analytical scores up to a per-token
+    constant, so the linear logits rank experts as CMoE's scores do wherever a linear map can.
+    """
+    x = x.float()
+    with torch.no_grad():
+        target = torch.log(moe.router_probs(x).clamp_min(1e-12))                  # (n, E)
+        target = target - target.mean(dim=1, keepdim=True)
+        gram = x.T @ x / len(x) + ridge * torch.eye(x.shape[1])
+        return torch.linalg.solve(gram, x.T @ target / len(x)).T.contiguous()
+
+
+def _ffn_inputs_by_layer(model, windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FFN inputs (tokens, d) of every layer of the exact carved model, over ``windows``."""
+    seen: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda mod, args, i=i: seen[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=w, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(s) for s in seen]
+
+
+def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_tokens: int = 2048,
+               temperature: float = ROUTER_TEMPERATURE, force: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write a carved checkpoint as a GraniteMoeShared HF checkpoint with a fitted linear router.
+
+    Args:
+        carved: carved checkpoint directory (``edgerun carve``).
+        out: output directory.
+        tokens: calibration tokens (wiki calibration split) to fit the routers on.
+        heldout_tokens: held-out wiki tokens to measure router agreement on.
+        temperature: scale of the exported router logits (small: near-uniform top-k weights).
+        force: replace an existing output.
+
+    Returns:
+        ``out``; its ``config.json`` records the per-layer router agreement under ``edgerun_moe``.
+
+    Raises:
+        UsageError: not a carved checkpoint; output exists without ``force``.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from edgerun import data
+    from edgerun.moe.store import load_model
+
+    carved, out = Path(carved), Path(out)
+    st_format.checkpoint_files(carved)
+    cfg = st_format.read_config(carved)
+    if not is_carved(cfg):
+        raise UsageError(f"{carved} is not a carved MoE checkpoint (edgerun carve makes one)")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    meta = dict(cfg[MOE_KEY])
+    k = meta["active"]
+    tokenizer = AutoTokenizer.from_pretrained(carved)
+    model = load_model(carved)
+    seq = min(512, tokens)
+    # fit on calibration windows after those the carve used; measure on the held-out split
+    skip = meta["calibration"]["tokens"] // seq
+    windows = calibration_windows(tokenizer, skip + tokens // seq, seq)[skip:]
+    held_ids = tokenizer(data.text("wiki", "heldout"), add_special_tokens=False).input_ids[:heldout_tokens]
+    train_x = _ffn_inputs_by_layer(model, windows)
+    held_x = _ffn_inputs_by_layer(model, [torch.tensor([held_ids])])
+    routers, agreement = [], []
+    for i, layer in enumerate(model.model.layers):
+        w = fit_linear_router(layer.mlp, train_x[i])
+        with torch.no_grad():
+            agreement.append(topk_agreement(held_x[i] @ w.T, layer.mlp.router_probs(held_x[i]), k))
+        routers.append(w)
+        if progress:
+            progress(i + 1, len(model.model.layers))
+
+    state = _granite_state(model, routers, temperature, k)
+    gcfg = _granite_config(cfg, meta)
+    meta.update(export="granitemoeshared", router_temperature=temperature,
+                router_fit={"tokens": len(windows) * seq, "heldout_tokens": len(held_ids)},
+                router_agreement=agreement, router_agreement_mean=sum(agreement) / len(agreement))
+    gcfg[MOE_KEY] = meta
+    with atomic_dir(out, force=force) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(gcfg, indent=2), encoding="utf-8")
+        for name in _COPY:
+            if (carved / name).is_file():
+                shutil.copy2(carved / name, tmp / name)
+    return out
+
+
+def _granite_config(cfg: dict, meta: dict) -> dict:
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id",
+            "tie_word_embeddings", "rope_parameters", "attention_bias", "hidden_act")
+    g = {key: cfg[key] for key in keep if key in cfg}
+    g.update(model_type="granitemoeshared", architectures=["GraniteMoeSharedForCausalLM"],
+             intermediate_size=meta["expert_size"], shared_intermediate_size=meta["shared_neurons"],
+             num_local_experts=meta["routed"], num_experts_per_tok=meta["active"],
+             attention_multiplier=1.0 / math.sqrt(head_dim), embedding_multiplier=1.0, residual_multiplier=1.0,
+             logits_scaling=1.0, dtype="float32")
+    return g
+
+
+def _granite_state(model, routers: list[torch.Tensor], temperature: float, k: int) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, value in model.state_dict().items():
+        if ".mlp." in name:
+            continue
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        state[name] = value.detach().contiguous()
+    for i, layer in enumerate(model.model.layers):
+        moe: CarvedMoE = layer.mlp
+        p = f"model.layers.{i}."
+        state[p + "block_sparse_moe.router.weight"] = (temperature * routers[i]).contiguous()
+        state[p + "block_sparse_moe.experts.gate_up_proj"] = torch.cat(
+            [moe.expert_gate.detach(), moe.expert_up.detach()], dim=1).contiguous()        # (E, 2m, d)
+        state[p + "block_sparse_moe.experts.down_proj"] = (k * moe.expert_down.detach()).contiguous()  # (E, d, m)
+        if moe.shared_gate.shape[0]:
+            state[p + "shared_mlp.input_linear.weight"] = torch.cat(
+                [moe.shared_gate.detach(), moe.shared_up.detach()], dim=0).contiguous()   # (2S, d)
+            state[p + "shared_mlp.output_linear.weight"] = moe.shared_down.detach().contiguous()
+    return state

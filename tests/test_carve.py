@@ -1,0 +1,247 @@
+"""CMoE carving: exactness of the carved layer, the partition, determinism, bad input, and a real carve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from converters.carve import activation_markers, balanced_assignment, carve_ffn
+from edgerun.errors import UsageError
+from edgerun.moe import config as moe_config
+
+from conftest import make_tiny_checkpoint
+
+
+def _dense(x, g, u, d):
+    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+
+@pytest.fixture
+def ffn():
+    torch.manual_seed(0)
+    d, d_ff = 64, 256
+    w = [torch.randn(d_ff, d) / 8, torch.randn(d_ff, d) / 8, torch.randn(d, d_ff) / 16]
+    x = torch.randn(512, d)
+    return w, x
+
+
+def test_config_parsing_and_refusals():
+    c = moe_config.parse("S2A4E16", 1536)
+    assert (c.expert_size, c.routed, c.shared_neurons, c.active_fraction) == (96, 14, 192, 0.375)
+    with pytest.raises(UsageError, match="do not divide the FFN width 1536; valid z: 2, 3, 4, 6, 8, 12, 16, 24, 48"):
+        moe_config.parse("S1A2E10", 1536)
+    with pytest.raises(UsageError, match="not a multiple of 32"):
+        moe_config.parse("S1A2E64", 1536)  # m = 24
+    with pytest.raises(UsageError, match="expected SxAyEz"):
+        moe_config.parse("2-shared", 1536)
+    with pytest.raises(UsageError, match="x \\+ y <= z"):
+        moe_config.parse("S4A6E8", 1536)
+
+
+def test_every_neuron_lands_in_exactly_one_expert(ffn):
+    (g, u, d), x = ffn
+    cfg = moe_config.parse("S2A2E8", 256)
+    moe, shared, members, _ = carve_ffn(g, u, d, x, cfg)
+    ids = torch.cat([shared, members.flatten()])
+    assert sorted(ids.tolist()) == list(range(256))
+    assert members.shape == (6, 32) and shared.shape == (64,)
+
+
+def test_all_experts_selected_equals_the_dense_ffn(ffn):
+    (g, u, d), x = ffn
+    cfg = moe_config.parse("S2A6E8", 256)  # every routed expert active
+    moe, _, _, _ = carve_ffn(g, u, d, x, cfg)
+    assert (moe(x[None]) - _dense(x, g, u, d)).abs().max() < 1e-5
+
+
+def test_training_free_layer_equals_the_dense_ffn_without_unselected_neurons(ffn):
+    (g, u, d), x = ffn
+    cfg = moe_config.parse("S2A2E8", 256)
+    moe, shared, members, _ = carve_ffn(g, u, d, x, cfg)
+    selected, gates, _ = moe.route(x)
+    assert torch.equal(gates, torch.ones_like(gates))  # training-free: every selected expert has gate 1
+    expected = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        keep = torch.cat([shared, members[selected[t]].flatten()])
+        mask = torch.zeros(256)
+        mask[keep] = 1
+        expected[t] = F.linear(F.silu(F.linear(x[t], g)) * F.linear(x[t], u) * mask, d)
+    assert (moe(x[None])[0] - expected).abs().max() < 1e-5
+
+
+def test_router_scores_follow_the_representative_neuron(ffn):
+    (g, u, d), x = ffn
+    cfg = moe_config.parse("S2A2E8", 256)
+    moe, _, _, stats = carve_ffn(g, u, d, x, cfg)
+    reps = stats["representatives"]
+    gn, un = F.normalize(g[reps], dim=-1), F.normalize(u[reps], dim=-1)
+    scores = torch.abs((x @ un.T) * F.silu(x @ gn.T))
+    assert torch.allclose(moe.router_probs(x), torch.softmax(scores, -1), atol=1e-6)
+
+
+def test_balanced_assignment_is_exact_and_balanced():
+    import numpy as np
+
+    cost = np.array([[0, 5], [0, 4], [9, 0], [1, 0]], dtype=float)
+    groups = balanced_assignment(cost, 2)
+    assert groups.tolist() == [0, 0, 1, 1]
+    assert (np.bincount(balanced_assignment(np.random.default_rng(0).random((60, 3)), 20)) == 20).all()
+
+
+def test_markers_mark_k_neurons_per_token(ffn):
+    (g, u, _), x = ffn
+    assert (activation_markers(x, g, u, 10).sum(1) == 10).all()
+
+
+def test_carving_is_deterministic(ffn):
+    (g, u, d), x = ffn
+    cfg = moe_config.parse("S1A3E8", 256)
+    a, b = carve_ffn(g, u, d, x, cfg), carve_ffn(g, u, d, x, cfg)
+    assert torch.equal(a[2], b[2]) and torch.equal(a[0].router_gate, b[0].router_gate)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2_source):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", smollm2_source.path)
+
+
+def test_carved_checkpoint_runs_in_the_torch_backend_and_matches_all_experts_dense(tiny_llama, tmp_path):
+    from converters.carve import carve_checkpoint
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.moe import store
+
+    out = carve_checkpoint(tiny_llama, tmp_path / "carved", "S2A2E4", tokens=1024, seq_len=256)
+    assert sorted(p.name for p in (out / "experts").iterdir()) == ["layer-00.safetensors", "layer-01.safetensors"]
+    one = store.read_layer(out, 0, experts=[1])
+    assert "experts.1.gate_proj.weight" in one and "experts.0.gate_proj.weight" not in one
+    dense = TorchBackend(tiny_llama, n_ctx=128)
+    carved = TorchBackend(out, n_ctx=128)
+    tokens = dense.tokenize("The quick brown fox jumps over the lazy dog and runs into the forest.")
+    with torch.no_grad():
+        for layer in carved.model.model.layers:  # select every routed expert: the model must equal the dense one
+            layer.mlp.top_k = layer.mlp.n_routed
+    assert abs(dense.logits(tokens) - carved.logits(tokens)).max() < 1e-4
+
+
+def test_already_carved_and_non_llama_sources_are_refused(tiny_llama, tmp_path, smollm2_source):
+    from converters.carve import carve_checkpoint
+
+    out = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=512, seq_len=256)
+    with pytest.raises(UsageError, match="already a carved MoE"):
+        carve_checkpoint(out, tmp_path / "again", "S1A1E4")
+    gemma = make_tiny_checkpoint(tmp_path / "gemma", "gemma3", smollm2_source.path)
+    with pytest.raises(UsageError, match="supports Llama-family SwiGLU models"):
+        carve_checkpoint(gemma, tmp_path / "g", "S1A1E4")
+
+
+def test_too_little_calibration_text_is_refused(tiny_llama, tmp_path):
+    from converters.carve import carve_checkpoint
+
+    with pytest.raises(UsageError, match="calibration text has"):
+        carve_checkpoint(tiny_llama, tmp_path / "c", "S1A1E4", tokens=10_000_000, seq_len=2048)
+
+
+def test_interrupted_carve_leaves_no_output(tiny_llama, tmp_path):
+    from converters.carve import carve_checkpoint
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        carve_checkpoint(tiny_llama, tmp_path / "c", "S1A1E4", tokens=512, seq_len=256, progress=stop)
+    assert not (tmp_path / "c").exists() and list(tmp_path.iterdir()) == []
+
+
+# --- engines: the carved model hosted as Granite's shared-expert MoE ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_hosts(tiny_llama, tmp_path_factory):
+    """Tiny carved models (every routed expert active / one of three) and their Granite hosts."""
+    from converters.carve import carve_checkpoint
+    from converters.moe_export import to_granite
+
+    root = tmp_path_factory.mktemp("hosts")
+    out = {}
+    for cfg in ("S2A2E4", "S1A1E4"):
+        carved = carve_checkpoint(tiny_llama, root / cfg, cfg, tokens=1024, seq_len=256)
+        out[cfg] = (carved, to_granite(carved, root / f"{cfg}-granite", tokens=1024, heldout_tokens=512))
+    return out
+
+
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to find some food."
+
+
+def test_granite_host_with_every_expert_active_matches_the_carved_model(tiny_hosts):
+    from edgerun.backends.torch import TorchBackend
+
+    carved, granite = tiny_hosts["S2A2E4"]
+    a, b = TorchBackend(carved, n_ctx=128), TorchBackend(granite, n_ctx=128)
+    assert type(b.model).__name__ == "GraniteMoeSharedForCausalLM"
+    tokens = a.tokenize(TEXT)
+    la, lb = a.logits(tokens), b.logits(tokens)
+    # only the flat-router approximation separates them: weights within ~1% of 1
+    assert abs(la - lb).max() < 2e-3 * (la.max() - la.min())
+
+
+def test_router_agreement_is_measured_and_recorded(tiny_hosts):
+    import json
+
+    _, granite = tiny_hosts["S1A1E4"]
+    meta = json.loads((granite / "config.json").read_text())["edgerun_moe"]
+    assert len(meta["router_agreement"]) == 2 and all(0 <= a <= 1 for a in meta["router_agreement"])
+    full = json.loads((tiny_hosts["S2A2E4"][1] / "config.json").read_text())["edgerun_moe"]
+    assert full["router_agreement"] == [1.0, 1.0]  # all experts chosen: any router agrees
+
+
+@pytest.mark.parametrize("cfg", ["S2A2E4", "S1A1E4"])
+def test_gguf_and_onnx_match_the_exported_routing(tiny_hosts, tmp_path, cfg):
+    from converters import gguf as gguf_writer
+    from converters.onnx import write_onnx
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from edgerun.backends.onnx import OnnxBackend
+    from edgerun.backends.torch import TorchBackend
+
+    _, granite = tiny_hosts[cfg]
+    ref = TorchBackend(granite, n_ctx=128)
+    tokens = ref.tokenize(TEXT)
+    expected = ref.logits(tokens)
+    tol = 1e-3 * (expected.max() - expected.min())
+    gguf_path = gguf_writer.write_f32(granite, tmp_path / "m.gguf")
+    engine = LlamaCppBackend(gguf_path, n_ctx=128, cache_type_k="f32", cache_type_v="f32")
+    try:
+        assert abs(engine.logits(tokens) - expected).max() < tol
+    finally:
+        engine.close()
+    onnx_dir = write_onnx(granite, tmp_path / "onnx", precision="fp32")
+    assert abs(OnnxBackend(onnx_dir, n_ctx=128).logits(tokens) - expected).max() < tol
+
+
+def test_real_model_carve_export_and_chat(tmp_path, smollm2_f32_gguf):
+    """End to end on SmolLM2: export --carve to GGUF, chat with it in llama.cpp and the exact torch reference."""
+    import json
+    import subprocess
+
+    from conftest import cli_env, edgerun_cmd
+
+    out = tmp_path / "moe.gguf"
+    r = subprocess.run(edgerun_cmd("export", "smollm2-135m-instruct", "--carve", "S2A2E8", "--carve-tokens", "2048",
+                                   "--to", "gguf", "--quant", "Q8_0", "--no-verify", "-o", str(out)),
+                       capture_output=True, text=True, env=cli_env(), timeout=1200)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "moe.gguf.manifest.json").read_text())
+    names = [p["name"] for p in manifest["passes"]]
+    assert names[:2] == ["carve", "host-as-granitemoe"] and "router_agreement_mean" in manifest["passes"][1]
+    from edgerun.formats import gguf as gguf_format
+
+    info = gguf_format.validate(out)
+    assert info.architecture == "granitemoe" and info.metadata["granitemoe.expert_count"] == 6
+    chat = subprocess.run(edgerun_cmd("chat", str(out), "-p", "What is the capital of Germany?", "--temperature", "0",
+                                      "--max-tokens", "16"), capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    carved_dir = manifest["passes"][0]["checkpoint"]
+    exact = subprocess.run(edgerun_cmd("chat", carved_dir, "--backend", "torch", "-p", "Hello!", "--temperature", "0",
+                                       "--max-tokens", "8"), capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert exact.returncode == 0 and exact.stdout.strip(), exact.stderr
