@@ -86,12 +86,33 @@ def granite_cache(carved: Path, progress: bool, log: Callable[[str], None]) -> P
     return out
 
 
+def _prune_host(host: Path, spec: str, patterns, log) -> tuple[Path, dict]:
+    """PEP on the engine host: the task's pattern (given or calibrated and cached), then the pruned host (cached)."""
+    from converters.prune import parse_spec, prune_host
+    from edgerun.moe import tcess
+    from edgerun.moe.calibrate import task_pattern
+
+    task, a, b = parse_spec(spec)
+    pattern, path = task_pattern(host, task, patterns)
+    cfg = read_config(host)
+    tcess.check_model(pattern, {"layers": cfg["num_hidden_layers"], "experts": cfg["num_local_experts"],
+                                "top_k": cfg["num_experts_per_tok"]})
+    keep = pattern.keep(b)
+    out = host.with_name(f"{host.name}-{task}-{a}of{b}-{pattern.score}")
+    if not (out / "config.json").is_file():
+        log(f"pruning to the top {b} experts of task '{task}' per layer, routing top-{a} ({pattern.score} TCESS)")
+        prune_host(host, out, keep, a, {"task": task, "pattern": str(path), "score": pattern.score}, force=True)
+    return out, {"name": "prune-experts", "method": "premoe-pep", "task": task, "a": a, "b": b,
+                 "pattern": str(path), "score": pattern.score, "pattern_tokens": pattern.tokens, "keep": keep}
+
+
 def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path | None = None, force: bool = False,
            token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
            threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
            block_size: int = 32, onnx_algo: str = "default", ptq: str | None = None, bits: int = 4,
            group_size: int = 64, calib_samples: int = 16, carve: str | None = None,
-           carve_tokens: int = 16384) -> ExportResult:
+           carve_tokens: int = 16384, prune_experts: str | None = None,
+           patterns: str | Path | None = None) -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
     Args:
@@ -115,6 +136,10 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         carve: a CMoE configuration (``SxAyEz``): carve the source into an MoE first; the GGUF/ONNX
             output hosts it as Granite's shared-expert MoE with fitted linear routers.
         carve_tokens: CMoE calibration tokens.
+        prune_experts: ``TASK:a/b`` (PreMoe PEP): keep the task's top-b routed experts per layer, route
+            top-a. Needs an MoE (``carve`` or a carved source).
+        patterns: directory of expert patterns (``edgerun experts calibrate``); without it a built-in
+            task's pattern is calibrated on the model and cached.
 
     Raises:
         UsageError: unknown format or type, output exists without ``force``, unsupported architecture.
@@ -131,6 +156,10 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         quant = f"{ptq}-w{bits}g{group_size}"
     elif ptq is not None:
         raise UsageError("--ptq writes a Hugging Face checkpoint: use it with --to hf")
+    if prune_experts:
+        from converters.prune import parse_spec
+
+        parse_spec(prune_experts)
     if to == "gguf":
         quant = gguf_writer.check_type(quant or "Q8_0")
         gguf_writer.check_tensor_type(token_embedding_type, "--token-embedding-type")
@@ -166,6 +195,12 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         label = f"{source.label} carved {meta['name']}"
         log(f"router agreement with CMoE's top-{meta['active']} on held-out tokens: "
             f"{host['router_agreement_mean']:.1%} (mean over layers)")
+        if prune_experts:
+            model_path, step = _prune_host(model_path, prune_experts, patterns, log)
+            passes.append(step)
+            label += f" pruned {step['task']}:{step['a']}/{step['b']}"
+    elif prune_experts:
+        raise UsageError("--prune-experts needs a mixture of experts: add --carve SxAyEz or give a carved model")
     dense_f32 = f32_cache(source, progress=_bar("writing F32 GGUF", progress))
     f32 = dense_f32 if model_path == source.path else f32_cache(model_path, _bar("writing F32 GGUF", progress), label)
     if to == "gguf":

@@ -24,7 +24,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
          chat_template: str | None = None, n_ctx: int | None = None, threads: int | None = None,
          batch_threads: int | None = None, max_tokens: int | None = None, temperature: float = 0.8,
          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
-         seed: int | None = None, progress: bool = True, notify=None, **engine_options) -> Session:
+         seed: int | None = None, progress: bool = True, notify=None, adaptive_experts: bool = False,
+         keep: str = "2/4", patterns: str | Path | None = None, quant: str = "Q8_0", **engine_options) -> Session:
     """Open a chat session on ``model`` (a catalog name, a path, or None for the default model).
 
     Args:
@@ -39,6 +40,12 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             (:class:`SamplingParams`).
         progress: show a progress bar when pulling.
         notify: callback for one-line notices (context trimmed); default: ``session.notices``.
+        adaptive_experts: per message, load only the retrieved task's experts (PreMoe TAER) of a carved
+            model (``model`` is the carved checkpoint; llama.cpp runs GGUFs assembled per pattern, the
+            torch backend the exact routing).
+        keep: ``a/b`` for adaptive experts: route top-a of the top-b experts per layer.
+        patterns: expert patterns directory for adaptive experts.
+        quant: GGUF type of the models assembled for adaptive experts.
         engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``).
 
     Raises:
@@ -49,6 +56,9 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
     from edgerun.formats import gguf as gguf_format
 
     label = str(model or catalog.DEFAULT_MODEL)
+    if adaptive_experts:
+        return _load_adaptive(model, backend or "llama.cpp", keep, patterns, quant, system, chat_template, n_ctx,
+                              threads, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, notify)
     entry = catalog.CATALOG.get(label)
     if entry is not None and not entry.chat and chat_template is None and not Path(label).exists():
         # known to have no chat template: say so before a download
@@ -72,6 +82,40 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     return Session(engine, template, system=system, sampling=sampling, notify=notify)
+
+
+def _load_adaptive(model, backend, keep, patterns, quant, system, chat_template, n_ctx, threads, max_tokens,
+                   temperature, top_p, top_k, min_p, repeat_penalty, seed, notify) -> Session:
+    """A session whose model is rebuilt per message from the retrieved task's experts (see edgerun.planner)."""
+    from edgerun import catalog, templates
+    from edgerun.backends import open_backend
+    from edgerun.errors import UsageError
+    from edgerun.planner import ExpertPlanner, parse_keep
+
+    if patterns is None:
+        raise UsageError("--adaptive-experts needs --patterns DIR (made by 'edgerun experts calibrate')")
+    if backend not in ("llama.cpp", "torch"):
+        raise UsageError("--adaptive-experts runs on llama.cpp (assembled GGUFs) or torch (exact routing)")
+    a, b = parse_keep(keep)
+    path = catalog.resolve(model)
+    if not path.is_dir():
+        raise UsageError(f"--adaptive-experts needs a carved checkpoint directory, not {path}")
+    messages = []
+    planner = ExpertPlanner(path, patterns, a, b, engine=backend, quant=quant,
+                            log=notify or messages.append)
+
+    def reopen(plan):
+        return open_backend(plan.engine, plan.model_path, n_ctx=n_ctx, threads=threads, seed=seed)
+
+    first = planner.plan(planner.patterns[0].task)
+    engine = reopen(first)
+    special = engine.special_tokens
+    template = templates.choose(engine.chat_template, chat_template, model_label=str(model),
+                                bos_token=special["bos_token"], eos_token=special["eos_token"])
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    return Session(engine, template, system=system, sampling=sampling, notify=notify, planner=planner,
+                   reopen=reopen)
 
 
 __all__ = ["load", "Session", "SamplingParams", "GenerationStats", "EdgerunError", "__version__"]

@@ -37,6 +37,11 @@ def _add_chat(sub) -> None:
     p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default 4096 or less)")
     p.add_argument("--chat-template", default=None,
                    help="chat template to use instead of the model's: chatml, llama3, gemma, or a Jinja file")
+    p.add_argument("--adaptive-experts", action="store_true",
+                   help="per message, load only the retrieved task's experts of a carved model (PreMoe TAER)")
+    p.add_argument("--keep", default="2/4", metavar="a/b", help="adaptive experts: top-a of the top-b per layer")
+    p.add_argument("--patterns", default=None, help="adaptive experts: expert patterns directory")
+    p.add_argument("--quant", default="Q8_0", help="adaptive experts: GGUF type of the assembled models")
     p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch"],
                    help="engine (default: llama.cpp for .gguf files, onnx for onnxruntime-genai directories, "
                         "torch for Hugging Face checkpoint directories)")
@@ -93,7 +98,8 @@ def cmd_chat(args) -> int:
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                           seed=args.seed, notify=notify)
+                           seed=args.seed, notify=notify, adaptive_experts=args.adaptive_experts, keep=args.keep,
+                           patterns=args.patterns, quant=args.quant)
     try:
         if not interactive:
             _print_reply(session.chat(prompt, stream=True))
@@ -133,6 +139,11 @@ def _repl(session, args) -> int:
                 print("[conversation cleared]", file=sys.stderr)
             elif cmd == "/stats":
                 print(format_stats(session.stats))
+                if session.plan_stats:
+                    p = session.plan_stats
+                    print(f"experts: task {p['task']} (distance {p['distance']:.4f}), {p['a']}/{p['b']} | retrieval "
+                          f"{p['retrieval_ms']:.1f} ms | assembly {p['assembly_ms']:.0f} ms | load {p['load_ms']:.0f} ms"
+                          f" | resident model {p['resident_model_bytes'] / 2**20:.1f} MiB")
             elif cmd in ("/help", "/?"):
                 print(HELP_TEXT)
             else:
@@ -173,6 +184,9 @@ def _add_export(sub) -> None:
     p.add_argument("--carve", default=None, metavar="SxAyEz",
                    help="carve the dense FFNs into an MoE first (CMoE), e.g. S2A4E16")
     p.add_argument("--carve-tokens", type=int, default=16384, help="CMoE calibration tokens (default 16384)")
+    p.add_argument("--prune-experts", default=None, metavar="TASK:a/b",
+                   help="keep the task's top-b routed experts per layer and route top-a (PreMoe PEP)")
+    p.add_argument("--patterns", default=None, help="expert patterns directory (default: calibrate a built-in task)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output and measuring perplexity")
@@ -228,7 +242,8 @@ def cmd_export(args) -> int:
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                     verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
                     onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
-                    calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens)
+                    calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens,
+                    prune_experts=args.prune_experts, patterns=args.patterns)
     print(result.output)
     log(f"manifest: {result.manifest}")
     return 0
@@ -286,6 +301,80 @@ def cmd_device(args) -> int:
     return 0
 
 
+def _add_experts(sub) -> None:
+    p = sub.add_parser("experts", help="expert patterns of an MoE model: calibrate, list, show (PreMoe)",
+                       description="edgerun experts calibrate MODEL --task NAME=DATA ... -o DIR | list DIR | show FILE")
+    p.add_argument("action", choices=["calibrate", "list", "show"])
+    p.add_argument("target", help="MODEL (calibrate), a patterns DIR (list) or a pattern FILE (show)")
+    p.add_argument("--task", action="append", default=[],
+                   help="NAME=DATA, DATA a catalog text (wiki, c4, tiny, code, multilingual, technical), math, "
+                        "or a text file; repeatable (default: all seven built-in tasks)")
+    p.add_argument("-o", "--output", default="patterns", help="patterns directory (calibrate; default ./patterns)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens per task (default 4096)")
+    p.add_argument("--key-layer", type=int, default=0, help="MoE layer whose scores are the retrieval key (default 0)")
+    p.add_argument("--score", default=None, help="raw-logit, frequency, probability or softplus")
+    p.add_argument("--plot", default=None, help="show: write a PNG heat map of layer x expert scores here")
+    p.set_defaults(func=cmd_experts)
+
+
+def cmd_experts(args) -> int:
+    from edgerun.moe import calibrate as cal
+    from edgerun.moe import tcess
+
+    score = args.score or tcess.DEFAULT_SCORE
+    if args.action == "calibrate":
+        tasks = [cal.parse_task(t) for t in (args.task or cal.DEFAULT_TASKS)]
+        model, tokenizer = cal.load_model(catalog.resolve(args.target))
+        patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.tokens, key_layer=args.key_layer, score=score,
+                                 name=str(args.target), progress=True)
+        for pat in patterns:
+            print(tcess.save(pat, args.output))
+        return 0
+    if args.action == "list":
+        for pat in tcess.load_dir(args.target):
+            print(f"{pat.task:14s} {pat.tokens:6d} tokens  {pat.model['layers']} layers x {pat.model['experts']} "
+                  f"experts, top-{pat.model['top_k']}  score {pat.score}  key layer {pat.key_layer}")
+        return 0
+    pat = tcess.load(args.target)
+    print(f"task {pat.task}: {pat.tokens} tokens, score {score}, key layer {pat.key_layer} (model {pat.model['name']})")
+    print(_heat_rows(pat, score))
+    if args.plot:
+        print(_plot_pattern(pat, score, args.plot))
+    return 0
+
+
+def _heat_rows(pat, score: str) -> str:
+    """One line per layer: experts left to right, shade by score relative to the layer's maximum."""
+    shades = " .:-=+*#%@"
+    lines = ["layer  " + "".join(str(j % 10) for j in range(pat.model["experts"])) + "   top experts"]
+    for i in range(len(pat.stats)):
+        s = pat.layer_scores(i, score)
+        lo, hi = float(s.min()), float(s.max())
+        cells = "".join(shades[int((float(v) - lo) / (hi - lo) * (len(shades) - 1)) if hi > lo else 0] for v in s)
+        lines.append(f"{i:5d}  {cells}   {pat.ranking(i, score)[:4]}")
+    return "\n".join(lines)
+
+
+def _plot_pattern(pat, score: str, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.stack([pat.layer_scores(i, score).numpy() for i in range(len(pat.stats))])
+    fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] * 0.4), max(3, grid.shape[0] * 0.25)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"TCESS ({score}) for task {pat.task}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cmd_pull(args) -> int:
     path = catalog.pull(args.name, progress=not args.quiet)
     print(path)
@@ -320,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_export(sub)
     _add_carve(sub)
+    _add_experts(sub)
     _add_bench(sub)
     _add_device(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")

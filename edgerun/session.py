@@ -34,8 +34,12 @@ class Session:
     """
 
     def __init__(self, backend: Backend, template: ChatTemplate, system: str | None = None,
-                 sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None):
+                 sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None,
+                 planner=None, reopen: Callable[[object], Backend] | None = None):
         self.backend, self.template = backend, template
+        self.planner, self._reopen = planner, reopen
+        self.plan = None
+        self.plan_stats: dict = {}
         self.system = system
         self.sampling = sampling or SamplingParams()
         self.notices: list[str] = []
@@ -74,6 +78,8 @@ class Session:
         """
         if not message or not message.strip():
             raise UsageError("empty message")
+        if self.planner is not None:
+            self._replan(message)
         messages, tokens = self._fit(message)
         if stream:
             return self._stream(messages, tokens)
@@ -90,6 +96,25 @@ class Session:
                 yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _replan(self, message: str) -> None:
+        """PreMoe TAER: retrieve this message's task; on a new task, run the model built for it.
+
+        The new model starts with an empty KV cache: the whole conversation is prefilled into it.
+        """
+        import time
+
+        plan = self.planner.plan(message)
+        load_ms = 0.0
+        if plan.changed and str(getattr(self.backend, "path", "")) != str(plan.model_path):
+            t0 = time.perf_counter()
+            self.backend.close()
+            self.backend = self._reopen(plan)
+            load_ms = (time.perf_counter() - t0) * 1e3
+            self._notify(f"experts: task '{plan.task}' ({plan.a}/{plan.b}), model rebuilt")
+        self.plan = plan
+        self.plan_stats = {**plan.as_dict(), "load_ms": load_ms,
+                           "resident_model_bytes": self.backend.memory().model_bytes}
 
     # --- context-window policy ------------------------------------------------------------------
 

@@ -126,14 +126,16 @@ def exported(smollm2_f32_gguf, tmp_path_factory):
     return get
 
 
-def make_tiny_checkpoint(directory: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+def make_tiny_checkpoint(directory: Path, arch: str, tokenizer_dir: Path, seed: int = 0,
+                         intermediate_size: int = 128) -> Path:
     """A tiny random Llama or Gemma 3 checkpoint (hidden 64, 2 layers) using the tokenizer in ``tokenizer_dir``."""
     import torch
     from transformers import (AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
                               LlamaForCausalLM)
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
+                  num_attention_heads=4,
                   max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, **common))

@@ -1,0 +1,227 @@
+"""PreMoe on the carved SmolLM2 MoE: specialization, retrieval, memory and speed, score-function ablation.
+
+The carved model is the carve benchmark's best 50%-active configuration (``cmoe_table.json``), carved
+on 16,384 wiki calibration tokens. Patterns come from 4,096 calibration tokens of each task under
+exact CMoE routing (torch). Per task, held-out perplexity (2 x 512 tokens of the task's held-out
+split) with: its own pattern, each other task's pattern, random expert subsets (3 seeds), and the
+full model, at b = 75% and 50% of the routed experts (rounded up; a = min(active, b)). Retrieval:
+TAER's choice for 10 held-out prompts per task (the first 400 characters of held-out documents),
+with key layer 0 and a deeper key layer. Memory and speed: llama.cpp Q8_0 GGUFs assembled for one
+task at each b against the full carved GGUF (model bytes, peak RSS, decode tokens/s). Score-function
+ablation: own-pattern perplexity at b = 50% under each TCESS contribution.
+
+Usage: python benchmarks/premoe_table.py [--config S2A6E16]
+Writes benchmarks/results/premoe_table.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = ("wiki", "c4", "tiny", "code", "multilingual", "technical", "math")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from converters.export import carved_cache, granite_cache
+    from converters.source import open_source
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.moe import adapters, tcess
+    from edgerun.moe import calibrate as cal
+
+    cfg_name = args.config
+    if cfg_name is None:
+        table = json.loads((RESULTS / "cmoe_table.json").read_text())
+        cfg_name = table["default_moe_config_at_50_percent"]
+    source = open_source("smollm2-135m-instruct", progress=False)
+    carved = carved_cache(source, cfg_name, 16384, False, print)
+    base = TorchBackend(carved, n_ctx=600)
+    model, tok = base.model, base.tokenizer
+    layers = adapters.moe_layers(model)
+    n_exp, top_k = layers[0].n_experts, layers[0].top_k
+
+    # patterns, all score functions come from the same statistics
+    t0 = time.perf_counter()
+    patterns = {p.task: p for p in cal.calibrate(model, tok, [(t, t) for t in TASKS], tokens=4096, name=cfg_name)}
+    calib_s = time.perf_counter() - t0
+
+    def heldout_windows(task, n=2):
+        ids = tok(cal.task_text(task, "heldout"), add_special_tokens=False).input_ids
+        return [ids[i * 512:(i + 1) * 512] for i in range(n)]
+
+    windows = {t: heldout_windows(t) for t in TASKS}
+
+    def ppl(m, task):
+        from edgerun.backends.base import log_softmax_at
+
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for w in windows[task]:
+                logits = m(input_ids=torch.tensor([w])).logits[0].float().numpy()
+                lp = log_softmax_at(logits[:-1], w[1:])
+                total -= float(lp.sum())
+                count += len(lp)
+        return math.exp(total / count)
+
+    def pruned(keep, a):
+        m = copy.deepcopy(model)
+        adapters.prune(m, keep, a)
+        return m
+
+    full = {t: ppl(model, t) for t in TASKS}
+    print("full", full, flush=True)
+    levels = sorted({math.ceil(0.75 * n_exp), math.ceil(0.5 * n_exp)}, reverse=True)
+    spec = {}
+    for b in levels:
+        a = min(top_k, b)
+        rows = {}
+        for t in TASKS:
+            own = ppl(pruned(patterns[t].keep(b), a), t)
+            others = [ppl(pruned(patterns[o].keep(b), a), t) for o in TASKS if o != t]
+            rand = []
+            for seed in range(3):
+                rng = random.Random(seed)
+                rand.append(ppl(pruned([sorted(rng.sample(range(n_exp), b)) for _ in layers], a), t))
+            rows[t] = {"own": own, "others_mean": statistics.mean(others), "others_best": min(others),
+                       "random_mean": statistics.mean(rand), "random_min": min(rand), "random_max": max(rand),
+                       "full": full[t]}
+            print(b, t, rows[t], flush=True)
+        spec[f"{a}/{b}"] = rows
+
+    # score-function ablation at the lowest b
+    b = levels[-1]
+    a = min(top_k, b)
+    ablation = {s: {t: ppl(pruned(patterns[t].keep(b, s), a), t) for t in TASKS} for s in tcess.SCORES}
+    print("ablation", ablation, flush=True)
+
+    # retrieval: key layer 0 and a deeper one
+    from edgerun.data import documents
+
+    retrieval = {}
+    for key_layer in (0, len(layers) // 2):
+        keys = {t: tcess.Pattern(t, patterns[t].tokens, patterns[t].model, patterns[t].score, key_layer,
+                                 patterns[t].stats).key() for t in TASKS}
+        confusion = {t: {u: 0 for u in TASKS} for t in TASKS}
+        times = []
+        for t in TASKS:
+            held = [d for d in documents(t, "heldout") if len(d) > 100]
+            for d in held[:10]:
+                t1 = time.perf_counter()
+                q = cal.query_key(model, tok, d[:400], key_layer, patterns[t].score)
+                nearest = min(TASKS, key=lambda u: float(torch.linalg.norm(keys[u] - q)))
+                times.append((time.perf_counter() - t1) * 1e3)
+                confusion[t][nearest] += 1
+        correct = sum(confusion[t][t] for t in TASKS)
+        total = sum(sum(r.values()) for r in confusion.values())
+        retrieval[f"layer{key_layer}"] = {"accuracy": correct / total, "confusion": confusion,
+                                          "latency_ms_median": statistics.median(times)}
+        print("retrieval", key_layer, correct / total, flush=True)
+
+    # memory and speed in llama.cpp: assembled GGUFs vs the full carved GGUF
+    memory = _memory_and_speed(carved, granite_cache(carved, False, print), patterns["wiki"], levels, top_k)
+
+    result = {"benchmark": "premoe_table", "config": cfg_name, "routed_experts": n_exp, "top_k": top_k,
+              "calibration_seconds": calib_s, "specialization": spec, "score_ablation": {"b": b, "a": a, **ablation},
+              "retrieval": retrieval, "memory_speed": memory, "date": time.strftime("%Y-%m-%d"),
+              "default_score": tcess.DEFAULT_SCORE}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "premoe_table.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "premoe_table.md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+def _memory_and_speed(carved: Path, host: Path, pattern, levels, top_k) -> list[dict]:
+    import gc
+    import tempfile
+
+    from converters import gguf as gguf_writer
+    from converters.prune import prune_host
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from edgerun.data import text
+    from profilers import latency
+    from profilers.memory import PeakRSS
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = [("full", host)]
+        for b in levels:
+            a = min(top_k, b)
+            variants.append((f"{pattern.task} {a}/{b}", prune_host(host, Path(tmp) / f"p{b}", pattern.keep(b), a,
+                                                                    {"task": pattern.task})))
+        for name, ckpt in variants:
+            f32 = gguf_writer.write_f32(ckpt, Path(tmp) / f"{name.replace(' ', '_').replace('/', '-')}.f32.gguf")
+            q8 = gguf_writer.quantize(f32, f32.with_suffix(".q8.gguf"), "Q8_0")
+            f32.unlink()
+            gc.collect()
+            with PeakRSS() as rss:
+                b = LlamaCppBackend(q8, n_ctx=512)
+                prompt = b.tokenize(text("wiki", "heldout"))[:128]
+                latency.measure(b, prompt, 64)
+                speeds = [latency.measure(b, prompt, 64).decode_tokens_per_s for _ in range(3)]
+                model_bytes = b.memory().model_bytes
+                b.close()
+            rows.append({"model": name, "file_bytes": q8.stat().st_size, "model_bytes": model_bytes,
+                         "peak_rss_bytes": rss.peak_bytes, "decode_tokens_per_s": statistics.median(speeds)})
+            print(rows[-1], flush=True)
+            q8.unlink()
+    return rows
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# PreMoe on the carved SmolLM2 MoE ({r['config']}: {r['routed_experts']} routed experts, top-{r['top_k']})",
+             "", f"{r['date']}. Patterns from 4,096 calibration tokens per task (exact CMoE routing, torch, "
+             f"{r['calibration_seconds']:.0f} s for 7 tasks); held-out perplexity on 2 x 512 tokens per task; "
+             f"default TCESS contribution: {r['default_score']}.", ""]
+    for level, rows in r["specialization"].items():
+        lines += [f"## Specialization at a/b = {level}", "",
+                  "| task | full | own pattern | other patterns (mean / best) | random (mean, min-max of 3) | own vs random |",
+                  "|---|---|---|---|---|---|"]
+        for t, v in rows.items():
+            lines.append(f"| {t} | {v['full']:.2f} | {v['own']:.2f} | {v['others_mean']:.2f} / {v['others_best']:.2f} | "
+                         f"{v['random_mean']:.2f} ({v['random_min']:.2f}-{v['random_max']:.2f}) | "
+                         f"{(v['own'] / v['random_mean'] - 1) * 100:+.1f}% |")
+        lines.append("")
+    ab = r["score_ablation"]
+    lines += [f"## Score-function ablation (own pattern, a/b = {ab['a']}/{ab['b']})", "",
+              "| task | " + " | ".join(s for s in ab if s not in ("a", "b")) + " |",
+              "|---|" + "---|" * (len(ab) - 2)]
+    tasks = next(v for k, v in ab.items() if k not in ("a", "b")).keys()
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{ab[s][t]:.2f}" for s in ab if s not in ("a", "b")) + " |")
+    lines += ["", "## Retrieval (TAER)", ""]
+    for k, v in r["retrieval"].items():
+        lines.append(f"- key {k}: accuracy {v['accuracy']:.1%} over {sum(sum(x.values()) for x in v['confusion'].values())} "
+                     f"held-out prompts, median {v['latency_ms_median']:.1f} ms per query")
+        lines.append("")
+        tasks = list(v["confusion"])
+        lines.append("| true \\\\ retrieved | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---|" * len(tasks))
+        for t in tasks:
+            lines.append(f"| {t} | " + " | ".join(str(v["confusion"][t][u]) for u in tasks) + " |")
+        lines.append("")
+    lines += ["## Memory and speed (llama.cpp, Q8_0)", "", "| model | file MiB | model MiB | peak RSS MiB | decode tok/s |",
+              "|---|---|---|---|---|"]
+    for m in r["memory_speed"]:
+        lines.append(f"| {m['model']} | {m['file_bytes'] / 2**20:.1f} | {m['model_bytes'] / 2**20:.1f} | "
+                     f"{m['peak_rss_bytes'] / 2**20:.0f} | {m['decode_tokens_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""PreMoe's task-conditioned expert selection score (TCESS) and per-task expert patterns.
+
+PreMoe (Pei et al., "PreMoe: Lightening MoEs on Constrained Memory by Expert Pruning and Retrieval",
+arXiv 2505.17639, Sec. 3.2): for MoE layer l, expert j and the calibration tokens X_T of task T,
+
+    TCESS_{l,j}(T) = (1/|X_T|) * sum_{h in X_T} m_j(h),   m_j(h) = contribution of expert j for token h
+                                                          if j is among the router's top-k, else 0.
+
+The contribution is selectable (the released code uses the raw logit):
+
+- ``raw-logit``: the router logit z_j (as released; it ranks frequently chosen experts with negative
+  logits below rarely chosen ones with positive logits);
+- ``frequency``: 1 (how often the expert is chosen);
+- ``probability``: the router's softmax probability p_j over all experts;
+- ``softplus``: softplus(z_j) (a positive, monotone transform of the logit).
+
+One pass collects per layer and expert the top-k counts and the sums of raw logits, probabilities
+and softplus(logits) over the chosen tokens, so every score function is available afterwards.
+"Router logits" are those of the router the model actually runs with: CMoE's analytical scores under
+exact torch routing, the linear router's logits for an engine host, the gate's logits for a standard
+MoE (Mixtral, Qwen2-MoE, DeepSeek-style).
+
+A **pattern** (JSON, never pickle) holds, for one task: the statistics, the key layer's score vector
+(the retrieval key for TAER) and each layer's expert ranking (descending score).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgerun.errors import ModelFileError, UsageError
+
+SCORES = ("raw-logit", "frequency", "probability", "softplus")
+DEFAULT_SCORE = "frequency"
+PATTERN_VERSION = 1
+
+
+@dataclass
+class LayerStats:
+    """Sums over the calibration tokens for one MoE layer, per expert (lists of floats, length E)."""
+
+    count: list[float]
+    logit_sum: list[float]
+    prob_sum: list[float]
+    softplus_sum: list[float]
+
+
+class TcessCollector:
+    """Accumulates TCESS statistics for every MoE layer of a model in one pass.
+
+    Args:
+        n_layers: MoE layers. n_experts: routed experts per layer. top_k: experts chosen per token.
+    """
+
+    def __init__(self, n_layers: int, n_experts: int, top_k: int):
+        self.n_layers, self.n_experts, self.top_k = n_layers, n_experts, top_k
+        self.tokens = 0
+        zeros = lambda: torch.zeros(n_layers, n_experts, dtype=torch.float64)  # noqa: E731
+        self.count, self.logit_sum, self.prob_sum, self.softplus_sum = zeros(), zeros(), zeros(), zeros()
+        self._seen_layers: set[int] = set()
+
+    def add(self, layer: int, logits: torch.Tensor, probs: torch.Tensor | None = None,
+            selected: torch.Tensor | None = None) -> None:
+        """Add one layer's router output for a batch of tokens.
+
+        Args:
+            layer: MoE layer index.
+            logits: (tokens, E) router logits (float).
+            probs: (tokens, E) router probabilities (default softmax of the logits).
+            selected: (tokens, top_k) chosen experts (default top-k of the logits).
+        """
+        logits = logits.reshape(-1, logits.shape[-1]).double()
+        probs = torch.softmax(logits, dim=-1) if probs is None else probs.reshape(logits.shape).double()
+        if selected is None:
+            selected = logits.topk(self.top_k, dim=-1).indices
+        chosen = torch.zeros_like(logits).scatter_(1, selected.reshape(len(logits), -1), 1.0)
+        self.count[layer] += chosen.sum(0)
+        self.logit_sum[layer] += (chosen * logits).sum(0)
+        self.prob_sum[layer] += (chosen * probs).sum(0)
+        self.softplus_sum[layer] += (chosen * F.softplus(logits)).sum(0)
+        if layer == 0:
+            self.tokens += len(logits)
+
+    def layer_stats(self) -> list[LayerStats]:
+        return [LayerStats(self.count[i].tolist(), self.logit_sum[i].tolist(), self.prob_sum[i].tolist(),
+                           self.softplus_sum[i].tolist()) for i in range(self.n_layers)]
+
+
+def scores(stats: LayerStats, tokens: int, score: str = DEFAULT_SCORE) -> torch.Tensor:
+    """TCESS per expert (E,) float64 for one layer under the chosen contribution.
+
+    Raises:
+        UsageError: an unknown score function.
+    """
+    if score not in SCORES:
+        raise UsageError(f"unknown score function '{score}'; valid: {', '.join(SCORES)}")
+    source = {"raw-logit": stats.logit_sum, "frequency": stats.count, "probability": stats.prob_sum,
+              "softplus": stats.softplus_sum}[score]
+    return torch.tensor(source, dtype=torch.float64) / max(tokens, 1)
+
+
+@dataclass
+class Pattern:
+    """A task's expert pattern.
+
+    Attributes:
+        task: task name. tokens: calibration tokens seen.
+        model: fingerprint of the model it belongs to (``layers``, ``experts``, ``top_k``, ``name``).
+        score: score function. key_layer: the layer whose score vector is the retrieval key.
+        stats: per-layer sums (all score functions can be recomputed from them).
+    """
+
+    task: str
+    tokens: int
+    model: dict
+    score: str
+    key_layer: int
+    stats: list[LayerStats] = field(default_factory=list)
+    version: int = PATTERN_VERSION
+
+    def layer_scores(self, layer: int, score: str | None = None) -> torch.Tensor:
+        return scores(self.stats[layer], self.tokens, score or self.score)
+
+    def key(self, score: str | None = None) -> torch.Tensor:
+        """Retrieval key: the key layer's TCESS vector."""
+        return self.layer_scores(self.key_layer, score)
+
+    def ranking(self, layer: int, score: str | None = None) -> list[int]:
+        """Experts of ``layer`` by descending TCESS (ties by expert index)."""
+        s = self.layer_scores(layer, score)
+        return sorted(range(len(s)), key=lambda j: (-float(s[j]), j))
+
+    def keep(self, b: int, score: str | None = None) -> list[list[int]]:
+        """Per layer, the ``b`` experts to keep (ascending ids)."""
+        return [sorted(self.ranking(i, score)[:b]) for i in range(len(self.stats))]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["rankings"] = [self.ranking(i) for i in range(len(self.stats))]
+        d["key_vector"] = self.key().tolist()
+        return d
+
+
+def save(pattern: Pattern, directory: str | Path) -> Path:
+    """Write ``<directory>/<task>.json`` atomically."""
+    from converters.atomic import atomic_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{pattern.task}.json"
+    with atomic_file(path, force=True) as tmp:
+        tmp.write_text(json.dumps(pattern.to_json(), indent=1), encoding="utf-8")
+    return path
+
+
+def load(path: str | Path) -> Pattern:
+    """Read a pattern file.
+
+    Raises:
+        ModelFileError: unreadable, not JSON, or missing fields (a corrupted pattern).
+    """
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        stats = [LayerStats(**s) for s in d["stats"]]
+        p = Pattern(task=d["task"], tokens=int(d["tokens"]), model=dict(d["model"]), score=d["score"],
+                    key_layer=int(d["key_layer"]), stats=stats, version=int(d.get("version", 1)))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{path} is not a valid expert pattern ({type(e).__name__}: {e}); "
+                             "calibrate it again with 'edgerun experts calibrate'") from None
+    if p.score not in SCORES or not 0 <= p.key_layer < len(stats):
+        raise ModelFileError(f"{path} is not a valid expert pattern (score '{p.score}', key layer {p.key_layer})")
+    return p
+
+
+def load_dir(directory: str | Path) -> list[Pattern]:
+    """Every pattern in a directory, sorted by task name.
+
+    Raises:
+        UsageError: no pattern files there.
+    """
+    files = sorted(Path(directory).glob("*.json"))
+    if not files:
+        raise UsageError(f"no expert patterns in {directory}; make some with 'edgerun experts calibrate'")
+    return [load(f) for f in files]
+
+
+def check_model(pattern: Pattern, model: dict) -> None:
+    """Refuse a pattern made for another model, naming the mismatch.
+
+    Raises:
+        UsageError: different number of layers, experts or top-k.
+    """
+    for key in ("layers", "experts", "top_k"):
+        if pattern.model.get(key) != model.get(key):
+            raise UsageError(f"pattern '{pattern.task}' was made for a model with {key} = {pattern.model.get(key)}, "
+                             f"this model has {model.get(key)}")
