@@ -34,11 +34,13 @@ from edgerun.formats import safetensors as st_format
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in float32: x / sqrt(mean(x^2) + eps) * weight."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension (rotary embedding, HF layout)."""
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
@@ -69,9 +71,11 @@ class GraniteMoEDecoder(nn.Module):
             self.lm_head = self.model__embed_tokens__weight
 
     def w(self, name: str) -> torch.Tensor:
+        """The weight named ``name`` in the HF state dict."""
         return getattr(self, name.replace(".", "__"))
 
     def attention(self, i: int, x, cos, sin, past_k, past_v, mask):
+        """Layer i self-attention on x (b, t, d) with the past KV; returns (output, present K, present V)."""
         p = f"model.layers.{i}.self_attn."
         b, t, _ = x.shape
         q = F.linear(x, self.w(p + "q_proj.weight")).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
@@ -90,6 +94,7 @@ class GraniteMoEDecoder(nn.Module):
         return F.linear(out, self.w(p + "o_proj.weight")), k, v
 
     def moe(self, i: int, x):
+        """Layer i MoE FFN on x (b, t, d): shared expert + routed experts weighted by the top-k softmax."""
         p = f"model.layers.{i}."
         logits = F.linear(x, self.w(p + "block_sparse_moe.router.weight")).float()           # (b, t, E)
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1)
@@ -108,6 +113,7 @@ class GraniteMoEDecoder(nn.Module):
         return out
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
+        """(logits (b, t, vocab), present K/V per layer) for the graph inputs described in the module docstring."""
         b, t = input_ids.shape
         x = F.embedding(input_ids, self.model__embed_tokens__weight) * self.cfg["embedding_multiplier"]
         freqs = position_ids[..., None].float() * self.inv_freq                                 # (b, t, hd/2)

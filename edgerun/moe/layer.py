@@ -66,6 +66,7 @@ class CarvedMoE(nn.Module):
         return selected, gates, probs
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Shared expert on tokens x (n, d_model)."""
         return F.linear(F.silu(F.linear(x, self.shared_gate)) * F.linear(x, self.shared_up), self.shared_down)
 
     def expert(self, j: int, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +74,7 @@ class CarvedMoE(nn.Module):
         return F.linear(F.silu(F.linear(x, self.expert_gate[j])) * F.linear(x, self.expert_up[j]), self.expert_down[j])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x) for x (..., d_model): shared expert plus the chosen routed experts, each times its gate."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                        # (tokens, d_model)
         selected, gates, _ = self.route(flat)                  # (tokens, top_k)

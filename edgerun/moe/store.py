@@ -35,6 +35,7 @@ def is_carved(config: dict) -> bool:
 
 
 def layer_file(checkpoint: str | Path, layer: int) -> Path:
+    """Path of ``layer``'s file in the store."""
     return Path(checkpoint) / "experts" / f"layer-{layer:02d}.safetensors"
 
 
