@@ -42,7 +42,10 @@ def _add_chat(sub) -> None:
     p.add_argument("--keep", default="2/4", metavar="a/b", help="adaptive experts: top-a of the top-b per layer")
     p.add_argument("--patterns", default=None, help="adaptive experts: expert patterns directory")
     p.add_argument("--quant", default="Q8_0", help="adaptive experts: GGUF type of the assembled models")
-    p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch"],
+    p.add_argument("--mixpe", default="W4A16", help="MixPE mode with --backend mixpe: W4A8, W4A16, W8A8, W8A16")
+    p.add_argument("--group-size", type=int, default=None, help="MixPE: the checkpoint's weight group size")
+    p.add_argument("--cost-table", default=None, help="MixPE: energy cost table YAML (default: the simulator's)")
+    p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch", "mixpe"],
                    help="engine (default: llama.cpp for .gguf files, onnx for onnxruntime-genai directories, "
                         "torch for Hugging Face checkpoint directories)")
     p.set_defaults(func=cmd_chat)
@@ -95,11 +98,13 @@ def cmd_chat(args) -> int:
     def notify(msg: str) -> None:
         print(f"[{msg}]", file=sys.stderr, flush=True)
 
+    mixpe = {"mode": args.mixpe, "group_size": args.group_size, "cost_table": args.cost_table} \
+        if args.backend == "mixpe" else {}
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, notify=notify, adaptive_experts=args.adaptive_experts, keep=args.keep,
-                           patterns=args.patterns, quant=args.quant)
+                           patterns=args.patterns, quant=args.quant, **mixpe)
     try:
         if not interactive:
             _print_reply(session.chat(prompt, stream=True))
@@ -139,6 +144,14 @@ def _repl(session, args) -> int:
                 print("[conversation cleared]", file=sys.stderr)
             elif cmd == "/stats":
                 print(format_stats(session.stats))
+                if hasattr(session.backend, "accounting"):
+                    acc = session.backend.accounting()
+                    m, d = acc.get("mixpe"), acc.get("dequant-loop")
+                    if m:
+                        print(f"MixPE {session.backend.mixpe_mode}: {m['ops_per_token']['macs']:.3g} MACs/token, "
+                              f"{m['ops_per_token']['shift_adds']:.3g} shift-adds, {m['ops_per_token']['dequant_ops']:.3g} "
+                              f"dequant ops (dequant-loop: {d['ops_per_token']['dequant_ops']:.3g}); modelled energy "
+                              f"{m['energy_vs_fp16']:.2f} x FP16")
                 if session.plan_stats:
                     p = session.plan_stats
                     print(f"experts: task {p['task']} (distance {p['distance']:.4f}), {p['a']}/{p['b']} | retrieval "

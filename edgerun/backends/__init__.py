@@ -7,7 +7,7 @@ from pathlib import Path
 from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores
 from edgerun.errors import UsageError
 
-BACKENDS = ("llama.cpp", "onnx", "torch")
+BACKENDS = ("llama.cpp", "onnx", "torch", "mixpe")
 
 
 def detect_backend(path: str | Path) -> str:
@@ -37,6 +37,11 @@ def open_backend(name: str, path: str | Path, **options) -> Backend:
 
         options.pop("info", None)
         return OnnxBackend(path, **options)
+    if name == "mixpe":
+        from edgerun.backends.mixpe import open_mixpe
+
+        options.pop("info", None)
+        return open_mixpe(path, **options)
     if name == "torch":
         from edgerun.backends.torch import TorchBackend
 
