@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgerun.errors import UsageError
@@ -79,25 +80,25 @@ def group_accumulate_gemm(x: torch.Tensor, q_signed: torch.Tensor, z_signed: tor
                           group_size: int, bits: int, integer: bool) -> torch.Tensor:
     """MixPE GEMM: y (tokens, N) from activations x (tokens, K), codes (N, K), zeros and scales (N, G).
 
-    Inside each group the products are shift-and-add over the codes' bit-planes (exact integer
-    arithmetic when ``integer``, float64 otherwise); then per (group, output) one scale multiply and
-    one zero-point correction with the group's activation sum. A last group shorter than
-    ``group_size`` (K not a multiple) is handled like the others.
+    Inside each group the products are shift-and-add over the codes' bit-planes: per plane one
+    (tokens, G, gs) x (N, G, gs) contraction of 0/1 weights, shifted (scaled by its bit's weight) and
+    added; then per (group, output) one scale multiply and one zero-point correction with the group's
+    activation sum S[t, g]. Arithmetic is float64, which is exact for the integer path (|x| <= 127,
+    group sums < 2^53). A last group shorter than ``group_size`` (K not a multiple) is zero-padded,
+    which adds nothing to its products or its sum.
     """
     tokens, k = x.shape
-    n_groups = scales.shape[1]
-    dtype = torch.int64 if integer else torch.float64
-    xs = x.to(dtype)
-    y = torch.zeros(tokens, q_signed.shape[0], dtype=torch.float64)
-    for g in range(n_groups):
-        lo, hi = g * group_size, min((g + 1) * group_size, k)
-        xg = xs[:, lo:hi]                                                     # (tokens, gs)
-        partial = torch.zeros(tokens, q_signed.shape[0], dtype=dtype)
-        for weight, plane in bit_planes(q_signed[:, lo:hi], bits):           # shift-and-add over bits
-            partial += (xg @ plane.to(dtype).T) * weight
-        row_sum = xg.sum(dim=1, keepdim=True)                                # S[t, g]
-        y += scales[:, g].double()[None, :] * (partial.double() - z_signed[:, g].double()[None, :] * row_sum.double())
-    return y
+    n, n_groups = q_signed.shape[0], scales.shape[1]
+    if integer and not torch.equal(x, x.round()):
+        raise ValueError("the integer path needs integer activation codes")
+    pad = n_groups * group_size - k
+    xs = F.pad(x.double(), (0, pad)).reshape(tokens, n_groups, group_size)            # (t, G, gs)
+    partial = torch.zeros(tokens, n, n_groups, dtype=torch.float64)                  # per (t, n, g)
+    for weight, plane in bit_planes(F.pad(q_signed, (0, pad)), bits):                # shift-and-add over bits
+        partial += weight * torch.einsum("tgk,ngk->tng", xs, plane.double().reshape(n, n_groups, group_size))
+    row_sum = xs.sum(dim=2)                                                           # S[t, g]: (t, G)
+    corrected = partial - z_signed.double()[None, :, :] * row_sum[:, None, :]        # (t, n, g)
+    return (corrected * scales.double()[None, :, :]).sum(dim=2)                       # one dequant per (g, n)
 
 
 @dataclass
