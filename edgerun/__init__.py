@@ -25,7 +25,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
          batch_threads: int | None = None, max_tokens: int | None = None, temperature: float = 0.8,
          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
          seed: int | None = None, progress: bool = True, notify=None, adaptive_experts: bool = False,
-         keep: str = "2/4", patterns: str | Path | None = None, quant: str = "Q8_0", **engine_options) -> Session:
+         keep: str = "2/4", patterns: str | Path | None = None, quant: str = "Q8_0", kv_layout=None,
+         device: str | Path | None = None, **engine_options) -> Session:
     """Open a chat session on ``model`` (a catalog name, a path, or None for the default model).
 
     Args:
@@ -46,6 +47,12 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         keep: ``a/b`` for adaptive experts: route top-a of the top-b experts per layer.
         patterns: expert patterns directory for adaptive experts.
         quant: GGUF type of the models assembled for adaptive experts.
+        kv_layout: KVTuner layout(s): a layout YAML, or a directory of them (a ``kv tune`` Pareto
+            front). torch: the packed layer-wise KV cache; with a directory the layout is chosen per
+            message to fit ``device``'s memory budget (KV16 included when it fits). llama.cpp: one
+            file, mapped to the nearest uniform (type_k, type_v) not less precise (said in a notice).
+        device: device config YAML whose ``memory_budget_gib`` bounds weights + KV cache (default:
+            this machine, 75% of RAM).
         engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``).
 
     Raises:
@@ -70,6 +77,9 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         # refuse a model without a chat template before loading it (never fall back silently)
         templates.choose(info.chat_template, chat_template, model_label=label)
         engine_options["info"] = info
+    kv_layouts = None
+    if kv_layout is not None:
+        kv_layouts, engine_options = _kv_options(backend, kv_layout, engine_options, notify)
     engine = open_backend(backend, path, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
                           seed=seed, **engine_options)
     try:
@@ -81,7 +91,47 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         raise
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-    return Session(engine, template, system=system, sampling=sampling, notify=notify)
+    kv_planner = None
+    if kv_layouts is not None:
+        from edgerun.planner import KVPlanner
+
+        try:
+            kv_planner = KVPlanner.for_backend(engine, kv_layouts, _budget_bytes(device))
+        except EdgerunError:
+            engine.close()
+            raise
+    return Session(engine, template, system=system, sampling=sampling, notify=notify, kv_planner=kv_planner)
+
+
+def _budget_bytes(device) -> int:
+    """The memory budget in bytes of a device config (default: this machine, 75% of RAM)."""
+    from profilers import device as dev
+
+    cfg = dev.load(device) if device is not None else dev.detect(measure=False)
+    return int(cfg.memory_budget_gib * 2**30)
+
+
+def _kv_options(backend: str, kv_layout, engine_options: dict, notify) -> tuple:
+    """(layouts for the torch planner or None, engine options) for a ``kv_layout`` argument."""
+    from edgerun.errors import UsageError
+    from edgerun.kv import layout as kvl
+
+    paths = [Path(kv_layout)] if not isinstance(kv_layout, (list, tuple)) else [Path(p) for p in kv_layout]
+    for p in paths:
+        if not p.exists():
+            raise UsageError(f"KV layout {p} does not exist")
+    if backend in ("llama.cpp", "llamacpp", "gguf"):
+        if len(paths) != 1 or paths[0].is_dir():
+            raise UsageError("llama.cpp runs one uniform KV type: give one layout file, not a directory")
+        tk, tv, note = kvl.llama_cpp_types(kvl.load(paths[0]))
+        (notify or (lambda m: None))(note)
+        opts = {**engine_options, "cache_type_k": tk, "cache_type_v": tv}
+        if tv != "f16":
+            opts["flash_attn"] = True
+        return None, opts
+    if backend != "torch":
+        raise UsageError(f"KV layouts run on the torch backend (or llama.cpp as a uniform type), not {backend}")
+    return paths, engine_options
 
 
 def _load_adaptive(model, backend, keep, patterns, quant, system, chat_template, n_ctx, threads, max_tokens,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from pathlib import Path
 
 from edgerun import catalog
 from edgerun.errors import EdgerunError, UsageError
@@ -45,6 +46,11 @@ def _add_chat(sub) -> None:
     p.add_argument("--mixpe", default="W4A16", help="MixPE mode with --backend mixpe: W4A8, W4A16, W8A8, W8A16")
     p.add_argument("--group-size", type=int, default=None, help="MixPE: the checkpoint's weight group size")
     p.add_argument("--cost-table", default=None, help="MixPE: energy cost table YAML (default: the simulator's)")
+    p.add_argument("--kv-layout", default=None, metavar="LAYOUT",
+                   help="KVTuner KV-cache layout YAML, or a directory of them ('edgerun kv tune' output) to choose "
+                        "per message within the device budget (torch; llama.cpp maps one file to a uniform type)")
+    p.add_argument("--device", default=None, help="device config YAML bounding weights + KV cache "
+                                                  "(default: this machine, 75%% of RAM)")
     p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch", "mixpe"],
                    help="engine (default: llama.cpp for .gguf files, onnx for onnxruntime-genai directories, "
                         "torch for Hugging Face checkpoint directories)")
@@ -104,7 +110,8 @@ def cmd_chat(args) -> int:
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, notify=notify, adaptive_experts=args.adaptive_experts, keep=args.keep,
-                           patterns=args.patterns, quant=args.quant, **mixpe)
+                           patterns=args.patterns, quant=args.quant, kv_layout=args.kv_layout, device=args.device,
+                           **mixpe)
     try:
         if not interactive:
             _print_reply(session.chat(prompt, stream=True))
@@ -152,6 +159,11 @@ def _repl(session, args) -> int:
                               f"{m['ops_per_token']['shift_adds']:.3g} shift-adds, {m['ops_per_token']['dequant_ops']:.3g} "
                               f"dequant ops (dequant-loop: {d['ops_per_token']['dequant_ops']:.3g}); modelled energy "
                               f"{m['energy_vs_fp16']:.2f} x FP16")
+                if session.kv_stats:
+                    k = session.kv_stats
+                    print(f"KV layout: {k['kv_reason']} | history {k['kv_history']}")
+                elif getattr(session.backend, "kv_layout", None) is not None:
+                    print(f"KV layout {session.backend.kv_layout.name}: {session.backend.memory().kv_cache_bytes} bytes")
                 if session.plan_stats:
                     p = session.plan_stats
                     print(f"experts: task {p['task']} (distance {p['distance']:.4f}), {p['a']}/{p['b']} | retrieval "
@@ -300,6 +312,88 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_kv(sub) -> None:
+    p = sub.add_parser("kv", help="layer-wise KV-cache precision layouts: show, tune (KVTuner)")
+    kv = p.add_subparsers(dest="kv_command", metavar="{show,tune}")
+    kv.required = True
+    s = kv.add_parser("show", help="print a layout: pairs per layer, average and true bits, bytes")
+    s.add_argument("layout", help="layout YAML")
+    s.add_argument("--head-dim", type=int, default=64, help="head dimension for true bits (default 64)")
+    s.add_argument("--kv-heads", type=int, default=3, help="KV heads for bytes per token (default 3, SmolLM2-135M)")
+    s.add_argument("--context", type=int, default=2048, help="context for KIVI's window share (default 2048)")
+    s.set_defaults(func=cmd_kv_show)
+    t = kv.add_parser("tune", help="search layer-wise KV layouts under an average-bits budget (Optuna NSGA-II)",
+                      description="Sensitivity per layer and pair, Pareto pruning, clustering, then NSGA-II over group "
+                                  "assignments scored by KL to the unquantized cache on held-out long contexts. "
+                                  "Resumable: run again with the same output directory.")
+    t.add_argument("model", help="catalog name, .gguf or HF checkpoint (dense or carved MoE)")
+    t.add_argument("--budget", type=float, default=4.0, help="average bits cap (default 4.0)")
+    t.add_argument("--trials", type=int, default=60, help="NSGA-II trials (default 60)")
+    t.add_argument("--population", type=int, default=12, help="NSGA-II population (default 12)")
+    t.add_argument("--mode", default="per-token", choices=["per-token", "kivi"], help="quantization mode")
+    t.add_argument("--groups", type=int, default=4, help="layer groups after clustering (default 4)")
+    t.add_argument("--group-size", type=int, default=32, help="quantization group (default 32)")
+    t.add_argument("--window", type=int, default=32, help="KIVI full-precision window (default 32)")
+    t.add_argument("--context", type=int, default=2048, help="held-out context length (default 2048)")
+    t.add_argument("--contexts", type=int, default=2, help="held-out contexts (default 2)")
+    t.add_argument("--task", default="arc-easy", help="task scored on the Pareto front (default arc-easy; 'none')")
+    t.add_argument("--task-items", type=int, default=100, help="task items (default 100)")
+    t.add_argument("-o", "--output", required=True, help="output directory (layouts, journal, plot)")
+    t.set_defaults(func=cmd_kv_tune)
+
+
+def cmd_kv_show(args) -> int:
+    from edgerun.kv import layout as kvl
+
+    lay = kvl.load(args.layout)
+    print(f"{lay.name}: {len(lay.pairs)} layers, mode {lay.mode}, group {lay.group_size}"
+          + (f", window {lay.window}" if lay.mode == "kivi" else ""))
+    print(f"average bits {lay.average_bits:.3f} (K and V bits over 2L); true bits "
+          f"{lay.true_bits(args.head_dim, args.context):.3f} with fp16 scales and int16 zeros "
+          f"(head_dim {args.head_dim}, context {args.context})")
+    print(f"KV cache: {lay.bytes_per_token(args.kv_heads, args.head_dim, args.context):.0f} bytes/token "
+          f"({args.kv_heads} KV heads; 16-bit unquantized values)")
+    print(lay.describe())
+    for key in ("kl", "ppl", "kv16_ppl", "arc-easy_accuracy"):
+        if key in lay.meta:
+            print(f"{key}: {lay.meta[key]:.6g}")
+    return 0
+
+
+def cmd_kv_tune(args) -> int:
+    from edgerun.kv import tune as kvt
+
+    if args.trials < 1 or args.population < 2:
+        raise UsageError("--trials must be >= 1 and --population >= 2")
+    model_dir = _checkpoint_dir(args.model)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = kvt.tune(model_dir, args.output, budget=args.budget, trials=args.trials, population=args.population,
+                      mode=args.mode, groups=args.groups, group_size=args.group_size, window=args.window,
+                      context=args.context, contexts=args.contexts, log=log)
+    if args.task != "none" and result.front:
+        kvt.front_accuracy(model_dir, result.front, args.output, args.task, args.task_items, progress=True)
+    kv16 = result.kv16["ppl"]
+    print(f"{'layout':24} {'avg bits':>8} {'KL':>10} {'PPL':>9} {'vs KV16':>8}")
+    for lay in result.front:
+        print(f"{lay.name:24} {lay.average_bits:8.3f} {lay.meta['kl']:10.3g} {lay.meta['ppl']:9.3f} "
+              f"{(lay.meta['ppl'] / kv16 - 1) * 100:+7.2f}%")
+    print(f"KV16 perplexity {kv16:.3f}; layouts, trials.json and front.png in {args.output}")
+    return 0
+
+
+def _checkpoint_dir(model: str) -> Path:
+    """An HF checkpoint directory for ``model`` (a GGUF is materialized as float32 once, cached)."""
+    from converters.source import open_source
+
+    path = catalog.resolve(model)
+    if path.is_dir():
+        return path
+    return open_source(model).path
+
+
 def _add_device(sub) -> None:
     p = sub.add_parser("device", help="describe this machine as a device config: 'edgerun device detect'")
     p.add_argument("action", choices=["detect"])
@@ -425,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experts(sub)
     _add_bench(sub)
     _add_device(sub)
+    _add_kv(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")
     p.add_argument("name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -180,3 +180,117 @@ def _fingerprint(model) -> dict:
     from edgerun.moe.adapters import fingerprint
 
     return fingerprint(model)
+
+
+# --- KV-cache layout per query (KVTuner) -------------------------------------------------------------
+
+@dataclass
+class KVPlan:
+    """The KV layout chosen for one message.
+
+    Attributes:
+        layout: the layout. tokens: prompt + reply budget it was sized for.
+        kv_bytes: its packed cache bytes at ``tokens``. available_bytes: device budget minus weights.
+        reason: one sentence for ``/stats``. changed: differs from the previous message's layout
+            (the conversation is re-prefilled under it).
+    """
+
+    layout: object
+    tokens: int
+    kv_bytes: int
+    available_bytes: int
+    reason: str
+    changed: bool
+
+    def as_dict(self) -> dict:
+        return {"kv_layout": self.layout.name, "kv_average_bits": self.layout.average_bits, "kv_tokens": self.tokens,
+                "kv_bytes": self.kv_bytes, "kv_available_bytes": self.available_bytes, "kv_reason": self.reason,
+                "kv_changed": self.changed}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class KVPlanner:
+    """Per query, the highest-quality KV layout whose cache fits the device budget left after the weights.
+
+    Candidates: the layouts given (a ``kv tune`` Pareto front or single files) plus KV16 (unquantized,
+    the best quality when it fits). Quality order: KV16, then the search's measured KL to KV16
+    (lowest first), then layouts without a measurement by average bits (highest first).
+
+    Args:
+        layouts: :class:`~edgerun.kv.layout.Layout` objects, or paths to layout YAMLs / directories of them.
+        n_layers, n_kv_heads, head_dim: the model's attention shape.
+        budget_bytes: the device's memory budget (``memory_budget_gib`` of a device config, in bytes).
+        weights_bytes: resident weight bytes. fp_bits: bits of an unquantized K/V value (32 for float32).
+
+    Raises:
+        UsageError: no layouts. YamlError: a layout for another model.
+    """
+
+    def __init__(self, layouts, n_layers: int, n_kv_heads: int, head_dim: int, budget_bytes: int,
+                 weights_bytes: int, fp_bits: int = 32, include_kv16: bool = True):
+        from edgerun.kv import layout as kvl
+
+        loaded = []
+        for item in layouts:
+            if isinstance(item, kvl.Layout):
+                loaded.append(item)
+                continue
+            item = Path(item)
+            files = sorted(item.glob("*.yaml")) if item.is_dir() else [item]
+            if item.is_dir() and not files:
+                raise UsageError(f"no layout YAML files in {item}")
+            loaded += [kvl.load(f, n_layers) for f in files]
+        for lay in loaded:
+            if len(lay.pairs) != n_layers:
+                raise kvl.yf.YamlError(f"KV layout {lay.name!r} is for {len(lay.pairs)} layers, the model has {n_layers}")
+        if include_kv16 and not any(lay.average_bits >= 16 for lay in loaded):
+            mode = loaded[0].mode if loaded else "per-token"
+            loaded.append(kvl.Layout.uniform("KV16", n_layers, mode))
+        if not loaded:
+            raise UsageError("no KV layouts to plan with")
+        self.layouts = sorted(loaded, key=lambda lay: lay.quality)
+        self.shape = (n_kv_heads, head_dim)
+        self.fp_bits = fp_bits
+        self.available = int(budget_bytes - weights_bytes)
+        self.current = None
+
+    def bytes_for(self, layout, tokens: int) -> int:
+        return layout.cache_bytes(tokens, *self.shape, fp_bits=self.fp_bits)
+
+    def choose(self, tokens: int) -> KVPlan:
+        """The plan for a message of ``tokens`` tokens (prompt + reply budget).
+
+        Raises:
+            UsageError: not even the cheapest layout fits (names it and the bytes it needs).
+        """
+        for lay in self.layouts:
+            need = self.bytes_for(lay, tokens)
+            if need <= self.available:
+                better = [x for x in self.layouts[:self.layouts.index(lay)]]
+                if better:
+                    why = (f"{better[-1].name} would need {_mib(self.bytes_for(better[-1], tokens))}; ")
+                else:
+                    why = "the best-quality layout fits; "
+                reason = (f"{lay.name} ({lay.average_bits:.2f} average bits): {why}{_mib(need)} for {tokens} tokens "
+                          f"fits the {_mib(self.available)} the device budget leaves after the weights")
+                changed = self.current is not None and self.current is not lay
+                self.current = lay
+                return KVPlan(lay, tokens, need, self.available, reason, changed)
+        cheapest = min(self.layouts, key=lambda x: self.bytes_for(x, tokens))
+        raise UsageError(f"the KV cache for {tokens} tokens does not fit: the cheapest layout {cheapest.name} "
+                         f"({cheapest.average_bits:.2f} average bits) needs {_mib(self.bytes_for(cheapest, tokens))}, "
+                         f"the device budget leaves {_mib(max(self.available, 0))} after the weights; "
+                         "shorten the context (--ctx-size, --max-tokens) or use a device with more memory")
+
+    @classmethod
+    def for_backend(cls, backend, layouts, budget_bytes: int) -> "KVPlanner":
+        """A planner sized for a loaded torch backend's model (its attention shape, weights and dtype)."""
+        cfg = backend.model.config
+        n_head = cfg.num_attention_heads
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+        p = next(backend.model.parameters())
+        return cls(layouts, cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", n_head), hd, budget_bytes,
+                   backend.memory().model_bytes, fp_bits=8 * p.element_size())

@@ -35,11 +35,14 @@ class Session:
 
     def __init__(self, backend: Backend, template: ChatTemplate, system: str | None = None,
                  sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None,
-                 planner=None, reopen: Callable[[object], Backend] | None = None):
+                 planner=None, reopen: Callable[[object], Backend] | None = None, kv_planner=None):
         self.backend, self.template = backend, template
         self.planner, self._reopen = planner, reopen
+        self.kv_planner = kv_planner
         self.plan = None
         self.plan_stats: dict = {}
+        self.kv_plan = None
+        self.kv_stats: dict = {}
         self.system = system
         self.sampling = sampling or SamplingParams()
         self.notices: list[str] = []
@@ -81,6 +84,8 @@ class Session:
         if self.planner is not None:
             self._replan(message)
         messages, tokens = self._fit(message)
+        if self.kv_planner is not None:
+            self._plan_kv(len(tokens))
         if stream:
             return self._stream(messages, tokens)
         text = self.backend.complete(tokens, self.sampling)
@@ -115,6 +120,23 @@ class Session:
         self.plan = plan
         self.plan_stats = {**plan.as_dict(), "load_ms": load_ms,
                            "resident_model_bytes": self.backend.memory().model_bytes}
+
+    def _plan_kv(self, n_prompt: int) -> None:
+        """KVTuner per query: the best layout whose cache for prompt + reply fits the device budget.
+
+        A layout change drops the cache: the conversation is re-prefilled under the new layout.
+        """
+        from edgerun.backends.base import reply_budget
+
+        tokens = n_prompt + reply_budget(self.backend.n_ctx, n_prompt, self.sampling.max_tokens)
+        plan = self.kv_planner.choose(tokens)
+        self.backend.set_kv_layout(plan.layout)
+        history = "re-prefilled under the new layout" if self.backend.kv_note else \
+            ("kept (same layout)" if self.kv_plan is not None else "new")
+        if self.backend.kv_note:
+            self._notify(f"KV layout {plan.layout.name}: the conversation is re-prefilled under it")
+        self.kv_plan = plan
+        self.kv_stats = {**plan.as_dict(), "kv_history": history}
 
     # --- context-window policy ------------------------------------------------------------------
 

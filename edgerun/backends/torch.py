@@ -32,6 +32,10 @@ class TorchBackend(Backend):
         threads: torch intra-op threads (default: physical cores).
         dtype: ``"float32"`` (reference) or ``"bfloat16"``.
         seed: default sampling seed.
+        kv_layout: a :class:`edgerun.kv.layout.Layout` (or a layout YAML path): the KV cache is the
+            packed layer-wise quantized cache of :mod:`edgerun.kv` (KVTuner), also for :meth:`logits`
+            (teacher-forced, the simulated quantization of the layout search); None: transformers'
+            ``DynamicCache`` at the model's dtype.
 
     Raises:
         ModelFileError: not a checkpoint directory, pickled weights, corrupted safetensors.
@@ -41,7 +45,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
-                 dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None, **_ignored):
+                 dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None,
+                 kv_layout=None, **_ignored):
         import torch
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -66,6 +71,10 @@ class TorchBackend(Backend):
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, int(cfg.get("max_position_embeddings", DEFAULT_CTX)))
         self.seed = seed
+        self.kv_layout = None
+        self.kv_note = ""
+        if kv_layout is not None:
+            self.set_kv_layout(kv_layout)
         self._cache = None
         self._cached_tokens: list[int] = []
         self.last_stats = GenerationStats(context_size=self.n_ctx)
@@ -97,6 +106,40 @@ class TorchBackend(Backend):
             raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         model.tie_weights()
         return model
+
+    def set_kv_layout(self, layout) -> None:
+        """Use ``layout`` (Layout, YAML path, or None for the unquantized DynamicCache) from the next call on.
+
+        A cache made under another layout is dropped, so the next message re-prefills the conversation
+        under the new layout (the history is recomputed, not re-quantized: exact for the new layout).
+
+        Raises:
+            YamlError: a layout for another number of layers or a bad layout file.
+        """
+        from edgerun.kv import layout as kv_layout
+
+        if layout is not None and not isinstance(layout, kv_layout.Layout):
+            layout = kv_layout.load(layout, self.model.config.num_hidden_layers)
+        if layout is not None and len(layout.pairs) != self.model.config.num_hidden_layers:
+            raise kv_layout.yf.YamlError(f"KV layout {layout.name!r} is for {len(layout.pairs)} layers, the model has "
+                                         f"{self.model.config.num_hidden_layers}")
+        def key(lay):
+            return None if lay is None else (tuple(lay.pairs), lay.mode, lay.group_size, lay.window)
+
+        self.kv_note = ""
+        if key(getattr(self, "kv_layout", None)) != key(layout) and getattr(self, "_cache", None) is not None:
+            self._cache, self._cached_tokens = None, []
+            self.kv_note = "KV layout changed: the conversation is re-prefilled under the new layout"
+        self.kv_layout = layout
+
+    def _new_cache(self):
+        if self.kv_layout is not None:
+            from edgerun.kv.cache import QuantizedKVCache
+
+            return QuantizedKVCache(self.kv_layout.specs())
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
 
     def _tokenizer_adds_bos(self) -> bool:
         ids = self.tokenizer("a", add_special_tokens=True).input_ids
@@ -140,7 +183,7 @@ class TorchBackend(Backend):
         tokens = [int(t) for t in tokens]
         if not tokens or len(tokens) > self.n_ctx:
             raise BackendError(f"logits need 1..{self.n_ctx} tokens, got {len(tokens)}")
-        logits, _ = self._forward(tokens, None, 0)
+        logits, _ = self._forward(tokens, self._new_cache() if self.kv_layout is not None else None, 0)
         return logits.float().numpy()
 
     def _prefix_cache(self, prompt: list[int]):
@@ -154,6 +197,8 @@ class TorchBackend(Backend):
         if self._cache is None or n == 0:
             return None, 0
         extra = self._cache.get_seq_length() - n
+        if extra > 0 and self.kv_layout is not None:
+            return None, 0  # packed quantized chunks are not cropped: prefill again
         if extra > 0:
             self._cache.crop(-extra)  # transformers 5: a negative count removes that many newest tokens
         return self._cache, n
@@ -184,9 +229,7 @@ class TorchBackend(Backend):
         stats = GenerationStats(prompt_tokens=len(prompt), context_size=self.n_ctx)
         cache, reused = self._prefix_cache(prompt)
         if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
+            cache = self._new_cache()
         stats.prefill_tokens = len(prompt) - reused
         generated: list[int] = []
         shown = ""
@@ -255,8 +298,13 @@ class TorchBackend(Backend):
         cfg = self.model.config
         n_head = cfg.num_attention_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-        per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", n_head) * hd * 4
-        return MemoryInfo(model_bytes=int(model_bytes), kv_cache_bytes=int(per_token * len(self._cached_tokens)),
+        if self._cache is not None and hasattr(self._cache, "nbytes"):
+            kv = self._cache.nbytes()                        # the packed cache: what it really holds
+        else:
+            per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", n_head) * hd * \
+                next(self.model.parameters()).element_size()
+            kv = per_token * len(self._cached_tokens)
+        return MemoryInfo(model_bytes=int(model_bytes), kv_cache_bytes=int(kv),
                           rss_bytes=psutil.Process().memory_info().rss)
 
     def close(self) -> None:

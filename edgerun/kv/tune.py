@@ -1,0 +1,456 @@
+"""Offline search of layer-wise KV precision layouts (KVTuner, Li et al., ICML 2025, Sec. 4).
+
+Steps, each saved in the output directory so an interrupted search resumes:
+
+1. **Sensitivity** (Sec. 4.2): for every decoder layer and every quantized pair (KV8 ... KV2), the
+   relative error ``||o^ - o||_F / ||o||_F`` of the layer's attention output when only that layer's
+   K/V go through the quantized cache, on calibration windows (the layer's clean inputs are reused,
+   so errors do not compound across layers).
+2. **Intra-layer Pareto pruning** (Sec. 4.3): per layer keep only the pairs that no other pair beats
+   on both average bits and error (KV16, error 0, always stays).
+3. **Inter-layer clustering** (Sec. 4.3): layers with similar log-sensitivity profiles form
+   ``groups`` groups (k-means, scikit-learn); a group's candidates are the union of its layers'
+   Pareto pairs, and one pair is chosen per group.
+4. **Multi-objective search** (Sec. 4.4): Optuna NSGA-II over group assignments, minimizing the KL
+   divergence of next-token distributions to the unquantized cache on long held-out contexts
+   (held-out documents concatenated to ``context`` tokens) and the average bits, with the
+   constraint average bits <= budget. Uniform layouts that fit the budget seed the first
+   generation. Trials are teacher-forced: the whole context runs through the packed quantized
+   cache in one forward, which in per-token mode is exactly what incremental decoding computes; in
+   KIVI mode the prefill quantizes every token outside the last window at once, so early query
+   positions see quantized keys that decoding would still hold in full precision (a slightly
+   pessimistic approximation).
+
+Outputs: ``sensitivity.json``, ``study.journal`` (Optuna journal storage), ``trials.json``, one
+layout YAML per Pareto point (``pareto-XX-<bits>b.yaml``), ``front.png`` (KL and perplexity vs
+average bits, with the uniform layouts) and, if asked, the front's task accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgerun.errors import UsageError
+from edgerun.kv.cache import PAIRS, KVSpec, QuantizedKVCache
+from edgerun.kv.layout import Layout
+
+QUANT_PAIRS = [p for p in PAIRS if p != "KV16"]
+UNIFORM = ("KV8", "K8V4", "KV4", "K4V2", "KV2")
+
+
+def pair_bits(name: str) -> float:
+    """Average bits of a pair: (K bits + V bits) / 2."""
+    k, v = PAIRS[name]
+    return (k + v) / 2
+
+
+# --- evaluation contexts -------------------------------------------------------------------------
+
+def token_windows(tokenizer, dataset: str, split: str, length: int, count: int) -> list[torch.Tensor]:
+    """``count`` windows (1, length) int64 of a dataset split's documents joined in order (long contexts).
+
+    Raises:
+        UsageError: the split has fewer than length x count tokens.
+    """
+    from edgerun import data
+
+    ids = tokenizer(data.text(dataset, split), add_special_tokens=False).input_ids
+    if len(ids) < length * count:
+        raise UsageError(f"the {split} split of {dataset} has {len(ids)} tokens, fewer than {count} x {length}")
+    bos = tokenizer.bos_token_id if tokenizer("a", add_special_tokens=True).input_ids[0] == tokenizer.bos_token_id \
+        else None
+    out = []
+    for i in range(count):
+        w = ids[i * length:(i + 1) * length]
+        if bos is not None:
+            w = [bos] + w[:-1]
+        out.append(torch.tensor([w]))
+    return out
+
+
+def _cache_kwarg(module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _forward_logprobs(model, ids: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+    """log-softmax of the next-token logits, float32 (tokens, vocab), through the layout's packed cache."""
+    kw = {}
+    if layout is not None:
+        kw[_cache_kwarg(model)] = QuantizedKVCache(layout.specs())
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=layout is not None, **kw)
+    return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+
+class Evaluator:
+    """Teacher-forced quality of a layout: KL to the unquantized cache and perplexity on long contexts.
+
+    Args:
+        model: a transformers causal LM (float32). windows: (1, T) int64 token windows.
+    """
+
+    def __init__(self, model, windows: list[torch.Tensor]):
+        self.model, self.windows = model, windows
+        self.reference = [_forward_logprobs(model, w, None) for w in windows]
+
+    def __call__(self, layout: Layout) -> dict:
+        """{'kl': mean KL(P_ref || P_layout) in nats/token, 'ppl': perplexity, 'nll': nats/token}."""
+        kl_sum = nll_sum = 0.0
+        n_kl = n_nll = 0
+        for w, ref in zip(self.windows, self.reference):
+            lp = _forward_logprobs(self.model, w, layout)
+            kl_sum += float((ref.exp() * (ref - lp)).sum())
+            n_kl += lp.shape[0]
+            tgt = w[0, 1:]
+            nll_sum += float(-lp[:-1].gather(1, tgt[:, None]).sum())
+            n_nll += tgt.numel()
+        nll = nll_sum / n_nll
+        return {"kl": kl_sum / n_kl, "ppl": math.exp(nll), "nll": nll}
+
+
+# --- sensitivity --------------------------------------------------------------------------------
+
+def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", group_size: int = 32,
+                window: int = 32, progress: bool = False) -> np.ndarray:
+    """Relative attention-output error per (layer, pair): float64 (layers, len(QUANT_PAIRS)).
+
+    Each layer's attention is re-run on its clean inputs with only its own K/V quantized (KVTuner
+    Sec. 4.2); errors are averaged over the windows.
+    """
+    layers = model.model.layers
+    n = len(layers)
+    captured: list[list[tuple]] = [[] for _ in range(n)]
+
+    def hook_for(i):
+        def pre(module, args, kwargs):
+            captured[i].append((args, dict(kwargs)))
+        return pre
+
+    def out_hook_for(i):
+        def post(module, args, kwargs, output):
+            captured[i][-1] = (*captured[i][-1], output[0] if isinstance(output, tuple) else output)
+        return post
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(out_hook_for(i), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=w, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    errors = np.zeros((n, len(QUANT_PAIRS)))
+    kwarg = _cache_kwarg(layers[0].self_attn)
+    steps = [(i, j) for i in range(n) for j in range(len(QUANT_PAIRS))]
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="KV sensitivity", unit="pair", leave=False)
+    for i, j in steps:
+        k, v = PAIRS[QUANT_PAIRS[j]]
+        specs = [KVSpec(16, 16, mode, group_size, window)] * n
+        specs = specs[:i] + [KVSpec(k, v, mode, group_size, window)] + specs[i + 1:]
+        total = 0.0
+        for args, kwargs, clean in captured[i]:
+            kw = {**kwargs, kwarg: QuantizedKVCache(specs)}
+            with torch.inference_mode():
+                out = layers[i].self_attn(*args, **kw)
+            out = out[0] if isinstance(out, tuple) else out
+            total += float(torch.linalg.norm(out - clean) / torch.linalg.norm(clean).clamp_min(1e-12))
+        errors[i, j] = total / len(captured[i])
+    return errors
+
+
+def pareto_pairs(errors: np.ndarray) -> list[str]:
+    """Pairs of one layer not beaten on both average bits and error by another (plus KV16).
+
+    Args:
+        errors: float (len(QUANT_PAIRS),) this layer's sensitivity.
+    """
+    keep = ["KV16"]
+    for j, name in enumerate(QUANT_PAIRS):
+        b, e = pair_bits(name), errors[j]
+        dominated = any(pair_bits(o) <= b and errors[m] <= e and (pair_bits(o) < b or errors[m] < e)
+                        for m, o in enumerate(QUANT_PAIRS) if m != j)
+        if not dominated:
+            keep.append(name)
+    return keep
+
+
+def cluster_layers(errors: np.ndarray, groups: int, seed: int = 0) -> np.ndarray:
+    """Group labels int (layers,): k-means over the layers' log10 sensitivity profiles (scikit-learn)."""
+    from sklearn.cluster import KMeans
+
+    feats = np.log10(np.maximum(errors, 1e-8))
+    groups = max(1, min(groups, len({tuple(np.round(f, 6)) for f in feats})))
+    labels = KMeans(n_clusters=groups, n_init=10, random_state=seed).fit_predict(feats)
+    # order groups by mean sensitivity, most sensitive first, so group 0 is stable across runs
+    order = np.argsort([-feats[labels == g].mean() for g in range(groups)])
+    remap = {int(g): r for r, g in enumerate(order)}
+    return np.array([remap[int(g)] for g in labels])
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+@dataclass
+class TuneResult:
+    """What a search produced.
+
+    Attributes:
+        front: the Pareto layouts, lowest average bits first (``meta`` holds kl, ppl, trial).
+        trials: every evaluated trial (dicts: number, avg_bits, kl, ppl, feasible, uniform).
+        uniform: the uniform baselines evaluated (name -> {avg_bits, kl, ppl}).
+        paths: files written. kv16: the unquantized reference {ppl, nll}.
+    """
+
+    front: list[Layout]
+    trials: list[dict]
+    uniform: dict
+    paths: list[Path] = field(default_factory=list)
+    kv16: dict = field(default_factory=dict)
+    groups: list[int] = field(default_factory=list)
+    candidates: list[list[str]] = field(default_factory=list)
+
+
+def _fingerprint(model_dir: Path, settings: dict) -> str:
+    cfg = (model_dir / "config.json").read_bytes() if (model_dir / "config.json").is_file() else b""
+    h = hashlib.sha256(cfg + json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials: int = 60, population: int = 12,
+         mode: str = "per-token", groups: int = 4, group_size: int = 32, window: int = 32, context: int = 2048,
+         contexts: int = 2, calib_windows: int = 2, calib_len: int = 512, dataset: str = "wiki", seed: int = 0,
+         progress: bool = True, log=print) -> TuneResult:
+    """Search layer-wise KV layouts for a checkpoint under an average-bits budget (see the module doc).
+
+    Args:
+        model_dir: HF checkpoint (dense or a carved MoE). out_dir: results directory (resumable).
+        budget: average bits cap, e.g. 4.0. trials: NSGA-II trials (including the seeded uniform
+            layouts). population: NSGA-II population. mode: ``per-token`` or ``kivi``.
+        groups: layer groups after clustering. context, contexts: held-out evaluation windows.
+        calib_windows, calib_len: calibration windows for the sensitivity.
+
+    Raises:
+        UsageError: a budget below the cheapest layout (KV2 = 2.0 bits), bad mode, or a result
+            directory made for another model or other settings.
+    """
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from converters.atomic import atomic_file
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.kv.cache import MODES
+
+    if mode not in MODES:
+        raise UsageError(f"unknown KV mode '{mode}'; use one of {', '.join(MODES)}")
+    cheapest = min(pair_bits(p) for p in QUANT_PAIRS)
+    if budget < cheapest:
+        raise UsageError(f"budget {budget} bits is below the cheapest layout (KV2, {cheapest:.1f} average bits)")
+    model_dir, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"mode": mode, "groups": groups, "group_size": group_size, "window": window, "context": context,
+                "contexts": contexts, "calib_windows": calib_windows, "calib_len": calib_len, "dataset": dataset,
+                "seed": seed}
+    fp = _fingerprint(model_dir, settings)
+    engine = TorchBackend(model_dir, n_ctx=max(context, calib_len), threads=None)
+    model, tok = engine.model, engine.tokenizer
+    n_layers = model.config.num_hidden_layers
+
+    sens_path = out / "sensitivity.json"
+    if sens_path.is_file() and json.loads(sens_path.read_text()).get("fingerprint") == fp:
+        record = json.loads(sens_path.read_text())
+        errors = np.array(record["errors"])
+        log(f"sensitivity: reusing {sens_path}")
+    else:
+        if (out / "study.journal").exists():
+            raise UsageError(f"{out} holds a search made for another model or other settings; use a new directory")
+        log(f"sensitivity of {n_layers} layers x {len(QUANT_PAIRS)} pairs on {calib_windows} x {calib_len} tokens")
+        calib = token_windows(tok, dataset, "calibration", calib_len, calib_windows)
+        errors = sensitivity(model, calib, mode, group_size, window, progress=progress)
+        with atomic_file(sens_path, force=True) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fp, "settings": settings, "pairs": QUANT_PAIRS,
+                                       "errors": errors.tolist()}, indent=1))
+    pareto = [pareto_pairs(errors[i]) for i in range(n_layers)]
+    labels = cluster_layers(errors, groups, seed)
+    n_groups = int(labels.max()) + 1
+    candidates = []
+    for g in range(n_groups):
+        members = [i for i in range(n_layers) if labels[i] == g]
+        names = {p for i in members for p in pareto[i]}
+        candidates.append(sorted(names, key=lambda p: (pair_bits(p), p)))
+    log("groups: " + "; ".join(f"{g}: layers {[i for i in range(n_layers) if labels[i] == g]} -> "
+                               f"{'/'.join(candidates[g])}" for g in range(n_groups)))
+
+    def layout_of(choice: list[str], name: str = "") -> Layout:
+        return Layout([PAIRS[choice[labels[i]]] for i in range(n_layers)], mode, group_size, window, name=name)
+
+    log(f"reference (KV16) on {contexts} x {context} held-out tokens")
+    evaluator = Evaluator(model, token_windows(tok, dataset, "heldout", context, contexts))
+    uniform_path = out / "uniform.json"
+    uniform = json.loads(uniform_path.read_text()) if uniform_path.is_file() else {}
+    if uniform.get("fingerprint") != fp:
+        uniform = {"fingerprint": fp, "layouts": {}}
+    for u in ("KV16",) + UNIFORM:                      # the uniform baselines, whatever the budget
+        if u not in uniform["layouts"]:
+            lay = Layout.uniform(u, n_layers, mode, group_size, window)
+            uniform["layouts"][u] = {"avg_bits": lay.average_bits, **evaluator(lay)}
+            with atomic_file(uniform_path, force=True) as tmp:
+                tmp.write_text(json.dumps(uniform, indent=1))
+    log("uniform: " + ", ".join(f"{u} KL {r['kl']:.2e} PPL {r['ppl']:.3f}" for u, r in uniform["layouts"].items()))
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=f"kvtuner-{fp}", storage=storage, sampler=sampler,
+                                directions=["minimize", "minimize"], load_if_exists=True)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not study.trials:
+        for u in UNIFORM:
+            if pair_bits(u) <= budget and all(u in c for c in candidates):
+                study.enqueue_trial({f"g{g}": u for g in range(n_groups)}, user_attrs={"uniform": u})
+
+    def objective(trial):
+        choice = [trial.suggest_categorical(f"g{g}", candidates[g]) for g in range(n_groups)]
+        lay = layout_of(choice)
+        trial.set_user_attr("avg_bits", lay.average_bits)
+        trial.set_constraint("avg_bits", lay.average_bits - budget)   # feasible when <= 0
+        if lay.average_bits > budget:          # infeasible: not evaluated (the constraint ranks it last)
+            trial.set_user_attr("evaluated", False)
+            return 1e3, lay.average_bits
+        same = [u for u in UNIFORM if all(c == u for c in choice)]
+        q = uniform["layouts"][same[0]] if same else evaluator(lay)
+        trial.set_user_attr("evaluated", True)
+        trial.set_user_attr("ppl", q["ppl"])
+        return q["kl"], lay.average_bits
+
+    remaining = trials - len(done)
+    if done:
+        log(f"resuming: {len(done)} of {trials} trials done")
+    if remaining > 0:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=trials, initial=len(done), desc=f"KV search ({mode})", unit="trial")
+        callbacks = [lambda s, t: bar.update(1)] if bar else []
+        try:
+            study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=())
+        finally:
+            if bar:
+                bar.close()
+    return _write_results(study, out, candidates, labels, layout_of, uniform["layouts"], budget, mode)
+
+
+def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dict, budget: float,
+                   mode: str) -> TuneResult:
+    import optuna
+
+    from converters.atomic import atomic_file
+
+    n_groups = len(candidates)
+    kv16 = uniform["KV16"]
+    rows = []
+    for t in study.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE or not t.user_attrs.get("evaluated"):
+            continue
+        choice = [t.params[f"g{g}"] for g in range(n_groups)]
+        rows.append({"number": t.number, "choice": choice, "avg_bits": t.user_attrs["avg_bits"], "kl": t.values[0],
+                     "ppl": t.user_attrs["ppl"], "uniform": t.user_attrs.get("uniform")})
+    front_rows = [r for r in rows if not any(o["avg_bits"] <= r["avg_bits"] and o["kl"] <= r["kl"] and
+                                             (o["avg_bits"] < r["avg_bits"] or o["kl"] < r["kl"]) for o in rows)]
+    unique = {}
+    for r in sorted(front_rows, key=lambda r: (r["avg_bits"], r["kl"], r["number"])):
+        unique.setdefault(tuple(r["choice"]), r)
+    front_rows = list(unique.values())
+    for old in out.glob("pareto-*.yaml"):
+        old.unlink()
+    front, paths = [], []
+    for i, r in enumerate(front_rows):
+        lay = layout_of(r["choice"], name=f"{mode}-pareto-{i:02d}")
+        lay.meta = {"kl": r["kl"], "ppl": r["ppl"], "kv16_ppl": kv16["ppl"], "trial": r["number"], "budget": budget,
+                    "groups": [int(x) for x in labels]}
+        path = lay.save(out / f"pareto-{i:02d}-{lay.average_bits:.2f}b.yaml")
+        front.append(lay)
+        paths.append(path)
+    record = {"mode": mode, "budget": budget, "kv16": kv16, "groups": [int(x) for x in labels],
+              "candidates": candidates, "trials": rows, "front": [r["number"] for r in front_rows], "uniform": uniform}
+    with atomic_file(out / "trials.json", force=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    paths.append(out / "trials.json")
+    png = plot_front(rows, front_rows, uniform, out / "front.png", f"KV layouts ({mode}), budget {budget} bits")
+    paths.append(png)
+    return TuneResult(front, rows, uniform, paths, kv16, [int(x) for x in labels], candidates)
+
+
+def plot_front(rows: list[dict], front_rows: list[dict], uniform: dict, path: Path, title: str) -> Path:
+    """PNG of KL (left) and perplexity (right) vs average bits: all trials, the front, uniform layouts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from converters.atomic import atomic_file
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "kl", "KL to KV16 (nats/token)"), (axes[1], "ppl", "perplexity")):
+        ax.scatter([r["avg_bits"] for r in rows], [r[key] for r in rows], s=10, c="0.7", label="trials")
+        fr = sorted(front_rows, key=lambda r: r["avg_bits"])
+        ax.plot([r["avg_bits"] for r in fr], [r[key] for r in fr], "o-", c="C0", label="Pareto front")
+        us = [(u, r) for u, r in uniform.items() if u != "KV16" and (key != "kl" or r[key] > 0)]
+        ax.scatter([r["avg_bits"] for _, r in us], [r[key] for _, r in us], marker="s", c="C3", label="uniform")
+        for u, r in us:
+            ax.annotate(u, (r["avg_bits"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key == "ppl":
+            ax.axhline(uniform["KV16"]["ppl"], c="k", lw=0.8, ls="--", label="KV16")
+            ax.axhline(uniform["KV16"]["ppl"] * 1.01, c="k", lw=0.5, ls=":", label="KV16 +1%")
+        else:
+            ax.set_yscale("log")
+        ax.set_xlabel("average bits (K and V, scales not counted)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Path, task: str = "arc-easy",
+                   n: int = 100, progress: bool = False) -> list[dict]:
+    """Zero-shot log-likelihood accuracy of ``task`` for each Pareto layout (and KV16), saved into the YAMLs.
+
+    Returns rows {name, avg_bits, accuracy, ci95}; ``accuracy.json`` in ``out_dir``.
+    """
+    from converters.atomic import atomic_file
+    from edgerun.backends.torch import TorchBackend
+    from profilers.accuracy import task_accuracy
+
+    engine = TorchBackend(model_dir)
+    rows = []
+    for lay in [Layout.uniform("KV16", len(front[0].pairs), front[0].mode)] + list(front):
+        engine.set_kv_layout(lay)
+        r = task_accuracy(engine, lay.name, task, n, progress=progress)
+        rows.append({"name": lay.name, "avg_bits": lay.average_bits, "task": task, "n": r.n,
+                     "accuracy": r.accuracy, "ci95": list(r.ci95), "accuracy_norm": r.accuracy_norm})
+        if lay.name != "KV16":
+            lay.meta[f"{task}_accuracy"] = r.accuracy
+            path = next(Path(out_dir).glob(f"pareto-{lay.name.rsplit('-', 1)[-1]}-*.yaml"), None)
+            if path is not None:
+                lay.save(path)
+    with atomic_file(Path(out_dir) / "accuracy.json", force=True) as tmp:
+        tmp.write_text(json.dumps(rows, indent=1))
+    return rows

@@ -1,0 +1,318 @@
+"""KVTuner: the quantizer, bit packing, the packed KV cache, layouts, the search and the per-query planner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli_env, edgerun_cmd, make_tiny_checkpoint
+from edgerun.backends.base import SamplingParams
+from edgerun.errors import UsageError
+from edgerun.kv import quant
+from edgerun.kv.cache import KVSpec, QuantizedKVCache, QuantizedKVLayer
+from edgerun.kv.layout import Layout, llama_cpp_types, load
+from profilers.yamlfile import YamlError
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+# --- quantizer and packing ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_quantize_dequantize_error_is_bounded_by_the_step(bits, axis):
+    torch.manual_seed(bits)
+    x = torch.randn(2, 3, 64, 64) * 3 + 1
+    p = quant.quantize(x, bits, axis=axis, group=32)
+    err = (quant.dequantize(p) - x).abs()
+    # step s per group, broadcast back to x's layout
+    s = p.scale.float()
+    if axis == -1:
+        step = s.expand(*s.shape[:-1], 32).reshape(x.shape)
+    else:
+        step = s.expand(*s.shape[:-1], 32).reshape(*x.shape[:-2], x.shape[-1], x.shape[-2]).transpose(-1, -2)
+    assert bool((err <= step * 1.0005 + 1e-6).all())          # rounding, and at most one step where clipped
+    assert float((err <= step / 2 + 1e-5).float().mean()) > 0.95  # most values: half a step
+    # the step is the ALGORITHMS.md formula (max - min) / (2^b - 1), stored as float16
+    g = x[0, 0, 0, :32] if axis == -1 else x[0, 0, :32, 0]
+    assert float(s.flatten()[0]) == pytest.approx(float(((g.max() - g.min()) / (2 ** bits - 1)).half()))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip_is_exact(bits):
+    codes = torch.randint(0, 2 ** bits, (3, 5, 64))
+    packed = quant.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == 64 * bits // 8
+    assert torch.equal(quant.unpack(packed, bits, 64), codes)
+
+
+def test_quantizer_refuses_unsupported_bits_and_ragged_groups():
+    with pytest.raises(ValueError, match="3-bit"):
+        quant.quantize(torch.randn(4, 64), 3)
+    with pytest.raises(ValueError, match="multiple of the group"):
+        quant.quantize(torch.randn(4, 60), 4, group=32)
+
+
+def test_cache_memory_equals_the_computed_bytes():
+    # 4-bit per-token, group 32 along head_dim 64: 0.5 byte per value + (2 + 2) bytes per 32 values
+    shape = (1, 3, 100, 64)
+    p = quant.quantize(torch.randn(shape), 4, axis=-1, group=32)
+    assert p.nbytes == 3 * 100 * 64 // 2 + 3 * 100 * 2 * 4
+    for mode in ("per-token", "kivi"):
+        for pair in ("K8V4", "KV2", "KV16"):
+            lay = Layout.uniform(pair, 2, mode=mode)
+            cache = QuantizedKVCache(lay.specs())
+            for t in (70, 1, 1, 33):                          # a prefill then decode steps and a chunk
+                for i in range(2):
+                    cache.update(torch.randn(1, 3, t, 64), torch.randn(1, 3, t, 64), i)
+            assert cache.nbytes() == lay.cache_bytes(105, 3, 64, fp_bits=32), (mode, pair)
+
+
+def test_kivi_window_keeps_the_newest_tokens_exact():
+    layer = QuantizedKVLayer(KVSpec(2, 2, "kivi", group_size=32, window=32))
+    k, v = torch.randn(1, 2, 150, 64), torch.randn(1, 2, 150, 64)
+    full_k, full_v = layer.update(k[..., :100, :], v[..., :100, :])
+    for i in range(100, 150):
+        full_k, full_v = layer.update(k[..., i:i + 1, :], v[..., i:i + 1, :])
+    assert layer.get_seq_length() == 150 and full_k.shape == k.shape
+    n_fp = 32 + (150 - 32) % 32                               # the window plus the partial block
+    assert layer.keys.shape[-2] == n_fp
+    assert torch.equal(full_k[..., -n_fp:, :], k[..., -n_fp:, :]) and torch.equal(full_v[..., -n_fp:, :], v[..., -n_fp:, :])
+    assert not torch.equal(full_k[..., :-n_fp, :], k[..., :-n_fp, :])     # older tokens went to 2 bits
+
+
+# --- layouts ----------------------------------------------------------------------------------------
+
+def test_layout_yaml_round_trip_and_bits(tmp_path):
+    lay = Layout([(8, 4), (4, 4), (2, 2), (16, 16)], name="mix")
+    assert lay.average_bits == pytest.approx((12 + 8 + 4 + 32) / 8)
+    back = load(lay.save(tmp_path / "mix.yaml"), n_layers=4)
+    assert back.pairs == lay.pairs and back.mode == "per-token"
+    # true bits add a float16 scale and an int16 zero per group of 32
+    assert Layout.uniform("KV4", 4).true_bits(64) == pytest.approx(4 + 32 / 32)
+    assert "layers 0: K8V4" in lay.describe()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("layers: 2\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n  1: {nbits_key: 3, nbits_value: 4}\n", "must be one of"),
+    ("layers: 2\npairs:\n  0: {nbits_key: 2, nbits_value: 8}\n  1: {nbits_key: 4, nbits_value: 4}\n", "K2V8 is not one of"),
+    ("layers: 2\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n", "layer 1 has no pair"),
+    ("layers: 2\nmode: fancy\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n", "mode"),
+    ("layers: [2\n", "YAML"),
+])
+def test_bad_layout_files_are_refused_with_a_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(YamlError, match=message):
+        load(path)
+
+
+def test_layout_for_another_model_is_refused(tmp_path):
+    path = Layout.uniform("KV4", 3).save(tmp_path / "three.yaml")
+    with pytest.raises(YamlError, match="for 3 layers, the model has 30"):
+        load(path, n_layers=30)
+
+
+def test_llama_cpp_maps_a_layout_to_the_nearest_uniform_type_not_less_precise():
+    tk, tv, note = llama_cpp_types(Layout([(8, 4), (4, 2), (2, 2)], name="mix"))
+    assert (tk, tv) == ("q8_0", "q4_1") and "flash attention" in note
+    assert llama_cpp_types(Layout.uniform("KV2", 2))[:2] == ("q4_0", "q4_0")
+    assert llama_cpp_types(Layout.uniform("KV16", 2))[:2] == ("f16", "f16")
+
+
+# --- the planner ------------------------------------------------------------------------------------
+
+def _front(n_layers=30):
+    out = []
+    for name, kl in (("K8V4", 1e-3), ("KV4", 5e-3), ("K4V2", 3e-2), ("KV2", 1e-1)):
+        lay = Layout.uniform(name, n_layers)
+        lay.meta = {"kl": kl}
+        out.append(lay)
+    return out
+
+
+def test_planner_chooses_lower_bits_when_the_budget_shrinks():
+    from edgerun.planner import KVPlanner
+
+    weights = 540 * 2**20                               # SmolLM2-135M at float32
+    per16 = Layout.uniform("KV16", 30).cache_bytes(4096, 3, 64, fp_bits=32)
+    chosen = []
+    for room in (2 * per16, per16 // 3, per16 // 6, per16 // 9):
+        planner = KVPlanner(_front(), 30, 3, 64, budget_bytes=weights + room, weights_bytes=weights)
+        plan = planner.choose(4096)
+        assert plan.kv_bytes <= room
+        chosen.append(plan.layout.name)
+    assert chosen == ["KV16", "K8V4", "KV4", "KV2"] or chosen[:3] == ["KV16", "K8V4", "KV4"]
+    bits = [Layout.uniform(c, 30).average_bits for c in chosen]
+    assert bits == sorted(bits, reverse=True) and bits[-1] < bits[0]
+    # a fixed budget binds as the context grows
+    planner = KVPlanner(_front(), 30, 3, 64, budget_bytes=weights + per16 // 3, weights_bytes=weights)
+    short, long = planner.choose(512), planner.choose(4096)
+    assert short.layout.name == "KV16" and long.layout.average_bits < 16 and long.changed
+    assert "fits" in long.reason and "KV16 would need" in long.reason
+
+
+def test_planner_budget_below_the_cheapest_layout_names_it():
+    from edgerun.planner import KVPlanner
+
+    planner = KVPlanner(_front(), 30, 3, 64, budget_bytes=10 * 2**20, weights_bytes=9 * 2**20)
+    with pytest.raises(UsageError, match="cheapest layout KV2"):
+        planner.choose(8192)
+
+
+# --- the search (tiny model) -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_source):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("kv") / "tiny", "llama", smollm2_source.path)
+
+
+def test_search_writes_a_pareto_front_and_resumes(tiny, tmp_path):
+    from edgerun.kv import tune as kvt
+
+    out = tmp_path / "layouts"
+    logs = []
+    kw = dict(budget=4.0, population=4, groups=2, context=256, contexts=1, calib_windows=1, calib_len=128,
+              progress=False, log=logs.append)
+    first = kvt.tune(tiny, out, trials=4, **kw)               # "interrupted" after 4 trials
+    second = kvt.tune(tiny, out, trials=9, **kw)              # resumed to 9
+    assert any("resuming: 4 of 9" in m for m in logs) and any("sensitivity: reusing" in m for m in logs)
+    record = json.loads((out / "trials.json").read_text())
+    assert len(record["trials"]) >= len(first.trials)
+    assert set(record["uniform"]) == {"KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2"}
+    assert (out / "front.png").stat().st_size > 1000
+    front = second.front
+    assert front and all(lay.average_bits <= 4.0 for lay in front)
+    for a in front:                                           # nothing on the front is dominated
+        assert not any(b.average_bits <= a.average_bits and b.meta["kl"] < a.meta["kl"] for b in front if b is not a)
+    for path in out.glob("pareto-*.yaml"):
+        assert load(path, n_layers=2).meta["kl"] >= 0
+    # the front's KL is really the layout's: re-evaluate one point
+    from edgerun.backends.torch import TorchBackend
+
+    engine = TorchBackend(tiny)
+    ev = kvt.Evaluator(engine.model, kvt.token_windows(engine.tokenizer, "wiki", "heldout", 256, 1))
+    assert ev(front[0])["kl"] == pytest.approx(front[0].meta["kl"], rel=1e-4)
+    with pytest.raises(UsageError, match="below the cheapest layout"):
+        kvt.tune(tiny, tmp_path / "x", budget=1.5, progress=False, log=logs.append)
+
+
+def test_sensitivity_grows_as_bits_shrink(tiny):
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.kv import tune as kvt
+
+    engine = TorchBackend(tiny)
+    windows = kvt.token_windows(engine.tokenizer, "wiki", "calibration", 128, 1)
+    err = kvt.sensitivity(engine.model, windows)
+    names = kvt.QUANT_PAIRS
+    for layer in err:
+        assert layer[names.index("KV8")] < layer[names.index("KV4")] < layer[names.index("KV2")]
+    assert "KV16" in kvt.pareto_pairs(err[0]) and "KV2" in kvt.pareto_pairs(err[0])
+
+
+# --- the real model -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_torch(smollm2_source):
+    from edgerun.backends.torch import TorchBackend
+
+    return TorchBackend(smollm2_source.path, n_ctx=1024)
+
+
+def test_kv16_layout_through_the_cache_reproduces_unquantized_generation(smollm2_torch):
+    b = smollm2_torch
+    prompt = b.encode_prompt("<|im_start|>user\nName three primary colors.<|im_end|>\n<|im_start|>assistant\n")
+    b.set_kv_layout(None)
+    ref = "".join(b.stream(prompt, GREEDY))
+    ref_logits = b.logits(prompt)
+    b.set_kv_layout(Layout.uniform("KV16", 30))
+    try:
+        assert "".join(b.stream(prompt, GREEDY)) == ref
+        assert np.array_equal(b.logits(prompt), ref_logits)
+        assert b.memory().kv_cache_bytes == b._cache.nbytes() > 0
+    finally:
+        b.set_kv_layout(None)
+
+
+def test_teacher_forced_simulation_matches_the_packed_cache_in_per_token_mode(smollm2_torch):
+    from edgerun.kv.cache import QuantizedKVCache
+
+    b = smollm2_torch
+    lay = Layout([(8, 4)] * 10 + [(4, 4)] * 10 + [(4, 2)] * 10, name="mixed")
+    tokens = b.tokenize("The Eiffel Tower is a wrought-iron lattice tower in Paris, named after the engineer "
+                        "Gustave Eiffel, whose company designed and built it between 1887 and 1889.")
+    b.set_kv_layout(lay)
+    try:
+        teacher = b.logits(tokens)
+        cache = QuantizedKVCache(lay.specs())
+        steps = [b._forward(tokens[:8], cache, 0)[0].numpy()]    # prefill 8, then decode one by one
+        for i in range(8, len(tokens)):
+            steps.append(b._forward([tokens[i]], cache, i)[0].numpy())
+        packed = np.concatenate(steps)
+        b.set_kv_layout(None)
+        unquantized = b.logits(tokens)
+    finally:
+        b.set_kv_layout(None)
+    assert np.abs(teacher - packed).max() < 1e-3 * np.abs(teacher).max()
+    assert np.abs(teacher - unquantized).max() > 10 * np.abs(teacher - packed).max()   # quantization is real
+    assert cache.nbytes() == lay.cache_bytes(len(tokens), 3, 64, fp_bits=32)
+
+
+def test_chat_plans_the_kv_layout_per_message_and_reprefills_on_a_change(smollm2_source, smollm2_torch, tmp_path):
+    import edgerun
+
+    out = tmp_path / "front"
+    for lay in _front():
+        lay.save(out / f"{lay.name}.yaml")
+    weights = smollm2_torch.memory().model_bytes
+    # room for KV16 over ~200 tokens, not over 700: a long second message makes the planner step down
+    room = Layout.uniform("KV16", 30).cache_bytes(400, 3, 64, fp_bits=32)
+    device = tmp_path / "small.yaml"
+    device.write_text(f"name: small\ncpu_model: test\ncores: 2\nthreads: 2\nram_gib: 1\n"
+                      f"memory_budget_gib: {(weights + room) / 2**30:.6f}\n")
+    notices = []
+    session = edgerun.load(str(smollm2_source.path), backend="torch", kv_layout=str(out), device=str(device),
+                           max_tokens=16, temperature=0.0, notify=notices.append, n_ctx=1024)
+    try:
+        first = "".join(session.chat("Hi!"))
+        assert first and session.kv_stats["kv_layout"] == "KV16" and session.kv_stats["kv_history"] == "new"
+        long = "Summarize this. " + "The river flows past the old mill and the bridge. " * 50
+        "".join(session.chat(long))
+        k = session.kv_stats
+        assert k["kv_layout"] != "KV16" and k["kv_average_bits"] < 16 and k["kv_changed"]
+        assert k["kv_history"].startswith("re-prefilled") and any("re-prefilled" in n for n in notices)
+        assert session.stats.prefill_tokens == session.stats.prompt_tokens        # the history was prefilled again
+        assert 0 < session.backend.memory().kv_cache_bytes <= k["kv_available_bytes"]
+    finally:
+        session.backend.close()
+
+
+def test_llama_cpp_runs_a_layout_as_its_uniform_type(default_model_path, tmp_path):
+    import edgerun
+
+    path = Layout([(8, 4)] * 30, name="k8v4").save(tmp_path / "k8v4.yaml")
+    notices = []
+    session = edgerun.load(None, kv_layout=str(path), max_tokens=8, temperature=0.0, notify=notices.append,
+                           n_ctx=512)
+    try:
+        assert "".join(session.chat("Say hi."))
+        assert session.backend.cache_type_k == "q8_0" and session.backend.cache_type_v == "q4_1"
+        assert any("type_k=q8_0, type_v=q4_1" in n for n in notices)
+    finally:
+        session.backend.close()
+    with pytest.raises(UsageError, match="one layout file"):
+        edgerun.load(None, kv_layout=str(tmp_path), max_tokens=8)
+
+
+def test_cli_kv_show_and_tune_errors(tmp_path):
+    path = Layout([(8, 4), (4, 4)], name="two").save(tmp_path / "two.yaml")
+    r = subprocess.run(edgerun_cmd("kv", "show", str(path)), capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 0 and "average bits 5.000" in r.stdout and "layers 0: K8V4" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers: 1\npairs:\n  0: {nbits_key: 5, nbits_value: 4}\n")
+    r = subprocess.run(edgerun_cmd("kv", "show", str(bad)), capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode != 0 and "nbits_key" in r.stderr and "Traceback" not in r.stderr
