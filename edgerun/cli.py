@@ -78,7 +78,9 @@ def format_stats(stats) -> str:
         return "no reply yet"
     return (f"TTFT {stats.ttft_ms:.1f} ms | prefill {stats.prefill_tokens} tokens, {rate(stats.prefill_tokens_per_s)}"
             f" | decode {stats.generated_tokens} tokens, {rate(stats.decode_tokens_per_s)}"
-            f" | context {stats.context_used}/{stats.context_size} tokens | finish: {stats.finish_reason}")
+            f" | context {stats.context_used}/{stats.context_size} tokens | finish: {stats.finish_reason}"
+            + (f" | KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB" if stats.kv_cache_bytes else "")
+            + (f" ({stats.kv_layout})" if stats.kv_layout else ""))
 
 
 def _print_reply(pieces) -> None:

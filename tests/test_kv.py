@@ -287,6 +287,8 @@ def test_chat_plans_the_kv_layout_per_message_and_reprefills_on_a_change(smollm2
         assert k["kv_history"].startswith("re-prefilled") and any("re-prefilled" in n for n in notices)
         assert session.stats.prefill_tokens == session.stats.prompt_tokens        # the history was prefilled again
         assert 0 < session.backend.memory().kv_cache_bytes <= k["kv_available_bytes"]
+        assert session.stats.kv_cache_bytes == session.backend.memory().kv_cache_bytes
+        assert session.stats.kv_layout == k["kv_layout"]
     finally:
         session.backend.close()
 

@@ -57,6 +57,9 @@ class GenerationStats:
             full) or ``"interrupted"`` (the caller stopped reading, e.g. Ctrl-C).
         context_used: tokens in the context after this reply.
         context_size: the context window in tokens.
+        kv_cache_bytes: bytes the KV cache holds after the reply when the engine can tell (torch:
+            the packed quantized cache's real bytes, or the unquantized cache's), else 0.
+        kv_layout: name of the KV precision layout in use (torch with a layout), else "".
     """
 
     prompt_tokens: int = 0
@@ -69,6 +72,8 @@ class GenerationStats:
     finish_reason: str = ""
     context_used: int = 0
     context_size: int = 0
+    kv_cache_bytes: int = 0
+    kv_layout: str = ""
 
     @property
     def prefill_tokens_per_s(self) -> float | None:

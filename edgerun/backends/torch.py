@@ -265,6 +265,8 @@ class TorchBackend(Backend):
             stats.finish_reason = finish
             stats.context_used = len(self._cached_tokens)
             self.last_stats = stats
+            stats.kv_cache_bytes = self.memory().kv_cache_bytes
+            stats.kv_layout = self.kv_layout.name if self.kv_layout is not None else ""
 
     def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
         torch = self._torch
