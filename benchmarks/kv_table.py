@@ -1,7 +1,7 @@
 """KVTuner on SmolLM2-135M-Instruct: layout search, cache bytes, decode speed, llama.cpp's uniform types.
 
 1. ``edgerun kv tune`` in per-token and KIVI mode (group 32, KIVI window 32): sensitivity on 2 x 512
-   calibration tokens, 4 layer groups, NSGA-II with 60 trials and population 12, budget 6.0 average
+   calibration tokens, 4 layer groups, NSGA-II with 36 trials (3 generations) and population 12, budget 6.0 average
    bits (to reach above the nearly-lossless point), quality = KL to KV16 and perplexity on 2 x 2048
    held-out wiki tokens (documents concatenated), teacher-forced; uniform KV8 ... KV2 on the same
    contexts; ARC-Easy (100 items, log-likelihood) on each Pareto front. The nearly-lossless point
@@ -15,7 +15,7 @@
 4. llama.cpp's uniform KV types on the float32 GGUF of the same model: perplexity on the same
    2 x 2048 tokens and decode tokens/s (flash attention on for every type, so speeds compare).
 
-Usage: python benchmarks/kv_table.py [--trials 60] [--quick]
+Usage: python benchmarks/kv_table.py [--trials 36] [--quick]
 Writes benchmarks/results/kv_table.json, kv_table.md and kv/<mode>/ (layouts, trials.json, front.png).
 """
 
@@ -56,7 +56,7 @@ def decode_speed(backend, prompt, n=64, repeats=3) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--trials", type=int, default=36)
     ap.add_argument("--budget", type=float, default=6.0)
     ap.add_argument("--quick", action="store_true", help="small settings to check the script")
     args = ap.parse_args()
