@@ -214,6 +214,28 @@ def test_sensitivity_grows_as_bits_shrink(tiny):
     assert "KV16" in kvt.pareto_pairs(err[0]) and "KV2" in kvt.pareto_pairs(err[0])
 
 
+def test_the_carved_moe_runs_through_the_packed_cache(tiny, tmp_path):
+    """A carved MoE keeps Llama attention: KV16 through the cache is exact, KV4 stores what its bits say."""
+    from converters.carve import carve_checkpoint
+    from edgerun.backends.torch import TorchBackend
+
+    carved = carve_checkpoint(tiny, tmp_path / "carved", "S1A1E4", tokens=512, seq_len=256)
+    engine = TorchBackend(carved, n_ctx=256)
+    prompt = engine.tokenize("The history of the city begins with a small fishing village on the river")
+    ref = "".join(engine.stream(prompt, GREEDY))
+    ref_logits = engine.logits(prompt)
+    engine.set_kv_layout(Layout.uniform("KV16", 2))
+    assert "".join(engine.stream(prompt, GREEDY)) == ref
+    assert np.array_equal(engine.logits(prompt), ref_logits)
+    kv4 = Layout.uniform("KV4", 2)
+    engine.set_kv_layout(kv4)
+    out = "".join(engine.stream(prompt, GREEDY))
+    assert out and engine.last_stats.kv_layout == "KV4"
+    n_kv, head_dim = engine.model.config.num_key_value_heads, engine.model.config.head_dim
+    tokens = engine._cache.get_seq_length()
+    assert engine.last_stats.kv_cache_bytes == engine._cache.nbytes() == kv4.cache_bytes(tokens, n_kv, head_dim, fp_bits=32)
+
+
 # --- the real model -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
