@@ -48,8 +48,9 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         patterns: expert patterns directory for adaptive experts.
         quant: GGUF type of the models assembled for adaptive experts.
         kv_layout: KVTuner layout(s): a layout YAML, or a directory of them (a ``kv tune`` Pareto
-            front). torch: the packed layer-wise KV cache; with a directory the layout is chosen per
-            message to fit ``device``'s memory budget (KV16 included when it fits). llama.cpp: one
+            front). torch: the packed layer-wise KV cache; one file runs that layout (refused when its
+            cache does not fit); with a directory the layout is chosen per message to fit
+            ``device``'s memory budget (KV16 included when it fits). llama.cpp: one
             file, mapped to the nearest uniform (type_k, type_v) not less precise (said in a notice).
         device: device config YAML whose ``memory_budget_gib`` bounds weights + KV cache (default:
             this machine, 75% of RAM).
@@ -64,6 +65,10 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
 
     label = str(model or catalog.DEFAULT_MODEL)
     if adaptive_experts:
+        if kv_layout is not None:
+            from edgerun.errors import UsageError
+
+            raise UsageError("--kv-layout does not combine with --adaptive-experts yet: use one of them")
         return _load_adaptive(model, backend or "llama.cpp", keep, patterns, quant, system, chat_template, n_ctx,
                               threads, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, notify)
     entry = catalog.CATALOG.get(label)
@@ -96,7 +101,9 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         from edgerun.planner import KVPlanner
 
         try:
-            kv_planner = KVPlanner.for_backend(engine, kv_layouts, _budget_bytes(device))
+            # one file runs that layout; a directory (a Pareto front) is planned per message with KV16
+            plan_all = len(kv_layouts) > 1 or any(Path(p).is_dir() for p in kv_layouts)
+            kv_planner = KVPlanner.for_backend(engine, kv_layouts, _budget_bytes(device), include_kv16=plan_all)
         except EdgerunError:
             engine.close()
             raise

@@ -44,7 +44,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--patterns", default=None, help="adaptive experts: expert patterns directory")
     p.add_argument("--quant", default="Q8_0", help="adaptive experts: GGUF type of the assembled models")
     p.add_argument("--mixpe", default="W4A16", help="MixPE mode with --backend mixpe: W4A8, W4A16, W8A8, W8A16")
-    p.add_argument("--group-size", type=int, default=None, help="MixPE: the checkpoint's weight group size")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="MixPE: the checkpoint's weight group size")
     p.add_argument("--cost-table", default=None, help="MixPE: energy cost table YAML (default: the simulator's)")
     p.add_argument("--kv-layout", default=None, metavar="LAYOUT",
                    help="KVTuner KV-cache layout YAML, or a directory of them ('edgerun kv tune' output) to choose "
@@ -205,7 +205,7 @@ def _add_export(sub) -> None:
     p.add_argument("--ptq", default=None, choices=["rtn", "gptq", "awq"],
                    help="torch-side weight quantization into a GPTQ-layout checkpoint (with --to hf)")
     p.add_argument("--bits", type=int, default=4, help="PTQ weight bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=64, help="PTQ input columns per scale (default 64)")
+    p.add_argument("--group-size", type=_positive_int, default=64, help="PTQ input columns per scale (default 64)")
     p.add_argument("--calib-samples", type=int, default=16,
                    help="PTQ calibration windows of 512 tokens from the wiki calibration split (default 16)")
     p.add_argument("--carve", default=None, metavar="SxAyEz",
@@ -320,9 +320,9 @@ def _add_kv(sub) -> None:
     kv.required = True
     s = kv.add_parser("show", help="print a layout: pairs per layer, average and true bits, bytes")
     s.add_argument("layout", help="layout YAML")
-    s.add_argument("--head-dim", type=int, default=64, help="head dimension for true bits (default 64)")
-    s.add_argument("--kv-heads", type=int, default=3, help="KV heads for bytes per token (default 3, SmolLM2-135M)")
-    s.add_argument("--context", type=int, default=2048, help="context for KIVI's window share (default 2048)")
+    s.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension for true bits (default 64)")
+    s.add_argument("--kv-heads", type=_positive_int, default=3, help="KV heads for bytes per token (default 3, SmolLM2-135M)")
+    s.add_argument("--context", type=_positive_int, default=2048, help="context for KIVI's window share (default 2048)")
     s.set_defaults(func=cmd_kv_show)
     t = kv.add_parser("tune", help="search layer-wise KV layouts under an average-bits budget (Optuna NSGA-II)",
                       description="Sensitivity per layer and pair, Pareto pruning, clustering, then NSGA-II over group "
@@ -330,18 +330,34 @@ def _add_kv(sub) -> None:
                                   "Resumable: run again with the same output directory.")
     t.add_argument("model", help="catalog name, .gguf or HF checkpoint (dense or carved MoE)")
     t.add_argument("--budget", type=float, default=4.0, help="average bits cap (default 4.0)")
-    t.add_argument("--trials", type=int, default=60, help="NSGA-II trials (default 60)")
-    t.add_argument("--population", type=int, default=12, help="NSGA-II population (default 12)")
+    t.add_argument("--trials", type=_positive_int, default=60, help="distinct layouts evaluated by NSGA-II (default 60)")
+    t.add_argument("--population", type=_positive_int, default=12, help="NSGA-II population (default 12)")
     t.add_argument("--mode", default="per-token", choices=["per-token", "kivi"], help="quantization mode")
-    t.add_argument("--groups", type=int, default=4, help="layer groups after clustering (default 4)")
-    t.add_argument("--group-size", type=int, default=32, help="quantization group (default 32)")
-    t.add_argument("--window", type=int, default=32, help="KIVI full-precision window (default 32)")
-    t.add_argument("--context", type=int, default=2048, help="held-out context length (default 2048)")
-    t.add_argument("--contexts", type=int, default=2, help="held-out contexts (default 2)")
+    t.add_argument("--groups", type=_positive_int, default=4, help="layer groups after clustering (default 4)")
+    t.add_argument("--group-size", type=_positive_int, default=32, help="quantization group (default 32)")
+    t.add_argument("--window", type=_nonnegative_int, default=32, help="KIVI full-precision window (default 32)")
+    t.add_argument("--context", type=_positive_int, default=2048, help="held-out context length (default 2048)")
+    t.add_argument("--contexts", type=_positive_int, default=2, help="held-out contexts (default 2)")
     t.add_argument("--task", default="arc-easy", help="task scored on the Pareto front (default arc-easy; 'none')")
     t.add_argument("--task-items", type=int, default=100, help="task items (default 100)")
     t.add_argument("-o", "--output", required=True, help="output directory (layouts, journal, plot)")
     t.set_defaults(func=cmd_kv_tune)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
 
 
 def cmd_kv_show(args) -> int:

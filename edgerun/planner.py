@@ -258,7 +258,15 @@ class KVPlanner:
         self.current = None
 
     def bytes_for(self, layout, tokens: int) -> int:
-        return layout.cache_bytes(tokens, *self.shape, fp_bits=self.fp_bits)
+        """Peak KV-cache bytes of ``layout`` while it grows to ``tokens`` tokens.
+
+        Per-token caches grow steadily; a KIVI cache peaks just before a block leaves its
+        full-precision window, so the last ``group_size`` lengths are checked.
+        """
+        if layout.mode != "kivi":
+            return layout.cache_bytes(tokens, *self.shape, fp_bits=self.fp_bits)
+        return max(layout.cache_bytes(n, *self.shape, fp_bits=self.fp_bits)
+                   for n in range(max(1, tokens - layout.group_size + 1), tokens + 1))
 
     def choose(self, tokens: int) -> KVPlan:
         """The plan for a message of ``tokens`` tokens (prompt + reply budget).
@@ -286,11 +294,14 @@ class KVPlanner:
                          "shorten the context (--ctx-size, --max-tokens) or use a device with more memory")
 
     @classmethod
-    def for_backend(cls, backend, layouts, budget_bytes: int) -> "KVPlanner":
-        """A planner sized for a loaded torch backend's model (its attention shape, weights and dtype)."""
+    def for_backend(cls, backend, layouts, budget_bytes: int, include_kv16: bool = True) -> "KVPlanner":
+        """A planner sized for a loaded torch backend's model (its attention shape, weights and dtype).
+
+        ``include_kv16``: also consider the unquantized cache (for a Pareto front; not for one file).
+        """
         cfg = backend.model.config
         n_head = cfg.num_attention_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
         p = next(backend.model.parameters())
         return cls(layouts, cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", n_head), hd, budget_bytes,
-                   backend.memory().model_bytes, fp_bits=8 * p.element_size())
+                   backend.memory().model_bytes, fp_bits=8 * p.element_size(), include_kv16=include_kv16)

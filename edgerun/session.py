@@ -131,8 +131,12 @@ class Session:
         tokens = n_prompt + reply_budget(self.backend.n_ctx, n_prompt, self.sampling.max_tokens)
         plan = self.kv_planner.choose(tokens)
         self.backend.set_kv_layout(plan.layout)
-        history = "re-prefilled under the new layout" if self.backend.kv_note else \
-            ("kept (same layout)" if self.kv_plan is not None else "new")
+        if self.kv_plan is None:
+            history = "new"
+        elif plan.changed:
+            history = "re-prefilled under the new layout" if self.backend.kv_note else "new layout (no cache yet)"
+        else:
+            history = "kept (same layout)"
         if self.backend.kv_note:
             self._notify(f"KV layout {plan.layout.name}: the conversation is re-prefilled under it")
         self.kv_plan = plan

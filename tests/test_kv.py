@@ -43,6 +43,16 @@ def test_quantize_dequantize_error_is_bounded_by_the_step(bits, axis):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
+def test_near_constant_groups_far_from_zero_keep_the_bound(bits):
+    """The int16 zero point never overflows: a constant group, and a KIVI key channel at 10 +- 0.01."""
+    for x, axis in ((torch.full((1, 1, 4, 64), 0.5), -1), (torch.full((1, 1, 4, 64), -300.0), -1),
+                    (10 + 0.01 * torch.randn(1, 1, 32, 64, generator=torch.Generator().manual_seed(0)), -2)):
+        p = quant.quantize(x, bits, axis=axis, group=32)
+        err = (quant.dequantize(p) - x).abs().max()
+        assert err <= max(float((x.max() - x.min()) / (2 ** bits - 1)), float(x.abs().max()) / 32000) * 1.01
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_unpack_round_trip_is_exact(bits):
     codes = torch.randint(0, 2 ** bits, (3, 5, 64))
     packed = quant.pack(codes, bits)
@@ -103,6 +113,9 @@ def test_layout_yaml_round_trip_and_bits(tmp_path):
     ("layers: 2\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n", "layer 1 has no pair"),
     ("layers: 2\nmode: fancy\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n", "mode"),
     ("layers: [2\n", "YAML"),
+    ("layers: 1\npairs:\n  0: 8\n", "must map to"),
+    ("layers: 1\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n  7: {nbits_key: 9, nbits_value: 4}\n", "outside"),
+    ("layers: 1\nwindow: true\npairs:\n  0: {nbits_key: 4, nbits_value: 4}\n", "window"),
 ])
 def test_bad_layout_files_are_refused_with_a_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

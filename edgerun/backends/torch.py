@@ -280,9 +280,10 @@ class TorchBackend(Backend):
         else:
             kwargs.update(do_sample=False)
         # model.generate exposes no per-phase timing: the stats of this path carry token counts only
+        cache = self._new_cache()                                   # the layout's packed cache, if any
         with torch.inference_mode():
             out = self.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                      **kwargs)
+                                      past_key_values=cache, **kwargs)
         new = out[0, len(prompt):].tolist()
         finish = "stop" if new and new[-1] in self._eos else "length"
         if new and new[-1] in self._eos:
@@ -291,6 +292,8 @@ class TorchBackend(Backend):
         self.last_stats = GenerationStats(prompt_tokens=len(prompt), prefill_tokens=len(prompt),
                                           generated_tokens=len(new), finish_reason=finish,
                                           context_used=len(prompt) + len(new), context_size=self.n_ctx)
+        if self.kv_layout is not None:
+            self.last_stats.kv_cache_bytes, self.last_stats.kv_layout = cache.nbytes(), self.kv_layout.name
         return self.detokenize(new)
 
     def memory(self) -> MemoryInfo:

@@ -28,7 +28,15 @@ MODES = ("per-token", "kivi")
 
 
 def pair_name(k_bits: int, v_bits: int) -> str:
-    return next(n for n, p in PAIRS.items() if p == (k_bits, v_bits))
+    """KVTuner's name of a (K bits, V bits) pair, e.g. (8, 4) -> ``K8V4``.
+
+    Raises:
+        ValueError: a pair outside KVTuner's set.
+    """
+    for name, pair in PAIRS.items():
+        if pair == (k_bits, v_bits):
+            return name
+    raise ValueError(f"K{k_bits}V{v_bits} is not one of {', '.join(PAIRS)}")
 
 
 @dataclass
@@ -79,6 +87,8 @@ class QuantizedKVLayer(DynamicLayer):
         return torch.cat([old, new], dim=-2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new K/V (batch, kv_heads, new_tokens, head_dim); return all K/V so far, dequantized
+        (float, (batch, kv_heads, tokens, head_dim)), for attention."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]

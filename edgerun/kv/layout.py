@@ -135,7 +135,8 @@ SCHEMA = {
     "layers": yf.Field(yf.positive_int),
     "mode": yf.Field(yf.one_of(MODES), required=False, default="per-token"),
     "group_size": yf.Field(yf.positive_int, required=False, default=32),
-    "window": yf.Field(lambda v: None if isinstance(v, int) and v >= 0 else "must be an integer >= 0",
+    "window": yf.Field(lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       else "must be an integer >= 0",
                        required=False, default=32),
     "average_bits": yf.Field(yf.positive_number, required=False),
     "pairs": yf.Field(lambda v: None if isinstance(v, dict) and v else "must map layers to {nbits_key, nbits_value}"),
@@ -155,11 +156,18 @@ def load(path: str | Path, n_layers: int | None = None) -> Layout:
     data, lines = yf.read(path)
     data = yf.check(path, data, lines, SCHEMA)
     layers = data["layers"]
+    extra = [k for k in data["pairs"] if str(k) not in {str(i) for i in range(layers)}]
+    if extra:
+        raise yf.YamlError(f"{path}: pairs for layer(s) {', '.join(map(str, extra))} outside the declared "
+                           f"{layers} layers (0..{layers - 1})")
     pairs = []
     for i in range(layers):
         entry = data["pairs"].get(i, data["pairs"].get(str(i)))
         if entry is None:
             raise yf.YamlError(f"{path}: layer {i} has no pair (the layout declares {layers} layers)")
+        if not isinstance(entry, dict):
+            raise yf.YamlError(f"{path}, line {lines.get(f'pairs.{i}', '?')}: layer {i} must map to "
+                               f"{{nbits_key, nbits_value}}, got {entry!r}")
         e = yf.check(path, entry, lines, PAIR_SCHEMA, prefix=f"pairs.{i}.")
         pair = (e["nbits_key"], e["nbits_value"])
         if pair not in PAIRS.values():

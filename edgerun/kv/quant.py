@@ -3,7 +3,9 @@
 Quantizer (KVTuner, ALGORITHMS.md), over a group of values x:
 ``s = (max - min) / (2^b - 1)``, ``z = round(min / s)``, ``q = clip(round(x / s) - z, 0, 2^b - 1)``,
 ``x^ = (q + z) * s``; with z rounded, the error of each value is at most s (s / 2 where no clipping
-happens). The scale is stored as float16 (and used rounded), the integer zero point as int16.
+happens). The scale is stored as float16 (and used rounded), the integer zero point as int16; so
+that z always fits int16, s is at least max|x| / 32000 (this only changes near-constant groups far
+from zero, whose range would otherwise give a zero point out of range).
 
 Grouping:
 - **per-token**: each token's head vector (head_dim values, or groups of ``group_size`` of them) is one
@@ -12,7 +14,7 @@ Grouping:
   keys per-channel over groups of ``group_size`` tokens (along the sequence), values per-token.
 
 Packing: codes of b bits (2, 4 or 8) are packed 8/b to a byte along the last dimension, so a
-quantized tensor really occupies b/8 bytes per value plus its float16 scale and minimum per group.
+quantized tensor really occupies b/8 bytes per value plus its float16 scale and int16 zero point per group.
 """
 
 from __future__ import annotations
@@ -90,7 +92,10 @@ def quantize(x: torch.Tensor, bits: int, axis: int = -1, group: int | None = Non
         xt = x
     g = xt.reshape(*xt.shape[:-1], xt.shape[-1] // group, group)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-6).half().float()       # stored as float16
+    # the int16 zero point round(min / s) must fit: near-constant groups far from 0 get a step of at
+    # least max|x| / 32000 (the margin covers float16 rounding of s), still tiny against the values
+    bound = torch.maximum(lo.abs(), hi.abs()) / 32000
+    scale = torch.maximum((hi - lo) / (2 ** bits - 1), bound).clamp_min(1e-6).half().float()   # stored as float16
     zero = torch.round(lo / scale).clamp(-32768, 32767)
     codes = torch.clamp(torch.round(g / scale) - zero, 0, 2 ** bits - 1).reshape(xt.shape)
     if axis == -2:

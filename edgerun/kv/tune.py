@@ -123,7 +123,9 @@ def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", gro
     """Relative attention-output error per (layer, pair): float64 (layers, len(QUANT_PAIRS)).
 
     Each layer's attention is re-run on its clean inputs with only its own K/V quantized (KVTuner
-    Sec. 4.2); errors are averaged over the windows.
+    Sec. 4.2); errors are averaged over the windows. ``mode``, ``group_size`` and ``window`` are the
+    cache's (per-token or KIVI, quantization group, KIVI full-precision window in tokens);
+    ``windows``: (1, T) int64 token tensors.
     """
     layers = model.model.layers
     n = len(layers)
@@ -237,8 +239,12 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
 
     Args:
         model_dir: HF checkpoint (dense or a carved MoE). out_dir: results directory (resumable).
-        budget: average bits cap, e.g. 4.0. trials: NSGA-II trials (including the seeded uniform
-            layouts). population: NSGA-II population. mode: ``per-token`` or ``kivi``.
+        budget: average bits cap, e.g. 4.0 (a resumed search may change it: layouts above the new cap
+            leave the front). trials: distinct layouts to evaluate (including the seeded uniform
+            layouts; samples over the budget or repeated are not evaluated and not counted).
+            population: NSGA-II population. mode: ``per-token`` or ``kivi``.
+        group_size, window: quantization group and KIVI full-precision window (tokens); seed: sampler
+            and clustering seed; dataset: catalog text for calibration and evaluation.
         groups: layer groups after clustering. context, contexts: held-out evaluation windows.
         calib_windows, calib_len: calibration windows for the sensitivity.
 
@@ -316,7 +322,13 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=f"kvtuner-{fp}", storage=storage, sampler=sampler,
                                 directions=["minimize", "minimize"], load_if_exists=True)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    def evaluated() -> dict:
+        """Quality of each distinct layout evaluated so far (choice tuple -> (kl, ppl))."""
+        return {tuple(t.params[f"g{g}"] for g in range(n_groups)): (t.values[0], t.user_attrs["ppl"])
+                for t in study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated")}
+
+    memo = evaluated()
     if not study.trials:
         for u in UNIFORM:
             if pair_bits(u) <= budget and all(u in c for c in candidates):
@@ -330,24 +342,35 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
         if lay.average_bits > budget:          # infeasible: not evaluated (the constraint ranks it last)
             trial.set_user_attr("evaluated", False)
             return 1e3, lay.average_bits
-        same = [u for u in UNIFORM if all(c == u for c in choice)]
-        q = uniform["layouts"][same[0]] if same else evaluator(lay)
+        key = tuple(choice)
+        if key not in memo:                    # a repeated choice costs nothing: its quality is known
+            same = [u for u in UNIFORM if all(c == u for c in choice)]
+            q = uniform["layouts"][same[0]] if same else evaluator(lay)
+            memo[key] = (q["kl"], q["ppl"])
         trial.set_user_attr("evaluated", True)
-        trial.set_user_attr("ppl", q["ppl"])
-        return q["kl"], lay.average_bits
+        trial.set_user_attr("ppl", memo[key][1])
+        return memo[key][0], lay.average_bits
 
-    remaining = trials - len(done)
-    if done:
-        log(f"resuming: {len(done)} of {trials} trials done")
-    if remaining > 0:
+    # --trials counts distinct layouts evaluated: infeasible and repeated samples are free, so they do
+    # not use it up (bounded at 10 x trials samples in all, for small search spaces)
+    if memo:
+        log(f"resuming: {len(memo)} of {trials} trials done")
+    if len(memo) < trials:
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=trials, initial=len(done), desc=f"KV search ({mode})", unit="trial")
-        callbacks = [lambda s, t: bar.update(1)] if bar else []
+            bar = tqdm(total=trials, initial=len(memo), desc=f"KV search ({mode})", unit="trial")
+
+        def callback(study_, trial_):
+            if bar:
+                bar.n = min(len(memo), trials)
+                bar.refresh()
+            if len(memo) >= trials:
+                study_.stop()
+
         try:
-            study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=())
+            study.optimize(objective, n_trials=max(10 * trials - len(study.trials), 1), callbacks=[callback], catch=())
         finally:
             if bar:
                 bar.close()
@@ -365,6 +388,8 @@ def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dic
     rows = []
     for t in study.trials:
         if t.state != optuna.trial.TrialState.COMPLETE or not t.user_attrs.get("evaluated"):
+            continue
+        if t.user_attrs["avg_bits"] > budget:      # evaluated under a larger budget by an earlier run
             continue
         choice = [t.params[f"g{g}"] for g in range(n_groups)]
         rows.append({"number": t.number, "choice": choice, "avg_bits": t.user_attrs["avg_bits"], "kl": t.values[0],
@@ -439,6 +464,8 @@ def front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Pa
     from edgerun.backends.torch import TorchBackend
     from profilers.accuracy import task_accuracy
 
+    if not front:
+        raise UsageError("no Pareto layouts to score: the search found none under the budget")
     engine = TorchBackend(model_dir)
     rows = []
     for lay in [Layout.uniform("KV16", len(front[0].pairs), front[0].mode)] + list(front):
