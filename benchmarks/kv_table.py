@@ -105,6 +105,7 @@ def main() -> int:
                                                  if uniform_lossless else None),
         }
         print(json.dumps(result["modes"][mode]["front"], indent=1))
+        save(result)
 
     # 2. bytes measured vs theoretical at 2k and 8k
     rows = []
@@ -126,6 +127,7 @@ def main() -> int:
                              "overhead_pct": (measured / codes_only - 1) * 100,
                              "vs_fp16_cache": measured / (2 * 30 * 3 * 64 * tokens * 2)})
     result["bytes"] = rows
+    save(result)
 
     # 3. decode speed in the torch backend
     engine = TorchBackend(source.path, n_ctx=1024)
@@ -140,6 +142,7 @@ def main() -> int:
     result["decode_tokens_per_s"] = {k: {"tokens_per_s": v, "vs_dynamic_cache": v / base} for k, v in speed.items()}
     print(json.dumps(result["decode_tokens_per_s"], indent=1))
     del engine
+    save(result)
 
     # 4. llama.cpp uniform KV types on the F32 GGUF
     gguf = f32_cache(source)
@@ -163,11 +166,16 @@ def main() -> int:
         r["speed_vs_f16"] = r["decode_tokens_per_s"] / f16["decode_tokens_per_s"]
     result["llama_cpp"] = llama_rows
 
+    save(result)
+    print(render(result))
+    return 0
+
+
+def save(result: dict) -> None:
+    """Write what is measured so far (a later section failing loses nothing before it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "kv_table.json").write_text(json.dumps(result, indent=1))
     (RESULTS / "kv_table.md").write_text(render(result))
-    print(render(result))
-    return 0
 
 
 def render(r: dict) -> str:
@@ -195,17 +203,17 @@ def render(r: dict) -> str:
     lines += ["## KV-cache bytes: measured on the packed cache vs codes only", "",
               "| tokens | mode | layout | avg bits | measured MiB | codes-only MiB | overhead | vs fp16 cache |",
               "|---:|---|---|---:|---:|---:|---:|---:|"]
-    for b in r["bytes"]:
+    for b in r.get("bytes", []):
         lines.append(f"| {b['tokens']} | {b['mode']} | {b['layout']} | {b['avg_bits']:.1f} | "
                      f"{b['measured_bytes'] / 2**20:.2f} | {b['codes_only_bytes'] / 2**20:.2f} | {b['overhead_pct']:+.1f}% | "
                      f"{b['vs_fp16_cache']:.3f} |")
     lines += ["", "## Decode speed, torch backend (512-token prompt, 64 tokens, median of 3)", "",
               "| cache | tokens/s | vs DynamicCache |", "|---|---:|---:|"]
-    for k, v in r["decode_tokens_per_s"].items():
+    for k, v in r.get("decode_tokens_per_s", {}).items():
         lines.append(f"| {k} | {v['tokens_per_s']:.1f} | {v['vs_dynamic_cache']:.2f} |")
     lines += ["", "## llama.cpp uniform KV types (F32 weights, flash attention on)", "",
               "| type_k | type_v | perplexity | vs f16 | decode tokens/s | vs f16 |", "|---|---|---:|---:|---:|---:|"]
-    for x in r["llama_cpp"]:
+    for x in r.get("llama_cpp", []):
         lines.append(f"| {x['type_k']} | {x['type_v']} | {x['ppl']:.3f} | {x['ppl_vs_f16_pct']:+.2f}% | "
                      f"{x['decode_tokens_per_s']:.1f} | {x['speed_vs_f16']:.2f} |")
     return "\n".join(lines) + "\n"

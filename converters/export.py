@@ -75,6 +75,19 @@ def carved_cache(source: Source, config: str, tokens: int, progress: bool, log: 
     return out
 
 
+def finetuned_cache(carved: Path, minutes: float, progress: bool, log: Callable[[str], None]) -> Path:
+    """The carved checkpoint after CMoE's light fine-tune (gate scale, bias balancing, LoRA), cached."""
+    from converters.cmoe_finetune import finetune
+
+    out = carved.with_name(f"{carved.name}-ft{minutes:g}m")
+    if not (out / "config.json").is_file():
+        log(f"fine-tuning {carved.name} for {minutes:g} minutes (gate scales, bias load balancing, LoRA r=8)")
+        _, report = finetune(carved, out, minutes=minutes, force=True)
+        log(f"fine-tune: {report.steps} steps, loss {report.loss_first:.3f} -> {report.loss_last:.3f} nats/token, "
+            f"load imbalance {report.imbalance_first:.2f} -> {report.imbalance_last:.2f}")
+    return out
+
+
 def granite_cache(carved: Path, progress: bool, log: Callable[[str], None]) -> Path:
     """A carved checkpoint hosted as Granite's shared-expert MoE with a fitted linear router, cached."""
     from converters.moe_export import to_granite
@@ -112,7 +125,7 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
            block_size: int = 32, onnx_algo: str = "default", ptq: str | None = None, bits: int = 4,
            group_size: int = 64, calib_samples: int = 16, carve: str | None = None,
            carve_tokens: int = 16384, prune_experts: str | None = None,
-           patterns: str | Path | None = None) -> ExportResult:
+           patterns: str | Path | None = None, finetune_minutes: float | None = None) -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
     Args:
@@ -136,6 +149,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         carve: a CMoE configuration (``SxAyEz``): carve the source into an MoE first; the GGUF/ONNX
             output hosts it as Granite's shared-expert MoE with fitted linear routers.
         carve_tokens: CMoE calibration tokens.
+        finetune_minutes: with ``carve``, CMoE's optional fine-tune (gate scale, bias load balancing,
+            LoRA; :mod:`converters.cmoe_finetune`) bounded to this many minutes.
         prune_experts: ``TASK:a/b`` (PreMoe PEP): keep the task's top-b routed experts per layer, route
             top-a. Needs an MoE (``carve`` or a carved source).
         patterns: directory of expert patterns (``edgerun experts calibrate``); without it a built-in
@@ -156,6 +171,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         quant = f"{ptq}-w{bits}g{group_size}"
     elif ptq is not None:
         raise UsageError("--ptq writes a Hugging Face checkpoint: use it with --to hf")
+    if finetune_minutes is not None and (finetune_minutes <= 0 or not carve):
+        raise UsageError("--finetune MINUTES needs a positive bound and --carve SxAyEz")
     if prune_experts:
         from converters.prune import parse_spec
 
@@ -186,6 +203,12 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         meta = read_config(carved)[MOE_KEY]
         passes.append({"name": "carve", "method": "cmoe", "config": meta["name"], "calibration": meta["calibration"],
                        "carve_seconds": meta.get("carve_seconds"), "checkpoint": str(carved)})
+        if finetune_minutes:
+            carved = finetuned_cache(carved, finetune_minutes, progress, log)
+            ft = read_config(carved)[MOE_KEY]["finetune"]
+            passes.append({"name": "cmoe-finetune", **{k: ft[k] for k in ("steps", "tokens", "seconds", "loss_first",
+                                                                          "loss_last", "lora", "lr", "bias_step")},
+                           "checkpoint": str(carved)})
         model_path = granite_cache(carved, progress, log)
         host = read_config(model_path)[MOE_KEY]
         passes.append({"name": "host-as-granitemoe", "router": "linear, fitted to CMoE's top-k",

@@ -211,6 +211,9 @@ def _add_export(sub) -> None:
     p.add_argument("--carve", default=None, metavar="SxAyEz",
                    help="carve the dense FFNs into an MoE first (CMoE), e.g. S2A4E16")
     p.add_argument("--carve-tokens", type=int, default=16384, help="CMoE calibration tokens (default 16384)")
+    p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
+                   help="with --carve: CMoE's light fine-tune (gate scale, bias balancing, LoRA r=8), "
+                        "bounded to MINUTES (default 3)")
     p.add_argument("--prune-experts", default=None, metavar="TASK:a/b",
                    help="keep the task's top-b routed experts per layer and route top-a (PreMoe PEP)")
     p.add_argument("--patterns", default=None, help="expert patterns directory (default: calibrate a built-in task)")
@@ -228,6 +231,11 @@ def _add_carve(sub) -> None:
     p.add_argument("--config", required=True, metavar="SxAyEz", help="e.g. S2A4E16 (x shared, y active, z total)")
     p.add_argument("--calib", default="wiki", help="calibration dataset (default wiki)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
+                   help="then CMoE's light fine-tune on the calibration text: learnable gate scales, bias load "
+                        "balancing and LoRA r=8 (peft), bounded to MINUTES (default 3)")
+    p.add_argument("--finetune-steps", type=_positive_int, default=None, help="also bound the fine-tune in steps")
+    p.add_argument("--no-lora", action="store_true", help="fine-tune the gate scales and bias only")
     p.add_argument("-o", "--output", default=None, help="output directory (default ./<model>-<config>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=cmd_carve)
@@ -250,11 +258,45 @@ def cmd_carve(args) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
+    if args.finetune is not None and args.finetune <= 0:
+        raise UsageError("--finetune MINUTES must be positive")
+    if args.finetune is None:
+        try:
+            path = carve_checkpoint(source.path, out, args.config, tokens=args.tokens, dataset=args.calib,
+                                    force=args.force, progress=progress)
+        finally:
+            bar.close()
+        print(path)
+        return 0
+    import shutil
+    import tempfile
+
+    from converters.cmoe_finetune import finetune
+
+    if Path(out).exists() and not args.force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    staging = Path(tempfile.mkdtemp(prefix=".carve-", dir=Path(out).resolve().parent))
     try:
-        path = carve_checkpoint(source.path, out, args.config, tokens=args.tokens, dataset=args.calib, force=args.force,
-                                progress=progress)
+        carved = carve_checkpoint(source.path, staging / "carved", args.config, tokens=args.tokens,
+                                  dataset=args.calib, progress=progress)
+        bar.close()
+        ft_bar = tqdm(desc="fine-tuning", unit="step")
+
+        def step(n, loss):
+            ft_bar.update(n - ft_bar.n)
+            ft_bar.set_postfix(loss=f"{loss:.3f}")
+
+        try:
+            path, report = finetune(carved, out, minutes=args.finetune, steps=args.finetune_steps,
+                                    lora=not args.no_lora, dataset=args.calib, force=args.force, progress=step)
+        finally:
+            ft_bar.close()
     finally:
         bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"fine-tune: {report.steps} steps ({report.tokens} tokens, {report.seconds:.0f} s), loss "
+          f"{report.loss_first:.3f} -> {report.loss_last:.3f} nats/token, expert load imbalance (max/mean) "
+          f"{report.imbalance_first:.2f} -> {report.imbalance_last:.2f}")
     print(path)
     return 0
 
@@ -269,7 +311,7 @@ def cmd_export(args) -> int:
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
                     verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
                     onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
-                    calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens,
+                    calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens, finetune_minutes=args.finetune,
                     prune_experts=args.prune_experts, patterns=args.patterns)
     print(result.output)
     log(f"manifest: {result.manifest}")

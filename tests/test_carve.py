@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,3 +247,51 @@ def test_real_model_carve_export_and_chat(tmp_path, smollm2_f32_gguf):
     exact = subprocess.run(edgerun_cmd("chat", carved_dir, "--backend", "torch", "-p", "Hello!", "--temperature", "0",
                                        "--max-tokens", "8"), capture_output=True, text=True, env=cli_env(), timeout=300)
     assert exact.returncode == 0 and exact.stdout.strip(), exact.stderr
+
+
+def test_finetune_trains_gate_scales_lora_and_balances_the_load(tiny_llama, tmp_path):
+    """CMoE's optional fine-tune: bounded steps, gate scales leave 0, bias moves in +-0.001 steps towards
+    balance, LoRA is merged into the weights, the store layout and neuron ids are kept."""
+    from converters.carve import carve_checkpoint
+    from converters.cmoe_finetune import finetune
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.moe import store
+
+    carved = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=512, seq_len=256)
+    with pytest.raises(UsageError, match="not a carved checkpoint"):
+        finetune(tiny_llama, tmp_path / "x", steps=1)
+    out, report = finetune(carved, tmp_path / "ft", minutes=5, steps=4, seq_len=128)
+    assert report.steps == 4 and report.tokens == 512 and report.lora["rank"] == 8
+    with pytest.raises(UsageError, match="already exists"):
+        finetune(carved, out, steps=1)
+    before, after = store.load_model(carved), store.load_model(out)
+    for a, b in zip(before.model.layers, after.model.layers):
+        assert torch.count_nonzero(b.mlp.scale) > 0 and torch.count_nonzero(a.mlp.scale) == 0
+        steps = b.mlp.bias / 1e-3
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 4
+        assert (b.mlp.expert_gate - a.mlp.expert_gate).abs().max() > 0          # LoRA merged into the experts
+        assert (b.self_attn.q_proj.weight - a.self_attn.q_proj.weight).abs().max() > 0
+        old, new = store.read_layer(carved, 0, experts=[]), store.read_layer(out, 0, experts=[])
+        assert torch.equal(old["neurons.experts"], new["neurons.experts"])
+    meta = json.loads((out / "config.json").read_text())["edgerun_moe"]
+    assert meta["finetune"]["steps"] == 4 and meta["name"] == "S1A1E4"
+    engine = TorchBackend(out, n_ctx=128)
+    assert engine.logits(engine.tokenize("Hello there"))[-1].shape[0] == engine.model.config.vocab_size
+
+
+def test_cli_carve_with_finetune_writes_one_checkpoint_and_no_staging(tiny_llama, tmp_path):
+    import subprocess
+
+    from conftest import cli_env, edgerun_cmd
+
+    out = tmp_path / "moe"
+    r = subprocess.run(edgerun_cmd("carve", str(tiny_llama), "--config", "S1A1E4", "--tokens", "512", "--finetune", "1",
+                                   "--finetune-steps", "2", "-o", str(out)),
+                       capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fine-tune: 2 steps" in r.stdout
+    assert json.loads((out / "config.json").read_text())["edgerun_moe"]["finetune"]["steps"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]          # the training-free staging is gone
+    bad = subprocess.run(edgerun_cmd("carve", str(tiny_llama), "--config", "S1A1E4", "--finetune", "0", "-o",
+                                     str(tmp_path / "x")), capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert bad.returncode != 0 and "must be positive" in bad.stderr
