@@ -21,6 +21,10 @@ expert weighted 1. The export therefore fits what it must:
   projection is multiplied by k, making each chosen expert's weight ~1 as in CMoE. The top-k order
   (and so the choice) does not depend on the temperature.
 
+After ``--finetune`` the router is fitted to what CMoE then selects on (p + the balancing bias); the
+learned gate scales (gates ``1 + p_j alpha_j``) have no place in Granite's softmax weights and are
+dropped (their largest |alpha| is recorded); LoRA is already merged into the weights.
+
 The result is an HF checkpoint (``model_type: granitemoeshared``) that is also the source of the
 GGUF (``granitemoe``) and ONNX writers; its routing is "the exported routing" that the engines'
 logits are compared against.
@@ -63,7 +67,8 @@ def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> t
     """
     x = x.float()
     with torch.no_grad():
-        target = torch.log(moe.router_probs(x).clamp_min(1e-12))                  # (n, E)
+        # what CMoE selects on: p + bias (the bias is 0 unless --finetune balanced the load)
+        target = torch.log((moe.router_probs(x) + moe.bias).clamp_min(1e-12))     # (n, E)
         target = target - target.mean(dim=1, keepdim=True)
         gram = x.T @ x / len(x) + ridge * torch.eye(x.shape[1])
         return torch.linalg.solve(gram, x.T @ target / len(x)).T.contiguous()
@@ -132,7 +137,7 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     for i, layer in enumerate(model.model.layers):
         w = fit_linear_router(layer.mlp, train_x[i])
         with torch.no_grad():
-            agreement.append(topk_agreement(held_x[i] @ w.T, layer.mlp.router_probs(held_x[i]), k))
+            agreement.append(topk_agreement(held_x[i] @ w.T, layer.mlp.router_probs(held_x[i]) + layer.mlp.bias, k))
         routers.append(w)
         if progress:
             progress(i + 1, len(model.model.layers))
@@ -142,6 +147,8 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     meta.update(export="granitemoeshared", router_temperature=temperature,
                 router_fit={"tokens": len(windows) * seq, "heldout_tokens": len(held_ids)},
                 router_agreement=agreement, router_agreement_mean=sum(agreement) / len(agreement))
+    if "finetune" in meta:   # Granite weights chosen experts by a softmax: the learned 1 + p*alpha gates become ~1
+        meta["finetune_gate_scale_dropped_max"] = max(float(layer.mlp.scale.abs().max()) for layer in model.model.layers)
     gcfg[MOE_KEY] = meta
     with atomic_dir(out, force=force) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
