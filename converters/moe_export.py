@@ -14,8 +14,9 @@ expert weighted 1. The export therefore fits what it must:
   inputs; its *router agreement* (share of held-out tokens whose top-k set equals CMoE's) is measured
   and recorded. CMoE's scores ``|u.x| SiLU(g.x)`` are not linear in x and its router probabilities
   are nearly tied (on SmolLM2 the largest of 5 is ~0.2008), so agreement is low; soft cross-entropy,
-  top-k BCE and longer Adam runs were tried and did not do better on held-out tokens
-  (``benchmarks/results/cmoe_table.md``). What the engines run is then measured by its own perplexity;
+  top-k BCE and longer Adam runs were tried during development and did not do better on held-out
+  tokens. What the engines run is then measured by its own perplexity
+  (``benchmarks/results/cmoe_table.md``);
 - **flat weights**: the exported router is ``temperature x W`` with a small temperature, so the
   softmax over the chosen logits is close to uniform (1/k), and every routed expert's down
   projection is multiplied by k, making each chosen expert's weight ~1 as in CMoE. The top-k order
