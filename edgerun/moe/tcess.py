@@ -40,7 +40,7 @@ SCORES = ("raw-logit", "frequency", "probability", "softplus")
 # The default from measurement (benchmarks/results/premoe_table.md, carved SmolLM2 S2A2E8, 7 tasks):
 # pruning to a/b = 2/3 by each task's own pattern, raw-logit TCESS gave the lowest held-out perplexity
 # on all 7 tasks; frequency, probability and softplus rank the experts identically there (CMoE's
-# probabilities are nearly tied) and trail by 1-11%.
+# probabilities are nearly tied) and trail by 1-10%.
 DEFAULT_SCORE = "raw-logit"
 PATTERN_VERSION = 1
 
