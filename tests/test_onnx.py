@@ -88,3 +88,15 @@ def test_bad_onnx_options_are_refused():
         export("smollm2-135m-instruct", to="onnx", quant="int3", progress=False)
     with pytest.raises(UsageError, match="unsupported int4 block size 48"):
         export("smollm2-135m-instruct", to="onnx", quant="int4", block_size=48, progress=False)
+
+
+def test_gemma3_onnx_export_is_refused_with_a_clear_error(tmp_path, smollm2_source):
+    """The builder mis-reads transformers 5's Gemma 3 config (measured: fp32 graph at 2x the perplexity):
+    refused before anything is written, pointing at GGUF."""
+    from conftest import make_tiny_checkpoint
+    from converters.onnx import write_onnx
+
+    ckpt = make_tiny_checkpoint(tmp_path / "gemma3", "gemma3", smollm2_source.path)
+    with pytest.raises(UsageError, match="ONNX export of Gemma 3 is not supported yet.*--to gguf"):
+        write_onnx(ckpt, tmp_path / "onnx", precision="fp32")
+    assert not (tmp_path / "onnx").exists()
