@@ -182,11 +182,16 @@ def test_repl_commands_and_multi_turn(terminal):
 
 
 def test_ctrl_c_stops_a_reply_and_ctrl_d_leaves(default_model_path):
-    t = Terminal("chat", "--temperature", "0", "--ctx-size", "1024")
+    # a reply long enough (up to ~900 tokens, seconds on this machine) that the interrupt lands mid-stream
+    t = Terminal("chat", "--temperature", "0", "--ctx-size", "1024", "--max-tokens", "900")
     try:
         t.read_until(">>> ")
         t.send("Write a very long story about a dragon and a knight.")
-        time.sleep(1.5)  # the reply is streaming now
+        t.read_until("knight.")                     # the echoed line; then wait for the reply to stream
+        end = time.time() + 120
+        while len(t.buffer.strip()) < 40 and time.time() < end:
+            if select.select([t.master], [], [], 0.5)[0]:
+                t.buffer += os.read(t.master, 4096).decode("utf-8", "replace")
         t.proc.send_signal(signal.SIGINT)
         assert "[interrupted]" in t.read_until(">>> ")
         t.send("What is the capital of Germany?")
