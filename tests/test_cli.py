@@ -118,13 +118,22 @@ def test_rm_of_unknown_name():
     _one_line_error(run("rm", "nothing-here"), 1, "unknown model")
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT at its default disposition and not blocked, as a shell leaves it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class Terminal:
     """The CLI on a pseudo-terminal, so that it runs its interactive REPL."""
 
     def __init__(self, *args):
         self.master, slave = pty.openpty()
+        # a shell starts a terminal program with SIGINT at its default; a CI runner that launched the
+        # tests in the background may have left it ignored, which would disable Ctrl-C in the child
         self.proc = subprocess.Popen(edgerun_cmd(*args), stdin=slave, stdout=slave, stderr=slave,
-                                     env=cli_env(), close_fds=True)
+                                     env=cli_env(), close_fds=True,
+                                     preexec_fn=_default_sigint)
         os.close(slave)
         self.buffer = ""
 
