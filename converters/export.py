@@ -99,6 +99,42 @@ def granite_cache(carved: Path, progress: bool, log: Callable[[str], None]) -> P
     return out
 
 
+def merged_cache(source: Source, src: str, merge_arg: str, method: str | None, progress: bool,
+                 log: Callable[[str], None]) -> tuple[Path, dict]:
+    """The source merged per ``merge_arg`` (a YAML recipe, or one model with ``method``), cached by content.
+
+    The cache key hashes the recipe (method, hyper-parameters, models) and each input's weights
+    (size and modification time of its safetensors files), so a changed input is merged again.
+    """
+    import hashlib
+    import json
+
+    from converters import merge as mg
+
+    if Path(merge_arg).suffix.lower() in (".yaml", ".yml"):
+        if method:
+            raise UsageError("--merge-method applies to --merge MODEL; a recipe names its merge_method")
+        recipe = mg.load_recipe(merge_arg, base=src)
+    else:
+        recipe = mg.Recipe(base=src, models=(merge_arg,), spec=mg.make_spec(method or "task-arithmetic"))
+    models = [open_source(m, progress=progress) for m in recipe.models]
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for s in [source] + models
+             for f in sorted(s.path.glob("*.safetensors"))]
+    key = hashlib.sha256(json.dumps([recipe.as_dict(), [str(m.path) for m in models], stamp],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = catalog.home() / "cache" / "merged" / f"{source.path.name}-{recipe.spec.method}-{key}"
+    if not (out / mg.MERGE_META).is_file():
+        log(f"merging {', '.join(recipe.models)} into {source.label} ({recipe.spec.method})")
+        mg.merge(source.path, [m.path for m in models], out, recipe.spec, force=True,
+                 tokenizer_from=None if recipe.tokenizer_from in (None, "auto", "base") else
+                 str(open_source(recipe.tokenizer_from, progress=False).path),
+                 context_length=recipe.context_length, progress=progress, log=log)
+    record = json.loads((out / mg.MERGE_META).read_text(encoding="utf-8"))
+    return out, {"name": "merge", **record["merge"], "models": [m.as_dict() for m in models],
+                 "config_and_tokenizer_from": record["config_and_tokenizer_from"],
+                 "merge_seconds": record["seconds"], "checkpoint": str(out)}
+
+
 def _prune_host(host: Path, spec: str, patterns, log) -> tuple[Path, dict]:
     """PEP on the engine host: the task's pattern (given or calibrated and cached), then the pruned host (cached)."""
     from converters.prune import parse_spec, prune_host
@@ -125,7 +161,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
            block_size: int = 32, onnx_algo: str = "default", ptq: str | None = None, bits: int = 4,
            group_size: int = 64, calib_samples: int = 16, carve: str | None = None,
            carve_tokens: int = 16384, prune_experts: str | None = None,
-           patterns: str | Path | None = None, finetune_minutes: float | None = None) -> ExportResult:
+           patterns: str | Path | None = None, finetune_minutes: float | None = None,
+           merge: str | None = None, merge_method: str | None = None) -> ExportResult:
     """Export ``src`` (catalog name, ``.gguf`` path or HF checkpoint directory) to ``to`` at ``quant``.
 
     Args:
@@ -155,6 +192,11 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
             top-a. Needs an MoE (``carve`` or a carved source).
         patterns: directory of expert patterns (``edgerun experts calibrate``); without it a built-in
             task's pattern is calibrated on the model and cached.
+        merge: a merge pass first (:mod:`converters.merge`): a mergekit-style YAML recipe whose base is
+            ``src``, or one model to merge into ``src`` with ``merge_method`` and its default
+            hyper-parameters. The merged checkpoint is cached under ``$EDGERUN_HOME/cache/merged/``.
+        merge_method: with a model as ``merge``: task-arithmetic (default), ties, dare, dare-ties,
+            aim-ties, svd.
 
     Raises:
         UsageError: unknown format or type, output exists without ``force``, unsupported architecture.
@@ -177,6 +219,11 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         from converters.prune import parse_spec
 
         parse_spec(prune_experts)
+    if merge_method and not merge:
+        raise UsageError("--merge-method needs --merge MODEL")
+    if merge and (carve or prune_experts):
+        raise UsageError("--merge does not combine with --carve or --prune-experts yet: merge first "
+                         "(edgerun merge), then export the merged checkpoint with them")
     if to == "gguf":
         quant = gguf_writer.check_type(quant or "Q8_0")
         gguf_writer.check_tensor_type(token_embedding_type, "--token-embedding-type")
@@ -196,7 +243,11 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     log(f"source: {source.label} ({source.architecture}) at {source.path}")
 
     model_path, label, passes = source.path, source.label, []
-    if carve or is_carved(read_config(source.path)):
+    if merge:
+        model_path, step = merged_cache(source, str(src), merge, merge_method, progress, log)
+        passes.append(step)
+        label = f"{source.label} merged {step['method']}"
+    elif carve or is_carved(read_config(source.path)):
         if to == "hf":
             raise UsageError("--to hf with --ptq takes a dense source; carve and PTQ do not combine yet")
         carved = carved_cache(source, carve, carve_tokens, progress, log) if carve else source.path

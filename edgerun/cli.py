@@ -217,6 +217,10 @@ def _add_export(sub) -> None:
     p.add_argument("--prune-experts", default=None, metavar="TASK:a/b",
                    help="keep the task's top-b routed experts per layer and route top-a (PreMoe PEP)")
     p.add_argument("--patterns", default=None, help="expert patterns directory (default: calibrate a built-in task)")
+    p.add_argument("--merge", default=None, metavar="RECIPE.yaml|MODEL",
+                   help="merge first: a mergekit-style recipe with SRC as base, or a fine-tune of SRC to merge in")
+    p.add_argument("--merge-method", default=None,
+                   help="with --merge MODEL: task-arithmetic (default), ties, dare, dare-ties, aim-ties, svd")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output and measuring perplexity")
@@ -301,6 +305,60 @@ def cmd_carve(args) -> int:
     return 0
 
 
+def _add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="merge fine-tunes into a base model: task arithmetic, TIES, DARE, AIM-TIES, "
+                                     "SVD (Long-to-Short)",
+                       description="Merge MODELs (fine-tunes of BASE) into BASE through their task vectors, one "
+                                   "tensor at a time, into a Hugging Face checkpoint (export it with edgerun "
+                                   "export OUT). Or give a mergekit-style YAML recipe with --recipe.")
+    p.add_argument("base", nargs="?", help="the base (quick) model: catalog name, .gguf or HF checkpoint")
+    p.add_argument("models", nargs="*", help="models to merge into it (HF checkpoints or .gguf)")
+    p.add_argument("--recipe", default=None, help="a YAML recipe (merge_method, base_model, models, parameters)")
+    p.add_argument("--method", default=None,
+                   help="task-arithmetic (default), ties, dare, dare-ties, aim-ties, svd")
+    p.add_argument("--alpha", type=float, default=None, help="task-vector scale (TA/DARE/SVD 0.7, TIES 1.0)")
+    p.add_argument("--density", type=float, default=None, help="TIES: fraction of each task vector kept (0.2)")
+    p.add_argument("--drop", type=float, default=None, help="DARE: drop probability (0.3)")
+    p.add_argument("--omega", type=float, default=None, help="AIM: relaxation of the most active channels (0.4)")
+    p.add_argument("--rank", type=_positive_int, default=None, help="SVD: rank of each task vector (64)")
+    p.add_argument("--seed", type=int, default=None, help="DARE's mask seed (0)")
+    p.add_argument("--tokenizer-from", default=None,
+                   help="config and tokenizer from: auto (the longest-context parent, default), base, or a model")
+    p.add_argument("--context-length", type=_positive_int, default=None, help="override the context length")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args) -> int:
+    from converters import merge as mg
+
+    hyper = {k: getattr(args, k) for k in ("alpha", "density", "drop", "omega", "rank")}
+    if args.recipe:
+        if args.base or args.models or args.method or any(v is not None for v in hyper.values()):
+            raise UsageError("give either --recipe or BASE MODEL... with --method and its parameters, not both")
+        r = mg.load_recipe(args.recipe)
+        base, models, spec = r.base, list(r.models), r.spec
+        tok, ctx = args.tokenizer_from or r.tokenizer_from, args.context_length or r.context_length
+        if args.seed is not None:
+            spec = mg.make_spec(spec.method, **{k: getattr(spec, k) for k in mg.USES[spec.method]},
+                                weights=spec.weights, seed=args.seed)
+    else:
+        if not args.base or not args.models:
+            raise UsageError("give BASE and at least one MODEL to merge into it (or --recipe FILE)")
+        base, models = args.base, args.models
+        spec = mg.make_spec(args.method or "task-arithmetic", **hyper, seed=args.seed or 0)
+        tok, ctx = args.tokenizer_from, args.context_length
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = mg.merge(base, models, args.output, spec, force=args.force, tokenizer_from=tok, context_length=ctx,
+                      log=log)
+    print(result.output)
+    return 0
+
+
 def cmd_export(args) -> int:
     from converters.export import export
 
@@ -312,7 +370,8 @@ def cmd_export(args) -> int:
                     verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
                     onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
                     calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens, finetune_minutes=args.finetune,
-                    prune_experts=args.prune_experts, patterns=args.patterns)
+                    prune_experts=args.prune_experts, patterns=args.patterns, merge=args.merge,
+                    merge_method=args.merge_method)
     print(result.output)
     log(f"manifest: {result.manifest}")
     return 0
@@ -576,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_export(sub)
     _add_carve(sub)
+    _add_merge(sub)
     _add_experts(sub)
     _add_bench(sub)
     _add_device(sub)

