@@ -125,9 +125,10 @@ def merged_cache(source: Source, src: str, merge_arg: str, method: str | None, p
     out = catalog.home() / "cache" / "merged" / f"{source.path.name}-{recipe.spec.method}-{key}"
     if not (out / mg.MERGE_META).is_file():
         log(f"merging {', '.join(recipe.models)} into {source.label} ({recipe.spec.method})")
-        mg.merge(source.path, [m.path for m in models], out, recipe.spec, force=True,
-                 tokenizer_from=None if recipe.tokenizer_from in (None, "auto", "base") else
-                 str(open_source(recipe.tokenizer_from, progress=False).path),
+        tok = recipe.tokenizer_from
+        if tok not in (None, "auto", "base"):
+            tok = str(open_source(tok, progress=False).path)
+        mg.merge(source.path, [m.path for m in models], out, recipe.spec, force=True, tokenizer_from=tok,
                  context_length=recipe.context_length, progress=progress, log=log)
     record = json.loads((out / mg.MERGE_META).read_text(encoding="utf-8"))
     return out, {"name": "merge", **record["merge"], "models": [m.as_dict() for m in models],
