@@ -30,6 +30,20 @@ def calibration_windows(tokenizer, n_samples: int, seq_len: int, dataset: str = 
     return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(n_samples)]
 
 
+def all_windows(tokenizer, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
+    """Every whole window (1, seq_len) of ``dataset``'s calibration split, in order (at least one).
+
+    Raises:
+        UsageError: the split is shorter than one window.
+    """
+    from edgerun import data
+
+    ids = tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
+    if len(ids) < seq_len:
+        raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(len(ids) // seq_len)]
+
+
 def block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
     """Hidden states entering block 0 for each window, with the keyword arguments the model passes blocks."""
     layers = model.model.layers

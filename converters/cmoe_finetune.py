@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from converters.atomic import atomic_dir
-from converters.calibration import calibration_windows
+from converters.calibration import all_windows
 from edgerun.errors import UsageError
 from edgerun.moe import store
 
@@ -103,9 +103,7 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
     tokenizer = AutoTokenizer.from_pretrained(carved)
     model = store.load_model(carved)
     moes = [layer.mlp for layer in model.model.layers]
-    n_windows = max(1, len(tokenizer(__import__("edgerun").data.text(dataset, "calibration"),
-                                     add_special_tokens=False).input_ids) // seq_len)
-    windows = calibration_windows(tokenizer, n_windows, seq_len, dataset)
+    windows = all_windows(tokenizer, seq_len, dataset)
 
     for p in model.parameters():
         p.requires_grad_(False)
