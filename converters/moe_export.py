@@ -69,7 +69,7 @@ def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> t
     x = x.float()
     with torch.no_grad():
         # what CMoE selects on: p + bias (the bias is 0 unless --finetune balanced the load)
-        target = torch.log((moe.router_probs(x) + moe.bias).clamp_min(1e-12))     # (n, E)
+        target = torch.log(moe.selection_scores(moe.router_probs(x)).clamp_min(1e-12))     # (n, E)
         target = target - target.mean(dim=1, keepdim=True)
         gram = x.T @ x / len(x) + ridge * torch.eye(x.shape[1])
         return torch.linalg.solve(gram, x.T @ target / len(x)).T.contiguous()
@@ -138,7 +138,8 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     for i, layer in enumerate(model.model.layers):
         w = fit_linear_router(layer.mlp, train_x[i])
         with torch.no_grad():
-            agreement.append(topk_agreement(held_x[i] @ w.T, layer.mlp.router_probs(held_x[i]) + layer.mlp.bias, k))
+            scores = layer.mlp.selection_scores(layer.mlp.router_probs(held_x[i]))
+            agreement.append(topk_agreement(held_x[i] @ w.T, scores, k))
         routers.append(w)
         if progress:
             progress(i + 1, len(model.model.layers))

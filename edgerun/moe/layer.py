@@ -58,10 +58,18 @@ class CarvedMoE(nn.Module):
         scores = torch.abs((x @ self.router_up.float().T) * F.silu(x @ self.router_gate.float().T))
         return torch.softmax(scores, dim=-1)
 
+    def selection_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        """Scores the top-k selection ranks (..., n_routed): router probs plus the load-balancing bias.
+
+        The bias (CMoE's auxiliary-loss-free balancing) only changes which experts are chosen, never
+        their gates; engines that host the model fit their linear routers to these scores.
+        """
+        return probs + self.bias
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(selected expert ids (..., top_k) int64, their gates (..., top_k), router probs (..., n_routed))."""
         probs = self.router_probs(x)
-        selected = torch.topk(probs + self.bias, self.top_k, dim=-1).indices
+        selected = torch.topk(self.selection_scores(probs), self.top_k, dim=-1).indices
         gates = 1.0 + probs.gather(-1, selected) * self.scale[selected]
         return selected, gates, probs
 
