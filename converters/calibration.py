@@ -44,6 +44,28 @@ def all_windows(tokenizer, seq_len: int, dataset: str = "wiki") -> list[torch.Te
     return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(len(ids) // seq_len)]
 
 
+def run_with_input_hooks(model, modules: dict, windows: list[torch.Tensor], visit) -> None:
+    """Run ``model`` over ``windows`` (inference mode, no KV cache), handing each module's input to ``visit``.
+
+    Args:
+        model: a causal LM taking ``input_ids``.
+        modules: ``{key: nn.Module}`` to observe.
+        windows: token windows (1, T) int64.
+        visit: called as ``visit(key, x)`` with the module's first input flattened to (tokens, d), detached.
+    """
+    def hook(key):
+        return lambda module, args: visit(key, args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    handles = [m.register_forward_pre_hook(hook(k)) for k, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=w, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
     """Hidden states entering block 0 for each window, with the keyword arguments the model passes blocks."""
     layers = model.model.layers

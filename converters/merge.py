@@ -377,8 +377,8 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
     return base_idx
 
 
-def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256, dataset: str = "wiki",
-                       log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256,
+                       dataset: str = "wiki") -> dict[str, torch.Tensor]:
     """AIM's per-input-channel activation scale ``s_j = a_j / max a_j`` of every linear layer of BASE.
 
     ``a_j`` is the mean absolute input activation of channel ``j`` over ``n_samples`` windows of
@@ -392,7 +392,7 @@ def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256, dat
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from converters.calibration import calibration_windows
+    from converters.calibration import calibration_windows, run_with_input_hooks
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -401,24 +401,12 @@ def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256, dat
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name):
-        def f(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[name] = sums.get(name, 0) + x.abs().sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return f
+    def visit(name, x):
+        sums[name] = sums.get(name, 0) + x.to(torch.float64).abs().sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [mod.register_forward_pre_hook(hook(f"{n}.weight")) for n, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear)]
-    try:
-        with torch.inference_mode():
-            for i, w in enumerate(windows):
-                model(input_ids=w, use_cache=False)
-                if log and (i + 1) % 25 == 0:
-                    log(f"AIM calibration: {i + 1}/{len(windows)} windows")
-    finally:
-        for h in handles:
-            h.remove()
+    linears = {f"{n}.weight": mod for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    run_with_input_hooks(model, linears, windows, visit)
     out = {}
     for name, s in sums.items():
         a = s / counts[name]
@@ -510,7 +498,7 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
     scales = {}
     if spec.method == "aim-ties":
         log(f"AIM: base activations on {spec.calib_samples} x {spec.calib_len} tokens of the wiki calibration split")
-        scales = aim_channel_scales(base_src.path, spec.calib_samples, spec.calib_len, log=log)
+        scales = aim_channel_scales(base_src.path, spec.calib_samples, spec.calib_len)
     model_idx = [_index(m.path) for m in model_srcs]
 
     from tqdm import tqdm

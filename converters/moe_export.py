@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from converters.atomic import atomic_dir
-from converters.calibration import calibration_windows
+from converters.calibration import calibration_windows, run_with_input_hooks
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 from edgerun.moe.layer import CarvedMoE
@@ -78,16 +78,8 @@ def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> t
 def _ffn_inputs_by_layer(model, windows: list[torch.Tensor]) -> list[torch.Tensor]:
     """FFN inputs (tokens, d) of every layer of the exact carved model, over ``windows``."""
     seen: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
-    hooks = [layer.mlp.register_forward_pre_hook(
-        lambda mod, args, i=i: seen[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
-        for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                model(input_ids=w, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_input_hooks(model, {i: layer.mlp for i, layer in enumerate(model.model.layers)}, windows,
+                         lambda i, x: seen[i].append(x.float()))
     return [torch.cat(s) for s in seen]
 
 
