@@ -44,6 +44,20 @@ def all_windows(tokenizer, seq_len: int, dataset: str = "wiki") -> list[torch.Te
     return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(len(ids) // seq_len)]
 
 
+def forward_windows(model, windows: list[torch.Tensor], handles: list) -> None:
+    """Run ``model`` over ``windows`` (1, T) int64 (inference mode, no KV cache), then remove the hook ``handles``.
+
+    The hooks are removed however the loop ends (an error, Ctrl-C).
+    """
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                model(input_ids=w, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_with_input_hooks(model, modules: dict, windows: list[torch.Tensor], visit) -> None:
     """Run ``model`` over ``windows`` (inference mode, no KV cache), handing each module's input to ``visit``.
 
@@ -56,14 +70,7 @@ def run_with_input_hooks(model, modules: dict, windows: list[torch.Tensor], visi
     def hook(key):
         return lambda module, args: visit(key, args[0].detach().reshape(-1, args[0].shape[-1]))
 
-    handles = [m.register_forward_pre_hook(hook(k)) for k, m in modules.items()]
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                model(input_ids=w, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_windows(model, windows, [m.register_forward_pre_hook(hook(k)) for k, m in modules.items()])
 
 
 def block_inputs(model, windows: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:

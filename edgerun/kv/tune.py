@@ -141,17 +141,13 @@ def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", gro
             captured[i][-1] = (*captured[i][-1], output[0] if isinstance(output, tuple) else output)
         return post
 
+    from converters.calibration import forward_windows
+
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(out_hook_for(i), with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            for w in windows:
-                model(input_ids=w, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_windows(model, windows, handles)
     errors = np.zeros((n, len(QUANT_PAIRS)))
     kwarg = _cache_kwarg(layers[0].self_attn)
     steps = [(i, j) for i in range(n) for j in range(len(QUANT_PAIRS))]
