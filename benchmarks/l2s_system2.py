@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.atomic import atomic_dir  # noqa: E402
-from converters.source import TOKENIZER_SIDECAR, open_source  # noqa: E402
+from converters.source import copy_tokenizer, open_source  # noqa: E402
 from edgerun import catalog, data  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                   TOKENIZER_SIDECAR)
 
 
 def default_out() -> Path:
@@ -139,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     with atomic_dir(out, force=args.force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (source.path / name).is_file():
-                shutil.copy2(source.path / name, tmp / name)
+        copy_tokenizer(source.path, tmp)
         (tmp / "edgerun_train.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}: {step} steps, {tokens} tokens, {seconds / 60:.1f} min, "
           f"loss {record['loss_first']:.3f} -> {record['loss_last']:.3f}")

@@ -26,7 +26,6 @@ arXiv 2502.04416; the released code's details where the paper is silent, see
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from converters.atomic import atomic_dir
 from converters.calibration import block_inputs, calibration_windows
+from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 from edgerun.moe import config as moe_config
@@ -44,8 +44,6 @@ from edgerun.moe.layer import CarvedMoE
 from edgerun.moe.store import MOE_KEY, is_carved, layer_file, layer_tensors
 
 K_A = 10
-_COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-         "generation_config.json", "tokenizer.gguf.json")
 
 
 def activation_markers(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, k_a: int = K_A) -> torch.Tensor:
@@ -237,6 +235,4 @@ def _save(model, carved, checkpoint: Path, out: Path, cfg: dict, meta: dict, for
         for i, (moe, shared, members, _) in enumerate(carved):
             save_file(layer_tensors(moe, shared, members), str(layer_file(tmp, i)), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        for name in _COPY:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, tmp / name)
+        copy_tokenizer(checkpoint, tmp)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -53,7 +52,8 @@ from typing import Callable
 import torch
 
 from converters.atomic import atomic_dir
-from converters.source import TOKENIZER_SIDECAR, Source, architecture_of, open_source
+from converters.source import TOKENIZER_FILES as SOURCE_TOKENIZER_FILES
+from converters.source import Source, architecture_of, copy_tokenizer, open_source
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 
@@ -74,8 +74,7 @@ USES = {"task-arithmetic": {"alpha"}, "ties": {"alpha", "density"}, "dare": {"al
         "dare-ties": {"alpha", "density", "drop"}, "aim-ties": {"alpha", "density", "omega"},
         "svd": {"alpha", "rank"}}
 MERGE_META = "edgerun_merge.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", TOKENIZER_SIDECAR)
+TOKENIZER_FILES = SOURCE_TOKENIZER_FILES + ("vocab.json", "merges.txt", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -526,9 +525,7 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
             writer.abort()
             raise
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for fname in TOKENIZER_FILES:
-            if (parent.path / fname).is_file():
-                shutil.copy2(parent.path / fname, tmp / fname)
+        copy_tokenizer(parent.path, tmp, TOKENIZER_FILES)
         seconds = time.perf_counter() - t0
         record = {"merge": spec.as_dict(), "base": base_src.as_dict(), "models": [m.as_dict() for m in model_srcs],
                   "config_and_tokenizer_from": parent.origin, "max_position_embeddings":

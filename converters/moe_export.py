@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -43,14 +42,13 @@ import torch
 
 from converters.atomic import atomic_dir
 from converters.calibration import calibration_windows, run_with_input_hooks
+from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 from edgerun.moe.layer import CarvedMoE
 from edgerun.moe.store import MOE_KEY, is_carved
 
 ROUTER_TEMPERATURE = 0.01
-_COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-         "generation_config.json", "tokenizer.gguf.json")
 
 
 def topk_agreement(logits: torch.Tensor, reference: torch.Tensor, k: int) -> float:
@@ -147,9 +145,7 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     with atomic_dir(out, force=force) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(gcfg, indent=2), encoding="utf-8")
-        for name in _COPY:
-            if (carved / name).is_file():
-                shutil.copy2(carved / name, tmp / name)
+        copy_tokenizer(carved, tmp)
     return out
 
 

@@ -21,7 +21,6 @@ only the chosen experts).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from converters.atomic import atomic_dir
+from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 
@@ -177,9 +177,8 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
             torch.onnx.export(model, example, str(tmp / "model.onnx"), input_names=names_in, output_names=names_out,
                               dynamic_shapes=shapes, dynamo=True, external_data=True, optimize=True)
         _write_genai_config(tmp, cfg, n_layer)
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, tmp / name)
+        copy_tokenizer(checkpoint, tmp, ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                         "special_tokens_map.json"))
     return out
 
 

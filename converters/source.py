@@ -27,6 +27,9 @@ from edgerun.formats import safetensors as st_format
 
 SOURCE_META = "edgerun_source.json"
 TOKENIZER_SIDECAR = "tokenizer.gguf.json"
+# the files a derived checkpoint (carved, quantized, merged...) takes over from its parent
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json", TOKENIZER_SIDECAR)
 # GGUF architecture -> HF model_type, for the architectures the export flow supports
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3_text"}
 # HF model_type -> GGUF architecture, for HF checkpoints (a carved MoE is hosted as Granite's shared-expert MoE)
@@ -59,6 +62,15 @@ class Source:
         return {"path": str(self.path), "label": self.label, "architecture": self.architecture,
                 "origin": self.origin, "origin_sha256": self.origin_sha256, "origin_format": self.origin_format,
                 "origin_file_type": self.origin_file_type}
+
+
+def copy_tokenizer(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> None:
+    """Copy the tokenizer, chat template and generation files ``names`` that ``src`` has into ``dst``."""
+    import shutil
+
+    for name in names:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def _file_type_name(file_type: int | None) -> str | None:

@@ -22,7 +22,6 @@ float32, and the tokenizer files.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +32,12 @@ from converters.atomic import atomic_dir
 from converters.calibration import block_inputs, calibration_windows, run_block
 from converters.ptq.methods import METHODS
 from converters.ptq.quant import BITS, QuantizedLinear, check_format, from_gptq_tensors, to_gptq_tensors
+from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_COPY = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-         "generation_config.json", "tokenizer.gguf.json")
 
 
 def _record_inputs(layer, hiddens, kwargs_list) -> dict[str, torch.Tensor]:
@@ -195,9 +193,7 @@ def _save(model, quantized, checkpoint: Path, out: Path, cfg: dict, method: str,
     with atomic_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        for name in _COPY:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, tmp / name)
+        copy_tokenizer(checkpoint, tmp)
     return out
 
 
