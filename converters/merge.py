@@ -45,7 +45,7 @@ import math
 import resource
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -343,10 +343,16 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
 
     Raises:
         UsageError: a different architecture or vocabulary size, or the first mismatching tensor named
-            (missing, extra, other shape, non-float dtype).
+            (missing, extra, other shape, non-float dtype), or a carved MoE.
         ModelFileError: a missing or corrupted checkpoint file.
     """
+    from edgerun.moe.store import is_carved
+
     base_cfg = st_format.read_config(base.path)
+    for s in [base] + models:
+        if is_carved(st_format.read_config(s.path)):
+            raise UsageError(f"{s.origin} is a carved MoE (its experts live outside model.safetensors); merge the "
+                             "dense models, then carve the merge")
     base_idx = _index(base.path)
     for name, (_, t) in base_idx.items():
         if not t.dtype.startswith(("F", "BF")):
@@ -428,7 +434,6 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     tensors: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _peak_rss() -> int:
