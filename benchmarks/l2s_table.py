@@ -25,7 +25,7 @@ Measured per model, in one process, float32 torch on CPU:
 
 Writes ``benchmarks/results/l2s_table.json`` and ``.md`` (and the replies in ``l2s_replies.json``).
 
-    python benchmarks/l2s_table.py [--n 32] [--max-new 512] [--bpb-docs 64] [--only instruct,ties]
+    python benchmarks/l2s_table.py [--n 24] [--max-new 384] [--bpb-docs 48] [--only instruct,ties]
 """
 
 from __future__ import annotations
@@ -149,10 +149,10 @@ def make_merge(name: str, base: Path, system2: Path, root: Path, log) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=32, help="GSM8K questions and MATH500 problems each")
-    ap.add_argument("--max-new", type=int, default=512, help="reply cap (tokens)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--bpb-docs", type=int, default=64, help="gold_bpb documents per task")
+    ap.add_argument("--n", type=int, default=24, help="GSM8K questions and MATH500 problems each")
+    ap.add_argument("--max-new", type=int, default=384, help="reply cap (tokens)")
+    ap.add_argument("--batch", type=int, default=24)
+    ap.add_argument("--bpb-docs", type=int, default=48, help="gold_bpb documents per task")
     ap.add_argument("--system2", type=Path, default=None, help="System-2 checkpoint (default: the l2s cache)")
     ap.add_argument("--only", default=None, help="comma-separated rows to run (default all)")
     args = ap.parse_args(argv)
