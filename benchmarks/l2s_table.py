@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bpb-docs", type=int, default=48, help="gold_bpb documents per task")
     ap.add_argument("--system2", type=Path, default=None, help="System-2 checkpoint (default: the l2s cache)")
     ap.add_argument("--only", default=None, help="comma-separated rows to run (default all)")
+    ap.add_argument("--merge-cost", action="store_true",
+                    help="only re-run the merges (fresh processes, into a scratch directory) and update their wall "
+                         "time and peak RSS in the table; the merges are deterministic, so quality rows stand")
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,6 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["instruct", "system2", *MERGES]
     if args.only:
         rows = [r for r in rows if r in args.only.split(",")]
+    if args.merge_cost:
+        import tempfile
+
+        results = json.loads((RESULTS / "l2s_table.json").read_text())["rows"]
+        replies = json.loads((RESULTS / "l2s_replies.json").read_text())
+        with tempfile.TemporaryDirectory(dir=catalog.home()) as scratch:
+            for name in [r for r in rows if r in MERGES and r in results]:
+                rec = make_merge(name, base, system2, Path(scratch), log)
+                results[name]["merge_seconds"] = rec["seconds"]
+                results[name]["merge_peak_rss_mib"] = round(rec["peak_rss_bytes"] / 2**20, 1)
+                log(f"{name}: {rec['seconds']} s, peak RSS {results[name]['merge_peak_rss_mib']} MiB")
+        write(results, replies, args, train)
+        return 0
     gsm = data.gsm8k_problems()[:args.n]
     m500 = data.math_problems("math500")[:args.n]
     bpb_reqs = {t: data.gold_bpb_requests(t)[:args.bpb_docs] for t in ("gsm8k", "math500")}

@@ -437,6 +437,17 @@ class MergeResult:
 
 
 def _peak_rss() -> int:
+    """Peak resident memory of this process image (bytes).
+
+    Linux's ``VmHWM`` belongs to the current address space, so it starts afresh at ``exec``;
+    ``ru_maxrss`` (the fallback elsewhere) survives fork and exec and would report a big parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
