@@ -13,7 +13,8 @@ quick model is BASE and the long-reasoning model is a fine-tune of BASE, so the 
 - a **full** fine-tune (every weight; float32 master weights, bfloat16 autocast; not LoRA, so the task vector is not low-rank by
   construction), AdamW, loss on the assistant tokens only, linear warm-up then constant LR;
 - bounded by ``--minutes`` (default 30) and ``--steps``: the run is deterministic for a seed and a
-  step count (``--steps N`` reproduces a time-bounded run exactly; its step count is in the record).
+  step count (``--steps N --minutes 1000`` reproduces a time-bounded run exactly; its step count is in
+  the record).
 
 Writes an HF checkpoint (``config.json``, ``model.safetensors``, the tokenizer files, and
 ``edgerun_train.json`` with the settings and the loss curve) atomically to ``--out`` (default

@@ -136,10 +136,11 @@ def gold_bpb(model, tokenizer, requests: list[tuple[str, str]]) -> float:
 
 
 def make_merge(name: str, base: Path, system2: Path, root: Path, log) -> dict:
-    """Run ``edgerun merge`` for one row in a fresh process; return its record."""
+    """Run ``edgerun merge`` for one row in a fresh process (again if System-2 was retrained); return its record."""
     method, flags = MERGES[name]
     out = root / name
-    if not (out / "edgerun_merge.json").is_file():
+    record = out / "edgerun_merge.json"
+    if not record.is_file() or record.stat().st_mtime < (system2 / "edgerun_train.json").stat().st_mtime:
         cmd = [sys.executable, "-m", "edgerun.cli", "merge", str(base), str(system2), "--method", method, *flags,
                "-o", str(out), "--force"]
         log(" ".join(cmd[2:]))

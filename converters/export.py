@@ -17,7 +17,7 @@ from typing import Callable
 
 from converters import gguf as gguf_writer
 from converters import manifest as manifest_mod
-from converters.source import Source, open_source
+from converters.source import TOKENIZER_FILES, Source, open_source
 from edgerun import catalog
 from edgerun.errors import UsageError
 from edgerun.formats.safetensors import read_config
@@ -103,8 +103,9 @@ def merged_cache(source: Source, src: str, merge_arg: str, method: str | None, p
                  log: Callable[[str], None]) -> tuple[Path, dict]:
     """The source merged per ``merge_arg`` (a YAML recipe, or one model with ``method``), cached by content.
 
-    The cache key hashes the recipe (method, hyper-parameters, models) and each input's weights
-    (size and modification time of its safetensors files), so a changed input is merged again.
+    The cache key hashes the recipe (method, hyper-parameters, models) and each input's files (size
+    and modification time of its safetensors, config and tokenizer files), so a changed input is
+    merged again.
     """
     import hashlib
     import json
@@ -119,7 +120,8 @@ def merged_cache(source: Source, src: str, merge_arg: str, method: str | None, p
         recipe = mg.Recipe(base=src, models=(merge_arg,), spec=mg.make_spec(method or "task-arithmetic"))
     models = [open_source(m, progress=progress) for m in recipe.models]
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for s in [source] + models
-             for f in sorted(s.path.glob("*.safetensors"))]
+             for f in sorted(s.path.glob("*.safetensors")) + [s.path / n for n in ("config.json", *TOKENIZER_FILES)]
+             if f.is_file()]
     key = hashlib.sha256(json.dumps([recipe.as_dict(), [str(m.path) for m in models], stamp],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = catalog.home() / "cache" / "merged" / f"{source.path.name}-{recipe.spec.method}-{key}"
@@ -304,7 +306,7 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
 
         log(f"writing ONNX {quant}" + (f" (block {block_size}, {onnx_algo})" if quant != "fp32" else ""))
         write_onnx(model_path, out, precision=quant, block_size=block_size, algo=onnx_algo, force=force)
-        own = model_path != source.path
+        own = read_config(model_path).get("model_type") == "granitemoeshared"   # our own graph (write_onnx)
         if own and onnx_algo == "builder" and quant != "fp32":
             onnx_algo = "rtn"  # the builder does not know the MoE host: its graph is quantized afterwards
         passes.append({"name": "write-onnx", "precision": quant,

@@ -27,8 +27,8 @@ tensor, and writes ``theta = theta_base + alpha * merged(delta)``:
 
 Tensors stream one at a time from the safetensors files (plain reads of each tensor's extent, no
 memory map; a streaming writer): the peak is about one tensor per model plus the output tensor and
-a few float64 chunks of rows (:func:`merge_tensor`). The arithmetic runs in float64 and the result is
-cast to BASE's dtype, so task arithmetic with alpha 0 returns BASE exactly and with alpha 1 returns
+a few float64 chunks of rows (:func:`merge_tensor`). The arithmetic runs in float64 (SVD's in
+float32 for float32 and narrower checkpoints) and the result is cast to BASE's dtype, so task arithmetic with alpha 0 returns BASE exactly and with alpha 1 returns
 the model exactly. DARE's masks come from a generator seeded by ``(seed, tensor name, model index,
 chunk)``: a merge is deterministic for a seed.
 
@@ -74,6 +74,7 @@ USES = {"task-arithmetic": {"alpha"}, "ties": {"alpha", "density"}, "dare": {"al
         "dare-ties": {"alpha", "density", "drop"}, "aim-ties": {"alpha", "density", "omega"},
         "svd": {"alpha", "rank"}}
 MERGE_META = "edgerun_merge.json"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")      # safetensors dtypes a merge reads and writes
 TOKENIZER_FILES = SOURCE_TOKENIZER_FILES + ("vocab.json", "merges.txt", "tokenizer.model")
 
 
@@ -183,7 +184,7 @@ def _threshold(magnitude: torch.Tensor, density: float) -> float:
     sorted copy of it is made.
     """
     flat = magnitude.reshape(-1).numpy()
-    kth = flat.size - max(1, math.ceil(density * flat.size))
+    kth = flat.size - max(1, math.ceil(density * flat.size - 1e-9))     # 0.3 * 10 is 3.0000000000000004
     flat.partition(kth)
     return float(flat[kth])
 
@@ -259,8 +260,9 @@ def merge_tensor(name: str, base: torch.Tensor, models: list[torch.Tensor], spec
     """Merge one tensor: ``base + alpha * merged(task vectors)`` per ``spec``, cast to ``base``'s dtype.
 
     The element-wise work runs in float64 over chunks of rows, so the working memory beyond the
-    input tensors and the output is a few chunks (plus one float32 magnitude copy for TIES's
-    threshold, and the whole task vector for SVD). DARE's masks are drawn per (seed, tensor, model,
+    input tensors and the output is a few chunks (plus one float32 magnitude copy per model for
+    TIES's threshold). SVD works on the whole 2-D task vector in float32 (float64 for float64
+    checkpoints): it needs the whole matrix, and float32 keeps that copy at the tensor's own size. DARE's masks are drawn per (seed, tensor, model,
     chunk): deterministic for a seed.
 
     Args:
@@ -355,8 +357,8 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
                              "dense models, then carve the merge")
     base_idx = _index(base.path)
     for name, (_, t) in base_idx.items():
-        if not t.dtype.startswith(("F", "BF")):
-            raise UsageError(f"{base.origin}: tensor {name} is {t.dtype}; only floating-point checkpoints merge "
+        if t.dtype not in FLOAT_DTYPES:
+            raise UsageError(f"{base.origin}: tensor {name} is {t.dtype}; only F16/BF16/F32/F64 checkpoints merge "
                              "(dequantize a quantized checkpoint first)")
     for m in models:
         cfg = st_format.read_config(m.path)
@@ -374,8 +376,8 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
             if other.shape != t.shape:
                 raise UsageError(f"cannot merge {m.origin}: tensor {name} has shape {list(other.shape)}, "
                                  f"base {base.origin} has {list(t.shape)}")
-            if not other.dtype.startswith(("F", "BF")):
-                raise UsageError(f"cannot merge {m.origin}: tensor {name} is {other.dtype}, not floating point")
+            if other.dtype not in FLOAT_DTYPES:
+                raise UsageError(f"cannot merge {m.origin}: tensor {name} is {other.dtype}, not F16/BF16/F32/F64")
         extra = sorted(set(idx) - set(base_idx))
         if extra:
             raise UsageError(f"cannot merge {m.origin}: tensor {extra[0]} is not in base {base.origin}")
@@ -463,6 +465,15 @@ def _pick_parent(parents: list[Source], choice: str | None, what: str) -> Source
         return parents[0]
     for s in parents:
         if str(choice) in (s.origin, str(s.path)):
+            return s
+    try:
+        from edgerun import catalog
+
+        chosen = catalog.resolve(str(choice), progress=False).resolve()
+    except Exception:  # noqa: BLE001 - an unresolvable name is reported below
+        chosen = None
+    for s in parents:
+        if chosen is not None and chosen in (Path(s.origin).resolve(), s.path.resolve()):
             return s
     raise UsageError(f"{what} '{choice}' is not one of the merged models; use auto, base or a model as given")
 
@@ -625,6 +636,8 @@ def load_recipe(path: str | Path, base: str | None = None) -> Recipe:
             continue
         if not isinstance(e, dict) or not isinstance(e.get("model"), str):
             raise UsageError(f"{where(key)}: each model is a path/name or a mapping with 'model'")
+        if not isinstance(e.get("parameters") or {}, dict):
+            raise UsageError(f"{where(key)}: a model's 'parameters' must be a mapping (weight: ...)")
         extra = sorted(set(e) - {"model", "parameters"}) or sorted(set(e.get("parameters") or {}) - {"weight"})
         if extra:
             raise UsageError(f"{where(key)}: unknown field '{extra[0]}' (a model takes 'model' and parameters.weight)")
@@ -638,10 +651,18 @@ def load_recipe(path: str | Path, base: str | None = None) -> Recipe:
         raise UsageError(f"{where('parameters.' + bad[0])}: unknown parameter '{bad[0]}'; known: "
                          f"{', '.join(PARAMETER_KEYS)}")
     if "lambda" in params:
-        params = {**params, "alpha": params.pop("lambda")} if "alpha" not in params else params
-    if data.get("dtype") not in (None, "float32", "auto"):
-        raise UsageError(f"{where('dtype')}: merges are computed in float64 and written in BASE's dtype; "
-                         "dtype may only be float32 or auto")
+        if "alpha" in params:
+            raise UsageError(f"{where('parameters.lambda')}: give alpha or lambda (the same thing), not both")
+        params = {**params, "alpha": params.pop("lambda")}
+    for k in ("calib_samples", "calib_len"):
+        if k in params:
+            v = params[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"{where('parameters.' + k)}: {k} must be a positive integer, got {v!r}")
+            if data.get("merge_method") not in ("aim-ties", "aim_ties"):
+                raise UsageError(f"{where('parameters.' + k)}: {k} applies to aim-ties only")
+    if data.get("dtype") not in (None, "auto"):
+        raise UsageError(f"{where('dtype')}: merges are written in BASE's dtype; dtype may only be auto")
     ctx = data.get("context_length")
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
         raise UsageError(f"{where('context_length')}: context_length must be a positive integer, got {ctx!r}")

@@ -331,6 +331,8 @@ def _add_merge(sub) -> None:
 
 
 def cmd_merge(args) -> int:
+    import dataclasses
+
     from converters import merge as mg
 
     hyper = {k: getattr(args, k) for k in ("alpha", "density", "drop", "omega", "rank")}
@@ -341,8 +343,7 @@ def cmd_merge(args) -> int:
         base, models, spec = r.base, list(r.models), r.spec
         tok, ctx = args.tokenizer_from or r.tokenizer_from, args.context_length or r.context_length
         if args.seed is not None:
-            spec = mg.make_spec(spec.method, **{k: getattr(spec, k) for k in mg.USES[spec.method]},
-                                weights=spec.weights, seed=args.seed)
+            spec = dataclasses.replace(spec, seed=args.seed)
     else:
         if not args.base or not args.models:
             raise UsageError("give BASE and at least one MODEL to merge into it (or --recipe FILE)")

@@ -48,6 +48,8 @@ def test_ties_trim_elect_disjoint_mean_known_result():
     assert out.tolist() == [4.0, -6.0, 0.0, -4.0]
     scaled = mg.merge_tensor("t", base + 1, [d1 + 1, d2 + 1, d3 + 1], mg.make_spec("ties", density=0.5, alpha=0.5))
     assert scaled.tolist() == [3.0, -2.0, 1.0, -1.0]
+    # ceil(0.3 * 10) is 3, not 4 (0.3 * 10 = 3.0000000000000004 in floating point)
+    assert int((mg.trim(torch.arange(1.0, 11.0, dtype=torch.float64), 0.3) != 0).sum()) == 3
     # one model: TIES is magnitude-sparsified task arithmetic
     single = mg.merge_tensor("t", base, [d2], mg.make_spec("ties", density=0.25, alpha=1.0))
     assert single.tolist() == [0.0, 0.0, 0.0, -5.0]
@@ -157,6 +159,15 @@ def test_recipe_parses_and_reports_bad_fields(tmp_path):
         mg.load_recipe(bad)
     bad.write_text("merge_method: ties\nmodels: [m\n")
     with pytest.raises(UsageError, match="malformed YAML"):
+        mg.load_recipe(bad)
+    bad.write_text("merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters: 3\n")
+    with pytest.raises(UsageError, match="must be a mapping"):
+        mg.load_recipe(bad)
+    bad.write_text("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {alpha: 1, lambda: 1}\n")
+    with pytest.raises(UsageError, match="not both"):
+        mg.load_recipe(bad)
+    bad.write_text("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {calib_samples: 4}\n")
+    with pytest.raises(UsageError, match="aim-ties only"):
         mg.load_recipe(bad)
     bad.write_text("merge_method: ties\nbase_model: b\nmodels: []\n")
     with pytest.raises(UsageError, match="non-empty list"):
@@ -275,6 +286,12 @@ def test_context_and_tokenizer_from_the_long_context_parent(tiny_pair, tmp_path)
     res = mg.merge(base, [longer], tmp_path / "n", mg.make_spec("task-arithmetic"), tokenizer_from="base",
                    context_length=2048, progress=False, log=lambda m: None)
     assert json.loads((res.output / "config.json").read_text())["max_position_embeddings"] == 2048
+    res = mg.merge(base, [longer], tmp_path / "o", mg.make_spec("task-arithmetic"), tokenizer_from=str(longer) + "/",
+                   progress=False, log=lambda m: None)
+    assert res.record["config_and_tokenizer_from"] == str(longer)
+    with pytest.raises(UsageError, match="not one of the merged models"):
+        mg.merge(base, [longer], tmp_path / "p", mg.make_spec("task-arithmetic"), tokenizer_from=str(tmp_path),
+                 progress=False)
 
 
 def test_cli_merge_and_errors(tiny_pair, tmp_path):
@@ -294,7 +311,16 @@ def test_cli_merge_and_errors(tiny_pair, tmp_path):
     r = subprocess.run(edgerun_cmd("merge", "--recipe", str(recipe), "-o", str(tmp_path / "rec")),
                        capture_output=True, text=True, env=cli_env(), timeout=300)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "rec" / "model.safetensors").read_bytes()[-4096:] == (base / "model.safetensors").read_bytes()[-4096:]
+    merged, original = load_file(str(tmp_path / "rec" / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in original)
+    aim = tmp_path / "aim.yaml"
+    aim.write_text(f"merge_method: aim-ties\nbase_model: {base}\nmodels: [{tuned}]\n"
+                   "parameters: {calib_samples: 2, calib_len: 16}\n")
+    r = subprocess.run(edgerun_cmd("merge", "--recipe", str(aim), "--seed", "4", "-o", str(tmp_path / "aim")),
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "aim" / mg.MERGE_META).read_text())["merge"]
+    assert rec["seed"] == 4 and rec["calibration"]["windows"] == 2 and rec["calibration"]["tokens_per_window"] == 16
 
 
 # --- two real checkpoints: SmolLM2-135M-Instruct and a short full fine-tune of it ------------------
