@@ -150,27 +150,21 @@ def test_recipe_parses_and_reports_bad_fields(tmp_path):
     assert (r.spec.method, r.spec.alpha, r.spec.density, r.spec.weights, r.spec.seed) == ("ties", 0.8, 0.3,
                                                                                           (0.5, 1.0), 3)
     assert (r.tokenizer_from, r.context_length) == ("base", 4096)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters:\n  densty: 0.3\n", r"line 5: unknown parameter 'densty'"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {density: 0}\n", "density must be in"),
+    ("merge_method: ties\nmodels: [m\n", "malformed YAML"),
+    ("merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters: 3\n", "must be a mapping"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {alpha: 1, lambda: 1}\n", "not both"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {calib_samples: 4}\n", "aim-ties only"),
+    ("merge_method: ties\nbase_model: b\nmodels: []\n", "non-empty list"),
+])
+def test_bad_recipes(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters:\n  densty: 0.3\n")
-    with pytest.raises(UsageError, match=r"line 5: unknown parameter 'densty'"):
-        mg.load_recipe(bad)
-    bad.write_text("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {density: 0}\n")
-    with pytest.raises(UsageError, match="density must be in"):
-        mg.load_recipe(bad)
-    bad.write_text("merge_method: ties\nmodels: [m\n")
-    with pytest.raises(UsageError, match="malformed YAML"):
-        mg.load_recipe(bad)
-    bad.write_text("merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters: 3\n")
-    with pytest.raises(UsageError, match="must be a mapping"):
-        mg.load_recipe(bad)
-    bad.write_text("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {alpha: 1, lambda: 1}\n")
-    with pytest.raises(UsageError, match="not both"):
-        mg.load_recipe(bad)
-    bad.write_text("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {calib_samples: 4}\n")
-    with pytest.raises(UsageError, match="aim-ties only"):
-        mg.load_recipe(bad)
-    bad.write_text("merge_method: ties\nbase_model: b\nmodels: []\n")
-    with pytest.raises(UsageError, match="non-empty list"):
+    bad.write_text(text)
+    with pytest.raises(UsageError, match=message):
         mg.load_recipe(bad)
 
 
