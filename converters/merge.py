@@ -295,6 +295,9 @@ def merge_tensor(name: str, base: torch.Tensor, models: list[torch.Tensor], spec
 
     ties = spec.method in ("ties", "dare-ties", "aim-ties")
     thresholds = None
+    # TIES needs each task vector's magnitude threshold over the whole tensor before any chunk can be
+    # trimmed: a first pass computes the deltas (and DARE masks, seeded per chunk, so identical) for the
+    # thresholds only; the second recomputes them rather than holding every float64 delta at once.
     if ties and spec.density < 1:
         mags = [torch.empty(b2.shape, dtype=torch.float32) for _ in models]
         for ci, (lo, hi) in enumerate(spans):
@@ -337,11 +340,14 @@ def _index(path: Path) -> dict[str, tuple[Path, st_format.SafetensorsTensor]]:
     return out
 
 
-def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path, st_format.SafetensorsTensor]]:
+Index = dict[str, tuple[Path, st_format.SafetensorsTensor]]
+
+
+def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[Index]]:
     """Check that every model has BASE's architecture, vocabulary and tensors (names, shapes, float dtypes).
 
     Returns:
-        BASE's tensor index ``{name: (file, entry)}`` in file order.
+        BASE's tensor index ``{name: (file, entry)}`` in file order, and each model's.
 
     Raises:
         UsageError: a different architecture or vocabulary size, or the first mismatching tensor named
@@ -355,7 +361,7 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
         if is_carved(st_format.read_config(s.path)):
             raise UsageError(f"{s.origin} is a carved MoE (its experts live outside model.safetensors); merge the "
                              "dense models, then carve the merge")
-    base_idx = _index(base.path)
+    base_idx, indices = _index(base.path), []
     for name, (_, t) in base_idx.items():
         if t.dtype not in FLOAT_DTYPES:
             raise UsageError(f"{base.origin}: tensor {name} is {t.dtype}; only F16/BF16/F32/F64 checkpoints merge "
@@ -369,6 +375,7 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
             raise UsageError(f"cannot merge {m.origin} into base {base.origin}: vocabulary sizes differ "
                              f"({cfg.get('vocab_size')} vs {base_cfg.get('vocab_size')})")
         idx = _index(m.path)
+        indices.append(idx)
         for name, (_, t) in base_idx.items():
             if name not in idx:
                 raise UsageError(f"cannot merge {m.origin}: it has no tensor {name} (base {base.origin} has)")
@@ -381,7 +388,7 @@ def check_compatible(base: Source, models: list[Source]) -> dict[str, tuple[Path
         extra = sorted(set(idx) - set(base_idx))
         if extra:
             raise UsageError(f"cannot merge {m.origin}: tensor {extra[0]} is not in base {base.origin}")
-    return base_idx
+    return base_idx, indices
 
 
 def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256,
@@ -456,10 +463,8 @@ def _peak_rss() -> int:
 def _pick_parent(parents: list[Source], choice: str | None, what: str) -> Source:
     """``choice``: None/"auto" = longest context (ties: the first model to merge), "base", or an index/origin."""
     if choice in (None, "auto"):
-        def ctx(s):
-            return int(st_format.read_config(s.path).get("max_position_embeddings") or 0)
-        best = max(ctx(s) for s in parents)
-        longest = [s for s in parents if ctx(s) == best]
+        ctx = [int(st_format.read_config(s.path).get("max_position_embeddings") or 0) for s in parents]
+        longest = [s for s, c in zip(parents, ctx) if c == max(ctx)]
         return longest[1] if len(longest) > 1 and longest[0] is parents[0] else longest[0]
     if choice == "base":
         return parents[0]
@@ -515,7 +520,7 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     base_src = open_source(base, progress=progress)
     model_srcs = [open_source(m, progress=progress) for m in models]
-    base_idx = check_compatible(base_src, model_srcs)
+    base_idx, model_idx = check_compatible(base_src, model_srcs)
     parent = _pick_parent([base_src] + model_srcs, tokenizer_from, "--tokenizer-from")
     config = st_format.read_config(parent.path)
     config.pop("quantization_config", None)
@@ -525,7 +530,6 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
     if spec.method == "aim-ties":
         log(f"AIM: base activations on {spec.calib_samples} x {spec.calib_len} tokens of the wiki calibration split")
         scales = aim_channel_scales(base_src.path, spec.calib_samples, spec.calib_len)
-    model_idx = [_index(m.path) for m in model_srcs]
 
     from tqdm import tqdm
 
@@ -535,9 +539,7 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
     def tensor(idx, name):
         return st_format.read_tensor(*idx[name])
 
-    dtype = specs[0][1] if specs else "F32"
-    config["torch_dtype"] = config["dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                                               "F64": "float64"}.get(dtype, "float32")
+    config["torch_dtype"] = config["dtype"] = st_format.TORCH_DTYPES[specs[0][1]] if specs else "float32"
     with atomic_dir(out, force=force) as tmp:
         writer = st_format.StreamWriter(tmp / "model.safetensors", specs, {"format": "pt"})
         try:
