@@ -16,18 +16,26 @@ class _Stop(Exception):
     pass
 
 
+def _calibration_ids(tokenizer, dataset: str) -> list[int]:
+    from edgerun import data
+
+    return tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
+
+
+def _windows(ids: list[int], seq_len: int, n: int) -> list[torch.Tensor]:
+    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(n)]
+
+
 def calibration_windows(tokenizer, n_samples: int, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
     """``n_samples`` token windows (1, seq_len) from the calibration split of ``dataset``.
 
     Raises:
         UsageError: too little calibration text for the windows asked for.
     """
-    from edgerun import data
-
-    ids = tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
+    ids = _calibration_ids(tokenizer, dataset)
     if len(ids) < n_samples * seq_len:
         raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than {n_samples} x {seq_len}")
-    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(n_samples)]
+    return _windows(ids, seq_len, n_samples)
 
 
 def all_windows(tokenizer, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
@@ -36,12 +44,10 @@ def all_windows(tokenizer, seq_len: int, dataset: str = "wiki") -> list[torch.Te
     Raises:
         UsageError: the split is shorter than one window.
     """
-    from edgerun import data
-
-    ids = tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
+    ids = _calibration_ids(tokenizer, dataset)
     if len(ids) < seq_len:
         raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(len(ids) // seq_len)]
+    return _windows(ids, seq_len, len(ids) // seq_len)
 
 
 def forward_windows(model, windows: list[torch.Tensor], handles: list) -> None:
