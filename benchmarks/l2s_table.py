@@ -121,17 +121,13 @@ def generate(model, tokenizer, questions: list[str], max_new: int, batch: int) -
     return out
 
 
-def gold_bpb(model, tokenizer, requests: list[tuple[str, str]]) -> float:
-    """Mean over documents of (NLL of the gold continuation in bits) / (its UTF-8 bytes)."""
+def gold_bpb(backend, requests: list[tuple[str, str]]) -> float:
+    """Mean over documents of (NLL of the gold continuation in bits) / (its UTF-8 bytes), by the backend's
+    ``continuation_logprobs`` (context and continuation tokenized apart, as OLMo-eval does)."""
     vals = []
-    with torch.inference_mode():
-        for ctx, cont in requests:
-            c = tokenizer(ctx, add_special_tokens=False).input_ids
-            a = tokenizer(cont, add_special_tokens=False).input_ids
-            ids = torch.tensor([c + a])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(c) - 1:-1].float(), -1)
-            nll = -logp.gather(1, torch.tensor(a)[:, None]).sum().item()
-            vals.append(nll / math.log(2) / len(cont.encode("utf-8")))
+    for ctx, cont in requests:
+        logp = backend.continuation_logprobs(backend.tokenize(ctx), [backend.tokenize(cont)])[0]
+        vals.append(-float(logp.sum()) / math.log(2) / len(cont.encode("utf-8")))
     return sum(vals) / len(vals)
 
 
@@ -160,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only re-run the merges (fresh processes, into a scratch directory) and update their wall "
                          "time and peak RSS in the table; the merges are deterministic, so quality rows stand")
     args = ap.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from converters.source import open_source
+    from edgerun.backends.torch import TorchBackend
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -208,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             merge_rec = make_merge(name, base, system2, root, log)
             path = root / name
         log(f"evaluating {name}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.eval()
+        backend = TorchBackend(path)
+        model = backend.model
         row = {"checkpoint": str(path)}
         if merge_rec:
             row["merge"] = merge_rec["merge"]
@@ -223,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = {"mean_tokens": round(sum(r[1] for r in res) / len(res), 1),
                         "capped": round(sum(r[2] for r in res) / len(res), 3),
                         "exact_match": round(sum(ok(r[0], p["answer"]) for r, p in zip(res, probs)) / len(res), 3),
-                        "gold_bpb": round(gold_bpb(model, tokenizer, bpb_reqs[key]), 4)}
+                        "gold_bpb": round(gold_bpb(backend, bpb_reqs[key]), 4)}
         replies[name] = {"gsm8k": [r[0] for r in g], "math500": [r[0] for r in m]}
         results[name] = row
         log(f"{name}: GSM8K {row['gsm8k']}  MATH500 {row['math500']}")
+        backend.close()
         del model
         write(results, replies, args, train)
     return 0
