@@ -607,7 +607,7 @@ def load_recipe(path: str | Path, base: str | None = None) -> Recipe:
     Raises:
         UsageError: malformed YAML, unknown or missing fields (the field and line named), bad values.
     """
-    from profilers import yamlfile
+    from edgerun.formats import yamlfile
 
     path = Path(path)
     data, lines = yamlfile.read(path)

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from profilers import yamlfile as yf
+from edgerun.formats import yamlfile as yf
 
 SCHEMA = {
     "name": yf.Field(yf.is_str),

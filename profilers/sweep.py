@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from profilers import yamlfile as yf
+from edgerun.formats import yamlfile as yf
 
 BACKENDS = ("edgerun", "llama-cpp-python")
 KV_TYPES = ("f16", "q8_0", "q4_0")

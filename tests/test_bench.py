@@ -135,7 +135,7 @@ def test_report_renders_plots_and_a_summary(swept):
 ])
 def test_bad_sweep_files_name_the_field_and_line(tmp_path, edit, message):
     from profilers import sweep
-    from profilers.yamlfile import YamlError
+    from edgerun.formats.yamlfile import YamlError
 
     p = _write(tmp_path)
     p.write_text(p.read_text().replace(*edit))

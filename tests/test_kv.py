@@ -15,7 +15,7 @@ from edgerun.errors import UsageError
 from edgerun.kv import quant
 from edgerun.kv.cache import KVSpec, QuantizedKVCache, QuantizedKVLayer
 from edgerun.kv.layout import Layout, llama_cpp_types, load
-from profilers.yamlfile import YamlError
+from edgerun.formats.yamlfile import YamlError
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 

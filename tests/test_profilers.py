@@ -174,7 +174,7 @@ def test_shipped_device_configs_load():
 ])
 def test_bad_device_yaml_names_the_field_and_line(tmp_path, text, message):
     from profilers import device
-    from profilers.yamlfile import YamlError
+    from edgerun.formats.yamlfile import YamlError
 
     p = tmp_path / "d.yaml"
     p.write_text(text)

@@ -25,7 +25,7 @@ import yaml
 
 from edgerun.errors import UsageError
 from edgerun.kv.cache import MODES, PAIRS, KVSpec, pair_name
-from profilers import yamlfile as yf
+from edgerun.formats import yamlfile as yf
 
 VALID_BITS = (2, 4, 8, 16)
 
