@@ -27,6 +27,8 @@ import statistics
 import time
 from pathlib import Path
 
+from profilers.accuracy import kv_front_accuracy
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q5_1", "q5_1"), ("q4_1", "q4_1"),
                ("q4_0", "q4_0")]
@@ -88,7 +90,7 @@ def main() -> int:
         r = kvt.tune(source.path, out, budget=args.budget, trials=trials, population=12, mode=mode, groups=4,
                      context=ctx, contexts=n_ctx_windows, calib_windows=2, calib_len=512, progress=True, log=print)
         search_s = time.perf_counter() - t0
-        acc = kvt.front_accuracy(source.path, r.front, out, "arc-easy", 20 if args.quick else 100, progress=True)
+        acc = kv_front_accuracy(source.path, r.front, out, "arc-easy", 20 if args.quick else 100, progress=True)
         kv16 = r.kv16["ppl"]
         lossless = [lay for lay in r.front if lay.meta["ppl"] <= kv16 * 1.01]
         uniform_lossless = [u for u, v in r.uniform.items() if u != "KV16" and v["ppl"] <= kv16 * 1.01]

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters.atomic import atomic_dir  # noqa: E402
+from edgerun.atomic import atomic_dir  # noqa: E402
 from converters.source import copy_tokenizer, open_source  # noqa: E402
 from edgerun import catalog, data  # noqa: E402
 

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(results: dict, replies: dict, args, train: dict) -> None:
-    from converters.atomic import atomic_file
+    from edgerun.atomic import atomic_file
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     s2 = results.get("system2")

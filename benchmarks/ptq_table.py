@@ -27,7 +27,7 @@ def layer_errors(source_path, bits: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import converters.ptq as ptq
-    from converters.calibration import block_inputs, calibration_windows, run_block
+    from edgerun.calibration import block_inputs, calibration_windows, run_block
     from converters.ptq.methods import METHODS
 
     tok = AutoTokenizer.from_pretrained(source_path)
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from converters.source import open_source
     from edgerun.backends.torch import TorchBackend
     from profilers.accuracy import perplexity
-    from profilers.bpw import checkpoint_bpw
+    from converters.bpw import checkpoint_bpw
 
     source = open_source("smollm2-135m-instruct", progress=False)
 

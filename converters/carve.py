@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from converters.atomic import atomic_dir
-from converters.calibration import block_inputs, calibration_windows
+from edgerun.atomic import atomic_dir
+from edgerun.calibration import block_inputs, calibration_windows
 from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format

@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from converters.atomic import atomic_dir
-from converters.calibration import all_windows
+from edgerun.atomic import atomic_dir
+from edgerun.calibration import all_windows
 from edgerun.errors import UsageError
 from edgerun.moe import store
 

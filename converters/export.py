@@ -5,7 +5,7 @@ GGUF flow: the source checkpoint is written once as an exact F32 GGUF (cached un
 the output in llama.cpp and prints its perplexity on a held-out slice of the wiki calibration text
 next to the source's (the cached F32 GGUF in llama.cpp, which matches the source's torch logits to
 ~1e-6 of their range), both measured in the same run by the shared protocol
-(:mod:`profilers.accuracy`).
+(``profilers.accuracy``, passed in as ``verify``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Callable
 
 from converters import gguf as gguf_writer
 from converters import manifest as manifest_mod
+from converters.bpw import checkpoint_bpw, gguf_bpw, onnx_bpw
 from converters.source import TOKENIZER_FILES, Source, open_source
 from edgerun import catalog
+from edgerun.backends import open_backend
 from edgerun.errors import UsageError
 from edgerun.formats.safetensors import read_config
 from edgerun.moe.store import MOE_KEY, is_carved
@@ -159,7 +161,7 @@ def _prune_host(host: Path, spec: str, patterns, log) -> tuple[Path, dict]:
 
 
 def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path | None = None, force: bool = False,
-           token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: bool = True,
+           token_embedding_type: str | None = None, output_tensor_type: str | None = None, verify: Callable | None = None,
            threads: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
            block_size: int = 32, onnx_algo: str = "default", ptq: str | None = None, bits: int = 4,
            group_size: int = 64, calib_samples: int = 16, carve: str | None = None,
@@ -176,7 +178,9 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         out: output path (default: a name saying model, format and type, in the current directory).
         force: overwrite an existing output.
         token_embedding_type, output_tensor_type: per-tensor ggml types for the embedding / output head.
-        verify: load the output and print its perplexity next to the source's.
+        verify: the quality protocol's perplexity function (``profilers.accuracy.perplexity``, passed in
+            because converters do not import profilers): load the output and print its perplexity next
+            to the source's. None skips verification.
         threads: CPU threads for quantization and verification.
         progress: show progress bars.
         log: where one-line progress messages go.
@@ -321,8 +325,6 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
                            else "onnxruntime.quantization.MatMulNBitsQuantizer"})
     export_seconds = time.perf_counter() - t0
 
-    from profilers.bpw import checkpoint_bpw, gguf_bpw, onnx_bpw
-
     bpw = {"gguf": gguf_bpw, "onnx": onnx_bpw, "hf": checkpoint_bpw}[to](out)
     record = {
         "format": to,
@@ -336,8 +338,8 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
     log(f"wrote {out} ({bpw.file_bytes / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
         f"linear BPW {bpw.linear_bpw:.3f}")
     if verify:
-        record["verification"] = verify_export(out, to, dense_f32, source, threads=threads, progress=progress,
-                                               log=log)
+        record["verification"] = verify_export(out, to, dense_f32, source, verify, threads=threads,
+                                               progress=progress, log=log)
     else:
         record["verification"] = {"skipped": True}
     record["wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -353,11 +355,13 @@ def _output_record(out: Path) -> dict:
     return {"path": str(out.resolve()), "files": files, "size_bytes": sum(v["size_bytes"] for v in files.values())}
 
 
-def verify_export(out: Path, to: str, f32: Path, source: Source, threads: int | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
-    """Load ``out`` in its engine and measure its perplexity next to the source's (F32 GGUF), same run."""
-    from edgerun.backends import open_backend
-    from profilers.accuracy import perplexity
+def verify_export(out: Path, to: str, f32: Path, source: Source, perplexity: Callable, threads: int | None = None,
+                  progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Load ``out`` in its engine and measure its perplexity next to the source's (F32 GGUF), same run.
+
+    ``perplexity(backend, label, window=, n_windows=, progress=)`` is the quality protocol's function
+    (``profilers.accuracy.perplexity``) returning a result with ``as_dict()``.
+    """
 
     ctx = VERIFY_WINDOW + 8
     results = {}

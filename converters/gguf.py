@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from converters.atomic import atomic_file
+from edgerun.atomic import atomic_file
 from converters.source import read_tokenizer_sidecar
 from edgerun.errors import ModelFileError, UsageError
 from edgerun.formats import safetensors as st_format

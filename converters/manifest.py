@@ -12,7 +12,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from converters.atomic import atomic_file
+from edgerun.atomic import atomic_file
 
 TOOLS = ("edgerun", "llama-cpp-python", "gguf", "transformers", "torch", "safetensors", "onnxruntime",
          "onnxruntime-genai", "numpy")

@@ -51,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from converters.atomic import atomic_dir
+from edgerun.atomic import atomic_dir
 from converters.source import TOKENIZER_FILES as SOURCE_TOKENIZER_FILES
 from converters.source import Source, architecture_of, copy_tokenizer, open_source
 from edgerun.errors import UsageError
@@ -406,7 +406,7 @@ def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from converters.calibration import calibration_windows, run_with_input_hooks
+    from edgerun.calibration import calibration_windows, run_with_input_hooks
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

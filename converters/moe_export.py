@@ -40,8 +40,8 @@ from typing import Callable
 
 import torch
 
-from converters.atomic import atomic_dir
-from converters.calibration import calibration_windows, run_with_input_hooks
+from edgerun.atomic import atomic_dir
+from edgerun.calibration import calibration_windows, run_with_input_hooks
 from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from converters.atomic import atomic_dir
+from edgerun.atomic import atomic_dir
 from edgerun.errors import BackendError, UsageError
 from edgerun.formats import safetensors as st_format
 

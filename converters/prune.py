@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from converters.atomic import atomic_dir
+from edgerun.atomic import atomic_dir
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 from edgerun.moe.store import MOE_KEY, is_carved, layer_file

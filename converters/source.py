@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from converters.atomic import atomic_dir
+from edgerun.atomic import atomic_dir
 from edgerun import catalog
 from edgerun.errors import ModelFileError, UsageError
 from edgerun.formats import gguf as gguf_format

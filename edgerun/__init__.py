@@ -103,19 +103,11 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         try:
             # one file runs that layout; a directory (a Pareto front) is planned per message with KV16
             plan_all = len(kv_layouts) > 1 or any(Path(p).is_dir() for p in kv_layouts)
-            kv_planner = KVPlanner.for_backend(engine, kv_layouts, _budget_bytes(device), include_kv16=plan_all)
+            kv_planner = KVPlanner.for_backend(engine, kv_layouts, budget_bytes(device), include_kv16=plan_all)
         except EdgerunError:
             engine.close()
             raise
     return Session(engine, template, system=system, sampling=sampling, notify=notify, kv_planner=kv_planner)
-
-
-def _budget_bytes(device) -> int:
-    """The memory budget in bytes of a device config (default: this machine, 75% of RAM)."""
-    from profilers import device as dev
-
-    cfg = dev.load(device) if device is not None else dev.detect(measure=False)
-    return int(cfg.memory_budget_gib * 2**30)
 
 
 def _kv_options(backend: str, kv_layout, engine_options: dict, notify) -> tuple:

@@ -362,13 +362,14 @@ def cmd_merge(args) -> int:
 
 def cmd_export(args) -> int:
     from converters.export import export
+    from profilers.accuracy import perplexity
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     result = export(args.src, to=args.to, quant=args.quant, out=args.output, force=args.force,
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                    verify=not args.no_verify, threads=args.threads, log=log, block_size=args.block_size,
+                    verify=None if args.no_verify else perplexity, threads=args.threads, log=log, block_size=args.block_size,
                     onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
                     calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens, finetune_minutes=args.finetune,
                     prune_experts=args.prune_experts, patterns=args.patterns, merge=args.merge,
@@ -392,7 +393,7 @@ def _add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from profilers import device as device_mod
+    from edgerun import device as device_mod
     from profilers import report, sweep
 
     if args.report:
@@ -494,7 +495,9 @@ def cmd_kv_tune(args) -> int:
                       mode=args.mode, groups=args.groups, group_size=args.group_size, window=args.window,
                       context=args.context, contexts=args.contexts, log=log)
     if args.task != "none" and result.front:
-        kvt.front_accuracy(model_dir, result.front, args.output, args.task, args.task_items, progress=True)
+        from profilers.accuracy import kv_front_accuracy
+
+        kv_front_accuracy(model_dir, result.front, args.output, args.task, args.task_items, progress=True)
     kv16 = result.kv16["ppl"]
     print(f"{'layout':24} {'avg bits':>8} {'KL':>10} {'PPL':>9} {'vs KV16':>8}")
     for lay in result.front:
@@ -522,9 +525,10 @@ def _add_device(sub) -> None:
 
 
 def cmd_device(args) -> int:
-    from profilers import device as device_mod
+    from edgerun.device import to_yaml
+    from profilers.device import detect
 
-    print(device_mod.to_yaml(device_mod.detect(measure=not args.no_measure)), end="")
+    print(to_yaml(detect(measure=not args.no_measure)), end="")
     return 0
 
 

@@ -18,13 +18,19 @@ about 5 bits can beat a Q4_1 source.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from edgerun import data
+from edgerun.atomic import atomic_file
+from edgerun.data import task_items
 from edgerun.errors import UsageError
+from edgerun.kv.layout import Layout
 
 
 @dataclass
@@ -91,8 +97,6 @@ def perplexity(backend, model: str, dataset: str = "wiki", split: str = "heldout
         raise UsageError(f"window of {len(windows[0])} tokens exceeds the model context of {backend.n_ctx}")
     iterator = windows
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(windows, desc=f"perplexity {model}", unit="window", leave=False)
     total, count = 0.0, 0
     for w in iterator:
@@ -162,8 +166,6 @@ def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool =
     Raises:
         UsageError: unknown task or too few items.
     """
-    from edgerun.data import task_items
-
     items = task_items(task, n)
     limit = (max_context or getattr(backend, "n_ctx", 2048) - 64)
     bos = backend.encode_prompt("")
@@ -171,8 +173,6 @@ def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool =
     chance = 0.0
     iterator = items
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(items, desc=f"{task} {model}", unit="item", leave=False)
     for item in iterator:
         ctx_plain = backend.tokenize(item.context)
@@ -187,3 +187,32 @@ def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool =
     return TaskResult(model=model, task=task, n=len(items), accuracy=hits / len(items),
                       accuracy_norm=hits_norm / len(items), ci95=wilson_interval(hits, len(items)),
                       ci95_norm=wilson_interval(hits_norm, len(items)), chance=chance / len(items))
+
+
+def kv_front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Path, task: str = "arc-easy",
+                   n: int = 100, progress: bool = False) -> list[dict]:
+    """Zero-shot log-likelihood accuracy of ``task`` for each KVTuner Pareto layout (and KV16), saved into the YAMLs.
+
+    Returns rows {name, avg_bits, accuracy, ci95}; ``accuracy.json`` in ``out_dir``.
+
+    Raises:
+        UsageError: an empty front.
+    """
+    from edgerun.backends.torch import TorchBackend  # heavy (torch + transformers); llama.cpp sweeps never need it
+    if not front:
+        raise UsageError("no Pareto layouts to score: the search found none under the budget")
+    engine = TorchBackend(model_dir)
+    rows = []
+    for lay in [Layout.uniform("KV16", len(front[0].pairs), front[0].mode)] + list(front):
+        engine.set_kv_layout(lay)
+        r = task_accuracy(engine, lay.name, task, n, progress=progress)
+        rows.append({"name": lay.name, "avg_bits": lay.average_bits, "task": task, "n": r.n,
+                     "accuracy": r.accuracy, "ci95": list(r.ci95), "accuracy_norm": r.accuracy_norm})
+        if lay.name != "KV16":
+            lay.meta[f"{task}_accuracy"] = r.accuracy
+            path = next(Path(out_dir).glob(f"pareto-{lay.name.rsplit('-', 1)[-1]}-*.yaml"), None)
+            if path is not None:
+                lay.save(path)
+    with atomic_file(Path(out_dir) / "accuracy.json", force=True) as tmp:
+        tmp.write_text(json.dumps(rows, indent=1))
+    return rows

@@ -1,84 +1,19 @@
-"""Device configs: what a laptop is (cores, RAM, memory budget, TDP, RAPL domains, memory bandwidth).
+"""This machine's device config with measurements: RAPL domains and memory bandwidth (``edgerun device detect``).
 
-One YAML file per device in ``device_configs/``. ``detect()`` describes the machine it runs on
-(``edgerun device detect > device_configs/mine.yaml``); its memory bandwidth is measured by a
-streaming read (:func:`measure_bandwidth`), and fields no command can read (TDP, idle watts) are
-left empty rather than guessed.
+The config format and the runtime's reading of it are :mod:`edgerun.device`; this module adds what
+must be measured. Memory bandwidth is a streaming read (:func:`measure_bandwidth`).
 """
 
 from __future__ import annotations
 
-import os
-import platform
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import replace
 
-from edgerun.formats import yamlfile as yf
+import torch
 
-SCHEMA = {
-    "name": yf.Field(yf.is_str),
-    "cpu_model": yf.Field(yf.is_str),
-    "cores": yf.Field(yf.positive_int),
-    "threads": yf.Field(yf.positive_int),
-    "ram_gib": yf.Field(yf.positive_number),
-    "memory_budget_gib": yf.Field(yf.positive_number),
-    "tdp_watts": yf.Field(yf.positive_number, required=False),
-    "idle_watts": yf.Field(yf.non_negative_number, required=False),
-    "rapl_domains": yf.Field(yf.list_of(yf.is_str), required=False, default=[]),
-    "memory_bandwidth_gbps": yf.Field(yf.positive_number, required=False),
-    "memory": yf.Field(yf.is_str, required=False),
-    "sources": yf.Field(yf.list_of(yf.is_str), required=False, default=[]),
-    "notes": yf.Field(yf.is_str, required=False),
-}
-
-
-@dataclass
-class DeviceConfig:
-    """A device description (see ``device_configs/*.yaml``).
-
-    Attributes:
-        name: short name. cpu_model: CPU name. cores / threads: physical cores / hardware threads.
-        ram_gib: installed RAM. memory_budget_gib: RAM a model may take on this device.
-        tdp_watts, idle_watts: package power figures (None when unknown; never guessed).
-        rapl_domains: readable RAPL domains (empty: no counters).
-        memory_bandwidth_gbps: measured or specified memory bandwidth in GB/s (1e9 bytes/s).
-        memory: memory type and configuration. sources: where the figures come from. notes: free text.
-    """
-
-    name: str
-    cpu_model: str
-    cores: int
-    threads: int
-    ram_gib: float
-    memory_budget_gib: float
-    tdp_watts: float | None = None
-    idle_watts: float | None = None
-    rapl_domains: list[str] = field(default_factory=list)
-    memory_bandwidth_gbps: float | None = None
-    memory: str | None = None
-    sources: list[str] = field(default_factory=list)
-    notes: str | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def load(path: str | Path) -> DeviceConfig:
-    """Read and check a device YAML file.
-
-    Raises:
-        YamlError: malformed YAML or a bad field (the message names the field and its line).
-    """
-    path = Path(path)
-    data, lines = yf.read(path)
-    data = yf.check(path, data, lines, SCHEMA)
-    if data["memory_budget_gib"] > data["ram_gib"]:
-        raise yf.YamlError(f"{path}, line {lines.get('memory_budget_gib', '?')}: field 'memory_budget_gib' "
-                           f"({data['memory_budget_gib']}) exceeds ram_gib ({data['ram_gib']})")
-    if data["threads"] < data["cores"]:
-        raise yf.YamlError(f"{path}, line {lines.get('threads', '?')}: field 'threads' is below 'cores'")
-    return DeviceConfig(**data)
+from edgerun.backends.base import physical_cores
+from edgerun.device import DeviceConfig, this_machine
+from profilers.power import discover
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int | None = None) -> float:
@@ -87,10 +22,6 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int | None = 
     A sum streams every byte once from DRAM (the buffer is far larger than the caches), which is
     what a memory-bound decode step does with the weights.
     """
-    import torch
-
-    from edgerun.backends.base import physical_cores
-
     torch.set_num_threads(threads or physical_cores())
     buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     best = float("inf")
@@ -101,43 +32,19 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5, threads: int | None = 
     return buf.numel() * 4 / best / 1e9
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def detect(measure: bool = True) -> DeviceConfig:
     """Describe this machine: CPU, cores, RAM, readable RAPL domains, and (if ``measure``) memory bandwidth.
 
     The memory budget is 75% of RAM; TDP and idle watts cannot be read from software and stay empty.
     """
-    import psutil
-
-    from edgerun.backends.base import physical_cores
-    from profilers.power import discover
-
-    ram = psutil.virtual_memory().total / 2**30
+    base = this_machine()
     zones, reason = discover()
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    notes = [f"detected by edgerun on {time.strftime('%Y-%m-%d')}"]
+    notes = [base.notes]
     if reason:
         notes.append(f"RAPL: {reason}")
     bw = None
     if measure:
         bw = round(measure_bandwidth(), 1)
         notes.append("memory_bandwidth_gbps measured by a streaming read (profilers.device.measure_bandwidth)")
-    return DeviceConfig(name=platform.node() or "this-machine", cpu_model=_cpu_model(), cores=physical_cores(),
-                        threads=threads, ram_gib=round(ram, 1), memory_budget_gib=round(ram * 0.75, 1),
-                        rapl_domains=sorted({z.domain for z in zones}), memory_bandwidth_gbps=bw,
-                        notes="; ".join(notes))
-
-
-def to_yaml(config: DeviceConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(config.as_dict(), sort_keys=False, allow_unicode=True)
+    return replace(base, rapl_domains=sorted({z.domain for z in zones}), memory_bandwidth_gbps=bw,
+                   notes="; ".join(notes))

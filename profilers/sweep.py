@@ -324,9 +324,9 @@ def machine_info() -> dict:
 
 
 def _cpu() -> str:
-    from profilers.device import _cpu_model
+    from edgerun.device import cpu_model
 
-    return _cpu_model()
+    return cpu_model()
 
 
 def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, progress: bool = True,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from converters import gguf as gguf_writer
-from converters.atomic import OutputExistsError
+from edgerun.atomic import OutputExistsError
 from converters.export import export
 from edgerun import catalog
 from edgerun.backends.base import SamplingParams

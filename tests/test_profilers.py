@@ -158,7 +158,7 @@ def test_wilson_interval_known_values():
 # --- device configs -------------------------------------------------------------------------------
 
 def test_shipped_device_configs_load():
-    from profilers import device
+    from edgerun import device
 
     root = pathlib.Path(__file__).resolve().parent.parent / "device_configs"
     names = {device.load(p).name for p in root.glob("*.yaml")}
@@ -173,7 +173,7 @@ def test_shipped_device_configs_load():
     ("name: x\ncores: 2\n", "missing field 'cpu_model'"),
 ])
 def test_bad_device_yaml_names_the_field_and_line(tmp_path, text, message):
-    from profilers import device
+    from edgerun import device
     from edgerun.formats.yamlfile import YamlError
 
     p = tmp_path / "d.yaml"
@@ -183,9 +183,10 @@ def test_bad_device_yaml_names_the_field_and_line(tmp_path, text, message):
 
 
 def test_detect_describes_this_machine():
-    from profilers import device
+    from edgerun import device
+    from profilers.device import detect
 
-    d = device.detect(measure=False)
+    d = detect(measure=False)
     assert d.cores >= 1 and d.threads >= d.cores and d.ram_gib > 0
     assert d.tdp_watts is None  # never guessed
     text = device.to_yaml(d)

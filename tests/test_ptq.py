@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from converters.ptq.methods import METHODS
-from converters.ptq.quant import from_gptq_tensors, pack_bits, rtn, to_gptq_tensors, unpack_bits
+from edgerun.formats.gptq import from_gptq_tensors, pack_bits, rtn, to_gptq_tensors, unpack_bits
 from edgerun.errors import UsageError
 
 
@@ -41,7 +41,7 @@ def real_layer_activations(smollm2_source):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import converters.ptq as ptq
-    from converters.calibration import block_inputs, calibration_windows, run_block
+    from edgerun.calibration import block_inputs, calibration_windows, run_block
 
     tok = AutoTokenizer.from_pretrained(smollm2_source.path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_source.path, dtype=torch.float32)
@@ -71,7 +71,7 @@ def test_awq_scale_fold_preserves_the_block_output(real_layer_activations):
     import copy
 
     import converters.ptq as ptq
-    from converters.calibration import run_block
+    from edgerun.calibration import run_block
 
     layer, hiddens, kwargs, inputs = real_layer_activations
     folded = copy.deepcopy(layer)
@@ -86,7 +86,7 @@ def test_quantized_checkpoint_runs_in_the_torch_backend(smollm2_source, tmp_path
     from converters.ptq import quantize_checkpoint
     from edgerun.backends.base import SamplingParams
     from edgerun.backends.torch import TorchBackend
-    from profilers.bpw import checkpoint_bpw
+    from converters.bpw import checkpoint_bpw
 
     out = quantize_checkpoint(smollm2_source.path, tmp_path / "w8", method="rtn", bits=8, group_size=64,
                               n_samples=2, seq_len=256)

@@ -15,7 +15,7 @@ quantized with s = 1, as in the AWQ reference implementation when shapes do not 
 Output: an HF checkpoint directory with ``config.json`` carrying ``quantization_config``
 (``quant_method: gptq``, ``checkpoint_format: gptq``, ``bits``, ``group_size``, ``sym: false``,
 ``desc_act: false``, plus ``edgerun_method``), ``model.safetensors`` with ``qweight``/``qzeros``/
-``scales``/``g_idx`` per linear (layout in :mod:`converters.ptq.quant`) and every other tensor in
+``scales``/``g_idx`` per linear (layout in :mod:`edgerun.formats.gptq`) and every other tensor in
 float32, and the tokenizer files.
 """
 
@@ -28,10 +28,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from converters.atomic import atomic_dir
-from converters.calibration import block_inputs, calibration_windows, run_block
+from edgerun.atomic import atomic_dir
+from edgerun.calibration import block_inputs, calibration_windows, run_block
 from converters.ptq.methods import METHODS
-from converters.ptq.quant import BITS, QuantizedLinear, check_format, from_gptq_tensors, to_gptq_tensors
+from edgerun.formats.gptq import BITS, QuantizedLinear, check_format, from_gptq_tensors, to_gptq_tensors
 from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
@@ -195,36 +195,3 @@ def _save(model, quantized, checkpoint: Path, out: Path, cfg: dict, method: str,
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         copy_tokenizer(checkpoint, tmp)
     return out
-
-
-def is_quantized_checkpoint(config: dict) -> bool:
-    """True for a checkpoint written by :func:`quantize_checkpoint` (GPTQ layout with an edgerun method)."""
-    qc = config.get("quantization_config") or {}
-    return qc.get("quant_method") == "gptq" and "edgerun_method" in qc
-
-
-def dequantized_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """float32 state dict of a quantized checkpoint (every linear dequantized) and its config without quantization.
-
-    Raises:
-        ModelFileError: invalid safetensors.
-    """
-    from safetensors.numpy import load_file
-
-    checkpoint = Path(checkpoint)
-    cfg = st_format.read_config(checkpoint)
-    qc = cfg.pop("quantization_config")
-    raw = {}
-    for f in st_format.checkpoint_files(checkpoint):
-        raw.update(load_file(str(f)))
-    state = {}
-    bases = {k.removesuffix(".qweight") for k in raw if k.endswith(".qweight")}
-    for base in bases:
-        g = {k: raw[f"{base}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-        in_f = g["g_idx"].shape[0]
-        out_f = g["scales"].shape[1]
-        state[f"{base}.weight"] = from_gptq_tensors(g, qc["bits"], qc["group_size"], in_f, out_f).dequantize()
-    for k, v in raw.items():
-        if k.rsplit(".", 1)[0] not in bases:
-            state[k] = torch.from_numpy(v)
-    return state, cfg

@@ -1,9 +1,9 @@
 """Weight-only PTQ methods for one linear layer: RTN, GPTQ and AWQ, group-wise, on calibration activations.
 
 Each method is a small registered unit that turns a float weight (out, in) and the layer's
-calibration inputs into :class:`~converters.ptq.quant.QuantizedLinear` codes.
+calibration inputs into :class:`~edgerun.formats.gptq.QuantizedLinear` codes.
 
-- **RTN**: round to nearest, per group (:func:`converters.ptq.quant.rtn`).
+- **RTN**: round to nearest, per group (:func:`edgerun.formats.gptq.rtn`).
 - **GPTQ** (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
   Transformers", ICLR 2023, Alg. 1): minimise ||W X - W_hat X||^2 column by column with the inverse
   Hessian H^-1 of H = 2 X X^T (Eq. 2-3): quantize column i, spread its error
@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from converters.ptq.quant import QuantizedLinear, check_format, group_params, quantize_with, rtn
+from edgerun.formats.gptq import QuantizedLinear, check_format, group_params, quantize_with, rtn
 
 METHODS: dict[str, Callable] = {}
 

@@ -250,8 +250,8 @@ def install(model, checkpoint: str | Path, mode: str, group_size: int | None = N
     """
     from safetensors.numpy import load_file
 
-    from converters.ptq import is_quantized_checkpoint
-    from converters.ptq.quant import from_gptq_tensors
+    from edgerun.formats.gptq import is_quantized_checkpoint
+    from edgerun.formats.gptq import from_gptq_tensors
     from edgerun.formats import safetensors as st_format
 
     if mode not in MODES:

@@ -89,7 +89,7 @@ class TorchBackend(Backend):
         """transformers' loader; for a carved MoE the exact CMoE layers; for a PTQ checkpoint its dequantized weights."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from converters.ptq import dequantized_state_dict, is_quantized_checkpoint
+        from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
         from edgerun.moe import store
 
         if store.is_carved(cfg):

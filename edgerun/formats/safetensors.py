@@ -154,7 +154,7 @@ class StreamWriter:
     The header needs every tensor's extent up front, so the writer is given the names, dtypes and
     shapes first (``specs``, in file order); :meth:`write` then takes the tensors in that order and
     checks each against its spec. The file is complete only after :meth:`close`, which fails if a
-    tensor is missing. Write to a temporary path (:func:`converters.atomic.atomic_file`): a partial
+    tensor is missing. Write to a temporary path (:func:`edgerun.atomic.atomic_file`): a partial
     file is never valid.
 
     Args:

@@ -107,7 +107,7 @@ class Layout:
         return yaml.safe_dump(data, sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        from converters.atomic import atomic_file
+        from edgerun.atomic import atomic_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", gro
             captured[i][-1] = (*captured[i][-1], output[0] if isinstance(output, tuple) else output)
         return post
 
-    from converters.calibration import forward_windows
+    from edgerun.calibration import forward_windows
 
     handles = []
     for i, layer in enumerate(layers):
@@ -252,7 +252,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from converters.atomic import atomic_file
+    from edgerun.atomic import atomic_file
     from edgerun.backends.torch import TorchBackend
     from edgerun.kv.cache import MODES
 
@@ -377,7 +377,7 @@ def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dic
                    mode: str) -> TuneResult:
     import optuna
 
-    from converters.atomic import atomic_file
+    from edgerun.atomic import atomic_file
 
     n_groups = len(candidates)
     kv16 = uniform["KV16"]
@@ -423,7 +423,7 @@ def plot_front(rows: list[dict], front_rows: list[dict], uniform: dict, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from converters.atomic import atomic_file
+    from edgerun.atomic import atomic_file
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "kl", "KL to KV16 (nats/token)"), (axes[1], "ppl", "perplexity")):
@@ -448,32 +448,3 @@ def plot_front(rows: list[dict], front_rows: list[dict], uniform: dict, path: Pa
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
-
-
-def front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Path, task: str = "arc-easy",
-                   n: int = 100, progress: bool = False) -> list[dict]:
-    """Zero-shot log-likelihood accuracy of ``task`` for each Pareto layout (and KV16), saved into the YAMLs.
-
-    Returns rows {name, avg_bits, accuracy, ci95}; ``accuracy.json`` in ``out_dir``.
-    """
-    from converters.atomic import atomic_file
-    from edgerun.backends.torch import TorchBackend
-    from profilers.accuracy import task_accuracy
-
-    if not front:
-        raise UsageError("no Pareto layouts to score: the search found none under the budget")
-    engine = TorchBackend(model_dir)
-    rows = []
-    for lay in [Layout.uniform("KV16", len(front[0].pairs), front[0].mode)] + list(front):
-        engine.set_kv_layout(lay)
-        r = task_accuracy(engine, lay.name, task, n, progress=progress)
-        rows.append({"name": lay.name, "avg_bits": lay.average_bits, "task": task, "n": r.n,
-                     "accuracy": r.accuracy, "ci95": list(r.ci95), "accuracy_norm": r.accuracy_norm})
-        if lay.name != "KV16":
-            lay.meta[f"{task}_accuracy"] = r.accuracy
-            path = next(Path(out_dir).glob(f"pareto-{lay.name.rsplit('-', 1)[-1]}-*.yaml"), None)
-            if path is not None:
-                lay.save(path)
-    with atomic_file(Path(out_dir) / "accuracy.json", force=True) as tmp:
-        tmp.write_text(json.dumps(rows, indent=1))
-    return rows

@@ -153,7 +153,7 @@ class Pattern:
 
 def save(pattern: Pattern, directory: str | Path) -> Path:
     """Write ``<directory>/<task>.json`` atomically."""
-    from converters.atomic import atomic_file
+    from edgerun.atomic import atomic_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,12 @@ Storage follows the GPTQ checkpoint layout used by AutoGPTQ / GPTQModel / transf
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgerun.formats import safetensors as st_format
 
 BITS = (2, 3, 4, 8)
 
@@ -139,3 +142,38 @@ def from_gptq_tensors(t: dict[str, np.ndarray], bits: int, group_size: int, in_f
     zeros = (unpack_bits(t["qzeros"].T.copy(), bits, out_f).T.astype(np.int32) + 1) & (2 ** bits - 1)
     return QuantizedLinear(torch.from_numpy(q.copy()), torch.from_numpy(t["scales"].astype(np.float32).T.copy()),
                            torch.from_numpy(zeros.T.copy()), bits, group_size)
+
+
+# --- reading a quantized checkpoint (the torch and MixPE backends) ------------------------------------
+
+def is_quantized_checkpoint(config: dict) -> bool:
+    """True for a checkpoint written by :func:`quantize_checkpoint` (GPTQ layout with an edgerun method)."""
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "gptq" and "edgerun_method" in qc
+
+
+def dequantized_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """float32 state dict of a quantized checkpoint (every linear dequantized) and its config without quantization.
+
+    Raises:
+        ModelFileError: invalid safetensors.
+    """
+    from safetensors.numpy import load_file
+
+    checkpoint = Path(checkpoint)
+    cfg = st_format.read_config(checkpoint)
+    qc = cfg.pop("quantization_config")
+    raw = {}
+    for f in st_format.checkpoint_files(checkpoint):
+        raw.update(load_file(str(f)))
+    state = {}
+    bases = {k.removesuffix(".qweight") for k in raw if k.endswith(".qweight")}
+    for base in bases:
+        g = {k: raw[f"{base}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        in_f = g["g_idx"].shape[0]
+        out_f = g["scales"].shape[1]
+        state[f"{base}.weight"] = from_gptq_tensors(g, qc["bits"], qc["group_size"], in_f, out_f).dequantize()
+    for k, v in raw.items():
+        if k.rsplit(".", 1)[0] not in bases:
+            state[k] = torch.from_numpy(v)
+    return state, cfg
