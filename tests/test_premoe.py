@@ -79,7 +79,8 @@ def tiny_moe(tmp_path_factory, smollm2_source):
 
 @pytest.mark.parametrize("kind", ["carved", "host"])
 def test_pruning_with_every_expert_kept_is_exact_and_permutation_safe(tiny_moe, kind):
-    from converters.prune import prune_carved, prune_host
+    from converters.prune import prune_host
+    from edgerun.moe.store import select_experts as prune_carved
     from edgerun.backends.torch import TorchBackend
 
     root, carved, host = tiny_moe

@@ -19,11 +19,15 @@ safetensors reads tensors by name, so a runtime can load a subset of experts
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from edgerun.errors import ModelFileError
+from edgerun.atomic import atomic_dir
+from edgerun.errors import ModelFileError, UsageError
+from edgerun.formats import safetensors as st_format
 from edgerun.moe.layer import CarvedMoE
 
 MOE_KEY = "edgerun_moe"
@@ -121,3 +125,63 @@ def load_model(checkpoint: str | Path, dtype=torch.float32):
     model.tie_weights()
     model.eval()
     return model
+
+
+def check_keep(keep: list[list[int]], a: int, n_layers: int, n_experts: int) -> None:
+    """Check a per-layer expert selection ``keep`` (n_layers lists of b ids) routing top-``a``.
+
+    Raises:
+        UsageError: wrong number of layers, b above the routed experts, or not 1 <= a <= b.
+    """
+    b = len(keep[0]) if keep else 0
+    if len(keep) != n_layers:
+        raise UsageError(f"the pattern covers {len(keep)} MoE layers, the model has {n_layers}")
+    if b > n_experts:
+        raise UsageError(f"b = {b} exceeds the {n_experts} routed experts per layer")
+    if not 1 <= a <= b:
+        raise UsageError(f"need 1 <= a <= b, got a = {a}, b = {b}")
+
+
+def select_experts(carved: str | Path, out: str | Path, keep: list[list[int]], a: int, record: dict,
+                 force: bool = False) -> Path:
+    """Write a carved checkpoint (expert-store layout, exact CMoE routing) keeping only the experts ``keep``.
+
+    Only the kept experts' tensors are read from the store (PreMoe PEP on the store, and TAER's
+    per-task model in the torch engine).
+
+    Args:
+        carved: the carved checkpoint. out: output directory (written atomically).
+        keep: per MoE layer, the routed expert ids to keep (all of the same length b).
+        a: experts routed per token after pruning.
+        record: what to note in ``edgerun_moe.pruned`` (task, pattern file, score).
+
+    Raises:
+        UsageError: not a carved checkpoint; mismatched layers; bad a/b.
+    """
+    carved, out = Path(carved), Path(out)
+    cfg = st_format.read_config(carved)
+    if not is_carved(cfg):
+        raise UsageError(f"{carved} is not a carved checkpoint")
+    meta = cfg[MOE_KEY]
+    check_keep(keep, a, cfg["num_hidden_layers"], meta["routed"])
+    with atomic_dir(out, force=force) as tmp:
+        (tmp / "experts").mkdir()
+        for i, ids in enumerate(keep):
+            t = read_layer(carved, i, experts=ids)
+            idx = torch.tensor(ids, dtype=torch.long)
+            new = {k: v for k, v in t.items() if not k.startswith("experts.")}
+            for k in ("router.gate", "router.up", "router.scale", "router.bias"):
+                new[k] = t[k][idx].contiguous()
+            new["neurons.experts"] = t["neurons.experts"][idx].contiguous()
+            for n, j in enumerate(ids):
+                for part in ("gate_proj", "up_proj", "down_proj"):
+                    new[f"experts.{n}.{part}.weight"] = t[f"experts.{j}.{part}.weight"]
+            save_file(new, str(layer_file(tmp, i)), metadata={"format": "pt"})
+        cfg = dict(cfg)
+        cfg[MOE_KEY] = {**meta, "routed": len(keep[0]), "active": a, "top_k": a,
+                        "pruned": {**record, "a": a, "b": len(keep[0]), "keep": keep}}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        for f in carved.iterdir():
+            if f.is_file() and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+    return out
