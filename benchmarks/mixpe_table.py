@@ -34,7 +34,7 @@ def decode_speed(backend, prompt) -> float:
 def main() -> int:
     from converters.ptq import quantize_checkpoint
     from converters.source import open_source
-    from edgerun.backends.mixpe import open_mixpe
+    from edgerun.backends.mixpe import MixPEBackend
     from edgerun.backends.torch import TorchBackend
     from profilers.accuracy import perplexity
 
@@ -54,7 +54,7 @@ def main() -> int:
                                        n_samples=16)
             row = {"dequantized_torch_perplexity": ppl(TorchBackend(ckpt, n_ctx=520), method)}
             for mode in ("W4A16", "W4A8"):
-                emu = open_mixpe(ckpt, mode, n_ctx=520)
+                emu = MixPEBackend(ckpt, mode, n_ctx=520)
                 t0 = time.perf_counter()
                 row[f"{mode}_perplexity"] = ppl(emu, f"{method} {mode}")
                 row[f"{mode}_perplexity_seconds"] = time.perf_counter() - t0

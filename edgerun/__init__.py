@@ -7,15 +7,21 @@ The Python API mirrors the CLI::
     for piece in session.chat("What is the capital of France?"):
         print(piece, end="", flush=True)
     print(session.stats.decode_tokens_per_s)
+    print(session.last_turn.plan.reasons)          # the plan this message ran under
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from edgerun import catalog, templates
+from edgerun.backends import canonical_backend, detect_backend, open_backend
 from edgerun.backends.base import GenerationStats, SamplingParams
-from edgerun.errors import EdgerunError
-from edgerun.session import Session
+from edgerun.device import budget_bytes
+from edgerun.errors import EdgerunError, UsageError
+from edgerun.formats import gguf as gguf_format
+from edgerun.planner import KVPlanner, Plan, Planner, parse_keep
+from edgerun.session import Session, Turn
 
 __version__ = "0.1.0"
 
@@ -25,14 +31,18 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
          batch_threads: int | None = None, max_tokens: int | None = None, temperature: float = 0.8,
          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
          seed: int | None = None, progress: bool = True, notify=None, adaptive_experts: bool = False,
-         keep: str = "2/4", patterns: str | Path | None = None, quant: str = "Q8_0", kv_layout=None,
+         keep: str = "2/4", patterns: str | Path | None = None, assembler=None, kv_layout=None,
          device: str | Path | None = None, **engine_options) -> Session:
     """Open a chat session on ``model`` (a catalog name, a path, or None for the default model).
 
+    Every message is planned once (:class:`edgerun.planner.Planner`): the model or the task's experts,
+    the KV layout and the engine settings, within the device's memory budget; ``session.last_turn``
+    holds the plan and the reply's stats.
+
     Args:
         model: catalog name (pulled on first use) or path to a model file.
-        backend: engine name (``"llama.cpp"``, ``"onnx"``, ``"torch"``); default: from the path
-            (a GGUF file, an onnxruntime-genai directory, a Hugging Face checkpoint directory).
+        backend: engine name (``"llama.cpp"``, ``"onnx"``, ``"torch"``, ``"mixpe"``); default: from the
+            path (a GGUF file, an onnxruntime-genai directory, a Hugging Face checkpoint directory).
         system: system prompt.
         chat_template: a built-in template name or a Jinja file, overriding the model's own.
         n_ctx: context window in tokens (default min(4096, the model's training context)).
@@ -41,89 +51,104 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             (:class:`SamplingParams`).
         progress: show a progress bar when pulling.
         notify: callback for one-line notices (context trimmed); default: ``session.notices``.
-        adaptive_experts: per message, load only the retrieved task's experts (PreMoe TAER) of a carved
-            model (``model`` is the carved checkpoint; llama.cpp runs GGUFs assembled per pattern, the
-            torch backend the exact routing).
+        adaptive_experts: per message, run only the retrieved task's experts (PreMoe TAER) of a carved
+            model (``model`` is the carved checkpoint; torch reads them from the expert store, llama.cpp
+            runs GGUFs that ``assembler`` builds per pattern).
         keep: ``a/b`` for adaptive experts: route top-a of the top-b experts per layer.
         patterns: expert patterns directory for adaptive experts.
-        quant: GGUF type of the models assembled for adaptive experts.
+        assembler: for adaptive experts on llama.cpp, what builds a task's GGUF
+            (``converters.assemble.GGUFAssembler(quant)``; the runtime writes no model files itself).
         kv_layout: KVTuner layout(s): a layout YAML, or a directory of them (a ``kv tune`` Pareto
             front). torch: the packed layer-wise KV cache; one file runs that layout (refused when its
             cache does not fit); with a directory the layout is chosen per message to fit
-            ``device``'s memory budget (KV16 included when it fits). llama.cpp: one
-            file, mapped to the nearest uniform (type_k, type_v) not less precise (said in a notice).
+            ``device``'s memory budget after the weights of the model (or task experts) the plan runs
+            (KV16 included when it fits). llama.cpp: one file, mapped to the nearest uniform
+            (type_k, type_v) not less precise (said in a notice).
         device: device config YAML whose ``memory_budget_gib`` bounds weights + KV cache (default:
             this machine, 75% of RAM).
-        engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``).
+        engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``, ``mode`` for MixPE).
 
     Raises:
-        EdgerunError: unknown model, bad file, download failure, missing chat template, engine error.
+        EdgerunError: unknown model, bad file, download failure, missing chat template, engine error,
+            a plan that does not fit the device budget.
     """
-    from edgerun import catalog, templates
-    from edgerun.backends import detect_backend, open_backend
-    from edgerun.formats import gguf as gguf_format
-
     label = str(model or catalog.DEFAULT_MODEL)
+    notify_fn = notify or (lambda m: None)
+    budget = budget_bytes(device)
+    experts = None
     if adaptive_experts:
-        if kv_layout is not None:
-            from edgerun.errors import UsageError
-
-            raise UsageError("--kv-layout does not combine with --adaptive-experts yet: use one of them")
-        return _load_adaptive(model, backend or "llama.cpp", keep, patterns, quant, system, chat_template, n_ctx,
-                              threads, max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed, notify)
-    entry = catalog.CATALOG.get(label)
-    if entry is not None and not entry.chat and chat_template is None and not Path(label).exists():
-        # known to have no chat template: say so before a download
-        templates.choose(None, None, model_label=f"{label} (a base model)")
-    path = catalog.resolve(model, progress=progress)
-    backend = backend or detect_backend(path)
-    if backend in ("llama.cpp", "llamacpp", "gguf"):
+        engine_name = canonical_backend(backend or "llama.cpp")
+        experts = _expert_planner(model, engine_name, keep, patterns, assembler, notify)
+        path = experts.model_for(experts.patterns[0].task)
+    else:
+        engine_name = canonical_backend(backend) if backend else None
+        entry = catalog.CATALOG.get(label)
+        if entry is not None and not entry.chat and chat_template is None and not Path(label).exists():
+            # known to have no chat template: say so before a download
+            templates.choose(None, None, model_label=f"{label} (a base model)")
+        path = catalog.resolve(model, progress=progress)
+        engine_name = engine_name or detect_backend(path)
+    if engine_name == "llama.cpp":
         info = gguf_format.validate(path)
         # refuse a model without a chat template before loading it (never fall back silently)
         templates.choose(info.chat_template, chat_template, model_label=label)
         engine_options["info"] = info
     kv_layouts = None
     if kv_layout is not None:
-        kv_layouts, engine_options = _kv_options(backend, kv_layout, engine_options, notify)
-    engine = open_backend(backend, path, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
-                          seed=seed, **engine_options)
+        kv_layouts, engine_options = _kv_options(engine_name, kv_layout, engine_options, notify_fn)
+
+    def open_model(plan: Plan):
+        return open_backend(plan.engine, plan.model_path, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
+                            seed=seed, **engine_options)
+
+    engine = open_backend(engine_name, path, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads, seed=seed,
+                          **engine_options)
     try:
         special = engine.special_tokens
         template = templates.choose(engine.chat_template, chat_template, model_label=label,
                                     bos_token=special["bos_token"], eos_token=special["eos_token"])
+        kv_planner = None
+        if kv_layouts is not None:
+            # one file runs that layout; a directory (a Pareto front) is planned per message with KV16
+            plan_all = len(kv_layouts) > 1 or any(Path(p).is_dir() for p in kv_layouts)
+            kv_planner = KVPlanner.for_backend(engine, kv_layouts, budget, include_kv16=plan_all)
+        planner = Planner(engine_name, path, engine.memory().model_bytes, budget, experts=experts, kv=kv_planner,
+                          settings=engine.engine_settings())
     except EdgerunError:
         engine.close()
         raise
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-    kv_planner = None
-    if kv_layouts is not None:
-        from edgerun.planner import KVPlanner
+    return Session(engine, template, system=system, sampling=sampling, notify=notify, planner=planner,
+                   open_model=open_model)
 
-        try:
-            # one file runs that layout; a directory (a Pareto front) is planned per message with KV16
-            plan_all = len(kv_layouts) > 1 or any(Path(p).is_dir() for p in kv_layouts)
-            kv_planner = KVPlanner.for_backend(engine, kv_layouts, budget_bytes(device), include_kv16=plan_all)
-        except EdgerunError:
-            engine.close()
-            raise
-    return Session(engine, template, system=system, sampling=sampling, notify=notify, kv_planner=kv_planner)
+
+def _expert_planner(model, engine: str, keep: str, patterns, assembler, notify):
+    """The PreMoe TAER half of the planner for a carved checkpoint."""
+    from edgerun.moe.taer import ExpertPlanner  # torch: only adaptive-expert sessions need it
+
+    if patterns is None:
+        raise UsageError("--adaptive-experts needs --patterns DIR (made by 'edgerun experts calibrate')")
+    a, b = parse_keep(keep)
+    path = catalog.resolve(model)
+    if not path.is_dir():
+        raise UsageError(f"--adaptive-experts needs a carved checkpoint directory, not {path}")
+    return ExpertPlanner(path, patterns, a, b, engine=engine, assembler=assembler, log=notify)
 
 
 def _kv_options(backend: str, kv_layout, engine_options: dict, notify) -> tuple:
     """(layouts for the torch planner or None, engine options) for a ``kv_layout`` argument."""
-    from edgerun.errors import UsageError
-    from edgerun.kv import layout as kvl
-
     paths = [Path(kv_layout)] if not isinstance(kv_layout, (list, tuple)) else [Path(p) for p in kv_layout]
     for p in paths:
         if not p.exists():
             raise UsageError(f"KV layout {p} does not exist")
-    if backend in ("llama.cpp", "llamacpp", "gguf"):
+    if backend == "llama.cpp":
+        from edgerun.kv import layout as kvl  # torch (via the KV cache module): only layout sessions
+
         if len(paths) != 1 or paths[0].is_dir():
             raise UsageError("llama.cpp runs one uniform KV type: give one layout file, not a directory")
         tk, tv, note = kvl.llama_cpp_types(kvl.load(paths[0]))
-        (notify or (lambda m: None))(note)
+        notify(note)
         opts = {**engine_options, "cache_type_k": tk, "cache_type_v": tv}
         if tv != "f16":
             opts["flash_attn"] = True
@@ -133,38 +158,4 @@ def _kv_options(backend: str, kv_layout, engine_options: dict, notify) -> tuple:
     return paths, engine_options
 
 
-def _load_adaptive(model, backend, keep, patterns, quant, system, chat_template, n_ctx, threads, max_tokens,
-                   temperature, top_p, top_k, min_p, repeat_penalty, seed, notify) -> Session:
-    """A session whose model is rebuilt per message from the retrieved task's experts (see edgerun.planner)."""
-    from edgerun import catalog, templates
-    from edgerun.backends import open_backend
-    from edgerun.errors import UsageError
-    from edgerun.planner import ExpertPlanner, parse_keep
-
-    if patterns is None:
-        raise UsageError("--adaptive-experts needs --patterns DIR (made by 'edgerun experts calibrate')")
-    if backend not in ("llama.cpp", "torch"):
-        raise UsageError("--adaptive-experts runs on llama.cpp (assembled GGUFs) or torch (exact routing)")
-    a, b = parse_keep(keep)
-    path = catalog.resolve(model)
-    if not path.is_dir():
-        raise UsageError(f"--adaptive-experts needs a carved checkpoint directory, not {path}")
-    messages = []
-    planner = ExpertPlanner(path, patterns, a, b, engine=backend, quant=quant,
-                            log=notify or messages.append)
-
-    def reopen(plan):
-        return open_backend(plan.engine, plan.model_path, n_ctx=n_ctx, threads=threads, seed=seed)
-
-    first = planner.plan(planner.patterns[0].task)
-    engine = reopen(first)
-    special = engine.special_tokens
-    template = templates.choose(engine.chat_template, chat_template, model_label=str(model),
-                                bos_token=special["bos_token"], eos_token=special["eos_token"])
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-    return Session(engine, template, system=system, sampling=sampling, notify=notify, planner=planner,
-                   reopen=reopen)
-
-
-__all__ = ["load", "Session", "SamplingParams", "GenerationStats", "EdgerunError", "__version__"]
+__all__ = ["load", "Session", "Turn", "Plan", "SamplingParams", "GenerationStats", "EdgerunError", "__version__"]

@@ -15,7 +15,7 @@ from edgerun.errors import EdgerunError, UsageError
 
 HELP_TEXT = """commands:
   /clear   forget the conversation (the system prompt stays)
-  /stats   TTFT, prefill and decode speed of the last reply, context used
+  /stats   TTFT, prefill and decode speed of the last reply, context used, and the plan it ran under
   /help    this help
   /exit    leave (also Ctrl-D)
 Ctrl-C stops a reply and keeps the conversation."""
@@ -44,7 +44,6 @@ def _add_chat(sub) -> None:
     p.add_argument("--patterns", default=None, help="adaptive experts: expert patterns directory")
     p.add_argument("--quant", default="Q8_0", help="adaptive experts: GGUF type of the assembled models")
     p.add_argument("--mixpe", default="W4A16", help="MixPE mode with --backend mixpe: W4A8, W4A16, W8A8, W8A16")
-    p.add_argument("--group-size", type=_positive_int, default=None, help="MixPE: the checkpoint's weight group size")
     p.add_argument("--cost-table", default=None, help="MixPE: energy cost table YAML (default: the simulator's)")
     p.add_argument("--kv-layout", default=None, metavar="LAYOUT",
                    help="KVTuner KV-cache layout YAML, or a directory of them ('edgerun kv tune' output) to choose "
@@ -83,6 +82,30 @@ def format_stats(stats) -> str:
             + (f" ({stats.kv_layout})" if stats.kv_layout else ""))
 
 
+def format_turn(turn) -> str:
+    """/stats for one turn record: the generation line, then the plan (model or experts, KV layout,
+    settings, reasons) and engine counters."""
+    if turn is None:
+        return "no reply yet"
+    lines = [format_stats(turn.stats)]
+    plan = turn.plan
+    settings = ", ".join(f"{k} {v}" for k, v in plan.settings.items())
+    lines.append(f"plan: {plan.engine} {plan.model_path.name} | weights {plan.weights_bytes / 2**20:.1f} MiB"
+                 + (f" of a {plan.budget_bytes / 2**30:.1f} GiB budget" if plan.budget_bytes else "")
+                 + f" | {settings} | history {turn.history}" + (f" | load {turn.load_ms:.0f} ms" if turn.load_ms else ""))
+    if plan.experts is not None:
+        e = plan.experts
+        lines.append(f"experts: task {e.task} (distance {e.distance:.4f}), {e.a}/{e.b} | retrieval "
+                     f"{e.retrieval_ms:.1f} ms | assembly {e.assembly_ms:.0f} ms")
+    lines += [f"  - {r}" for r in plan.reasons]
+    m, d = turn.accounting.get("mixpe"), turn.accounting.get("dequant-loop")
+    if m:
+        lines.append(f"MixPE: {m['ops_per_token']['macs']:.3g} MACs/token, {m['ops_per_token']['shift_adds']:.3g} "
+                     f"shift-adds, {m['ops_per_token']['dequant_ops']:.3g} dequant ops (dequant-loop: "
+                     f"{d['ops_per_token']['dequant_ops']:.3g}); modelled energy {m['energy_vs_fp16']:.2f} x FP16")
+    return "\n".join(lines)
+
+
 def _print_reply(pieces) -> None:
     out = sys.stdout
     for piece in pieces:
@@ -106,14 +129,18 @@ def cmd_chat(args) -> int:
     def notify(msg: str) -> None:
         print(f"[{msg}]", file=sys.stderr, flush=True)
 
-    mixpe = {"mode": args.mixpe, "group_size": args.group_size, "cost_table": args.cost_table} \
-        if args.backend == "mixpe" else {}
+    mixpe = {"mode": args.mixpe, "cost_table": args.cost_table} if args.backend == "mixpe" else {}
+    assembler = None
+    if args.adaptive_experts and args.backend in (None, "llama.cpp"):
+        from converters.assemble import GGUFAssembler  # the writers: only adaptive experts on llama.cpp
+
+        assembler = GGUFAssembler(args.quant, log=notify)
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, notify=notify, adaptive_experts=args.adaptive_experts, keep=args.keep,
-                           patterns=args.patterns, quant=args.quant, kv_layout=args.kv_layout, device=args.device,
-                           **mixpe)
+                           patterns=args.patterns, assembler=assembler, kv_layout=args.kv_layout,
+                           device=args.device, **mixpe)
     try:
         if not interactive:
             _print_reply(session.chat(prompt, stream=True))
@@ -130,7 +157,7 @@ def _repl(session, args) -> int:
         pass
     b = session.backend
     name = args.model or catalog.DEFAULT_MODEL
-    print(f"edgerun chat: {name} ({b.name}, {getattr(b, 'threads', '?')} threads, context {b.n_ctx} tokens, "
+    print(f"edgerun chat: {name} ({b.name}, {b.threads} threads, context {b.n_ctx} tokens, "
           f"template {session.template.name}). /help for commands, Ctrl-D to exit.", file=sys.stderr)
     while True:
         try:
@@ -152,25 +179,7 @@ def _repl(session, args) -> int:
                 session.clear()
                 print("[conversation cleared]", file=sys.stderr)
             elif cmd == "/stats":
-                print(format_stats(session.stats))
-                if hasattr(session.backend, "accounting"):
-                    acc = session.backend.accounting()
-                    m, d = acc.get("mixpe"), acc.get("dequant-loop")
-                    if m:
-                        print(f"MixPE {session.backend.mixpe_mode}: {m['ops_per_token']['macs']:.3g} MACs/token, "
-                              f"{m['ops_per_token']['shift_adds']:.3g} shift-adds, {m['ops_per_token']['dequant_ops']:.3g} "
-                              f"dequant ops (dequant-loop: {d['ops_per_token']['dequant_ops']:.3g}); modelled energy "
-                              f"{m['energy_vs_fp16']:.2f} x FP16")
-                if session.kv_stats:
-                    k = session.kv_stats
-                    print(f"KV layout: {k['kv_reason']} | history {k['kv_history']}")
-                elif getattr(session.backend, "kv_layout", None) is not None:
-                    print(f"KV layout {session.backend.kv_layout.name}: {session.backend.memory().kv_cache_bytes} bytes")
-                if session.plan_stats:
-                    p = session.plan_stats
-                    print(f"experts: task {p['task']} (distance {p['distance']:.4f}), {p['a']}/{p['b']} | retrieval "
-                          f"{p['retrieval_ms']:.1f} ms | assembly {p['assembly_ms']:.0f} ms | load {p['load_ms']:.0f} ms"
-                          f" | resident model {p['resident_model_bytes'] / 2**20:.1f} MiB")
+                print(format_turn(session.last_turn))
             elif cmd in ("/help", "/?"):
                 print(HELP_TEXT)
             else:

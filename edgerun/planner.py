@@ -1,59 +1,127 @@
-"""The per-query plan: which experts to load for this message (PreMoe TAER), within the device's budget.
+"""One plan per message: which model (task experts), which KV-cache layout, which engine settings, and why.
 
-Task-adaptive expert retrieval (Pei et al., "PreMoe", arXiv 2505.17639, Sec. 3.3): stored per-task
-patterns (:mod:`edgerun.moe.tcess`) hold a retrieval key (the key MoE layer's TCESS vector). For each
-new user message, the raw text (no chat template) runs through the model only up to the key router
-(no expert weights are read for a key in the first MoE layer), its TCESS vector is the query key,
-the nearest stored key by L2 distance names the task, and the model is rebuilt with only that task's
-top-b experts per layer, routing top-a:
+The session asks :class:`Planner` once per user message, with the message and its prompt token
+count, and applies the returned :class:`Plan` in one place. The plan combines:
 
-- llama.cpp: the engine host of the carved model pruned to the pattern and written as a GGUF at the
-  session's type, assembled once per pattern and cached under ``$EDGERUN_HOME/cache/assembled``;
-- torch: the carved checkpoint's expert store read selectively (only the kept experts' tensors).
+- **Task experts** (PreMoe TAER: Pei et al., "PreMoe", arXiv 2505.17639, Sec. 3.3). Stored per-task
+  patterns (:mod:`edgerun.moe.tcess`) hold a retrieval key (the key MoE layer's TCESS vector). The raw
+  message (no chat template) runs through the model only up to the key router, its TCESS vector is
+  the query key, the nearest stored key by L2 distance names the task, and the model to run keeps
+  only that task's top-b experts per layer, routing top-a. torch reads them from the carved
+  checkpoint's expert store (:func:`edgerun.moe.store.select_experts`); llama.cpp runs a GGUF of the
+  engine host pruned to the pattern, built by an *assembler* the caller passes in (the runtime
+  writes no GGUF itself: ``converters.assemble.GGUFAssembler``, which the CLI passes).
+- **KV layout** (KVTuner: Li et al., ICML 2025, Sec. 4: layouts searched offline, chosen online): the
+  highest-quality layout whose cache for prompt + reply fits the memory the device budget leaves
+  after the *chosen model's* weights. So fewer experts leave room for a more precise cache.
+- **Engine settings** fixed at load (threads, context, llama.cpp's KV types).
 
-The rebuilt model starts with an empty KV cache, so the conversation is prefilled again into it.
-Later issues extend the plan (KV-cache layout).
+A plan that changes the model or the layout costs a re-prefill of the conversation (the new model
+or layout starts from an empty cache); the plan says so in its reasons.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from edgerun.errors import UsageError
 
+if TYPE_CHECKING:  # the layout module imports torch; the llama.cpp chat path plans without it
+    from edgerun.kv.layout import Layout
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def model_file_bytes(path: str | Path) -> int:
+    """Bytes of a model's weight files: a GGUF file's size, or every ``*.safetensors`` under a checkpoint
+    directory (an expert store's ``experts/`` included). For float32 checkpoints this is what torch holds
+    resident; the planner uses it for a model that is not loaded yet."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
+
+
+# --- the plan -----------------------------------------------------------------------------------------
 
 @dataclass
-class Plan:
-    """What to run for one message.
+class ExpertChoice:
+    """The task experts chosen for one message (PreMoe TAER).
 
     Attributes:
-        task: retrieved task. distance: L2 distance of the query key to its pattern's key.
-        retrieval_ms: time to compute the query key and pick the task.
-        model_path: the model to run. engine: ``llama.cpp`` or ``torch``.
-        changed: the previous message used another pattern (the model is rebuilt).
-        assembly_ms: time to assemble this pattern's model (0 when cached).
-        a, b: experts routed per token / kept per layer.
+        task: retrieved task. distance: L2 distance of the query key to the task's stored key.
+        retrieval_ms: time to compute the query key and pick the task, ms.
+        assembly_ms: time to build the task's model, ms (0 when cached).
+        a, b: experts routed per token / kept per MoE layer.
     """
 
     task: str
     distance: float
     retrieval_ms: float
-    model_path: Path
-    engine: str
-    changed: bool
     assembly_ms: float
     a: int
     b: int
 
+
+@dataclass
+class KVChoice:
+    """The KV-cache layout chosen for one message (KVTuner).
+
+    Attributes:
+        layout: the :class:`~edgerun.kv.layout.Layout`. tokens: prompt + reply budget it was sized for.
+        kv_bytes: its peak cache bytes at ``tokens``. available_bytes: device budget minus the weights.
+    """
+
+    layout: Layout
+    tokens: int
+    kv_bytes: int
+    available_bytes: int
+
+
+@dataclass
+class Plan:
+    """What runs for one message.
+
+    Attributes:
+        engine: backend name. model_path: the model to run (the loaded one, or the task's model).
+        weights_bytes: bytes of that model's weights. budget_bytes: the device's memory budget.
+        experts: the task-expert choice, or None (no adaptive experts).
+        kv: the KV-layout choice, or None (the engine's cache as loaded).
+        settings: engine settings fixed at load (threads, context, KV types).
+        reasons: one sentence per decision, for ``/stats`` and the API.
+        model_changed, kv_changed: differs from the previous message's model / layout (the
+            conversation is re-prefilled under it).
+    """
+
+    engine: str
+    model_path: Path
+    weights_bytes: int
+    budget_bytes: int
+    experts: ExpertChoice | None = None
+    kv: KVChoice | None = None
+    settings: dict = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    model_changed: bool = False
+    kv_changed: bool = False
+
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["model_path"] = str(self.model_path)
+        """JSON-ready form (paths as strings, the layout by name and average bits)."""
+        d = {"engine": self.engine, "model_path": str(self.model_path), "weights_bytes": self.weights_bytes,
+             "budget_bytes": self.budget_bytes, "settings": dict(self.settings), "reasons": list(self.reasons),
+             "model_changed": self.model_changed, "kv_changed": self.kv_changed,
+             "experts": asdict(self.experts) if self.experts else None, "kv": None}
+        if self.kv is not None:
+            d["kv"] = {"layout": self.kv.layout.name, "average_bits": self.kv.layout.average_bits,
+                       "tokens": self.kv.tokens, "kv_bytes": self.kv.kv_bytes,
+                       "available_bytes": self.kv.available_bytes}
         return d
 
+
+# --- task experts (PreMoe TAER) -------------------------------------------------------------------------
 
 def parse_keep(spec: str) -> tuple[int, int]:
     """``a/b`` -> (a, b).
@@ -70,150 +138,23 @@ def parse_keep(spec: str) -> tuple[int, int]:
     return a, b
 
 
-class ExpertPlanner:
-    """Chooses the task pattern for each message and provides the model built for it.
+class Assembler(Protocol):
+    """Builds the model a task pattern selects, for an engine that cannot select experts at load.
 
-    Args:
-        model_dir: a carved checkpoint (expert store) or its engine host checkpoint.
-        patterns_dir: stored patterns (``edgerun experts calibrate``), made on the routing that runs:
-            the host's for ``engine="llama.cpp"``, the carved model's for ``engine="torch"``.
-        a, b: route top-a among the top-b experts per layer.
-        engine: ``llama.cpp`` (assembled GGUFs from the host) or ``torch`` (exact CMoE routing).
-        quant: GGUF type of assembled models.
-
-    Raises:
-        UsageError: a dense model, patterns for another model, bad a/b.
+    ``host(model_dir)`` returns the checkpoint the patterns were made on and the assembled models are
+    cut from (e.g. a carved model's Granite host); ``assembler(host, tag, keep, a, record)`` returns the
+    path of the model keeping ``keep[layer]`` experts per layer routing top-``a`` (cached by ``tag``).
     """
 
-    def __init__(self, model_dir: str | Path, patterns_dir: str | Path, a: int, b: int, engine: str = "llama.cpp",
-                 quant: str = "Q8_0", log=None):
-        from edgerun.formats.safetensors import read_config
-        from edgerun.moe import calibrate as cal
-        from edgerun.moe import tcess
-        from edgerun.moe.store import MOE_KEY, is_carved
+    def host(self, model_dir: Path) -> Path: ...
 
-        self.model_dir = Path(model_dir)
-        cfg = read_config(self.model_dir)
-        if MOE_KEY not in cfg:
-            raise UsageError(f"{model_dir} is not a carved mixture of experts; --adaptive-experts needs one "
-                             "('edgerun carve')")
-        self.engine, self.quant, self.a, self.b = engine, quant, a, b
-        self._log = log or (lambda m: None)
-        if engine == "llama.cpp" and is_carved(cfg):
-            from converters.export import granite_cache
-
-            self.model_dir = granite_cache(self.model_dir, progress=False, log=self._log)
-        elif engine == "torch" and not is_carved(cfg):
-            raise UsageError("the torch engine runs exact CMoE routing: give the carved checkpoint, not its host")
-        self.patterns = tcess.load_dir(patterns_dir)
-        self.key_model, self.tokenizer = cal.load_model(self.model_dir)
-        fp = {k: v for k, v in _fingerprint(self.key_model).items()}
-        for p in self.patterns:
-            tcess.check_model(p, fp)
-        if b > fp["experts"]:
-            raise UsageError(f"--keep {a}/{b}: b exceeds the {fp['experts']} routed experts per layer")
-        self.key_layer = self.patterns[0].key_layer
-        self.score = self.patterns[0].score
-        self.keys = torch.stack([p.key() for p in self.patterns])          # (tasks, experts)
-        self.current: str | None = None
-        self.last: Plan | None = None
-
-    def retrieve(self, text: str) -> tuple[str, float]:
-        """(task, L2 distance) of the stored key nearest to the query key of ``text``."""
-        from edgerun.moe.calibrate import query_key
-
-        q = query_key(self.key_model, self.tokenizer, text, self.key_layer, self.score)
-        d = torch.linalg.norm(self.keys - q[None, :], dim=1)
-        i = int(torch.argmin(d))
-        return self.patterns[i].task, float(d[i])
-
-    def plan(self, text: str) -> Plan:
-        """Retrieve the task of ``text`` and make sure its model exists (assembling it if needed)."""
-        t0 = time.perf_counter()
-        task, distance = self.retrieve(text)
-        retrieval_ms = (time.perf_counter() - t0) * 1e3
-        t1 = time.perf_counter()
-        path = self.model_for(task)
-        assembly_ms = (time.perf_counter() - t1) * 1e3
-        plan = Plan(task=task, distance=distance, retrieval_ms=retrieval_ms, model_path=path, engine=self.engine,
-                    changed=task != self.current, assembly_ms=assembly_ms, a=self.a, b=self.b)
-        self.current, self.last = task, plan
-        return plan
-
-    def model_for(self, task: str) -> Path:
-        """The model pruned to ``task``'s pattern: a cached GGUF (llama.cpp) or pruned store (torch)."""
-        from edgerun import catalog
-
-        pattern = next(p for p in self.patterns if p.task == task)
-        keep = pattern.keep(self.b)
-        tag = f"{self.model_dir.name}-{task}-{self.a}of{self.b}-{pattern.score}"
-        root = catalog.home() / "cache" / "assembled"
-        record = {"task": task, "score": pattern.score}
-        if self.engine == "torch":
-            from converters.prune import prune_carved
-
-            out = root / tag
-            if not (out / "config.json").is_file():
-                self._log(f"assembling the {task} experts ({self.a}/{self.b}) from the expert store")
-                prune_carved(self.model_dir, out, keep, self.a, record, force=True)
-            return out
-        gguf_path = root / f"{tag}-{self.quant}.gguf"
-        if not gguf_path.is_file():
-            from converters import gguf as gguf_writer
-            from converters.prune import prune_host
-
-            self._log(f"assembling a {self.quant} GGUF with the {task} experts ({self.a}/{self.b})")
-            host = root / tag
-            if not (host / "config.json").is_file():
-                prune_host(self.model_dir, host, keep, self.a, record, force=True)
-            f32 = root / f"{tag}-F32.gguf"
-            gguf_writer.write_f32(host, f32, name=tag, force=True)
-            if self.quant == "F32":
-                f32.rename(gguf_path)
-            else:
-                gguf_writer.quantize(f32, gguf_path, self.quant, force=True)
-                f32.unlink()
-        return gguf_path
+    def __call__(self, host: Path, tag: str, keep: list[list[int]], a: int, record: dict) -> Path: ...
 
 
-def _fingerprint(model) -> dict:
-    from edgerun.moe.adapters import fingerprint
-
-    return fingerprint(model)
-
-
-# --- KV-cache layout per query (KVTuner) -------------------------------------------------------------
-
-@dataclass
-class KVPlan:
-    """The KV layout chosen for one message.
-
-    Attributes:
-        layout: the layout. tokens: prompt + reply budget it was sized for.
-        kv_bytes: its packed cache bytes at ``tokens``. available_bytes: device budget minus weights.
-        reason: one sentence for ``/stats``. changed: differs from the previous message's layout
-            (the conversation is re-prefilled under it).
-    """
-
-    layout: object
-    tokens: int
-    kv_bytes: int
-    available_bytes: int
-    reason: str
-    changed: bool
-
-    def as_dict(self) -> dict:
-        return {"kv_layout": self.layout.name, "kv_average_bits": self.layout.average_bits, "kv_tokens": self.tokens,
-                "kv_bytes": self.kv_bytes, "kv_available_bytes": self.available_bytes, "kv_reason": self.reason,
-                "kv_changed": self.changed}
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
+# --- KV-cache layout (KVTuner) --------------------------------------------------------------------------
 
 class KVPlanner:
-    """Per query, the highest-quality KV layout whose cache fits the device budget left after the weights.
+    """The highest-quality KV layout whose cache fits the memory left after the weights.
 
     Candidates: the layouts given (a ``kv tune`` Pareto front or single files) plus KV16 (unquantized,
     the best quality when it fits). Quality order: KV16, then the search's measured KL to KV16
@@ -223,7 +164,9 @@ class KVPlanner:
         layouts: :class:`~edgerun.kv.layout.Layout` objects, or paths to layout YAMLs / directories of them.
         n_layers, n_kv_heads, head_dim: the model's attention shape.
         budget_bytes: the device's memory budget (``memory_budget_gib`` of a device config, in bytes).
-        weights_bytes: resident weight bytes. fp_bits: bits of an unquantized K/V value (32 for float32).
+        weights_bytes: resident weight bytes (the default for :meth:`choose`).
+        fp_bits: bits of an unquantized K/V value (32 for float32).
+        include_kv16: also consider the unquantized cache (for a Pareto front; not for one file).
 
     Raises:
         UsageError: no layouts. YamlError: a layout for another model.
@@ -231,7 +174,7 @@ class KVPlanner:
 
     def __init__(self, layouts, n_layers: int, n_kv_heads: int, head_dim: int, budget_bytes: int,
                  weights_bytes: int, fp_bits: int = 32, include_kv16: bool = True):
-        from edgerun.kv import layout as kvl
+        from edgerun.kv import layout as kvl  # torch: only KV-layout sessions (torch engine) construct a KVPlanner
 
         loaded = []
         for item in layouts:
@@ -254,10 +197,10 @@ class KVPlanner:
         self.layouts = sorted(loaded, key=lambda lay: lay.quality)
         self.shape = (n_kv_heads, head_dim)
         self.fp_bits = fp_bits
+        self.budget = int(budget_bytes)
         self.available = int(budget_bytes - weights_bytes)
-        self.current = None
 
-    def bytes_for(self, layout, tokens: int) -> int:
+    def bytes_for(self, layout: Layout, tokens: int) -> int:
         """Peak KV-cache bytes of ``layout`` while it grows to ``tokens`` tokens.
 
         Per-token caches grow steadily; a KIVI cache peaks just before a block leaves its
@@ -268,40 +211,96 @@ class KVPlanner:
         return max(layout.cache_bytes(n, *self.shape, fp_bits=self.fp_bits)
                    for n in range(max(1, tokens - layout.group_size + 1), tokens + 1))
 
-    def choose(self, tokens: int) -> KVPlan:
-        """The plan for a message of ``tokens`` tokens (prompt + reply budget).
+    def choose(self, tokens: int, available: int | None = None) -> tuple[KVChoice, str]:
+        """(choice, reason) for a message of ``tokens`` tokens (prompt + reply budget).
+
+        ``available``: bytes left for the cache (default: budget minus the weights given at construction).
 
         Raises:
             UsageError: not even the cheapest layout fits (names it and the bytes it needs).
         """
-        for lay in self.layouts:
+        available = self.available if available is None else int(available)
+        for i, lay in enumerate(self.layouts):
             need = self.bytes_for(lay, tokens)
-            if need <= self.available:
-                better = [x for x in self.layouts[:self.layouts.index(lay)]]
-                if better:
-                    why = (f"{better[-1].name} would need {_mib(self.bytes_for(better[-1], tokens))}; ")
+            if need <= available:
+                if i:
+                    why = f"{self.layouts[i - 1].name} would need {_mib(self.bytes_for(self.layouts[i - 1], tokens))}; "
                 else:
                     why = "the best-quality layout fits; "
-                reason = (f"{lay.name} ({lay.average_bits:.2f} average bits): {why}{_mib(need)} for {tokens} tokens "
-                          f"fits the {_mib(self.available)} the device budget leaves after the weights")
-                changed = self.current is not None and self.current is not lay
-                self.current = lay
-                return KVPlan(lay, tokens, need, self.available, reason, changed)
+                reason = (f"KV layout {lay.name} ({lay.average_bits:.2f} average bits): {why}{_mib(need)} for "
+                          f"{tokens} tokens fits the {_mib(available)} the device budget leaves after the weights")
+                return KVChoice(lay, tokens, need, available), reason
         cheapest = min(self.layouts, key=lambda x: self.bytes_for(x, tokens))
         raise UsageError(f"the KV cache for {tokens} tokens does not fit: the cheapest layout {cheapest.name} "
                          f"({cheapest.average_bits:.2f} average bits) needs {_mib(self.bytes_for(cheapest, tokens))}, "
-                         f"the device budget leaves {_mib(max(self.available, 0))} after the weights; "
+                         f"the device budget leaves {_mib(max(available, 0))} after the weights; "
                          "shorten the context (--ctx-size, --max-tokens) or use a device with more memory")
 
     @classmethod
     def for_backend(cls, backend, layouts, budget_bytes: int, include_kv16: bool = True) -> "KVPlanner":
-        """A planner sized for a loaded torch backend's model (its attention shape, weights and dtype).
-
-        ``include_kv16``: also consider the unquantized cache (for a Pareto front; not for one file).
-        """
+        """A planner sized for a loaded torch backend's model (its attention shape, weights and dtype)."""
         cfg = backend.model.config
         n_head = cfg.num_attention_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
         p = next(backend.model.parameters())
         return cls(layouts, cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", n_head), hd, budget_bytes,
                    backend.memory().model_bytes, fp_bits=8 * p.element_size(), include_kv16=include_kv16)
+
+
+# --- the planner ------------------------------------------------------------------------------------------
+
+class Planner:
+    """Makes the one plan per message (see the module docstring).
+
+    Args:
+        engine: backend name. model_path: the model loaded at start. weights_bytes: its resident bytes.
+        budget_bytes: the device's memory budget in bytes.
+        experts: task-expert retrieval (:class:`edgerun.moe.taer.ExpertPlanner`), or None.
+        kv: per-message KV layouts, or None.
+        settings: engine settings fixed at load (shown in every plan).
+    """
+
+    def __init__(self, engine: str, model_path: str | Path, weights_bytes: int, budget_bytes: int,
+                 experts=None, kv: KVPlanner | None = None, settings: dict | None = None):
+        self.engine, self.budget = engine, int(budget_bytes)
+        self.experts, self.kv = experts, kv
+        self.settings = dict(settings or {})
+        self._loaded = (Path(model_path), int(weights_bytes))
+        self.last: Plan | None = None
+
+    def plan(self, message: str, n_prompt: int, reply_tokens: int) -> Plan:
+        """The plan for ``message`` whose formatted prompt is ``n_prompt`` tokens, with ``reply_tokens`` of room.
+
+        Raises:
+            UsageError: the chosen model's weights plus the cheapest KV layout exceed the budget.
+        """
+        reasons = []
+        expert_choice = None
+        path, weights = self._loaded
+        if self.experts is not None:
+            expert_choice, path = self.experts.choose(message)
+            reasons.append(f"experts: task '{expert_choice.task}' (key distance {expert_choice.distance:.4f}), "
+                           f"top-{expert_choice.a} of its {expert_choice.b} experts per layer")
+            weights = self._loaded[1] if path == self._loaded[0] else model_file_bytes(path)
+        else:
+            reasons.append(f"model: {path.name} as loaded")
+        kv_choice = None
+        if self.kv is not None:
+            kv_choice, why = self.kv.choose(n_prompt + reply_tokens, available=self.budget - weights)
+            reasons.append(why)
+        model_changed = self.last is not None and path != self.last.model_path
+        kv_changed = (self.last is not None and kv_choice is not None and self.last.kv is not None
+                      and kv_choice.layout is not self.last.kv.layout)
+        if model_changed:
+            reasons.append("a new model: the conversation is prefilled into it")
+        elif kv_changed:
+            reasons.append("a new KV layout: the conversation is re-prefilled under it")
+        plan = Plan(engine=self.engine, model_path=path, weights_bytes=int(weights), budget_bytes=self.budget,
+                    experts=expert_choice, kv=kv_choice, settings=dict(self.settings), reasons=reasons,
+                    model_changed=model_changed, kv_changed=kv_changed)
+        self.last = plan
+        return plan
+
+    def loaded(self, path: str | Path, weights_bytes: int) -> None:
+        """Tell the planner which model is resident now and its measured weight bytes."""
+        self._loaded = (Path(path), int(weights_bytes))

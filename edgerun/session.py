@@ -9,15 +9,44 @@ context is cut to its last tokens. Generation stops at the end of the context in
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from edgerun.backends.base import Backend, GenerationStats, SamplingParams
+from edgerun.backends.base import Backend, GenerationStats, SamplingParams, reply_budget
 from edgerun.errors import UsageError
+from edgerun.planner import Plan, Planner
 from edgerun.templates import ChatTemplate
 
 
+@dataclass
+class Turn:
+    """One record per turn: the plan applied and what the generation measured.
+
+    Attributes:
+        plan: the :class:`~edgerun.planner.Plan` for this message.
+        stats: the reply's :class:`GenerationStats` (TTFT ms, prefill/decode tokens/s, tokens, KV bytes),
+            set when the reply ends (stream exhausted, closed or interrupted).
+        load_ms: time to open the plan's model when it changed, ms (0 otherwise).
+        history: what happened to the conversation's KV cache: ``new`` (first turn), ``kept``,
+            ``re-prefilled under the new layout`` or ``re-prefilled into the new model``.
+        accounting: engine-specific counters after the reply (e.g. MixPE op counts), or {}.
+    """
+
+    plan: Plan
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    load_ms: float = 0.0
+    history: str = "new"
+    accounting: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """JSON-ready form: ``{"plan": ..., "stats": ..., "load_ms": ..., "history": ..., "accounting": ...}``."""
+        return {"plan": self.plan.as_dict(), "stats": self.stats.as_dict(), "load_ms": self.load_ms,
+                "history": self.history, "accounting": self.accounting}
+
+
 class Session:
-    """A multi-turn chat with one loaded model.
+    """A multi-turn chat with one loaded model, planned per message.
 
     Args:
         backend: the loaded model.
@@ -26,23 +55,24 @@ class Session:
         sampling: sampling parameters for every reply.
         notify: called with a one-line message when the session must tell the user something
             (e.g. that old turns were dropped); default: collected in ``notices``.
+        planner: makes one :class:`~edgerun.planner.Plan` per message (default: the loaded model as is).
+        open_model: opens a plan's model when it differs from the loaded one (adaptive experts).
 
     Attributes:
         messages: the conversation so far, dicts with ``role`` and ``content``.
+        turns: one :class:`Turn` per reply (plan + stats).
         last_prompt: the formatted prompt text of the last reply.
         notices: messages for the user when ``notify`` is not given.
     """
 
     def __init__(self, backend: Backend, template: ChatTemplate, system: str | None = None,
                  sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None,
-                 planner=None, reopen: Callable[[object], Backend] | None = None, kv_planner=None):
+                 planner: Planner | None = None, open_model: Callable[[Plan], Backend] | None = None):
         self.backend, self.template = backend, template
-        self.planner, self._reopen = planner, reopen
-        self.kv_planner = kv_planner
-        self.plan = None
-        self.plan_stats: dict = {}
-        self.kv_plan = None
-        self.kv_stats: dict = {}
+        self.planner = planner or Planner(backend.name, backend.path, backend.memory().model_bytes, 0,
+                                          settings=backend.engine_settings())
+        self._open_model = open_model
+        self.turns: list[Turn] = []
         self.system = system
         self.sampling = sampling or SamplingParams()
         self.notices: list[str] = []
@@ -64,6 +94,11 @@ class Session:
         """Timing and token counts of the last reply (TTFT ms, prefill and decode tokens/s, context used)."""
         return self.backend.last_stats
 
+    @property
+    def last_turn(self) -> Turn | None:
+        """The record of the last reply (its plan and stats), or None before the first."""
+        return self.turns[-1] if self.turns else None
+
     def format_prompt(self, messages: list[dict] | None = None) -> str:
         """The prompt text the template makes of ``messages`` (default: the current history)."""
         return self.template.render(self.messages if messages is None else messages, add_generation_prompt=True)
@@ -71,28 +106,61 @@ class Session:
     def chat(self, message: str, stream: bool = True) -> Iterator[str] | str:
         """Send a user message and get the reply.
 
-        With ``stream=True`` returns an iterator of text pieces as they are decoded; the reply joins
-        the history when the iterator ends or is closed (a reply cut by Ctrl-C keeps what was shown).
+        The planner makes one plan for the message (model or task experts, KV layout, engine
+        settings), the session applies it, and the reply's record joins :attr:`turns`. With
+        ``stream=True`` returns an iterator of text pieces as they are decoded; the reply joins the
+        history when the iterator ends or is closed (a reply cut by Ctrl-C keeps what was shown).
         With ``stream=False`` returns the whole reply text (the engine's non-streaming path).
 
         Raises:
-            UsageError: an empty message, or a system prompt that alone does not fit the context.
+            UsageError: an empty message, a system prompt that alone does not fit the context, or a
+                plan that does not fit the device's memory budget.
             ChatTemplateError: the template cannot format the conversation.
         """
         if not message or not message.strip():
             raise UsageError("empty message")
-        if self.planner is not None:
-            self._replan(message)
         messages, tokens = self._fit(message)
-        if self.kv_planner is not None:
-            self._plan_kv(len(tokens))
+        plan = self.planner.plan(message, len(tokens), reply_budget(self.backend.n_ctx, len(tokens),
+                                                                    self.sampling.max_tokens))
+        turn = self._apply(plan)
+        self.turns.append(turn)
         if stream:
-            return self._stream(messages, tokens)
-        text = self.backend.complete(tokens, self.sampling)
+            return self._stream(messages, tokens, turn)
+        try:
+            text = self.backend.complete(tokens, self.sampling)
+        finally:
+            self._finish(turn)
         self.messages = messages + [{"role": "assistant", "content": text}]
         return text
 
-    def _stream(self, messages: list[dict], tokens: list[int]) -> Iterator[str]:
+    def _apply(self, plan: Plan) -> Turn:
+        """Run what ``plan`` says: open its model if it is another one, set its KV layout; the turn's record."""
+        turn = Turn(plan, history="new" if not self.turns else "kept")
+        if str(plan.model_path) != str(self.backend.path):
+            if self._open_model is None:
+                raise UsageError(f"the plan runs {plan.model_path}, but this session cannot open another model")
+            t0 = time.perf_counter()
+            self.backend.close()
+            self.backend = self._open_model(plan)
+            turn.load_ms = (time.perf_counter() - t0) * 1e3
+            self.planner.loaded(plan.model_path, self.backend.memory().model_bytes)
+            if self.turns:
+                turn.history = "re-prefilled into the new model"
+            if plan.experts is not None:
+                self._notify(f"experts: task '{plan.experts.task}' ({plan.experts.a}/{plan.experts.b}), "
+                             "model rebuilt")
+        if plan.kv is not None:
+            dropped = self.backend.set_kv_layout(plan.kv.layout)
+            if dropped and turn.history == "kept":
+                turn.history = "re-prefilled under the new layout"
+                self._notify(f"KV layout {plan.kv.layout.name}: the conversation is re-prefilled under it")
+        return turn
+
+    def _finish(self, turn: Turn) -> None:
+        turn.stats = self.backend.last_stats
+        turn.accounting = self.backend.accounting()
+
+    def _stream(self, messages: list[dict], tokens: list[int], turn: Turn) -> Iterator[str]:
         pieces: list[str] = []
         self.messages = messages
         try:
@@ -101,50 +169,13 @@ class Session:
                 yield piece
         finally:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
-
-    def _replan(self, message: str) -> None:
-        """PreMoe TAER: retrieve this message's task; on a new task, run the model built for it.
-
-        The new model starts with an empty KV cache: the whole conversation is prefilled into it.
-        """
-        import time
-
-        plan = self.planner.plan(message)
-        load_ms = 0.0
-        if plan.changed and str(getattr(self.backend, "path", "")) != str(plan.model_path):
-            t0 = time.perf_counter()
-            self.backend.close()
-            self.backend = self._reopen(plan)
-            load_ms = (time.perf_counter() - t0) * 1e3
-            self._notify(f"experts: task '{plan.task}' ({plan.a}/{plan.b}), model rebuilt")
-        self.plan = plan
-        self.plan_stats = {**plan.as_dict(), "load_ms": load_ms,
-                           "resident_model_bytes": self.backend.memory().model_bytes}
-
-    def _plan_kv(self, n_prompt: int) -> None:
-        """KVTuner per query: the best layout whose cache for prompt + reply fits the device budget.
-
-        A layout change drops the cache: the conversation is re-prefilled under the new layout.
-        """
-        from edgerun.backends.base import reply_budget
-
-        tokens = n_prompt + reply_budget(self.backend.n_ctx, n_prompt, self.sampling.max_tokens)
-        plan = self.kv_planner.choose(tokens)
-        self.backend.set_kv_layout(plan.layout)
-        if self.kv_plan is None:
-            history = "new"
-        elif plan.changed:
-            history = "re-prefilled under the new layout" if self.backend.kv_note else "new layout (no cache yet)"
-        else:
-            history = "kept (same layout)"
-        if self.backend.kv_note:
-            self._notify(f"KV layout {plan.layout.name}: the conversation is re-prefilled under it")
-        self.kv_plan = plan
-        self.kv_stats = {**plan.as_dict(), "kv_history": history}
+            self._finish(turn)
 
     # --- context-window policy ------------------------------------------------------------------
 
-    def _reply_budget(self) -> int:
+    def _reply_room(self) -> int:
+        """Tokens kept free for the reply when fitting the history: max_tokens, at most half the context
+        (a quarter when unbounded)."""
         n_ctx = self.backend.n_ctx
         if self.sampling.max_tokens is None:
             return n_ctx // 4
@@ -157,7 +188,7 @@ class Session:
 
     def _fit(self, message: str) -> tuple[list[dict], list[int]]:
         """History + the new message, trimmed to fit the context; returns (messages, prompt tokens)."""
-        limit = self.backend.n_ctx - self._reply_budget()
+        limit = self.backend.n_ctx - self._reply_room()
         head = [m for m in self.messages[:1] if m["role"] == "system"]
         turns = self.messages[len(head):]
         user = {"role": "user", "content": message}

@@ -92,11 +92,11 @@ def w4_checkpoint(smollm2_source, tmp_path_factory):
 
 def test_mixpe_w4a16_greedy_matches_the_dequantized_torch_model(w4_checkpoint):
     from edgerun.backends.base import SamplingParams
-    from edgerun.backends.mixpe import open_mixpe
+    from edgerun.backends.mixpe import MixPEBackend
     from edgerun.backends.torch import TorchBackend
 
     ref = TorchBackend(w4_checkpoint, n_ctx=256)
-    emu = open_mixpe(w4_checkpoint, "W4A16", n_ctx=256)
+    emu = MixPEBackend(w4_checkpoint, "W4A16", n_ctx=256)
     prompt = ref.encode_prompt("<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n")
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     a = "".join(ref.stream(prompt, params))
@@ -110,25 +110,25 @@ def test_mixpe_w4a16_greedy_matches_the_dequantized_torch_model(w4_checkpoint):
 
 
 def test_w4a8_perplexity_stays_near_w4a16(w4_checkpoint):
-    from edgerun.backends.mixpe import open_mixpe
+    from edgerun.backends.mixpe import MixPEBackend
     from profilers.accuracy import perplexity
 
-    a16 = perplexity(open_mixpe(w4_checkpoint, "W4A16", n_ctx=300), "w4a16", window=256, n_windows=1).perplexity
-    a8 = perplexity(open_mixpe(w4_checkpoint, "W4A8", n_ctx=300), "w4a8", window=256, n_windows=1).perplexity
+    a16 = perplexity(MixPEBackend(w4_checkpoint, "W4A16", n_ctx=300), "w4a16", window=256, n_windows=1).perplexity
+    a8 = perplexity(MixPEBackend(w4_checkpoint, "W4A8", n_ctx=300), "w4a8", window=256, n_windows=1).perplexity
     assert a8 < a16 * 1.25  # per-token int8 activations cost little next to 4-bit weights
 
 
 def test_checkpoint_without_quantized_weights_says_how_to_make_them(smollm2_source):
-    from edgerun.backends.mixpe import open_mixpe
+    from edgerun.backends.mixpe import MixPEBackend
 
     with pytest.raises(UsageError, match="--ptq rtn --bits 4"):
-        open_mixpe(smollm2_source.path, "W4A8", n_ctx=64)
+        MixPEBackend(smollm2_source.path, "W4A8", n_ctx=64)
 
 
 def test_mode_must_match_the_checkpoint_bits(w4_checkpoint):
-    from edgerun.backends.mixpe import open_mixpe
+    from edgerun.backends.mixpe import MixPEBackend
 
     with pytest.raises(UsageError, match="W8A8 needs 8-bit weights"):
-        open_mixpe(w4_checkpoint, "W8A8", n_ctx=64)
+        MixPEBackend(w4_checkpoint, "W8A8", n_ctx=64)
     with pytest.raises(UsageError, match="unknown MixPE mode 'W3A8'"):
-        open_mixpe(w4_checkpoint, "W3A8", n_ctx=64)
+        MixPEBackend(w4_checkpoint, "W3A8", n_ctx=64)

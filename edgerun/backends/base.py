@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import psutil
+
+from edgerun.errors import BackendError, UsageError
 
 
 @dataclass
@@ -108,14 +112,19 @@ class MemoryInfo:
 
 
 class Backend(ABC):
-    """One loaded model in one engine.
+    """One loaded model in one engine: the contract the session, the planner, the CLI and the profilers use.
 
-    Implementations set ``name`` (engine name) and ``n_ctx`` (context window in tokens) and
-    ``last_stats`` after each :meth:`stream` or :meth:`complete`.
+    Implementations set ``name`` (engine name), ``path`` (the model file or directory), ``n_ctx``
+    (context window in tokens), ``threads`` (CPU threads for decoding) and ``last_stats`` after each
+    :meth:`stream` or :meth:`complete`. Features an engine lacks have defaults here: no layer-wise KV
+    layouts (:meth:`set_kv_layout` refuses one), no engine counters (:meth:`accounting` is empty).
     """
 
     name: str = ""
+    path: Path
     n_ctx: int = 0
+    threads: int = 0
+    kv_layout = None
     last_stats: GenerationStats
 
     @abstractmethod
@@ -179,6 +188,28 @@ class Backend(ABC):
     def close(self) -> None:
         """Free the engine's resources."""
 
+    def set_kv_layout(self, layout) -> bool:
+        """Use a layer-wise KV precision layout (:class:`edgerun.kv.layout.Layout`) from the next call on.
+
+        Returns True when a cached conversation was dropped (the next call prefills it again under the
+        layout), False otherwise. The default engine has no layer-wise layouts.
+
+        Raises:
+            UsageError: this engine runs no layer-wise KV layouts (``None`` is accepted and does nothing).
+        """
+        if layout is None:
+            return False
+        raise UsageError(f"the {self.name} engine runs no layer-wise KV layouts; use --backend torch "
+                         "(llama.cpp maps one layout file to a uniform KV type at load)")
+
+    def accounting(self) -> dict:
+        """Engine-specific counters of everything run so far (e.g. MixPE op counts and modelled energy); {} if none."""
+        return {}
+
+    def engine_settings(self) -> dict:
+        """Settings fixed at load that a plan reports: ``threads``, ``n_ctx`` and engine-specific ones."""
+        return {"threads": self.threads, "n_ctx": self.n_ctx}
+
 
 def reply_budget(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
     """Tokens a reply may take: ``max_tokens`` capped by the room left in the context.
@@ -186,8 +217,6 @@ def reply_budget(n_ctx: int, n_prompt: int, max_tokens: int | None) -> int:
     Raises:
         BackendError: the prompt alone fills the context.
     """
-    from edgerun.errors import BackendError
-
     room = n_ctx - n_prompt
     if room < 1:
         raise BackendError(f"the prompt ({n_prompt} tokens) does not fit the context of {n_ctx} tokens; "
@@ -221,8 +250,6 @@ def physical_cores() -> int:
     llama-cpp-python defaults to half the logical CPUs, which is 1 on a 2-vCPU machine; compute
     kernels gain nothing from SMT siblings but lose a lot from idle physical cores.
     """
-    import psutil
-
     try:
         allowed = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

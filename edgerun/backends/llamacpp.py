@@ -124,6 +124,7 @@ class LlamaCppBackend(Backend):
         self.threads = int(threads) if threads else physical_cores()
         self.batch_threads = int(batch_threads) if batch_threads else self.threads
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        self.flash_attn = bool(flash_attn)
         extra = {"seed": seed} if seed is not None else {}
         _warn_if_amx_under_hypervisor(llama_cpp)
         _capture_llama_log(llama_cpp)
@@ -386,6 +387,11 @@ class LlamaCppBackend(Backend):
         return MemoryInfo(model_bytes=int(self._llama_cpp.llama_model_size(self.llm.model)),
                           kv_cache_bytes=int(self.kv_bytes_per_token() * self._llama_cpp.llama_n_ctx(self.llm.ctx)),
                           rss_bytes=psutil.Process().memory_info().rss)
+
+    def engine_settings(self) -> dict:
+        """threads, batch threads, context, KV cache types and flash attention as loaded."""
+        return {"threads": self.threads, "batch_threads": self.batch_threads, "n_ctx": self.n_ctx,
+                "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v, "flash_attn": self.flash_attn}
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

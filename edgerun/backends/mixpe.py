@@ -32,9 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load_file
 from torch import nn
 
+from edgerun.backends.torch import TorchBackend
 from edgerun.errors import UsageError
+from edgerun.formats import safetensors as st_format
+from edgerun.formats.gptq import from_gptq_tensors, is_quantized_checkpoint
 
 MODES = {"W4A8": (4, 8), "W4A16": (4, 16), "W8A8": (8, 8), "W8A16": (8, 16)}
 COST_TABLE = Path(__file__).with_name("mixpe_costs.yaml")
@@ -241,19 +245,13 @@ class MixPELinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
-def install(model, checkpoint: str | Path, mode: str, group_size: int | None = None) -> dict:
+def install(model, checkpoint: str | Path, mode: str) -> dict:
     """Replace every quantized linear layer of ``model`` by a :class:`MixPELinear`; returns the shared op counter.
 
     Raises:
-        UsageError: a checkpoint without quantized weights (with how to make them), a mode whose
-            weight bits differ from the checkpoint's, or a group size other than the checkpoint's.
+        UsageError: a checkpoint without quantized weights (with how to make them), or a mode whose
+            weight bits differ from the checkpoint's.
     """
-    from safetensors.numpy import load_file
-
-    from edgerun.formats.gptq import is_quantized_checkpoint
-    from edgerun.formats.gptq import from_gptq_tensors
-    from edgerun.formats import safetensors as st_format
-
     if mode not in MODES:
         raise UsageError(f"unknown MixPE mode '{mode}'; use one of {', '.join(MODES)}")
     cfg = st_format.read_config(checkpoint)
@@ -263,9 +261,6 @@ def install(model, checkpoint: str | Path, mode: str, group_size: int | None = N
     qc = cfg["quantization_config"]
     if qc["bits"] != MODES[mode][0]:
         raise UsageError(f"{mode} needs {MODES[mode][0]}-bit weights; {checkpoint} has {qc['bits']}-bit weights")
-    if group_size is not None and group_size != qc["group_size"]:
-        raise UsageError(f"--group-size {group_size} differs from the checkpoint's {qc['group_size']}; "
-                         "quantize again with that group size")
     raw = {}
     for f in st_format.checkpoint_files(checkpoint):
         raw.update(load_file(str(f)))
@@ -294,33 +289,35 @@ def summarize(counter: dict, tokens: int, mode: str, table: dict) -> dict:
     return out
 
 
-def open_mixpe(path: str | Path, mode: str = "W4A16", group_size: int | None = None,
-               cost_table: str | Path | None = None, **options):
-    """A torch backend on the PTQ checkpoint ``path`` with MixPE linear layers; ``.accounting()`` reports the ops.
+class MixPEBackend(TorchBackend):
+    """The torch engine on a PTQ checkpoint with every quantized linear layer a :class:`MixPELinear`.
+
+    Args:
+        path: a PTQ checkpoint in the GPTQ layout (``edgerun export SRC --to hf --ptq rtn --bits 4``).
+        mode: ``W4A8``, ``W4A16``, ``W8A8`` or ``W8A16`` (weight bits must match the checkpoint's).
+        cost_table: energy cost table YAML (default: the MixPE simulator's constants).
+        options: as :class:`~edgerun.backends.torch.TorchBackend` (n_ctx, threads, seed, ...).
 
     Raises:
         UsageError: as :func:`install` and :func:`load_cost_table`.
     """
-    from edgerun.backends.torch import TorchBackend
 
-    table = load_cost_table(cost_table)
-    backend = TorchBackend(path, **options)
-    counter = install(backend.model, path, mode.upper(), group_size)
-    backend.name = f"mixpe-{mode.upper()}"
-    backend.mixpe_mode = mode.upper()
-    backend._mixpe_counter = counter
-    backend._mixpe_tokens = 0
-    original_forward = backend._forward
+    def __init__(self, path: str | Path, mode: str = "W4A16", cost_table: str | Path | None = None, **options):
+        self._table = load_cost_table(cost_table)
+        super().__init__(path, **options)
+        self.mixpe_mode = mode.upper()
+        self.name = f"mixpe-{self.mixpe_mode}"
+        self._counter = install(self.model, path, self.mixpe_mode)
+        self._tokens = 0
 
-    def counted_forward(ids, cache, past):
-        backend._mixpe_tokens += len(ids)
-        return original_forward(ids, cache, past)
+    def _forward(self, ids: list[int], cache, past: int):
+        self._tokens += len(ids)
+        return super()._forward(ids, cache, past)
 
-    backend._forward = counted_forward
-
-    def accounting() -> dict:
+    def accounting(self) -> dict:
         """Per-token op counts and modelled energy/time of everything run so far (MixPE, dequant-loop, FP16)."""
-        return summarize(counter, backend._mixpe_tokens, backend.mixpe_mode, table)
+        return summarize(self._counter, self._tokens, self.mixpe_mode, self._table)
 
-    backend.accounting = accounting
-    return backend
+    def engine_settings(self) -> dict:
+        """threads, context and the MixPE mode."""
+        return {**super().engine_settings(), "mixpe_mode": self.mixpe_mode}

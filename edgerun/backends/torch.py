@@ -72,11 +72,10 @@ class TorchBackend(Backend):
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, int(cfg.get("max_position_embeddings", DEFAULT_CTX)))
         self.seed = seed
         self.kv_layout = None
-        self.kv_note = ""
-        if kv_layout is not None:
-            self.set_kv_layout(kv_layout)
         self._cache = None
         self._cached_tokens: list[int] = []
+        if kv_layout is not None:
+            self.set_kv_layout(kv_layout)
         self.last_stats = GenerationStats(context_size=self.n_ctx)
         self._bos = self.tokenizer.bos_token_id
         self._add_bos = bool(getattr(self.tokenizer, "add_bos_token", False)) or self._tokenizer_adds_bos()
@@ -107,11 +106,12 @@ class TorchBackend(Backend):
         model.tie_weights()
         return model
 
-    def set_kv_layout(self, layout) -> None:
+    def set_kv_layout(self, layout) -> bool:
         """Use ``layout`` (Layout, YAML path, or None for the unquantized DynamicCache) from the next call on.
 
         A cache made under another layout is dropped, so the next message re-prefills the conversation
         under the new layout (the history is recomputed, not re-quantized: exact for the new layout).
+        Returns True when a cache was dropped.
 
         Raises:
             YamlError: a layout for another number of layers or a bad layout file.
@@ -126,11 +126,11 @@ class TorchBackend(Backend):
         def key(lay):
             return None if lay is None else (tuple(lay.pairs), lay.mode, lay.group_size, lay.window)
 
-        self.kv_note = ""
-        if key(getattr(self, "kv_layout", None)) != key(layout) and getattr(self, "_cache", None) is not None:
+        dropped = key(self.kv_layout) != key(layout) and self._cache is not None
+        if dropped:
             self._cache, self._cached_tokens = None, []
-            self.kv_note = "KV layout changed: the conversation is re-prefilled under the new layout"
         self.kv_layout = layout
+        return dropped
 
     def _new_cache(self):
         if self.kv_layout is not None:
