@@ -15,6 +15,32 @@ import pytest
 
 from edgerun import catalog
 
+# Fixtures that pull the real model, load an engine on it, dequantize/convert/carve/export/quantize it,
+# or train: any test using one of them (directly or through another fixture) is marked `slow`, so
+# `pytest -m "not slow"` is the fast tier. Defined here and in the test modules named in the comments.
+# Tests that reach the real model without a fixture (the `edgerun` CLI on the catalog model, a direct
+# `edgerun.load()` of the default model), and tests taking more than ~3 s on their own, carry
+# `@pytest.mark.slow` themselves.
+SLOW_FIXTURES = frozenset({
+    # here: the real model, an engine on it, and its conversions
+    "default_model_path", "llama_backend", "greedy_session",
+    "smollm2_source", "smollm2_f32_gguf", "exported", "onnx_exported",
+    "swept",                                   # test_bench: a sweep over GGUF and ONNX exports
+    "tiny_llama", "tiny_hosts",                # test_carve: a carve and its Granite hosts
+    "terminal",                                # test_cli: `edgerun chat` on the real model in a pty
+    "tiny", "smollm2_torch",                   # test_kv: tiny checkpoint (real tokenizer), torch engine
+    "tiny_pair", "smollm2_tuned",              # test_merge: tiny checkpoints, a 2-step fine-tune
+    "w4_checkpoint",                           # test_mixpe: PTQ of the real model
+    "tiny_moe",                                # test_premoe: carve + Granite host
+    "real_layer_activations",                  # test_ptq: the real model's calibration activations
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:

@@ -8,6 +8,7 @@ from edgerun.backends.base import SamplingParams
 from edgerun.errors import UsageError
 
 
+@pytest.mark.model_dependent
 def test_factual_question_is_answered(greedy_session):
     reply = "".join(greedy_session.chat("What is the capital of Germany?"))
     assert "Berlin" in reply
@@ -75,6 +76,7 @@ def test_empty_message_is_refused(greedy_session):
         greedy_session.chat("   ")
 
 
+@pytest.mark.model_dependent
 def test_interrupted_reply_keeps_history_and_the_next_turn_works(greedy_session):
     pieces = greedy_session.chat("Write a long story about a dragon.")
     shown = [next(pieces) for _ in range(3)]
@@ -119,6 +121,7 @@ def test_message_longer_than_the_context_is_cut_not_crashed(default_model_path):
         session.backend.close()
 
 
+@pytest.mark.model_dependent
 def test_logits_match_between_full_sequence_and_prefix(llama_backend):
     tokens = llama_backend.encode_prompt("The capital of France is")
     full = llama_backend.logits(tokens)

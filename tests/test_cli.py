@@ -21,12 +21,14 @@ def run(*args, input=None, env=None, timeout=300):
                           env=env or cli_env(), timeout=timeout)
 
 
+@pytest.mark.model_dependent
 def test_prompt_flag_prints_one_reply(default_model_path):
     r = run("chat", "-p", "What is the capital of Germany?", *GREEDY)
     assert r.returncode == 0, r.stderr
     assert "Berlin" in r.stdout
 
 
+@pytest.mark.model_dependent
 def test_prompt_on_stdin_works_the_same(default_model_path):
     r = run("chat", *GREEDY, input="What is the capital of Germany?\n")
     assert r.returncode == 0, r.stderr
@@ -170,6 +172,7 @@ def terminal(default_model_path):
         t.proc.kill()
 
 
+@pytest.mark.model_dependent
 def test_repl_commands_and_multi_turn(terminal):
     t = terminal
     t.read_until(">>> ")
@@ -190,6 +193,7 @@ def test_repl_commands_and_multi_turn(terminal):
     assert t.close() == 0
 
 
+@pytest.mark.model_dependent
 def test_ctrl_c_stops_a_reply_and_ctrl_d_leaves(default_model_path):
     # a reply long enough (up to ~900 tokens, seconds on this machine) that the interrupt lands mid-stream
     t = Terminal("chat", "--temperature", "0", "--ctx-size", "1024", "--max-tokens", "900")

@@ -63,6 +63,7 @@ def test_tiny_checkpoint_round_trips_exactly(arch, tmp_path, smollm2_source):
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+@pytest.mark.model_dependent
 def test_quantized_exports_answer_a_factual_prompt(exported, quant):
     from edgerun.backends.llamacpp import LlamaCppBackend
 

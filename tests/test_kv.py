@@ -355,6 +355,7 @@ def test_llama_cpp_runs_a_layout_as_its_uniform_type(default_model_path, tmp_pat
         edgerun.load(None, kv_layout=str(tmp_path), max_tokens=8)
 
 
+@pytest.mark.slow  # two CLI runs that each import torch and transformers: ~4-6 s on 2 shared cores
 def test_cli_kv_show_and_tune_errors(tmp_path):
     path = Layout([(8, 4), (4, 4)], name="two").save(tmp_path / "two.yaml")
     r = subprocess.run(edgerun_cmd("kv", "show", str(path)), capture_output=True, text=True, env=cli_env(), timeout=120)

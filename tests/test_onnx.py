@@ -29,6 +29,7 @@ def test_fp32_onnx_matches_torch_logits(onnx_exported, smollm2_source):
 
 
 @pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.model_dependent
 def test_quantized_onnx_answers_and_detokenizes_cleanly(onnx_exported, precision):
     from edgerun.backends.onnx import OnnxBackend
 
@@ -51,6 +52,7 @@ def test_onnx_bpw_from_initializers(onnx_exported):
     assert fp32["n_params"] == 134_515_008  # tied embedding counted once, as in the source
 
 
+@pytest.mark.model_dependent
 def test_chat_cli_runs_an_onnx_directory(onnx_exported):
     r = subprocess.run(edgerun_cmd("chat", str(onnx_exported("int4").output), "-p", "What is the capital of Japan?",
                                    "--temperature", "0", "--max-tokens", "24"),

@@ -133,6 +133,7 @@ def test_context_reuse_scoring_matches_full_evaluation(llama_backend):
         assert a.shape == b.shape and abs(a - b).max() < 1e-3
 
 
+@pytest.mark.model_dependent
 def test_arc_easy_accuracy_beats_chance_with_an_interval(exported):
     from edgerun.backends.llamacpp import LlamaCppBackend
     from profilers.accuracy import task_accuracy

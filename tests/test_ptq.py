@@ -82,6 +82,7 @@ def test_awq_scale_fold_preserves_the_block_output(real_layer_activations):
     assert not torch.equal(folded.mlp.up_proj.weight, layer.mlp.up_proj.weight)  # a scale was folded in
 
 
+@pytest.mark.model_dependent
 def test_quantized_checkpoint_runs_in_the_torch_backend(smollm2_source, tmp_path):
     from converters.ptq import quantize_checkpoint
     from edgerun.backends.base import SamplingParams
