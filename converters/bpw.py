@@ -22,7 +22,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import onnx
+
+from edgerun.backends.onnx import validate_model_dir
 from edgerun.formats import gguf as gguf_format
+from edgerun.formats import safetensors as st_format
 
 _EMBEDDING = ("token_embd.weight",)
 _OUTPUT = ("output.weight",)
@@ -137,10 +141,6 @@ def onnx_bpw(model_dir: str | Path) -> BPWReport:
     Raises:
         ModelFileError: not a valid model directory.
     """
-    import onnx
-
-    from edgerun.backends.onnx import validate_model_dir
-
     model_dir = Path(model_dir)
     cfg = validate_model_dir(model_dir)
     model_file = model_dir / cfg["model"]["decoder"]["filename"]
@@ -223,8 +223,6 @@ def checkpoint_bpw(directory: str | Path) -> BPWReport:
     Raises:
         ModelFileError: invalid checkpoint.
     """
-    from edgerun.formats import safetensors as st_format
-
     directory = Path(directory)
     files = st_format.checkpoint_files(directory)
     cfg = st_format.read_config(directory)

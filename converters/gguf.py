@@ -22,14 +22,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+import gguf
+import llama_cpp
 import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+from gguf.vocab import BpeVocab, SpecialVocab
+from safetensors import safe_open
 
+from converters.source import architecture_of, read_tokenizer_sidecar
 from edgerun.atomic import atomic_file
-from converters.source import read_tokenizer_sidecar
-from edgerun.errors import ModelFileError, UsageError
+from edgerun.backends.base import physical_cores
+from edgerun.errors import BackendError, ModelFileError, UsageError
+from edgerun.formats import gguf as gguf_format
 from edgerun.formats import safetensors as st_format
 
 # user-facing type name -> llama_ftype (llama.h). F32 is written directly.
@@ -133,8 +142,6 @@ def _write_arch_metadata(w, arch: str, cfg: dict) -> None:
 
 
 def _write_tokenizer(w, checkpoint: Path, cfg: dict) -> None:
-    from gguf import GGUFValueType
-
     sidecar = read_tokenizer_sidecar(checkpoint)
     if sidecar is not None:
         for key, entry in sidecar.items():
@@ -152,8 +159,6 @@ def _write_tokenizer(w, checkpoint: Path, cfg: dict) -> None:
 
 def _write_bpe_tokenizer(w, checkpoint: Path) -> None:
     """Tokenizer of a plain HF checkpoint (GPT-2-style byte-level BPE only), via gguf-py's vocab classes."""
-    from gguf.vocab import BpeVocab, SpecialVocab
-
     try:
         vocab = BpeVocab(checkpoint)
     except (FileNotFoundError, ValueError, KeyError) as e:
@@ -191,11 +196,6 @@ def write_f32(checkpoint: str | Path, out: str | Path, name: str | None = None, 
         UsageError: unsupported architecture or rope type, output exists without ``force``.
         ModelFileError: missing tensors, unexpected tensors or mismatched shapes.
     """
-    import gguf
-    from safetensors import safe_open
-
-    from converters.source import architecture_of
-
     checkpoint, out = Path(checkpoint), Path(out)
     files = st_format.checkpoint_files(checkpoint)
     cfg = st_format.read_config(checkpoint)
@@ -251,8 +251,6 @@ def write_f32(checkpoint: str | Path, out: str | Path, name: str | None = None, 
 
 def _gguf_tensors(arch: str, hf_name: str, data: np.ndarray, tmap):
     """(GGUF name, array) pairs for one HF tensor; Granite's fused gate/up tensors split in two."""
-    import gguf
-
     if arch == "granitemoe" and (".block_sparse_moe." in hf_name or ".shared_mlp." in hf_name):
         bid = int(hf_name.split(".")[2])
         T, names = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
@@ -335,9 +333,6 @@ class _Captured:
 @contextlib.contextmanager
 def native_output_captured():
     """Send what native code prints to stdout/stderr (llama.cpp's quantizer prints per tensor) to a temp file."""
-    import sys
-    import tempfile
-
     sys.stdout.flush()
     sys.stderr.flush()
     with tempfile.NamedTemporaryFile(prefix="edgerun-native-", suffix=".log", delete=False) as f:
@@ -373,13 +368,6 @@ def quantize(f32_gguf: str | Path, out: str | Path, out_type: str, token_embeddi
         ModelFileError: invalid input file.
         BackendError: llama.cpp reports a failure.
     """
-    import llama_cpp
-    from gguf import GGMLQuantizationType
-
-    from edgerun.backends.base import physical_cores
-    from edgerun.errors import BackendError
-    from edgerun.formats import gguf as gguf_format
-
     out_type = check_type(out_type)
     if out_type == "F32":
         raise UsageError("F32 is written by the writer, not by the quantizer")

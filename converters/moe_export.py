@@ -39,14 +39,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
+from converters.source import copy_tokenizer
+from edgerun import data
 from edgerun.atomic import atomic_dir
 from edgerun.calibration import calibration_windows, run_with_input_hooks
-from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 from edgerun.moe.layer import CarvedMoE
-from edgerun.moe.store import MOE_KEY, is_carved
+from edgerun.moe.store import MOE_KEY, is_carved, load_model
 
 ROUTER_TEMPERATURE = 0.01
 
@@ -100,12 +103,6 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     Raises:
         UsageError: not a carved checkpoint; output exists without ``force``.
     """
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
-    from edgerun import data
-    from edgerun.moe.store import load_model
-
     carved, out = Path(carved), Path(out)
     st_format.checkpoint_files(carved)
     cfg = st_format.read_config(carved)

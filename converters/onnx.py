@@ -20,12 +20,22 @@ Every output directory is written atomically.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+from onnxruntime.quantization.quant_utils import QuantFormat
+
+from edgerun import data
 from edgerun.atomic import atomic_dir
 from edgerun.errors import BackendError, UsageError
 from edgerun.formats import safetensors as st_format
@@ -145,10 +155,7 @@ def write_onnx(checkpoint: str | Path, out: str | Path, precision: str = "int4",
 
 def _export_own_graph(checkpoint: Path, directory: Path) -> None:
     """fp32 graph of a granitemoeshared checkpoint via torch.onnx.export; its log goes to ``export.log``."""
-    import io
-    import warnings
-
-    from converters.onnx_decoder import export
+    from converters.onnx_decoder import export  # heavy: torch, only for a carved MoE's own graph (the builder needs none)
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings(), \
@@ -173,8 +180,6 @@ def _quiet_logging():
 
 
 def _quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     with _quiet_logging():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
@@ -182,10 +187,6 @@ def _quantize_int8(src: Path, dst: Path) -> None:
 
 
 def _quantize_int4(src: Path, dst: Path, block_size: int, algo: str, checkpoint: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-    from onnxruntime.quantization.quant_utils import QuantFormat
-
     if algo == "hqq":
         config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
     elif algo == "rtn":
@@ -203,8 +204,6 @@ def _quantize_int4(src: Path, dst: Path, block_size: int, algo: str, checkpoint:
 
 def _name_external_data(model_path: Path) -> None:
     """onnxruntime-genai expects the weights in ``<model>.data``; rewrite whatever name a tool chose."""
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=True)
     for f in model_path.parent.glob("*.data"):
         f.unlink()
@@ -218,12 +217,7 @@ class _CalibrationReader:
     """GPTQ calibration inputs for the builder's decoder: wiki calibration windows, empty KV cache."""
 
     def __init__(self, model_path: Path, checkpoint: Path, n_samples: int = 8, length: int = 256):
-        import json
-
-        import numpy as np
-        from transformers import AutoTokenizer
-
-        from edgerun import data
+        from transformers import AutoTokenizer  # heavy: transformers (+ torch), only for GPTQ calibration
 
         tok = AutoTokenizer.from_pretrained(checkpoint)
         ids = tok(data.text("wiki", "calibration"), add_special_tokens=False).input_ids

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from edgerun.atomic import atomic_dir
 from converters.source import copy_tokenizer
+from edgerun.atomic import atomic_dir
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 
@@ -148,8 +149,6 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
         UsageError: not a granitemoeshared checkpoint; output exists without ``force``.
         ModelFileError: invalid checkpoint.
     """
-    from safetensors.torch import load_file
-
     checkpoint, out = Path(checkpoint), Path(out)
     files = st_format.checkpoint_files(checkpoint)
     cfg = st_format.read_config(checkpoint)

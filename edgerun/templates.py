@@ -13,6 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from edgerun.errors import ChatTemplateError
 
 # Standard prompt formats, written from the formats' public descriptions.
@@ -60,10 +64,6 @@ class ChatTemplate:
     """
 
     def __init__(self, source: str, name: str, bos_token: str = "", eos_token: str = ""):
-        from jinja2 import TemplateError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str):
             raise ChatTemplateError(f"chat template ({name}) refused the conversation: {message}")
 
@@ -85,8 +85,6 @@ class ChatTemplate:
         Raises:
             ChatTemplateError: the template fails on these messages.
         """
-        from jinja2 import TemplateError
-
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token)

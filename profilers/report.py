@@ -14,6 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from edgerun.errors import UsageError
 
 METRICS = {
@@ -70,8 +72,6 @@ def aggregate(cells: list[dict]) -> list[dict]:
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
     """Least-squares slope, intercept and R^2 of y on x (None with fewer than 3 distinct x)."""
-    import numpy as np
-
     if len(set(xs)) < 3:
         return None
     x, y = np.asarray(xs, float), np.asarray(ys, float)
@@ -103,10 +103,10 @@ def render(directory: str | Path) -> Path:
     Raises:
         UsageError: no runs recorded.
     """
-    import matplotlib
+    import matplotlib  # heavy, and global state: Agg is chosen here, before pyplot loads, only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: after matplotlib.use("Agg") above
 
     directory = Path(directory)
     cells, quality, other = load_runs(directory)

@@ -28,7 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import llama_cpp
+from tqdm import tqdm
+
+from converters import gguf as gguf_writer
+from converters import manifest as manifest_mod
+from converters.onnx import PRECISIONS
+from edgerun import catalog
+from edgerun.backends import open_backend
+from edgerun.backends.base import GenerationStats, SamplingParams, physical_cores
+from edgerun.backends.llamacpp import _KV_TYPE_IDS
+from edgerun.data import TASKS, text
+from edgerun.device import cpu_model
+from edgerun.errors import UsageError
 from edgerun.formats import yamlfile as yf
+from profilers import latency, power
+from profilers.accuracy import perplexity, task_accuracy
+from profilers.memory import PeakRSS
 
 BACKENDS = ("edgerun", "llama-cpp-python")
 KV_TYPES = ("f16", "q8_0", "q4_0")
@@ -117,10 +133,6 @@ def load(path: str | Path) -> Sweep:
     Raises:
         YamlError: malformed YAML or a bad field (named with its line); unknown models or quant types.
     """
-    from converters import gguf as gguf_writer
-    from converters.onnx import PRECISIONS
-    from edgerun import catalog
-
     path = Path(path)
     data, lines = yf.read(path)
     data = yf.check(path, data, lines, SCHEMA)
@@ -151,8 +163,6 @@ def load(path: str | Path) -> Sweep:
         variants.append(Variant(v["format"], v["quant"], name, v["token_embedding_type"], v["output_tensor_type"],
                                 v["block_size"]))
     accuracy = yf.check(path, data["accuracy"], lines, ACCURACY_SCHEMA, prefix="accuracy.")
-    from edgerun.data import TASKS
-
     for task in accuracy["tasks"]:
         if task not in TASKS:
             raise yf.YamlError(f"{path}, line {lines.get('accuracy.tasks.' + task, '?')}: unknown task '{task}'; "
@@ -177,9 +187,7 @@ def not_applicable(cell: dict) -> str | None:
 
 def export_variant(model: str, v: Variant, log: Callable[[str], None]) -> tuple[Path, dict]:
     """The cached export of ``model`` as variant ``v``; returns (path, its manifest's BPW record)."""
-    from converters import manifest as manifest_mod
-    from converters.export import export
-    from edgerun import catalog
+    from converters.export import export  # torch: only an export not yet cached needs it
 
     safe = model.replace("/", "_")
     out = catalog.home() / "cache" / "exports" / safe / (f"{v.name}.gguf" if v.format == "gguf" else v.name)
@@ -198,10 +206,6 @@ class _RawLlama:
     name = "llama-cpp-python"
 
     def __init__(self, path: Path, n_ctx: int, threads: int, kv: str):
-        import llama_cpp
-
-        from edgerun.backends.llamacpp import _KV_TYPE_IDS
-
         self._lc = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                                    n_threads_batch=threads, flash_attn=kv != "f16", type_k=_KV_TYPE_IDS[kv],
@@ -210,8 +214,6 @@ class _RawLlama:
         self.last_stats = None
 
     def stream(self, prompt_tokens, sampling):
-        from edgerun.backends.base import GenerationStats
-
         self._lc.llama_perf_context_reset(self.llm.ctx)
         self.llm.reset()
         n = 0
@@ -231,9 +233,6 @@ class _RawLlama:
 
 
 def _open(cell: dict, path: Path, ctx: int):
-    from edgerun.backends import open_backend
-    from edgerun.backends.base import physical_cores
-
     threads = cell["threads"] or physical_cores()
     if cell["backend"] == "llama-cpp-python":
         return _RawLlama(path, ctx, threads, cell["kv_cache_type"])
@@ -246,22 +245,16 @@ def _open(cell: dict, path: Path, ctx: int):
 
 def _prompt_tokens(backend, n: int) -> list[int]:
     """Exactly ``n`` prompt tokens cut from the held-out wiki text (the same text for every cell)."""
-    from edgerun import data
-
     if hasattr(backend, "tokenize"):
-        ids = backend.tokenize(data.text("wiki", "heldout"))
+        ids = backend.tokenize(text("wiki", "heldout"))
     else:  # the raw peer: its own tokenizer
-        ids = backend.llm.tokenize(data.text("wiki", "heldout").encode(), add_bos=False)
+        ids = backend.llm.tokenize(text("wiki", "heldout").encode(), add_bos=False)
     return ids[:n]
 
 
 def run_cell(cell: dict, sweep: Sweep, path: Path, bpw: dict, bandwidth_gbps: float | None, device,
              idle) -> list[dict]:
     """Warm-up then ``repetitions`` timed generations of one cell; one metrics dict per repetition."""
-    from edgerun.backends.base import SamplingParams
-    from profilers import latency, power
-    from profilers.memory import PeakRSS
-
     ctx = max(sweep.ctx_size, cell["prompt_tokens"] + cell["gen_tokens"] + 8)
     with PeakRSS() as rss_load:
         backend = _open(cell, path, ctx)
@@ -298,8 +291,6 @@ def run_cell(cell: dict, sweep: Sweep, path: Path, bpw: dict, bandwidth_gbps: fl
 
 def measure_quality(model: str, variant: Variant, path: Path, sweep: Sweep, log) -> dict:
     """Perplexity (shared protocol) and, for the variants named in ``accuracy.task_variants``, task accuracy."""
-    from edgerun.backends import open_backend
-    from profilers.accuracy import perplexity, task_accuracy
 
     acc = sweep.accuracy
     engine = "llama.cpp" if variant.format == "gguf" else "onnx"
@@ -317,16 +308,9 @@ def measure_quality(model: str, variant: Variant, path: Path, sweep: Sweep, log)
 
 
 def machine_info() -> dict:
-    from converters.manifest import tool_versions
-
-    return {"cpu": _cpu(), "platform": platform.platform(), "python": platform.python_version(),
-            "versions": tool_versions()}
-
-
-def _cpu() -> str:
-    from edgerun.device import cpu_model
-
-    return cpu_model()
+    """CPU model, platform, Python version and tool versions of this machine."""
+    return {"cpu": cpu_model(), "platform": platform.platform(), "python": platform.python_version(),
+            "versions": manifest_mod.tool_versions()}
 
 
 def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, progress: bool = True,
@@ -336,9 +320,6 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
     Raises:
         UsageError: ``out_dir`` holds a different sweep and ``force`` is false.
     """
-    from edgerun.errors import UsageError
-    from profilers import power
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / "sweep.json"
@@ -368,8 +349,6 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
     log(f"sweep '{sweep.name}': {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo) + len(quality_todo), desc="bench", unit="cell")
     variants = {v.name: v for v in sweep.variants}
     if jsonl.exists() and jsonl.stat().st_size and not jsonl.read_bytes().endswith(b"\n"):

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime_genai as og
+import psutil
 
 from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores,
                                    reply_budget)
@@ -47,8 +50,6 @@ def validate_model_dir(path: Path) -> dict:
 
 def _check_external_data(model_file: Path) -> None:
     """Every external-data extent named in the graph must fit its file (onnxruntime reads them blindly)."""
-    import onnx
-
     try:
         model = onnx.load(str(model_file), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError/ValueError on a corrupted protobuf
@@ -87,8 +88,6 @@ class OnnxBackend(Backend):
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  seed: int | None = None, **_ignored):
-        import onnxruntime_genai as og
-
         self.path = Path(path)
         self.genai_config = validate_model_dir(self.path)
         self.threads = int(threads) if threads else physical_cores()
@@ -223,8 +222,6 @@ class OnnxBackend(Backend):
         return out.reshape(-1, out.shape[-1])[-len(tokens):]
 
     def memory(self) -> MemoryInfo:
-        import psutil
-
         weights = sum(f.stat().st_size for f in self.path.iterdir() if f.name.startswith("model.onnx"))
         d = self.genai_config["model"]["decoder"]
         per_token = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4

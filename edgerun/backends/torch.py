@@ -9,16 +9,25 @@ Only safetensors weights are loaded (no pickles).
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import psutil
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
 from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores,
                                    reply_budget)
 from edgerun.errors import BackendError
 from edgerun.formats import safetensors as st_format
+from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
+from edgerun.kv import layout as kv_layout
+from edgerun.kv.cache import QuantizedKVCache
+from edgerun.moe import store
 
 DEFAULT_CTX = 4096
 
@@ -47,17 +56,12 @@ class TorchBackend(Backend):
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None,
                  kv_layout=None, **_ignored):
-        import torch
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity_error()  # deprecation chatter from generate() is not for our users
         self.path = Path(path)
         st_format.checkpoint_files(self.path)
         cfg = st_format.read_config(self.path)
         self.threads = int(threads) if threads else physical_cores()
         torch.set_num_threads(self.threads)
-        self._torch = torch
         hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -65,8 +69,6 @@ class TorchBackend(Backend):
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise BackendError(f"transformers could not load {self.path}: {e}") from None
         self.model.eval()
-        import inspect
-
         # transformers >= 5.2x renames the forward's `past_key_values` argument to `cache`
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, int(cfg.get("max_position_embeddings", DEFAULT_CTX)))
@@ -86,11 +88,6 @@ class TorchBackend(Backend):
 
     def _load_model(self, cfg: dict, dtype):
         """transformers' loader; for a carved MoE the exact CMoE layers; for a PTQ checkpoint its dequantized weights."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
-        from edgerun.moe import store
-
         if store.is_carved(cfg):
             return store.load_model(self.path, dtype)
         if not is_quantized_checkpoint(cfg):
@@ -116,8 +113,6 @@ class TorchBackend(Backend):
         Raises:
             YamlError: a layout for another number of layers or a bad layout file.
         """
-        from edgerun.kv import layout as kv_layout
-
         if layout is not None and not isinstance(layout, kv_layout.Layout):
             layout = kv_layout.load(layout, self.model.config.num_hidden_layers)
         if layout is not None and len(layout.pairs) != self.model.config.num_hidden_layers:
@@ -134,11 +129,7 @@ class TorchBackend(Backend):
 
     def _new_cache(self):
         if self.kv_layout is not None:
-            from edgerun.kv.cache import QuantizedKVCache
-
             return QuantizedKVCache(self.kv_layout.specs())
-        from transformers import DynamicCache
-
         return DynamicCache(config=self.model.config)
 
     def _tokenizer_adds_bos(self) -> bool:
@@ -171,7 +162,6 @@ class TorchBackend(Backend):
     # --- forward ------------------------------------------------------------------------------
 
     def _forward(self, ids: list[int], cache, past: int):
-        torch = self._torch
         x = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(past, past + len(ids)).unsqueeze(0)
         with torch.inference_mode():
@@ -204,7 +194,6 @@ class TorchBackend(Backend):
         return self._cache, n
 
     def _sample(self, logits, sampling: SamplingParams, gen) -> int:
-        torch = self._torch
         if sampling.temperature <= 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
@@ -222,7 +211,6 @@ class TorchBackend(Backend):
         return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
     def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
-        torch = self._torch
         prompt = [int(t) for t in prompt_tokens]
         max_new = reply_budget(self.n_ctx, len(prompt), sampling.max_tokens)
         gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else (self.seed or 0))
@@ -269,7 +257,6 @@ class TorchBackend(Backend):
             stats.kv_layout = self.kv_layout.name if self.kv_layout is not None else ""
 
     def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
-        torch = self._torch
         prompt = [int(t) for t in prompt_tokens]
         max_new = reply_budget(self.n_ctx, len(prompt), sampling.max_tokens)
         kwargs = dict(max_new_tokens=max_new, eos_token_id=sorted(self._eos), pad_token_id=sorted(self._eos)[0])
@@ -297,8 +284,6 @@ class TorchBackend(Backend):
         return self.detokenize(new)
 
     def memory(self) -> MemoryInfo:
-        import psutil
-
         model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         cfg = self.model.config
         n_head = cfg.num_attention_heads

@@ -152,7 +152,7 @@ class _Scanner:
 @lru_cache(maxsize=None)
 def _type_table() -> dict[int, tuple[str, int, int]]:
     """ggml type id -> (name, block size in weights, bytes per block), from gguf-py's constants."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # gguf-py: kept off the chat path's imports
 
     return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 
@@ -257,7 +257,7 @@ def _scan(buf: mmap.mmap, path: Path) -> GGUFInfo:
 
 def _check_with_gguf_reader(path: Path, info: GGUFInfo) -> None:
     """Second opinion from gguf-py's reader: same tensor table, every tensor's data inside the file."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # gguf-py: kept off the chat path's imports
 
     try:
         reader = GGUFReader(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 from edgerun.formats import safetensors as st_format
 
@@ -158,8 +159,6 @@ def dequantized_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tens
     Raises:
         ModelFileError: invalid safetensors.
     """
-    from safetensors.numpy import load_file
-
     checkpoint = Path(checkpoint)
     cfg = st_format.read_config(checkpoint)
     qc = cfg.pop("quantization_config")

@@ -130,7 +130,7 @@ def read_tensor(path: str | Path, entry: SafetensorsTensor):
     Raises:
         ModelFileError: the file changed since it was validated (short read).
     """
-    import torch
+    import torch  # heavy: the chat path imports this module and must not load torch
 
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -192,7 +192,7 @@ class StreamWriter:
 
     def write(self, name: str, tensor) -> None:
         """Append ``tensor`` (a torch tensor matching the next spec) to the file."""
-        import torch
+        import torch  # heavy: the chat path imports this module and must not load torch
 
         if self._next >= len(self._specs) or self._specs[self._next][0] != name:
             expected = self._specs[self._next][0] if self._next < len(self._specs) else "nothing"

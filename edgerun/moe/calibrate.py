@@ -14,7 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from edgerun import catalog
+from edgerun import data as data_mod
+from edgerun.backends.torch import TorchBackend
 from edgerun.errors import UsageError
 from edgerun.moe import adapters, tcess
 
@@ -28,8 +32,6 @@ def load_model(path: str | Path):
         ModelFileError, BackendError: as the torch backend.
         UsageError: a dense model.
     """
-    from edgerun.backends.torch import TorchBackend
-
     backend = TorchBackend(path, n_ctx=4096)
     adapters.moe_layers(backend.model)  # refuse dense models early
     return backend.model, backend.tokenizer
@@ -55,9 +57,6 @@ def task_text(data: str, split: str = "calibration") -> str:
     Raises:
         UsageError: an unknown data name, an unreadable or empty file.
     """
-    from edgerun import catalog
-    from edgerun import data as data_mod
-
     if data in data_mod.DERIVED or (data in catalog.CATALOG and catalog.CATALOG[data].kind == "dataset"
                                      and not catalog.CATALOG[data].bundle):
         return data_mod.text(data, split)
@@ -95,8 +94,6 @@ def calibrate(model, tokenizer, tasks: list[tuple[str, str]], tokens: int = 4096
         collector = tcess.TcessCollector(len(layers), layers[0].n_experts, layers[0].top_k)
         iterator = range(0, len(ids), window)
         if progress:
-            from tqdm import tqdm
-
             iterator = tqdm(iterator, desc=f"calibrating {task}", unit="window", leave=False)
         with adapters.collecting(model, collector), torch.inference_mode():
             for start in iterator:  # the decoder stack only: no LM head, its logits are not needed
@@ -152,8 +149,6 @@ def task_pattern(model_path: str | Path, task: str, patterns_dir: str | Path | N
         UsageError: no such pattern; a pattern made for another model.
         ModelFileError: a corrupted pattern file.
     """
-    from edgerun import catalog
-
     model_path = Path(model_path)
     if patterns_dir is not None:
         path = Path(patterns_dir) / f"{task}.json"

@@ -23,7 +23,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from edgerun.atomic import atomic_dir
 from edgerun.errors import ModelFileError, UsageError
@@ -64,10 +65,6 @@ def read_layer(checkpoint: str | Path, layer: int, experts: list[int] | None = N
     Raises:
         ModelFileError: a missing or corrupted layer file.
     """
-    from safetensors import safe_open
-
-    from edgerun.formats import safetensors as st_format
-
     path = layer_file(checkpoint, layer)
     st_format.validate_file(path)
     out = {}
@@ -104,10 +101,7 @@ def load_model(checkpoint: str | Path, dtype=torch.float32):
     Raises:
         ModelFileError: missing or inconsistent files.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from edgerun.formats import safetensors as st_format
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy (~1.5 s); the store's other users load no model
 
     checkpoint = Path(checkpoint)
     raw = json.loads((checkpoint / "config.json").read_text())

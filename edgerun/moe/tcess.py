@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgerun.atomic import atomic_file
 from edgerun.errors import ModelFileError, UsageError
 
 SCORES = ("raw-logit", "frequency", "probability", "softplus")
@@ -153,8 +154,6 @@ class Pattern:
 
 def save(pattern: Pattern, directory: str | Path) -> Path:
     """Write ``<directory>/<task>.json`` atomically."""
-    from edgerun.atomic import atomic_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{pattern.task}.json"
