@@ -74,12 +74,14 @@ class KVChoice:
     Attributes:
         layout: the :class:`~edgerun.kv.layout.Layout`. tokens: prompt + reply budget it was sized for.
         kv_bytes: its peak cache bytes at ``tokens``. available_bytes: device budget minus the weights.
+        reason: one sentence: why this layout (what the next better one would have needed).
     """
 
     layout: Layout
     tokens: int
     kv_bytes: int
     available_bytes: int
+    reason: str = ""
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Plan:
         if self.kv is not None:
             d["kv"] = {"layout": self.kv.layout.name, "average_bits": self.kv.layout.average_bits,
                        "tokens": self.kv.tokens, "kv_bytes": self.kv.kv_bytes,
-                       "available_bytes": self.kv.available_bytes}
+                       "available_bytes": self.kv.available_bytes, "reason": self.kv.reason}
         return d
 
 
@@ -211,8 +213,8 @@ class KVPlanner:
         return max(layout.cache_bytes(n, *self.shape, fp_bits=self.fp_bits)
                    for n in range(max(1, tokens - layout.group_size + 1), tokens + 1))
 
-    def choose(self, tokens: int, available: int | None = None) -> tuple[KVChoice, str]:
-        """(choice, reason) for a message of ``tokens`` tokens (prompt + reply budget).
+    def choose(self, tokens: int, available: int | None = None) -> KVChoice:
+        """The layout for a message of ``tokens`` tokens (prompt + reply budget), with its reason.
 
         ``available``: bytes left for the cache (default: budget minus the weights given at construction).
 
@@ -229,7 +231,7 @@ class KVPlanner:
                     why = "the best-quality layout fits; "
                 reason = (f"KV layout {lay.name} ({lay.average_bits:.2f} average bits): {why}{_mib(need)} for "
                           f"{tokens} tokens fits the {_mib(available)} the device budget leaves after the weights")
-                return KVChoice(lay, tokens, need, available), reason
+                return KVChoice(lay, tokens, need, available, reason)
         cheapest = min(self.layouts, key=lambda x: self.bytes_for(x, tokens))
         raise UsageError(f"the KV cache for {tokens} tokens does not fit: the cheapest layout {cheapest.name} "
                          f"({cheapest.average_bits:.2f} average bits) needs {_mib(self.bytes_for(cheapest, tokens))}, "
@@ -286,8 +288,8 @@ class Planner:
             reasons.append(f"model: {path.name} as loaded")
         kv_choice = None
         if self.kv is not None:
-            kv_choice, why = self.kv.choose(n_prompt + reply_tokens, available=self.budget - weights)
-            reasons.append(why)
+            kv_choice = self.kv.choose(n_prompt + reply_tokens, available=self.budget - weights)
+            reasons.append(kv_choice.reason)
         model_changed = self.last is not None and path != self.last.model_path
         kv_changed = (self.last is not None and kv_choice is not None and self.last.kv is not None
                       and kv_choice.layout is not self.last.kv.layout)

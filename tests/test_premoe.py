@@ -128,9 +128,53 @@ def test_bad_keep_values_are_refused(tiny_moe):
 def test_adaptive_experts_on_a_dense_model_is_refused(tiny_moe, tmp_path):
     import edgerun
 
-    root, _, _ = tiny_moe
+    root, carved, _ = tiny_moe
     with pytest.raises(UsageError, match="not a carved mixture of experts"):
         edgerun.load(str(root / "llama"), adaptive_experts=True, keep="1/2", patterns=str(tmp_path))
+    with pytest.raises(UsageError, match="pass assembler="):   # the runtime writes no GGUF itself
+        edgerun.load(str(carved), adaptive_experts=True, keep="1/2", patterns=str(tmp_path))
+
+
+def test_adaptive_experts_and_kv_layouts_are_one_plan(tiny_moe, tmp_path):
+    """torch: per message the plan picks the task's experts, then the KV layout that fits the budget left
+    after that model's weights; the plan explains both, and one record per turn holds it."""
+    import edgerun
+    from edgerun.kv.layout import Layout
+    from edgerun.moe import calibrate as cal
+    from edgerun.planner import model_file_bytes
+
+    _, carved, _ = tiny_moe
+    model, tok = cal.load_model(carved)
+    pats = tmp_path / "patterns"
+    for p in cal.calibrate(model, tok, [("wiki", "wiki"), ("code", "code")], tokens=1024, name="carved"):
+        tcess.save(p, pats)
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    front = tmp_path / "front"
+    for lay in (Layout.uniform("KV4", n_layers), Layout.uniform("KV8", n_layers)):
+        lay.save(front / f"{lay.name}.yaml")
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv16_per_token = 2 * n_layers * cfg.num_key_value_heads * hd * 4
+    # a budget where the assembled model's weights leave room for KV16 over a short message only
+    code_model = model_file_bytes(carved)  # an upper bound on any pruned model's bytes
+    device = tmp_path / "d.yaml"
+    device.write_text(f"name: d\ncpu_model: t\ncores: 1\nthreads: 1\nram_gib: 1\n"
+                      f"memory_budget_gib: {(code_model + 200 * kv16_per_token) / 2**30:.9f}\n")
+    s = edgerun.load(str(carved), backend="torch", adaptive_experts=True, keep="2/4", patterns=str(pats),
+                     kv_layout=str(front), device=str(device), chat_template="chatml", temperature=0.0,
+                     max_tokens=4, n_ctx=1024)
+    try:
+        s.chat(cal.task_text("code")[:300], stream=False)
+        plan = s.last_turn.plan
+        assert plan.engine == "torch" and plan.experts.task == "code" and plan.experts.b == 4
+        assert plan.kv is not None and plan.kv.kv_bytes <= plan.budget_bytes - plan.weights_bytes
+        assert any(r.startswith("experts: task 'code'") for r in plan.reasons)
+        assert any(r.startswith("KV layout") for r in plan.reasons)
+        assert s.backend.kv_layout is plan.kv.layout or (plan.kv.layout.name == "KV16")
+        d = s.last_turn.as_dict()
+        assert d["plan"]["experts"]["task"] == "code" and d["stats"]["generated_tokens"] >= 1
+    finally:
+        s.backend.close()
 
 
 def test_empty_calibration_data_is_refused(tiny_moe, tmp_path):
@@ -146,6 +190,7 @@ def test_empty_calibration_data_is_refused(tiny_moe, tmp_path):
 def test_taer_session_rebuilds_the_model_for_a_new_task(tiny_moe, tmp_path):
     """Llama.cpp path: calibrate on the host, chat, the planner assembles per-pattern GGUFs."""
     import edgerun
+    from converters.assemble import GGUFAssembler
     from edgerun.moe import calibrate as cal
 
     _, carved, host = tiny_moe
@@ -153,11 +198,12 @@ def test_taer_session_rebuilds_the_model_for_a_new_task(tiny_moe, tmp_path):
     for p in cal.calibrate(model, tok, [("wiki", "wiki"), ("code", "code")], tokens=1024, name="host"):
         tcess.save(p, tmp_path)
     s = edgerun.load(str(carved), adaptive_experts=True, keep="2/4", patterns=str(tmp_path), chat_template="chatml",
-                     temperature=0.0, max_tokens=4, n_ctx=256)
+                     temperature=0.0, max_tokens=4, n_ctx=256, assembler=GGUFAssembler("Q8_0"))
     code_text = cal.task_text("code")[:600]   # a task's own text retrieves its own pattern
     s.chat(code_text, stream=False)
-    assert s.plan_stats["task"] == "code" and s.plan_stats["model_path"].endswith(".gguf")
-    assert s.plan_stats["resident_model_bytes"] > 0
+    plan = s.last_turn.plan
+    assert plan.experts.task == "code" and plan.model_path.suffix == ".gguf" and plan.engine == "llama.cpp"
+    assert plan.weights_bytes > 0 and s.backend.path == plan.model_path
 
 
 # --- standard MoE architectures in the torch path -----------------------------------------------------
