@@ -1,6 +1,6 @@
 """Train the "System-2" (long step-by-step reasoning) model of the Long-to-Short merging benchmark.
 
-There is no public System-1/System-2 pair at 135M, so we make one (issue #9). As in the paper
+There is no public System-1/System-2 pair at 135M, so we make one. As in the paper
 (Wu et al., "Unlocking Efficient Long-to-Short LLM Reasoning with Model Merging", 2025, Sec. 3), the
 quick model is BASE and the long-reasoning model is a fine-tune of BASE, so the task vector
 ``theta_S2 - theta_base`` is what the merges scale, trim and drop:

@@ -1,6 +1,6 @@
 """Effective bits per weight, measured from the model file itself (never inferred from a type's name).
 
-Two forms, always both (LLMOnDevice, Sec. 3; DESIGN.md "Measurements"):
+Two forms, always both (LLMOnDevice, Sec. 3; docs/export.md "Effective BPW"):
 
 - **file BPW** = file bytes x 8 / parameter count: what llama.cpp prints and LLMOnDevice plots.
 - **linear BPW** = bytes of the linear-layer weights (with their block scales and mins) x 8 / their

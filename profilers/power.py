@@ -1,6 +1,6 @@
 """CPU energy from RAPL counters in the Linux powercap tree, or an honest "unavailable (reason)".
 
-Why our own reader rather than a library (issue 4 asked for evidence): pyRAPL is unmaintained since
+Why our own reader rather than a library: pyRAPL is unmaintained since
 2019, needs root since CVE-2020-8694 made ``energy_uj`` root-only, and does not handle counter
 wraparound; zeus (0.16) is maintained and handles wraparound, but reads a fixed
 ``/sys/class/powercap`` path (so the code that runs in production cannot be exercised against a

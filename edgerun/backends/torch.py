@@ -1,7 +1,7 @@
 """Reference engine: a Hugging Face checkpoint run with PyTorch/transformers on the CPU.
 
 It is the reference every parity check compares against (float32 by default) and the home of what
-llama.cpp cannot do (exact MoE routing, per-layer KV precision, MixPE emulation: later issues).
+llama.cpp cannot do (exact MoE routing, per-layer KV precision, and the MixPE emulation, :mod:`edgerun.backends.mixpe`).
 The streaming path is a plain decode loop over a transformers ``DynamicCache`` (the previous turn's
 cache is reused up to the longest common prefix); the non-streaming path is ``model.generate``.
 Only safetensors weights are loaded (no pickles).
