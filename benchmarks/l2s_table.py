@@ -1,5 +1,5 @@
 """Long-to-Short merging at 135M: response length and quality of the instruct model, the System-2
-fine-tune and each merge (issue #9).
+fine-tune and each merge.
 
 Models (all from the same BASE, SmolLM2-135M-Instruct as edgerun's f32 export source):
 
