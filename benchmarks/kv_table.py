@@ -149,7 +149,7 @@ def main() -> int:
     # 4. llama.cpp uniform KV types on the F32 GGUF
     gguf = f32_cache(source)
     tok_engine = TorchBackend(source.path, n_ctx=ctx)
-    win = [w[0].tolist() for w in kvt.token_windows(tok_engine.tokenizer, "wiki", "heldout", ctx, n_ctx_windows)]
+    win = data.token_windows(tok_engine.tokenizer, "wiki", "heldout", ctx, n_ctx_windows)
     del tok_engine
     llama_rows = []
     for tk, tv in LLAMA_TYPES:

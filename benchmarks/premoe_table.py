@@ -40,6 +40,7 @@ def main(argv=None) -> int:
 
     from converters.export import carved_cache, granite_cache
     from converters.source import open_source
+    from edgerun import data
     from edgerun.backends.torch import TorchBackend
     from edgerun.moe import adapters, tcess
     from edgerun.moe import calibrate as cal
@@ -60,11 +61,7 @@ def main(argv=None) -> int:
     patterns = {p.task: p for p in cal.calibrate(model, tok, [(t, t) for t in TASKS], tokens=4096, name=cfg_name)}
     calib_s = time.perf_counter() - t0
 
-    def heldout_windows(task, n=2):
-        ids = tok(cal.task_text(task, "heldout"), add_special_tokens=False).input_ids
-        return [ids[i * 512:(i + 1) * 512] for i in range(n)]
-
-    windows = {t: heldout_windows(t) for t in TASKS}
+    windows = {t: data.token_windows(tok, t, "heldout", 512, 2) for t in TASKS}
 
     def ppl(m, task):
         from edgerun.backends.base import log_softmax_at

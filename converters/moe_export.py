@@ -93,7 +93,8 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
         carved: carved checkpoint directory (``edgerun carve``).
         out: output directory.
         tokens: calibration tokens (wiki calibration split) to fit the routers on.
-        heldout_tokens: held-out wiki tokens to measure router agreement on.
+        heldout_tokens: held-out wiki tokens to measure router agreement on (one window of
+            :func:`edgerun.data.token_windows`, BOS first when the model uses one).
         temperature: scale of the exported router logits (small: near-uniform top-k weights).
         force: replace an existing output.
 
@@ -101,7 +102,7 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
         ``out``; its ``config.json`` records the per-layer router agreement under ``edgerun_moe``.
 
     Raises:
-        UsageError: not a carved checkpoint; output exists without ``force``.
+        UsageError: not a carved checkpoint; output exists without ``force``; too little wiki text.
     """
     carved, out = Path(carved), Path(out)
     st_format.checkpoint_files(carved)
@@ -118,7 +119,7 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     # fit on calibration windows after those the carve used; measure on the held-out split
     skip = meta["calibration"]["tokens"] // seq
     windows = calibration_windows(tokenizer, skip + tokens // seq, seq)[skip:]
-    held_ids = tokenizer(data.text("wiki", "heldout"), add_special_tokens=False).input_ids[:heldout_tokens]
+    held_ids = data.token_windows(tokenizer, "wiki", "heldout", heldout_tokens, 1)[0]
     train_x = _ffn_inputs_by_layer(model, windows)
     held_x = _ffn_inputs_by_layer(model, [torch.tensor([held_ids])])
     routers, agreement = [], []
@@ -134,7 +135,7 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     state = _granite_state(model, routers, temperature, k)
     gcfg = _granite_config(cfg, meta)
     meta.update(export="granitemoeshared", router_temperature=temperature,
-                router_fit={"tokens": len(windows) * seq, "heldout_tokens": len(held_ids)},
+                router_fit={"tokens": len(windows) * seq, "heldout_tokens": heldout_tokens},
                 router_agreement=agreement, router_agreement_mean=sum(agreement) / len(agreement))
     if "finetune" in meta:   # Granite weights chosen experts by a softmax: the learned 1 + p*alpha gates become ~1
         meta["finetune_gate_scale_dropped_max"] = max(float(layer.mlp.scale.abs().max()) for layer in model.model.layers)

@@ -214,22 +214,25 @@ def _name_external_data(model_path: Path) -> None:
 
 
 class _CalibrationReader:
-    """GPTQ calibration inputs for the builder's decoder: wiki calibration windows, empty KV cache."""
+    """GPTQ calibration inputs for the builder's decoder: wiki calibration windows, empty KV cache.
+
+    ``n_samples`` windows of ``length`` tokens by :func:`edgerun.data.token_windows` (BOS first when
+    the model's tokenizer adds one), each fed as int64 (1, T) ids with its mask and positions.
+    """
 
     def __init__(self, model_path: Path, checkpoint: Path, n_samples: int = 8, length: int = 256):
         from transformers import AutoTokenizer  # heavy: transformers (+ torch), only for GPTQ calibration
 
         tok = AutoTokenizer.from_pretrained(checkpoint)
-        ids = tok(data.text("wiki", "calibration"), add_special_tokens=False).input_ids
         cfg = json.loads((model_path.parent / "genai_config.json").read_text())["model"]["decoder"]
         kv, hd, layers = cfg["num_key_value_heads"], cfg["head_size"], cfg["num_hidden_layers"]
         with_positions = "position_ids" in cfg.get("inputs", {})
         self.samples = []
-        for i in range(n_samples):
-            window = np.array([ids[i * length:(i + 1) * length]], dtype=np.int64)
+        for ids in data.token_windows(tok, "wiki", "calibration", length, n_samples):
+            window = np.array([ids], dtype=np.int64)
             feed = {"input_ids": window, "attention_mask": np.ones_like(window)}
             if with_positions:
-                feed["position_ids"] = np.arange(length, dtype=np.int64)[None]
+                feed["position_ids"] = np.arange(window.shape[1], dtype=np.int64)[None]
             for layer in range(layers):
                 for kind in ("key", "value"):
                     feed[f"past_key_values.{layer}.{kind}"] = np.zeros((1, kv, 0, hd), dtype=np.float32)

@@ -2,52 +2,42 @@
 
 The inputs of decoder block 0 are captured with the keyword arguments the model passes its blocks
 (rotary position embeddings, attention mask), so later blocks can be run one at a time on whatever
-the already-processed blocks produce (GPTQ's and CMoE's sequential calibration).
+the already-processed blocks produce (GPTQ's and CMoE's sequential calibration). Calibration windows
+are :func:`edgerun.data.token_windows` of the calibration split (its BOS rule), as tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
-from edgerun.errors import UsageError
+from edgerun import data
 
 
 class _Stop(Exception):
     pass
 
 
-def _calibration_ids(tokenizer, dataset: str) -> list[int]:
-    from edgerun import data
-
-    return tokenizer(data.text(dataset, "calibration"), add_special_tokens=False).input_ids
-
-
-def _windows(ids: list[int], seq_len: int, n: int) -> list[torch.Tensor]:
-    return [torch.tensor([ids[i * seq_len:(i + 1) * seq_len]]) for i in range(n)]
-
-
 def calibration_windows(tokenizer, n_samples: int, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
-    """``n_samples`` token windows (1, seq_len) from the calibration split of ``dataset``.
+    """The first ``n_samples`` token windows of ``dataset``'s calibration split, int64 tensors (1, T).
+
+    Cut by :func:`edgerun.data.token_windows`: ``seq_len`` text tokens each, preceded by BOS when the
+    model's tokenizer adds one (T = seq_len + 1 then, else T = seq_len).
 
     Raises:
         UsageError: too little calibration text for the windows asked for.
     """
-    ids = _calibration_ids(tokenizer, dataset)
-    if len(ids) < n_samples * seq_len:
-        raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than {n_samples} x {seq_len}")
-    return _windows(ids, seq_len, n_samples)
+    return [torch.tensor([w]) for w in data.token_windows(tokenizer, dataset, "calibration", seq_len, n_samples)]
 
 
 def all_windows(tokenizer, seq_len: int, dataset: str = "wiki") -> list[torch.Tensor]:
-    """Every whole window (1, seq_len) of ``dataset``'s calibration split, in order (at least one).
+    """Every whole token window of ``dataset``'s calibration split, in order, int64 tensors (1, T).
+
+    Cut as :func:`calibration_windows` (BOS first when the model uses one).
 
     Raises:
         UsageError: the split is shorter than one window.
     """
-    ids = _calibration_ids(tokenizer, dataset)
-    if len(ids) < seq_len:
-        raise UsageError(f"{dataset} calibration text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return _windows(ids, seq_len, len(ids) // seq_len)
+    return [torch.tensor([w]) for w in data.token_windows(tokenizer, dataset, "calibration", seq_len)]
 
 
 def forward_windows(model, windows: list[torch.Tensor], handles: list) -> None:

@@ -430,10 +430,11 @@ def _add_kv(sub) -> None:
     p = sub.add_parser("kv", help="layer-wise KV-cache precision layouts: show, tune (KVTuner)")
     kv = p.add_subparsers(dest="kv_command", metavar="{show,tune}")
     kv.required = True
-    s = kv.add_parser("show", help="print a layout: pairs per layer, average and true bits, bytes")
+    s = kv.add_parser("show", help="print a layout: pairs per layer, average and true bits, bytes with --model")
     s.add_argument("layout", help="layout YAML")
-    s.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension for true bits (default 64)")
-    s.add_argument("--kv-heads", type=_positive_int, default=3, help="KV heads for bytes per token (default 3, SmolLM2-135M)")
+    s.add_argument("--model", default=None,
+                   help="catalog name, HF checkpoint or .gguf whose KV shape (layers, KV heads, head_dim) gives the "
+                        "true bits and KV-cache bytes per token; without it, bits per value only")
     s.add_argument("--context", type=_positive_int, default=2048, help="context for KIVI's window share (default 2048)")
     s.set_defaults(func=cmd_kv_show)
     t = kv.add_parser("tune", help="search layer-wise KV layouts under an average-bits budget (Optuna NSGA-II)",
@@ -475,14 +476,20 @@ def _nonnegative_int(text: str) -> int:
 def cmd_kv_show(args) -> int:
     from edgerun.kv import layout as kvl
 
-    lay = kvl.load(args.layout)
+    shape = kvl.model_kv_shape(catalog.resolve(args.model)) if args.model else None
+    lay = kvl.load(args.layout, n_layers=shape.layers if shape else None)
     print(f"{lay.name}: {len(lay.pairs)} layers, mode {lay.mode}, group {lay.group_size}"
           + (f", window {lay.window}" if lay.mode == "kivi" else ""))
-    print(f"average bits {lay.average_bits:.3f} (K and V bits over 2L); true bits "
-          f"{lay.true_bits(args.head_dim, args.context):.3f} with fp16 scales and int16 zeros "
-          f"(head_dim {args.head_dim}, context {args.context})")
-    print(f"KV cache: {lay.bytes_per_token(args.kv_heads, args.head_dim, args.context):.0f} bytes/token "
-          f"({args.kv_heads} KV heads; 16-bit unquantized values)")
+    if shape is None:   # no model: bits per value for a head_dim the group divides, no bytes
+        print(f"average bits {lay.average_bits:.3f} (K and V bits over 2L); true bits "
+              f"{lay.true_bits(lay.group_size, args.context):.3f} with fp16 scales and int16 zeros per group of "
+              f"{lay.group_size} values (context {args.context}); --model MODEL gives its bytes per token")
+    else:
+        print(f"average bits {lay.average_bits:.3f} (K and V bits over 2L); true bits "
+              f"{lay.true_bits(shape.head_dim, args.context):.3f} with fp16 scales and int16 zeros "
+              f"(head_dim {shape.head_dim}, context {args.context})")
+        print(f"KV cache: {lay.bytes_per_token(shape.kv_heads, shape.head_dim, args.context):.0f} bytes/token "
+              f"({args.model}: {shape.kv_heads} KV heads x {shape.head_dim}; 16-bit unquantized values)")
     print(lay.describe())
     for key in ("kl", "ppl", "kv16_ppl", "arc-easy_accuracy"):
         if key in lay.meta:

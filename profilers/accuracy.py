@@ -6,8 +6,9 @@ Protocol (identical for every backend):
    documents), documents joined by blank lines.
 2. Tokens: the model's own tokenizer on that plain text (no special tokens parsed).
 3. Windows: consecutive non-overlapping windows of ``window`` tokens (default 512) from the start,
-   the first ``n_windows`` of them. Each window is evaluated from an empty KV cache, preceded by BOS
-   when the model adds one to prompts.
+   the first ``n_windows`` of them, each preceded by BOS when the model's tokenizer adds one
+   (:func:`edgerun.data.token_windows`, the splitter and BOS rule calibration uses too). Each
+   window is evaluated from an empty KV cache.
 4. Score: every window token that has context inside the window is scored (all of them after a
    BOS, all but the first otherwise); perplexity = exp(mean negative log-likelihood in nats).
 
@@ -22,15 +23,17 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from edgerun import data
 from edgerun.atomic import atomic_file
-from edgerun.data import task_items
 from edgerun.errors import UsageError
-from edgerun.kv.layout import Layout
+
+if TYPE_CHECKING:
+    from edgerun.kv.layout import Layout
 
 
 @dataclass
@@ -60,24 +63,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def eval_windows(backend, dataset: str = "wiki", split: str = "heldout", window: int = 512,
-                 n_windows: int = 8) -> list[list[int]]:
-    """Token windows of the protocol for ``backend``'s tokenizer (BOS included when the model uses it).
-
-    Raises:
-        UsageError: the text has fewer than ``n_windows`` full windows, or bad sizes.
-    """
-    if window < 2 or n_windows < 1:
-        raise UsageError("perplexity needs window >= 2 tokens and at least one window")
-    tokens = backend.tokenize(data.text(dataset, split))
-    available = len(tokens) // window
-    if available < n_windows:
-        raise UsageError(f"{dataset} ({split}) has {len(tokens)} tokens: {available} windows of {window}, "
-                         f"fewer than the {n_windows} asked for")
-    prefix = backend.encode_prompt("")  # [BOS] for models that add one, else []
-    return [prefix + tokens[i * window:(i + 1) * window] for i in range(n_windows)]
-
-
 def perplexity(backend, model: str, dataset: str = "wiki", split: str = "heldout", window: int = 512,
                n_windows: int = 8, progress: bool = False) -> PerplexityResult:
     """Perplexity of ``backend`` by the protocol above.
@@ -90,9 +75,12 @@ def perplexity(backend, model: str, dataset: str = "wiki", split: str = "heldout
         progress: show a progress bar.
 
     Raises:
-        UsageError: too little text for the windows asked for.
+        UsageError: too little text for the windows asked for, a window below 2 tokens or no window,
+            or a window longer than the backend's context.
     """
-    windows = eval_windows(backend, dataset, split, window, n_windows)
+    if window < 2 or n_windows < 1:
+        raise UsageError("perplexity needs window >= 2 tokens and at least one window")
+    windows = data.token_windows(backend, dataset, split, window, n_windows)
     if len(windows[0]) > getattr(backend, "n_ctx", len(windows[0])):
         raise UsageError(f"window of {len(windows[0])} tokens exceeds the model context of {backend.n_ctx}")
     iterator = windows
@@ -166,9 +154,9 @@ def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool =
     Raises:
         UsageError: unknown task or too few items.
     """
-    items = task_items(task, n)
+    items = data.task_items(task, n)
     limit = (max_context or getattr(backend, "n_ctx", 2048) - 64)
-    bos = backend.encode_prompt("")
+    bos = data.bos_prefix(backend)
     hits = hits_norm = 0
     chance = 0.0
     iterator = items
@@ -198,7 +186,10 @@ def kv_front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str |
     Raises:
         UsageError: an empty front.
     """
-    from edgerun.backends.torch import TorchBackend  # heavy (torch + transformers); llama.cpp sweeps never need it
+    # heavy (torch + transformers, as the KV layouts are): perplexity on llama.cpp never needs them
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.kv.layout import Layout
+
     if not front:
         raise UsageError("no Pareto layouts to score: the search found none under the budget")
     engine = TorchBackend(model_dir)

@@ -37,17 +37,16 @@ from converters.onnx import PRECISIONS
 from edgerun import catalog
 from edgerun.backends import open_backend
 from edgerun.backends.base import GenerationStats, SamplingParams, physical_cores
-from edgerun.backends.llamacpp import _KV_TYPE_IDS
 from edgerun.data import TASKS, text
 from edgerun.device import cpu_model
 from edgerun.errors import UsageError
 from edgerun.formats import yamlfile as yf
+from edgerun.kv.types import KV_TYPES
 from profilers import latency, power
 from profilers.accuracy import perplexity, task_accuracy
 from profilers.memory import PeakRSS
 
 BACKENDS = ("edgerun", "llama-cpp-python")
-KV_TYPES = ("f16", "q8_0", "q4_0")
 FORMATS = ("gguf", "onnx")
 
 VARIANT_SCHEMA = {
@@ -70,7 +69,7 @@ SCHEMA = {
     "variants": yf.Field(lambda v: None if isinstance(v, list) and v else "must be a non-empty list"),
     "backends": yf.Field(yf.list_of(yf.one_of(BACKENDS)), required=False, default=["edgerun"]),
     "threads": yf.Field(yf.list_of(yf.positive_int), required=False, default=[0]),
-    "kv_cache_types": yf.Field(yf.list_of(yf.one_of(KV_TYPES)), required=False, default=["f16"]),
+    "kv_cache_types": yf.Field(yf.list_of(yf.one_of(tuple(KV_TYPES))), required=False, default=["f16"]),
     "prompt_tokens": yf.Field(yf.list_of(yf.positive_int), required=False, default=[128]),
     "gen_tokens": yf.Field(yf.list_of(yf.positive_int), required=False, default=[64]),
     "repetitions": yf.Field(yf.positive_int, required=False, default=3),
@@ -208,8 +207,8 @@ class _RawLlama:
     def __init__(self, path: Path, n_ctx: int, threads: int, kv: str):
         self._lc = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, flash_attn=kv != "f16", type_k=_KV_TYPE_IDS[kv],
-                                   type_v=_KV_TYPE_IDS[kv], verbose=False)
+                                   n_threads_batch=threads, flash_attn=KV_TYPES[kv].quantized,
+                                   type_k=KV_TYPES[kv].ggml_id, type_v=KV_TYPES[kv].ggml_id, verbose=False)
         self.n_ctx = n_ctx
         self.last_stats = None
 
@@ -240,7 +239,7 @@ def _open(cell: dict, path: Path, ctx: int):
         return open_backend("onnx", path, n_ctx=ctx, threads=threads)
     kv = cell["kv_cache_type"]
     return open_backend("llama.cpp", path, n_ctx=ctx, threads=threads, cache_type_k=kv, cache_type_v=kv,
-                        flash_attn=kv != "f16")
+                        flash_attn=KV_TYPES[kv].quantized)
 
 
 def _prompt_tokens(backend, n: int) -> list[int]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_env, edgerun_cmd, make_tiny_checkpoint
+from conftest import cli_env, edgerun_cmd, make_tiny_checkpoint, write_tiny_gguf
 from edgerun.backends.base import SamplingParams
 from edgerun.errors import UsageError
 from edgerun.kv import quant
@@ -58,6 +58,18 @@ def test_pack_unpack_round_trip_is_exact(bits):
     packed = quant.pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == 64 * bits // 8
     assert torch.equal(quant.unpack(packed, bits, 64), codes)
+
+
+def test_kv_codes_share_the_weights_zero_point_convention():
+    """zero = round(-min / scale), x_hat = (q - zero) * scale: the GPTQ weights' grid (edgerun.minmax)."""
+    from edgerun import minmax
+
+    x = torch.rand(1, 1, 4, 32, generator=torch.Generator().manual_seed(0)) + 3   # all positive: zero < 0
+    p = quant.quantize(x, 4)
+    scale, zero = p.scale.float(), p.zero.float()             # one group per token: (1, 1, 4, 1, 1)
+    assert torch.equal(zero, minmax.zero_point(x.amin(-1)[..., None, None], scale)) and bool((zero < 0).all())
+    codes = quant.unpack(p.codes, 4, 32).float().reshape(1, 1, 4, 1, 32)
+    assert torch.equal(quant.dequantize(p), minmax.dequantize(codes, scale, zero).reshape(x.shape))
 
 
 def test_quantizer_refuses_unsupported_bits_and_ragged_groups():
@@ -130,6 +142,18 @@ def test_layout_for_another_model_is_refused(tmp_path):
         load(path, n_layers=30)
 
 
+def test_the_kv_type_table_is_ggml_s():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from edgerun.kv.types import KV_TYPES
+
+    for name, t in KV_TYPES.items():
+        ggml = GGMLQuantizationType[name.upper()]
+        assert t.ggml_id == int(ggml) and (t.block, t.block_bytes) == GGML_QUANT_SIZES[ggml]
+    assert KV_TYPES["q8_0"].bits == 8.5 and KV_TYPES["q4_1"].bits == 5 and KV_TYPES["f16"].bits == 16
+    assert KV_TYPES["q4_0"].quantized and not KV_TYPES["bf16"].quantized
+
+
 def test_llama_cpp_maps_a_layout_to_the_nearest_uniform_type_not_less_precise():
     tk, tv, note = llama_cpp_types(Layout([(8, 4), (4, 2), (2, 2)], name="mix"))
     assert (tk, tv) == ("q8_0", "q4_1") and "flash attention" in note
@@ -185,6 +209,7 @@ def tiny(tmp_path_factory, smollm2_source):
 
 
 def test_search_writes_a_pareto_front_and_resumes(tiny, tmp_path):
+    from edgerun import data
     from edgerun.kv import tune as kvt
 
     out = tmp_path / "layouts"
@@ -208,18 +233,27 @@ def test_search_writes_a_pareto_front_and_resumes(tiny, tmp_path):
     from edgerun.backends.torch import TorchBackend
 
     engine = TorchBackend(tiny)
-    ev = kvt.Evaluator(engine.model, kvt.token_windows(engine.tokenizer, "wiki", "heldout", 256, 1))
+    ev = kvt.Evaluator(engine.model, [torch.tensor([w]) for w in data.token_windows(engine.tokenizer, "wiki",
+                                                                                     "heldout", 256, 1)])
     assert ev(front[0])["kl"] == pytest.approx(front[0].meta["kl"], rel=1e-4)
     with pytest.raises(UsageError, match="below the cheapest layout"):
         kvt.tune(tiny, tmp_path / "x", budget=1.5, progress=False, log=logs.append)
 
 
+def test_non_dominated_keeps_what_no_other_point_beats_on_every_objective():
+    from edgerun.kv.tune import non_dominated
+
+    points = [(2, 0.5), (3, 0.5), (3, 0.2), (4, 0.2), (4, 0.1), (4, 0.1), (8, 0.0)]
+    assert non_dominated(points, lambda p: p) == [(2, 0.5), (3, 0.2), (4, 0.1), (4, 0.1), (8, 0.0)]
+
+
 def test_sensitivity_grows_as_bits_shrink(tiny):
     from edgerun.backends.torch import TorchBackend
+    from edgerun.calibration import calibration_windows
     from edgerun.kv import tune as kvt
 
     engine = TorchBackend(tiny)
-    windows = kvt.token_windows(engine.tokenizer, "wiki", "calibration", 128, 1)
+    windows = calibration_windows(engine.tokenizer, 1, 128)
     err = kvt.sensitivity(engine.model, windows)
     names = kvt.QUANT_PAIRS
     for layer in err:
@@ -356,6 +390,29 @@ def test_llama_cpp_runs_a_layout_as_its_uniform_type(default_model_path, tmp_pat
 
 
 @pytest.mark.slow  # two CLI runs that each import torch and transformers: ~4-6 s on 2 shared cores
+def test_kv_show_gives_bytes_per_token_only_for_a_named_model(tmp_path, capsys):
+    from edgerun.cli import main
+
+    two = Layout([(8, 4), (4, 4)], name="two").save(tmp_path / "two.yaml")
+    assert main(["kv", "show", str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "average bits 5.000" in out and "true bits 6.000" in out and "bytes/token" not in out
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 2, "hidden_size": 64}))
+    assert main(["kv", "show", str(two), "--model", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    # head_dim 16: one group of 16 values per head (2 bits of scale and zero per value); 2 x 2 layers x 2 heads x 16
+    assert "true bits 7.000" in out and "112 bytes/token" in out and "2 KV heads x 16" in out
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")                # 1 layer, 2 heads, embedding 32
+    one = Layout([(8, 8)], name="one").save(tmp_path / "one.yaml")
+    assert main(["kv", "show", str(one), "--model", str(gguf)]) == 0
+    assert "80 bytes/token" in capsys.readouterr().out     # (8 + 2) bits x 2 x 2 heads x 16 / 8
+    assert main(["kv", "show", str(two), "--model", str(gguf)]) != 0
+    assert "for 2 layers, the model has 1" in capsys.readouterr().err
+
+
 def test_cli_kv_show_and_tune_errors(tmp_path):
     path = Layout([(8, 4), (4, 4)], name="two").save(tmp_path / "two.yaml")
     r = subprocess.run(edgerun_cmd("kv", "show", str(path)), capture_output=True, text=True, env=cli_env(), timeout=120)

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from edgerun.formats.gptq import QuantizedLinear, check_format, group_params, quantize_with, rtn
+from edgerun import minmax
+from edgerun.formats.gptq import QuantizedLinear, check_format, group_params, rtn
 
 METHODS: dict[str, Callable] = {}
 
@@ -68,9 +69,9 @@ def quantize_gptq(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, 
             g = col // group_size
             if col % group_size == 0:  # fix this group's grid on its (already error-updated) weights
                 scales[:, g], zeros[:, g] = group_params(W1[:, i:i + group_size], bits)
-            q = quantize_with(W1[:, i:i + 1], scales[:, g], zeros[:, g], bits)[:, 0]
+            q = minmax.quantize(W1[:, i], scales[:, g], zeros[:, g], bits)
             Q[:, col] = q
-            w_hat = (q - zeros[:, g]) * scales[:, g]
+            w_hat = minmax.dequantize(q, scales[:, g], zeros[:, g])
             err = (W1[:, i] - w_hat) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err

@@ -21,12 +21,9 @@ from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, Samplin
                                    physical_cores, reply_budget)
 from edgerun.errors import BackendError
 from edgerun.formats import gguf as gguf_format
+from edgerun.kv.types import KV_TYPES
 
 DEFAULT_CTX = 4096
-# bytes per element of the KV cache types llama.cpp accepts (block types: bytes per block / 32)
-_KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-                  "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
-_KV_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
 def _warn_if_amx_under_hypervisor(llama_cpp) -> None:
@@ -92,7 +89,8 @@ class LlamaCppBackend(Backend):
         batch_threads: prompt-evaluation threads; default ``threads``.
         n_batch: prompt tokens evaluated per llama_decode call.
         flash_attn: use flash attention (required for a quantized V cache).
-        cache_type_k, cache_type_v: KV cache element types (``f16``, ``q8_0``, ``q4_0``, ...).
+        cache_type_k, cache_type_v: KV cache element types (``f16``, ``q8_0``, ``q4_0``, ...:
+            :data:`edgerun.kv.types.KV_TYPES`).
         seed: default sampling seed.
         info: the file's :func:`edgerun.formats.gguf.validate` result, if already validated.
 
@@ -113,9 +111,9 @@ class LlamaCppBackend(Backend):
         self.path = Path(path)
         self.info = info if info is not None and info.path == self.path else gguf_format.validate(self.path)
         for which, t in (("K", cache_type_k), ("V", cache_type_v)):
-            if t not in _KV_TYPE_IDS:
-                raise BackendError(f"unknown {which} cache type '{t}'; use one of {', '.join(_KV_TYPE_IDS)}")
-        if cache_type_v not in ("f16", "f32", "bf16") and not flash_attn:
+            if t not in KV_TYPES:
+                raise BackendError(f"unknown {which} cache type '{t}'; use one of {', '.join(KV_TYPES)}")
+        if KV_TYPES[cache_type_v].quantized and not flash_attn:
             raise BackendError(f"a {cache_type_v} V cache needs flash attention: add --flash-attn")
         train_ctx = self.info.context_length or DEFAULT_CTX
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, train_ctx)
@@ -133,7 +131,7 @@ class LlamaCppBackend(Backend):
             self.llm = llama_cpp.Llama(
                 model_path=str(self.path), n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                 n_threads=self.threads, n_threads_batch=self.batch_threads, flash_attn=flash_attn,
-                type_k=_KV_TYPE_IDS[cache_type_k], type_v=_KV_TYPE_IDS[cache_type_v],
+                type_k=KV_TYPES[cache_type_k].ggml_id, type_v=KV_TYPES[cache_type_v].ggml_id,
                 verbose=False, **extra)
         except (ValueError, RuntimeError):
             raise BackendError(f"llama.cpp could not load {self.path} (architecture "
@@ -379,7 +377,8 @@ class LlamaCppBackend(Backend):
         n_embd = int(md.get(f"{arch}.embedding_length", 0))
         k_dim = int(md.get(f"{arch}.attention.key_length", n_embd // n_head))
         v_dim = int(md.get(f"{arch}.attention.value_length", n_embd // n_head))
-        return n_layer * n_head_kv * (k_dim * _KV_TYPE_BYTES[self.cache_type_k] + v_dim * _KV_TYPE_BYTES[self.cache_type_v])
+        return n_layer * n_head_kv * (k_dim * KV_TYPES[self.cache_type_k].bytes_per_value
+                                      + v_dim * KV_TYPES[self.cache_type_v].bytes_per_value)
 
     def memory(self) -> MemoryInfo:
         import psutil

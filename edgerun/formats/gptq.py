@@ -1,8 +1,9 @@
 """Group-wise integer weight quantization and the GPTQ checkpoint layout (bit packing).
 
-Quantizer (asymmetric min/max, per output row and per group of ``group_size`` input columns)::
+Quantizer: :mod:`edgerun.minmax` (asymmetric min/max, zero = round(-min / scale)), per output row
+and per group of ``group_size`` input columns, over the group's range widened to hold 0::
 
-    scale = (max(w_g) - min(w_g)) / (2^bits - 1)        zero = round(-min(w_g) / scale)
+    scale = (max(w_g, 0) - min(w_g, 0)) / (2^bits - 1)   zero = round(-min(w_g, 0) / scale)
     q = clamp(round(w / scale) + zero, 0, 2^bits - 1)    w_hat = (q - zero) * scale
 
 Storage follows the GPTQ checkpoint layout used by AutoGPTQ / GPTQModel / transformers
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from edgerun import minmax
 from edgerun.formats import safetensors as st_format
 
 BITS = (2, 3, 4, 8)
@@ -53,23 +55,21 @@ class QuantizedLinear:
         g = self.group_size
         scales = self.scales.repeat_interleave(g, dim=1)
         zeros = self.zeros.repeat_interleave(g, dim=1).float()
-        return (self.q.float() - zeros) * scales
+        return minmax.dequantize(self.q.float(), scales, zeros)
 
 
 def group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max scale and zero point for each row of ``w`` (rows, group) -> (rows,), (rows,)."""
-    maxq = 2 ** bits - 1
+    """The GPTQ weight grid of each row of ``w`` (rows, group): scale and zero point, both (rows,), ``w``'s dtype.
+
+    :mod:`edgerun.minmax` over the row's range widened to hold 0 (min clamped <= 0, max >= 0, as
+    GPTQ's reference quantizer does), so zero is an integer in [0, 2^bits - 1]; an all-zero row gets
+    scale 1.
+    """
     wmin = torch.clamp(w.min(dim=1).values, max=0.0)
     wmax = torch.clamp(w.max(dim=1).values, min=0.0)
-    scale = (wmax - wmin) / maxq
+    scale = minmax.scale_of(wmin, wmax, bits)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-wmin / scale)
-    return scale, zero
-
-
-def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of ``w`` (rows, cols) for per-row ``scale`` and ``zero`` (rows,)."""
-    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+    return scale, minmax.zero_point(wmin, scale)
 
 
 def check_format(in_features: int, bits: int, group_size: int) -> None:
@@ -83,12 +83,16 @@ def check_format(in_features: int, bits: int, group_size: int) -> None:
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedLinear:
-    """Round-to-nearest group-wise quantization of a weight (out, in), float32."""
+    """Round-to-nearest group-wise quantization of a weight (out, in), float32, on the :func:`group_params` grid.
+
+    Raises:
+        ValueError: ``bits`` or ``group_size`` do not fit the layer (:func:`check_format`).
+    """
     out_f, in_f = w.shape
     check_format(in_f, bits, group_size)
     groups = w.reshape(out_f * (in_f // group_size), group_size)
     scale, zero = group_params(groups, bits)
-    q = quantize_with(groups, scale, zero, bits).reshape(out_f, in_f)
+    q = minmax.quantize(groups, scale[:, None], zero[:, None], bits).reshape(out_f, in_f)
     return QuantizedLinear(q.to(torch.uint8), scale.reshape(out_f, -1), zero.reshape(out_f, -1).to(torch.int32),
                            bits, group_size)
 

@@ -23,9 +23,13 @@ from pathlib import Path
 
 import yaml
 
-from edgerun.errors import UsageError
-from edgerun.kv.cache import MODES, PAIRS, KVSpec, pair_name
+from edgerun.atomic import atomic_file
+from edgerun.errors import ModelFileError, UsageError
+from edgerun.formats import gguf as gguf_format
+from edgerun.formats import safetensors as st_format
 from edgerun.formats import yamlfile as yf
+from edgerun.kv.cache import MODES, PAIRS, KVSpec, pair_name
+from edgerun.kv.types import KV_TYPES
 
 VALID_BITS = (2, 4, 8, 16)
 
@@ -107,8 +111,7 @@ class Layout:
         return yaml.safe_dump(data, sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        from edgerun.atomic import atomic_file
-
+        """Write the layout YAML to ``path`` atomically (parent directories made); returns ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, force=True) as tmp:
@@ -180,25 +183,60 @@ def load(path: str | Path, n_layers: int | None = None) -> Layout:
                   meta=data["meta"] or {})
 
 
-# llama.cpp KV cache types by precision (bits per value incl. block scales), for the uniform mapping
-LLAMA_KV_TYPES = (("f16", 16), ("q8_0", 8.5), ("q5_1", 6), ("q5_0", 5.5), ("q4_1", 5), ("q4_0", 4.5))
+@dataclass(frozen=True)
+class KVShape:
+    """What a model's KV cache holds per token: ``layers`` x ``kv_heads`` x ``head_dim`` values for K and for V."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def model_kv_shape(path: str | Path) -> KVShape:
+    """The KV shape of an HF checkpoint directory (``config.json``) or a GGUF file (its metadata).
+
+    HF: ``num_hidden_layers``, ``num_key_value_heads`` (default: the attention heads), ``head_dim``
+    (default: hidden size / attention heads), from ``text_config`` when there is one. GGUF:
+    ``<arch>.block_count``, ``<arch>.attention.head_count_kv`` (default: ``head_count``) and
+    ``<arch>.attention.key_length`` (default: embedding length / head count).
+
+    Raises:
+        ModelFileError: an unreadable config or GGUF, or one without these fields.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            cfg = st_format.read_config(path)
+            cfg = cfg.get("text_config") or cfg
+            heads = int(cfg["num_attention_heads"])
+            return KVShape(int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or heads),
+                           int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
+        info = gguf_format.validate(path)
+        md, arch = info.metadata, info.architecture
+        heads = int(md[f"{arch}.attention.head_count"])
+        return KVShape(int(md[f"{arch}.block_count"]), int(md.get(f"{arch}.attention.head_count_kv") or heads),
+                       int(md.get(f"{arch}.attention.key_length") or int(md[f"{arch}.embedding_length"]) // heads))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path} does not say its KV shape (layers, KV heads, head dimension): missing {e}") from None
+
+
+# our bits -> the llama.cpp type (edgerun.kv.types) not less precise: q4_1 for 4 bits is asymmetric
+# like ours; llama.cpp has no 2-bit KV type, so 2 bits take q4_0
+LLAMA_CPP_TYPE_OF_BITS = {bits: KV_TYPES[name] for bits, name in ((16, "f16"), (8, "q8_0"), (4, "q4_1"), (2, "q4_0"))}
 
 
 def llama_cpp_types(layout: Layout) -> tuple[str, str, str]:
     """The nearest uniform llama.cpp (type_k, type_v) not less precise than any layer of ``layout``.
 
-    llama.cpp has one K type and one V type for all layers, with no 2-bit type: K takes the most
-    precise layer's K bits (16 -> f16, 8 -> q8_0, 4 -> q4_1, asymmetric like ours, 2 -> q4_0), V likewise.
-    A quantized V cache needs flash attention. Returns (type_k, type_v, a sentence saying so).
+    llama.cpp has one K type and one V type for all layers: K takes the most precise layer's K bits
+    (:data:`LLAMA_CPP_TYPE_OF_BITS`: 16 -> f16, 8 -> q8_0, 4 -> q4_1, 2 -> q4_0), V likewise. A
+    quantized V cache needs flash attention. Returns (type_k, type_v, a sentence saying so).
     """
-    def pick(bits: int) -> str:
-        return {16: "f16", 8: "q8_0", 4: "q4_1", 2: "q4_0"}[bits]
-
     k = max(p[0] for p in layout.pairs)
     v = max(p[1] for p in layout.pairs)
-    tk, tv = pick(k), pick(v)
+    tk, tv = LLAMA_CPP_TYPE_OF_BITS[k], LLAMA_CPP_TYPE_OF_BITS[v]
     note = (f"llama.cpp has one KV type for all layers: layout {layout.name or ''} ({layout.average_bits:.2f} average "
-            f"bits, up to K{k}/V{v}) runs as type_k={tk}, type_v={tv}")
-    if tv != "f16":
+            f"bits, up to K{k}/V{v}) runs as type_k={tk.name}, type_v={tv.name}")
+    if tv.quantized:
         note += " (quantized V: flash attention on)"
-    return tk, tv, note
+    return tk.name, tv.name, note

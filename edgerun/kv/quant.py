@@ -1,8 +1,8 @@
 """Asymmetric min/max quantization of K/V tensors and exact bit packing (KVTuner, KIVI).
 
-Quantizer (KVTuner, ALGORITHMS.md), over a group of values x:
-``s = (max - min) / (2^b - 1)``, ``z = round(min / s)``, ``q = clip(round(x / s) - z, 0, 2^b - 1)``,
-``x^ = (q + z) * s``; with z rounded, the error of each value is at most s (s / 2 where no clipping
+Quantizer (KVTuner, ALGORITHMS.md): :mod:`edgerun.minmax` over each group's own range [min, max]:
+``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``, ``q = clip(round(x / s) + z, 0, 2^b - 1)``,
+``x^ = (q - z) * s``; with z rounded, the error of each value is at most s (s / 2 where no clipping
 happens). The scale is stored as float16 (and used rounded), the integer zero point as int16; so
 that z always fits int16, s is at least max|x| / 32000 (this only changes near-constant groups far
 from zero, whose range would otherwise give a zero point out of range).
@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from edgerun import minmax
 
 BITS = (2, 4, 8, 16)
 
@@ -75,6 +77,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def quantize(x: torch.Tensor, bits: int, axis: int = -1, group: int | None = None) -> Packed:
     """Quantize x (..., T, D) with per-group min/max along ``axis`` (-1: head dim, -2: tokens), groups of ``group``.
 
+    ``group`` defaults to the whole dimension. Returns packed uint8 codes with a float16 scale and an
+    int16 zero point per group (the grid of the module doc).
+
     Raises:
         ValueError: bits not in (2, 4, 8), a dimension not divisible by the group, or D not fillable in bytes.
     """
@@ -92,12 +97,12 @@ def quantize(x: torch.Tensor, bits: int, axis: int = -1, group: int | None = Non
         xt = x
     g = xt.reshape(*xt.shape[:-1], xt.shape[-1] // group, group)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    # the int16 zero point round(min / s) must fit: near-constant groups far from 0 get a step of at
+    # the int16 zero point round(-min / s) must fit: near-constant groups far from 0 get a step of at
     # least max|x| / 32000 (the margin covers float16 rounding of s), still tiny against the values
     bound = torch.maximum(lo.abs(), hi.abs()) / 32000
-    scale = torch.maximum((hi - lo) / (2 ** bits - 1), bound).clamp_min(1e-6).half().float()   # stored as float16
-    zero = torch.round(lo / scale).clamp(-32768, 32767)
-    codes = torch.clamp(torch.round(g / scale) - zero, 0, 2 ** bits - 1).reshape(xt.shape)
+    scale = torch.maximum(minmax.scale_of(lo, hi, bits), bound).clamp_min(1e-6).half().float()   # stored as float16
+    zero = minmax.zero_point(lo, scale).clamp(-32767, 32767)
+    codes = minmax.quantize(g, scale, zero, bits).reshape(xt.shape)
     if axis == -2:
         codes = codes.transpose(-1, -2)
     if codes.shape[-1] * bits % 8:
@@ -106,21 +111,14 @@ def quantize(x: torch.Tensor, bits: int, axis: int = -1, group: int | None = Non
 
 
 def dequantize(p: Packed) -> torch.Tensor:
-    """float32 tensor of ``p``'s shape: (codes + zero) * scale."""
+    """float32 tensor of ``p``'s shape: (codes - zero) * scale (:func:`edgerun.minmax.dequantize`)."""
     n = p.shape[-1]
     codes = unpack(p.codes, p.bits, n).float()
     if p.axis == -2:
         codes = codes.transpose(-1, -2)
     g = codes.reshape(*codes.shape[:-1], codes.shape[-1] // p.group, p.group)
-    x = ((g + p.zero.float()) * p.scale.float()).reshape(codes.shape)
+    x = minmax.dequantize(g, p.scale.float(), p.zero.float()).reshape(codes.shape)
     return x.transpose(-1, -2) if p.axis == -2 else x
-
-
-def fake_quantize(x: torch.Tensor, bits: int, axis: int = -1, group: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize in one go (the simulated quantization of the search); 16 bits returns x."""
-    if bits >= 16:
-        return x
-    return dequantize(quantize(x, bits, axis, group)).to(x.dtype)
 
 
 def concat(a: Packed, b: Packed) -> Packed:

@@ -4,16 +4,17 @@ Steps, each saved in the output directory so an interrupted search resumes:
 
 1. **Sensitivity** (Sec. 4.2): for every decoder layer and every quantized pair (KV8 ... KV2), the
    relative error ``||o^ - o||_F / ||o||_F`` of the layer's attention output when only that layer's
-   K/V go through the quantized cache, on calibration windows (the layer's clean inputs are reused,
-   so errors do not compound across layers).
-2. **Intra-layer Pareto pruning** (Sec. 4.3): per layer keep only the pairs that no other pair beats
-   on both average bits and error (KV16, error 0, always stays).
+   K/V go through the quantized cache, on calibration windows (:func:`edgerun.calibration.calibration_windows`;
+   the layer's clean inputs are reused, so errors do not compound across layers).
+2. **Intra-layer Pareto pruning** (Sec. 4.3): per layer keep only the pairs that no other pair
+   dominates on average bits and error (:func:`non_dominated`; KV16, error 0, always stays).
 3. **Inter-layer clustering** (Sec. 4.3): layers with similar log-sensitivity profiles form
    ``groups`` groups (k-means, scikit-learn); a group's candidates are the union of its layers'
    Pareto pairs, and one pair is chosen per group.
 4. **Multi-objective search** (Sec. 4.4): Optuna NSGA-II over group assignments, minimizing the KL
    divergence of next-token distributions to the unquantized cache on long held-out contexts
-   (held-out documents concatenated to ``context`` tokens) and the average bits, with the
+   (windows of ``context`` held-out tokens, :func:`edgerun.data.token_windows`: documents
+   concatenated, BOS first when the model uses one) and the average bits, with the
    constraint average bits <= budget. Uniform layouts that fit the budget seed the first
    generation. Trials are teacher-forced: the whole context runs through the packed quantized
    cache in one forward, which in per-token mode is exactly what incremental decoding computes; in
@@ -34,12 +35,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from edgerun import data
+from edgerun.atomic import atomic_file
+from edgerun.calibration import calibration_windows, forward_windows
 from edgerun.errors import UsageError
-from edgerun.kv.cache import PAIRS, KVSpec, QuantizedKVCache
+from edgerun.kv.cache import MODES, PAIRS, KVSpec, QuantizedKVCache
 from edgerun.kv.layout import Layout
 
 QUANT_PAIRS = [p for p in PAIRS if p != "KV16"]
@@ -52,28 +58,20 @@ def pair_bits(name: str) -> float:
     return (k + v) / 2
 
 
-# --- evaluation contexts -------------------------------------------------------------------------
+T = TypeVar("T")
 
-def token_windows(tokenizer, dataset: str, split: str, length: int, count: int) -> list[torch.Tensor]:
-    """``count`` windows (1, length) int64 of a dataset split's documents joined in order (long contexts).
 
-    Raises:
-        UsageError: the split has fewer than length x count tokens.
+def non_dominated(items: Sequence[T], objectives: Callable[[T], tuple[float, ...]]) -> list[T]:
+    """The items no other item dominates, in their order (Pareto front; every objective minimized).
+
+    ``b`` dominates ``a`` when each of b's objectives is <= a's and at least one is <; items with
+    equal objectives all stay. ``objectives(item)`` gives the tuple of values (e.g. (average bits,
+    error)). KVTuner (Li et al., ICML 2025) uses it twice: intra-layer pruning of (K, V) pairs
+    (Sec. 4.3) and the front of the multi-objective search (Sec. 4.4).
     """
-    from edgerun import data
-
-    ids = tokenizer(data.text(dataset, split), add_special_tokens=False).input_ids
-    if len(ids) < length * count:
-        raise UsageError(f"the {split} split of {dataset} has {len(ids)} tokens, fewer than {count} x {length}")
-    bos = tokenizer.bos_token_id if tokenizer("a", add_special_tokens=True).input_ids[0] == tokenizer.bos_token_id \
-        else None
-    out = []
-    for i in range(count):
-        w = ids[i * length:(i + 1) * length]
-        if bos is not None:
-            w = [bos] + w[:-1]
-        out.append(torch.tensor([w]))
-    return out
+    values = [tuple(objectives(x)) for x in items]
+    return [x for x, v in zip(items, values)
+            if not any(w != v and all(wi <= vi for wi, vi in zip(w, v)) for w in values)]
 
 
 def _cache_kwarg(module) -> str:
@@ -141,8 +139,6 @@ def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", gro
             captured[i][-1] = (*captured[i][-1], output[0] if isinstance(output, tuple) else output)
         return post
 
-    from edgerun.calibration import forward_windows
-
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.self_attn.register_forward_pre_hook(hook_for(i), with_kwargs=True))
@@ -152,8 +148,6 @@ def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", gro
     kwarg = _cache_kwarg(layers[0].self_attn)
     steps = [(i, j) for i in range(n) for j in range(len(QUANT_PAIRS))]
     if progress:
-        from tqdm import tqdm
-
         steps = tqdm(steps, desc="KV sensitivity", unit="pair", leave=False)
     for i, j in steps:
         k, v = PAIRS[QUANT_PAIRS[j]]
@@ -171,24 +165,18 @@ def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", gro
 
 
 def pareto_pairs(errors: np.ndarray) -> list[str]:
-    """Pairs of one layer not beaten on both average bits and error by another (plus KV16).
+    """KV16 and the quantized pairs of one layer that no other pair dominates on (average bits, error).
 
     Args:
         errors: float (len(QUANT_PAIRS),) this layer's sensitivity.
     """
-    keep = ["KV16"]
-    for j, name in enumerate(QUANT_PAIRS):
-        b, e = pair_bits(name), errors[j]
-        dominated = any(pair_bits(o) <= b and errors[m] <= e and (pair_bits(o) < b or errors[m] < e)
-                        for m, o in enumerate(QUANT_PAIRS) if m != j)
-        if not dominated:
-            keep.append(name)
-    return keep
+    error = dict(zip(QUANT_PAIRS, errors))
+    return ["KV16"] + non_dominated(QUANT_PAIRS, lambda p: (pair_bits(p), error[p]))
 
 
 def cluster_layers(errors: np.ndarray, groups: int, seed: int = 0) -> np.ndarray:
     """Group labels int (layers,): k-means over the layers' log10 sensitivity profiles (scikit-learn)."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # heavy; only the search clusters
 
     feats = np.log10(np.maximum(errors, 1e-8))
     groups = max(1, min(groups, len({tuple(np.round(f, 6)) for f in feats})))
@@ -248,13 +236,11 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
         UsageError: a budget below the cheapest layout (KV2 = 2.0 bits), bad mode, or a result
             directory made for another model or other settings.
     """
-    import optuna
+    import optuna  # heavy, like transformers below: only the search needs them
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from edgerun.atomic import atomic_file
     from edgerun.backends.torch import TorchBackend
-    from edgerun.kv.cache import MODES
 
     if mode not in MODES:
         raise UsageError(f"unknown KV mode '{mode}'; use one of {', '.join(MODES)}")
@@ -280,7 +266,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
         if (out / "study.journal").exists():
             raise UsageError(f"{out} holds a search made for another model or other settings; use a new directory")
         log(f"sensitivity of {n_layers} layers x {len(QUANT_PAIRS)} pairs on {calib_windows} x {calib_len} tokens")
-        calib = token_windows(tok, dataset, "calibration", calib_len, calib_windows)
+        calib = calibration_windows(tok, calib_windows, calib_len, dataset)
         errors = sensitivity(model, calib, mode, group_size, window, progress=progress)
         with atomic_file(sens_path, force=True) as tmp:
             tmp.write_text(json.dumps({"fingerprint": fp, "settings": settings, "pairs": QUANT_PAIRS,
@@ -300,7 +286,8 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
         return Layout([PAIRS[choice[labels[i]]] for i in range(n_layers)], mode, group_size, window, name=name)
 
     log(f"reference (KV16) on {contexts} x {context} held-out tokens")
-    evaluator = Evaluator(model, token_windows(tok, dataset, "heldout", context, contexts))
+    evaluator = Evaluator(model, [torch.tensor([w]) for w in data.token_windows(tok, dataset, "heldout", context,
+                                                                                   contexts)])
     uniform_path = out / "uniform.json"
     uniform = json.loads(uniform_path.read_text()) if uniform_path.is_file() else {}
     if uniform.get("fingerprint") != fp:
@@ -354,8 +341,6 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
     if len(memo) < trials:
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=trials, initial=len(memo), desc=f"KV search ({mode})", unit="trial")
 
         def callback(study_, trial_):
@@ -375,9 +360,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
 
 def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dict, budget: float,
                    mode: str) -> TuneResult:
-    import optuna
-
-    from edgerun.atomic import atomic_file
+    import optuna  # heavy; only the search needs it
 
     n_groups = len(candidates)
     kv16 = uniform["KV16"]
@@ -390,8 +373,7 @@ def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dic
         choice = [t.params[f"g{g}"] for g in range(n_groups)]
         rows.append({"number": t.number, "choice": choice, "avg_bits": t.user_attrs["avg_bits"], "kl": t.values[0],
                      "ppl": t.user_attrs["ppl"], "uniform": t.user_attrs.get("uniform")})
-    front_rows = [r for r in rows if not any(o["avg_bits"] <= r["avg_bits"] and o["kl"] <= r["kl"] and
-                                             (o["avg_bits"] < r["avg_bits"] or o["kl"] < r["kl"]) for o in rows)]
+    front_rows = non_dominated(rows, lambda r: (r["avg_bits"], r["kl"]))
     unique = {}
     for r in sorted(front_rows, key=lambda r: (r["avg_bits"], r["kl"], r["number"])):
         unique.setdefault(tuple(r["choice"]), r)
@@ -418,12 +400,10 @@ def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dic
 
 def plot_front(rows: list[dict], front_rows: list[dict], uniform: dict, path: Path, title: str) -> Path:
     """PNG of KL (left) and perplexity (right) vs average bits: all trials, the front, uniform layouts."""
-    import matplotlib
+    import matplotlib  # heavy; only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from edgerun.atomic import atomic_file
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "kl", "KL to KV16 (nats/token)"), (axes[1], "ppl", "perplexity")):
