@@ -189,7 +189,7 @@ def test_planner_chooses_lower_bits_when_the_budget_shrinks():
     # a fixed budget binds as the context grows
     planner = KVPlanner(_front(), 30, 3, 64, budget_bytes=weights + per16 // 3, weights_bytes=weights)
     short, long = planner.choose(512), planner.choose(4096)
-    assert short.layout.name == "KV16" and long.layout.average_bits < 16 and long.changed
+    assert short.layout.name == "KV16" and long.layout.average_bits < 16
     assert "fits" in long.reason and "KV16 would need" in long.reason
 
 
@@ -358,16 +358,20 @@ def test_chat_plans_the_kv_layout_per_message_and_reprefills_on_a_change(smollm2
                            max_tokens=16, temperature=0.0, notify=notices.append, n_ctx=1024)
     try:
         first = "".join(session.chat("Hi!"))
-        assert first and session.kv_stats["kv_layout"] == "KV16" and session.kv_stats["kv_history"] == "new"
+        turn = session.last_turn
+        assert first and turn.plan.kv.layout.name == "KV16" and turn.history == "new"
         long = "Summarize this. " + "The river flows past the old mill and the bridge. " * 50
         "".join(session.chat(long))
-        k = session.kv_stats
-        assert k["kv_layout"] != "KV16" and k["kv_average_bits"] < 16 and k["kv_changed"]
-        assert k["kv_history"].startswith("re-prefilled") and any("re-prefilled" in n for n in notices)
+        turn = session.last_turn
+        k = turn.plan.kv
+        assert k.layout.name != "KV16" and k.layout.average_bits < 16 and turn.plan.kv_changed
+        assert turn.history.startswith("re-prefilled") and any("re-prefilled" in n for n in notices)
+        assert any("KV layout" in r for r in turn.plan.reasons)
         assert session.stats.prefill_tokens == session.stats.prompt_tokens        # the history was prefilled again
-        assert 0 < session.backend.memory().kv_cache_bytes <= k["kv_available_bytes"]
+        assert 0 < session.backend.memory().kv_cache_bytes <= k.available_bytes
         assert session.stats.kv_cache_bytes == session.backend.memory().kv_cache_bytes
-        assert session.stats.kv_layout == k["kv_layout"]
+        assert session.stats.kv_layout == k.layout.name
+        assert turn.stats is session.stats and len(session.turns) == 2
     finally:
         session.backend.close()
 
@@ -389,7 +393,6 @@ def test_llama_cpp_runs_a_layout_as_its_uniform_type(default_model_path, tmp_pat
         edgerun.load(None, kv_layout=str(tmp_path), max_tokens=8)
 
 
-@pytest.mark.slow  # two CLI runs that each import torch and transformers: ~4-6 s on 2 shared cores
 def test_kv_show_gives_bytes_per_token_only_for_a_named_model(tmp_path, capsys):
     from edgerun.cli import main
 
@@ -413,6 +416,7 @@ def test_kv_show_gives_bytes_per_token_only_for_a_named_model(tmp_path, capsys):
     assert "for 2 layers, the model has 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two CLI runs that each import torch and transformers: ~4-6 s on 2 shared cores
 def test_cli_kv_show_and_tune_errors(tmp_path):
     path = Layout([(8, 4), (4, 4)], name="two").save(tmp_path / "two.yaml")
     r = subprocess.run(edgerun_cmd("kv", "show", str(path)), capture_output=True, text=True, env=cli_env(), timeout=120)
