@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from edgerun.atomic import atomic_dir
 from edgerun.calibration import block_inputs, calibration_windows
@@ -47,11 +48,16 @@ K_A = 10
 
 
 def activation_markers(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, k_a: int = K_A) -> torch.Tensor:
-    """ATopK markers: bool (tokens, d_ff), True for each token's k_a neurons of largest |cosine SwiGLU activation|.
+    """ATopK markers (CMoE's neuron profiling, step 1 of the module doc).
 
     Args:
         x: FFN inputs (tokens, d_model) float32.
         w_gate, w_up: (d_ff, d_model) float32.
+        k_a: neurons marked per token.
+
+    Returns:
+        bool (tokens, d_ff): True for each token's ``k_a`` neurons of largest |cosine-normalised
+        SwiGLU activation|.
     """
     xn = F.normalize(x, dim=-1)
     h = F.silu(xn @ F.normalize(w_gate, dim=-1).T) * (xn @ F.normalize(w_up, dim=-1).T)   # (tokens, d_ff)
@@ -70,12 +76,20 @@ def _l1_to_columns(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def balanced_assignment(cost: np.ndarray, capacity: int) -> np.ndarray:
     """Assign n items to k groups of exactly ``capacity`` minimising total cost (n = k * capacity).
 
-    Exact: a linear assignment on the cost matrix with each group's column repeated ``capacity`` times.
+    CMoE's balanced grouping of the routed neurons (step 3 of the module doc), solved exactly as a
+    linear assignment on the cost matrix with each group's column repeated ``capacity`` times.
+
+    Args:
+        cost: (n, k) float64, the cost of item i in group j.
+        capacity: items per group.
 
     Returns:
         group index per item, int64 (n,).
+
+    Raises:
+        ValueError: n != k * capacity.
     """
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment   # scipy: only the carve's assignment step needs it
 
     n, k = cost.shape
     if n != k * capacity:
@@ -88,10 +102,16 @@ def balanced_assignment(cost: np.ndarray, capacity: int) -> np.ndarray:
 
 def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
               cfg: moe_config.MoEConfig, k_a: int = K_A) -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
-    """Carve one FFN (gate/up (d_ff, d), down (d, d_ff)) on its calibration inputs x (tokens, d).
+    """Carve one FFN on its calibration inputs (CMoE steps 1-4 of the module doc).
+
+    Args:
+        w_gate, w_up: (d_ff, d) float32. w_down: (d, d_ff) float32.
+        x: calibration inputs of the FFN (tokens, d) float32.
+        cfg: the SxAyEz configuration for this d_ff. k_a: neurons marked per token (ATopK).
 
     Returns:
-        (the MoE layer, shared neuron ids (x*m,), routed neuron ids (z-x, m), statistics).
+        (the :class:`CarvedMoE` layer, shared neuron ids int64 (x*m,), routed neuron ids int64
+        (z-x, m) sorted per expert, statistics: mean activation rates and representative neurons).
     """
     d_ff, d_model = w_gate.shape
     m, n_routed = cfg.expert_size, cfg.routed
@@ -141,11 +161,15 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         force: replace an existing output.
         progress: called as ``progress(done_layers, total_layers)``.
 
+    Returns:
+        ``out``: the carved checkpoint (dense tensors in ``model.safetensors``, experts per layer under
+        ``experts/``, the configuration and calibration under ``config.json``'s ``edgerun_moe``).
+
     Raises:
         UsageError: unsupported architecture (non-Llama, non-SwiGLU), an already carved source, a bad
             configuration, too little calibration text, output exists without ``force``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only a carve loads a model
 
     checkpoint, out = Path(checkpoint), Path(out)
     st_format.checkpoint_files(checkpoint)
@@ -222,8 +246,6 @@ def _ffn_inputs(layer, hiddens, kwargs_list) -> tuple[list[torch.Tensor], list[t
 
 
 def _save(model, carved, checkpoint: Path, out: Path, cfg: dict, meta: dict, force: bool) -> None:
-    from safetensors.torch import save_file
-
     dense = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." not in k}
     if cfg.get("tie_word_embeddings", False):
         dense.pop("lm_head.weight", None)

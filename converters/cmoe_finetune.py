@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from edgerun.atomic import atomic_dir
 from edgerun.calibration import all_windows
@@ -97,7 +98,7 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
         raise UsageError("--finetune needs a positive time bound (minutes) and step count")
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer   # heavy: only a fine-tune needs it
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(carved)
@@ -109,7 +110,7 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
         p.requires_grad_(False)
     lora_info: dict = {}
     if lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model   # optional: LoRA only
 
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_MODULES,
                             target_parameters=LORA_PARAMETERS)
@@ -172,8 +173,6 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
 
 def _save(model, carved: Path, out: Path, report: FinetuneReport, lr: float, bias_step: float, dataset: str,
           force: bool) -> None:
-    from safetensors.torch import save_file
-
     cfg = json.loads((carved / "config.json").read_text())
     dense = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." not in k}
     if cfg.get("tie_word_embeddings", False):

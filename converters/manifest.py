@@ -48,5 +48,9 @@ def write(output: str | Path, record: dict) -> Path:
 
 
 def read(output: str | Path) -> dict:
-    """The manifest of ``output``."""
+    """The manifest of ``output``.
+
+    Raises:
+        OSError: no manifest. json.JSONDecodeError: a corrupted one.
+    """
     return json.loads(manifest_path(output).read_text(encoding="utf-8"))

@@ -25,57 +25,77 @@ tensor, and writes ``theta = theta_base + alpha * merged(delta)``:
   its best rank-``rank`` approximation (truncated SVD), 1-D deltas stay whole, then task arithmetic;
   defaults rank 64, alpha 0.7. At full rank it is task arithmetic.
 
+Each method is a small class in one registry (:data:`METHODS`, mergekit's ``merge_methods`` style):
+its name, mergekit's aliases, its declared hyper-parameters with defaults and checks
+(:class:`converters.params.Param`), and how it computes one output tensor.
+
 Tensors stream one at a time from the safetensors files (plain reads of each tensor's extent, no
 memory map; a streaming writer): the peak is about one tensor per model plus the output tensor and
 a few float64 chunks of rows (:func:`merge_tensor`). The arithmetic runs in float64 (SVD's in
-float32 for float32 and narrower checkpoints) and the result is cast to BASE's dtype, so task arithmetic with alpha 0 returns BASE exactly and with alpha 1 returns
-the model exactly. DARE's masks come from a generator seeded by ``(seed, tensor name, model index,
-chunk)``: a merge is deterministic for a seed.
+float32 for float32 and narrower checkpoints) and the result is cast to BASE's dtype, so task
+arithmetic with alpha 0 returns BASE exactly and with alpha 1 returns the model exactly. DARE's masks
+come from a generator seeded by ``(seed, tensor name, model index, chunk)``: a merge is deterministic
+for a seed.
 
 The output is a Hugging Face checkpoint directory (``config.json``, ``model.safetensors``, the
 tokenizer files, ``edgerun_merge.json`` with the recipe, inputs, wall time and peak memory), written
 atomically. Its ``config.json`` and tokenizer come from the parent with the longest context (the
 paper's pitfall: a short-context base would cap the long reasoner), unless overridden.
+
+A recipe is mergekit's YAML (:func:`load_recipe`), checked field by field by
+:mod:`edgerun.formats.yamlfile`; the same fields make the ``merge`` pass of an export recipe
+(:mod:`converters.passes`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
+from tqdm import tqdm
 
-from edgerun.atomic import atomic_dir
+from converters.params import REQUIRED, Param, at_least, in_range, positive, type_problem
+from converters.params import schema as params_schema
 from converters.source import TOKENIZER_FILES as SOURCE_TOKENIZER_FILES
 from converters.source import Source, architecture_of, copy_tokenizer, open_source
+from edgerun import catalog
+from edgerun.atomic import atomic_dir
+from edgerun.calibration import calibration_windows, run_with_input_hooks
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
+from edgerun.formats import yamlfile
+from edgerun.moe.store import is_carved
+from edgerun.procmem import peak_rss_bytes
 
-METHODS = ("task-arithmetic", "ties", "dare", "dare-ties", "aim-ties", "svd")
-# mergekit's method names, accepted in recipes and on the command line
-ALIASES = {"task_arithmetic": "task-arithmetic", "ta": "task-arithmetic", "dare_linear": "dare", "dare-linear": "dare",
-           "dare_ties": "dare-ties", "aim_ties": "aim-ties", "ties_merging": "ties"}
-DEFAULTS = {
-    "task-arithmetic": {"alpha": 0.7},
-    "ties": {"alpha": 1.0, "density": 0.2},
-    "dare": {"alpha": 0.7, "drop": 0.3},
-    "dare-ties": {"alpha": 1.0, "density": 0.2, "drop": 0.3},
-    "aim-ties": {"alpha": 1.0, "density": 0.2, "omega": 0.4},
-    "svd": {"alpha": 0.7, "rank": 64},
-}
-# which hyper-parameters each method reads (a recipe setting another one is refused)
-USES = {"task-arithmetic": {"alpha"}, "ties": {"alpha", "density"}, "dare": {"alpha", "drop"},
-        "dare-ties": {"alpha", "density", "drop"}, "aim-ties": {"alpha", "density", "omega"},
-        "svd": {"alpha", "rank"}}
 MERGE_META = "edgerun_merge.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")      # safetensors dtypes a merge reads and writes
 TOKENIZER_FILES = SOURCE_TOKENIZER_FILES + ("vocab.json", "merges.txt", "tokenizer.model")
+CHUNK_ELEMENTS = 1 << 18      # rows are merged in chunks of about this many elements (2 MiB in float64)
+
+
+def _positive_int(v) -> str | None:
+    return None if v >= 1 else f"must be a positive integer, got {v!r}"
+
+
+def _alpha(default: float) -> Param:
+    return Param("alpha", float, default, "task-vector scale: theta = base + alpha * merged", check=at_least(0))
+
+
+DENSITY = Param("density", float, 0.2, "TIES: fraction of each task vector kept, by magnitude",
+                check=in_range(0, 1, lo_open=True))
+DROP = Param("drop", float, 0.3, "DARE: drop probability of each task-vector entry",
+             check=in_range(0, 1, hi_open=True, note="the kept deltas are rescaled by 1/(1-drop)"))
+OMEGA = Param("omega", float, 0.4, "AIM: relaxation floor of the most active input channels", check=in_range(0, 1))
+RANK = Param("rank", int, 64, "SVD: rank of each 2-D task vector", check=_positive_int)
+CALIB_SAMPLES = Param("calib_samples", int, 100, "AIM: calibration windows of the wiki calibration split",
+                      check=_positive_int)
+CALIB_LEN = Param("calib_len", int, 256, "AIM: tokens per calibration window", check=_positive_int)
 
 
 @dataclass(frozen=True)
@@ -83,7 +103,7 @@ class MergeSpec:
     """A merge method and its hyper-parameters (build with :func:`make_spec`, which validates).
 
     Attributes:
-        method: one of :data:`METHODS`.
+        method: a name in :data:`METHODS`.
         alpha: task-vector scale (``theta = base + alpha * merged``), >= 0.
         density: TIES: fraction of each delta kept by magnitude, in (0, 1].
         drop: DARE: drop probability, in [0, 1).
@@ -106,15 +126,199 @@ class MergeSpec:
     calib_len: int = 256
 
     def as_dict(self) -> dict:
-        d = {"method": self.method, "alpha": self.alpha, "seed": self.seed}
-        for k in USES[self.method] - {"alpha"}:
-            d[k] = getattr(self, k)
+        """The method's record: method, alpha, seed, its own hyper-parameters, weights if any, AIM's calibration."""
+        d = {"method": self.method, "alpha": self.alpha, "seed": self.seed, **METHODS[self.method].record(self)}
         if self.weights is not None:
             d["weights"] = list(self.weights)
-        if self.method == "aim-ties":
-            d["calibration"] = {"dataset": "wiki", "split": "calibration", "windows": self.calib_samples,
-                                "tokens_per_window": self.calib_len}
         return d
+
+
+# --- the method registry --------------------------------------------------------------------------
+
+class MergeMethod:
+    """A merge method: one output tensor from BASE's tensor and the models' (mergekit's ``MergeMethod``).
+
+    Subclasses declare ``name``, mergekit's ``aliases``, their hyper-parameters ``params`` (with
+    defaults) and which of the shared steps they use: ``drops`` (DARE's drop and rescale of every
+    delta) and ``trims`` (TIES's trim, sign election and disjoint mean); or override
+    :meth:`merge_tensor`.
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[tuple[Param, ...]] = ()
+    drops: ClassVar[bool] = False
+    trims: ClassVar[bool] = False
+
+    @classmethod
+    def record(cls, spec: MergeSpec) -> dict:
+        """The hyper-parameters besides alpha, as recorded in ``edgerun_merge.json`` and manifests."""
+        return {p.name: getattr(spec, p.name) for p in cls.params if p.name != "alpha"}
+
+    def channel_scales(self, base: Path, spec: MergeSpec, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+        """Per-tensor input-channel scales the merge needs from BASE before streaming (AIM); none by default."""
+        return {}
+
+    def relax(self, merged: torch.Tensor, spec: MergeSpec, channel_scale: torch.Tensor | None) -> torch.Tensor:
+        """The scaled merged task vector of a chunk (float64), adjusted per input channel (AIM); unchanged here."""
+        return merged
+
+    def merge_tensor(self, name: str, base: torch.Tensor, models: list[torch.Tensor], spec: MergeSpec,
+                     channel_scale: torch.Tensor | None = None,
+                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+        """``base + relax(alpha * combine(task vectors))`` over chunks of rows, cast to ``base``'s dtype.
+
+        See :func:`merge_tensor` for the arguments.
+        """
+        w = spec.weights or (1.0,) * len(models)
+        b2, ms2, spans = _rows(base, models, chunk_elements)
+
+        def deltas(ci: int, lo: int, hi: int) -> list[torch.Tensor]:
+            bc = b2[lo:hi].to(torch.float64)
+            ds = [wk * (m[lo:hi].to(torch.float64) - bc) for wk, m in zip(w, ms2)]
+            if self.drops:
+                ds = [dare(d, spec.drop, _generator(spec.seed, name, k, ci)) for k, d in enumerate(ds)]
+            return ds
+
+        thresholds = None
+        # TIES needs each task vector's magnitude threshold over the whole tensor before any chunk can be
+        # trimmed: a first pass computes the deltas (and DARE masks, seeded per chunk, so identical) for the
+        # thresholds only; the second recomputes them rather than holding every float64 delta at once.
+        if self.trims and spec.density < 1:
+            mags = [torch.empty(b2.shape, dtype=torch.float32) for _ in models]
+            for ci, (lo, hi) in enumerate(spans):
+                for mag, d in zip(mags, deltas(ci, lo, hi)):
+                    mag[lo:hi] = d.abs()
+            thresholds = [_threshold(mag, spec.density) for mag in mags]
+            del mags
+        out = torch.empty_like(b2)
+        for ci, (lo, hi) in enumerate(spans):
+            bc = b2[lo:hi].to(torch.float64)
+            ds = deltas(ci, lo, hi)
+            if self.trims:
+                if thresholds is not None:
+                    ds = [torch.where(d.abs().float() >= t, d, torch.zeros((), dtype=d.dtype))
+                          for d, t in zip(ds, thresholds)]
+                merged = elect_and_mean(ds)
+            else:
+                merged = torch.stack(ds).sum(0)
+            merged = self.relax(spec.alpha * merged, spec, channel_scale)
+            out[lo:hi] = (bc + merged).to(base.dtype)
+        return out.reshape(base.shape)
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+ALIASES: dict[str, str] = {}       # mergekit's method names, accepted in recipes and on the command line
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: add a merge method (and its aliases) to :data:`METHODS`."""
+    METHODS[cls.name] = cls
+    ALIASES.update({a: cls.name for a in cls.aliases})
+    return cls
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023): ``sum_k w_k delta_k``.
+
+    Computed in the interpolation form ``(1 - alpha sum w) base + alpha sum_k w_k theta_k``, so alpha 0
+    gives BASE exactly and alpha 1 (one model, weight 1) the model exactly.
+    """
+
+    name = "task-arithmetic"
+    aliases = ("task_arithmetic", "ta")
+    params = (_alpha(0.7),)
+
+    def merge_tensor(self, name, base, models, spec, channel_scale=None, chunk_elements=CHUNK_ELEMENTS):
+        w = spec.weights or (1.0,) * len(models)
+        b2, ms2, spans = _rows(base, models, chunk_elements)
+        out = torch.empty_like(b2)
+        for lo, hi in spans:
+            merged = (1.0 - spec.alpha * sum(w)) * b2[lo:hi].to(torch.float64)
+            for wk, m in zip(w, ms2):
+                merged = merged + (spec.alpha * wk) * m[lo:hi].to(torch.float64)
+            out[lo:hi] = merged.to(base.dtype)
+        return out.reshape(base.shape)
+
+
+@register
+class Ties(MergeMethod):
+    """TIES-Merging (Yadav et al., NeurIPS 2023, Alg. 1): trim to ``density``, elect signs, disjoint mean."""
+
+    name = "ties"
+    aliases = ("ties_merging",)
+    params = (_alpha(1.0), DENSITY)
+    trims = True
+
+
+@register
+class Dare(MergeMethod):
+    """DARE (Yu et al., "Language Models are Super Mario", ICML 2024): drop and rescale, then task arithmetic."""
+
+    name = "dare"
+    aliases = ("dare_linear", "dare-linear")
+    params = (_alpha(0.7), DROP)
+    drops = True
+
+
+@register
+class DareTies(MergeMethod):
+    """DARE's drop and rescale, then TIES's trim, sign election and disjoint mean (mergekit's ``dare_ties``)."""
+
+    name = "dare-ties"
+    aliases = ("dare_ties",)
+    params = (_alpha(1.0), DENSITY, DROP)
+    drops = True
+    trims = True
+
+
+@register
+class AimTies(MergeMethod):
+    """AIM on TIES (Nobari et al., "Activation-Informed Merging of LLMs", 2025, Sec. 3).
+
+    Each linear weight's merged task vector is scaled per input channel ``j`` by
+    ``1 - s_j (1 - omega)``, ``s_j`` BASE's normalised mean |activation| (:func:`aim_channel_scales`).
+    """
+
+    name = "aim-ties"
+    aliases = ("aim_ties",)
+    params = (_alpha(1.0), DENSITY, OMEGA, CALIB_SAMPLES, CALIB_LEN)
+    trims = True
+
+    @classmethod
+    def record(cls, spec: MergeSpec) -> dict:
+        return {"density": spec.density, "omega": spec.omega,
+                "calibration": {"dataset": "wiki", "split": "calibration", "windows": spec.calib_samples,
+                                "tokens_per_window": spec.calib_len}}
+
+    def channel_scales(self, base, spec, log):
+        log(f"AIM: base activations on {spec.calib_samples} x {spec.calib_len} tokens of the wiki calibration split")
+        return aim_channel_scales(base, spec.calib_samples, spec.calib_len)
+
+    def relax(self, merged, spec, channel_scale):
+        return merged if channel_scale is None else merged * (1.0 - channel_scale * (1.0 - spec.omega))
+
+
+@register
+class Svd(MergeMethod):
+    """Low-rank task vectors (in the spirit of LoRE-Merging / TSV): rank-``rank`` SVD of each 2-D delta, summed.
+
+    The 2-D case works on the whole matrix in float32 (float64 for float64 checkpoints); 1-D tensors
+    take the shared chunked path with whole deltas.
+    """
+
+    name = "svd"
+    params = (_alpha(0.7), RANK)
+
+    def merge_tensor(self, name, base, models, spec, channel_scale=None, chunk_elements=CHUNK_ELEMENTS):
+        if base.dim() != 2:
+            return super().merge_tensor(name, base, models, spec, channel_scale, chunk_elements)
+        w = spec.weights or (1.0,) * len(models)
+        ct = torch.promote_types(base.dtype, torch.float32)
+        b = base.to(ct)
+        merged = sum(low_rank(wk * (m.to(ct) - b), spec.rank) for wk, m in zip(w, models))
+        return (b + spec.alpha * merged).to(base.dtype)
 
 
 def canonical_method(method: str) -> str:
@@ -131,48 +335,39 @@ def canonical_method(method: str) -> str:
 
 def make_spec(method: str, alpha: float | None = None, density: float | None = None, drop: float | None = None,
               omega: float | None = None, rank: int | None = None, weights=None, seed: int = 0,
-              calib_samples: int = 100, calib_len: int = 256) -> MergeSpec:
-    """A validated :class:`MergeSpec`; hyper-parameters left None take the method's defaults.
+              calib_samples: int | None = None, calib_len: int | None = None) -> MergeSpec:
+    """A validated :class:`MergeSpec`; hyper-parameters left None take the method's declared defaults.
 
     Raises:
-        UsageError: unknown method, a hyper-parameter the method does not use, or a value out of range
-            (alpha < 0, density outside (0, 1], drop outside [0, 1), omega outside [0, 1], rank < 1,
-            a non-finite weight, calibration sizes < 1).
+        UsageError: unknown method, a hyper-parameter the method does not declare, or a value its
+            declaration refuses (alpha < 0, density outside (0, 1], drop outside [0, 1), omega
+            outside [0, 1], rank < 1, calibration sizes < 1), a non-finite weight.
     """
-    m = canonical_method(method)
-    given = {k: v for k, v in {"alpha": alpha, "density": density, "drop": drop, "omega": omega,
-                               "rank": rank}.items() if v is not None}
-    unused = sorted(set(given) - USES[m])
+    cls = METHODS[canonical_method(method)]
+    given = {k: v for k, v in {"alpha": alpha, "density": density, "drop": drop, "omega": omega, "rank": rank,
+                               "calib_samples": calib_samples, "calib_len": calib_len}.items() if v is not None}
+    declared = [p.name for p in cls.params]
+    unused = sorted(set(given) - set(declared))
     if unused:
-        raise UsageError(f"{m} does not use {', '.join(unused)}; it takes {', '.join(sorted(USES[m]))}")
-    p = {**DEFAULTS[m], **given}
-
-    def number(name, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise UsageError(f"{name} must be a finite number, got {v!r}")
-        return float(v)
-
-    a = number("alpha", p["alpha"])
-    if a < 0:
-        raise UsageError(f"alpha must be >= 0, got {a}")
-    d = number("density", p.get("density", 1.0))
-    if not 0 < d <= 1:
-        raise UsageError(f"density must be in (0, 1], got {d}")
-    q = number("drop", p.get("drop", 0.0))
-    if not 0 <= q < 1:
-        raise UsageError(f"drop must be in [0, 1) (the kept deltas are rescaled by 1/(1-drop)), got {q}")
-    o = number("omega", p.get("omega", 1.0))
-    if not 0 <= o <= 1:
-        raise UsageError(f"omega must be in [0, 1], got {o}")
-    r = p.get("rank")
-    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-        raise UsageError(f"rank must be a positive integer, got {r!r}")
+        raise UsageError(f"{cls.name} does not use {', '.join(unused)}; it takes {', '.join(sorted(declared))}")
+    values = {}
+    for p in cls.params:
+        v = given.get(p.name, p.default)
+        bad = p.problem(v)
+        if bad:
+            raise UsageError(f"{p.name} {bad}")
+        values[p.name] = v
     if weights is not None:
-        weights = tuple(number("weight", w) for w in weights)
-    if calib_samples < 1 or calib_len < 1:
-        raise UsageError("AIM calibration needs at least one window of at least one token")
-    return MergeSpec(method=m, alpha=a, density=d, drop=q, omega=o, rank=r, weights=weights, seed=int(seed),
-                     calib_samples=int(calib_samples), calib_len=int(calib_len))
+        for w in weights:
+            if type_problem(float, w):
+                raise UsageError(f"weight must be a finite number, got {w!r}")
+        weights = tuple(float(w) for w in weights)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    floats = {k: float(values[k]) for k in ("alpha", "density", "drop", "omega") if k in values}
+    return MergeSpec(method=cls.name, **floats, rank=values.get("rank"), weights=weights, seed=seed,
+                     calib_samples=values.get("calib_samples", CALIB_SAMPLES.default),
+                     calib_len=values.get("calib_len", CALIB_LEN.default))
 
 
 # --- per-tensor arithmetic (float64 in, float64 out) ------------------------------------------------
@@ -213,7 +408,10 @@ def elect_and_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
     element is the mean of the deltas that are non-zero with the elected sign (0 if none).
 
     Args:
-        deltas: trimmed task vectors of one tensor, all the same shape.
+        deltas: trimmed task vectors of one tensor, all the same shape and float dtype.
+
+    Returns:
+        The merged task vector, same shape and dtype.
     """
     stacked = torch.stack(deltas)
     sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
@@ -228,7 +426,7 @@ def _generator(seed: int, name: str, k: int, chunk: int = 0) -> torch.Generator:
 
 
 def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE (Yu et al. 2024): drop each entry with probability ``drop``, rescale the rest by ``1/(1-drop)``.
+    """DARE (Yu et al. 2024, Sec. 3): drop each entry with probability ``drop``, rescale the rest by ``1/(1-drop)``.
 
     Args:
         delta: a task-vector tensor (float64).
@@ -252,7 +450,12 @@ def low_rank(delta: torch.Tensor, rank: int) -> torch.Tensor:
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-CHUNK_ELEMENTS = 1 << 18      # rows are merged in chunks of about this many elements (2 MiB in float64)
+def _rows(base: torch.Tensor, models: list[torch.Tensor], chunk_elements: int):
+    """``base`` and ``models`` as 2-D (rows, -1) views, and the row spans of the chunks."""
+    b2 = base.reshape(1, -1) if base.dim() < 2 else base.reshape(base.shape[0], -1)
+    ms2 = [m.reshape(b2.shape) for m in models]
+    step = max(1, chunk_elements // max(1, b2.shape[1]))
+    return b2, ms2, [(i, min(i + step, b2.shape[0])) for i in range(0, b2.shape[0], step)]
 
 
 def merge_tensor(name: str, base: torch.Tensor, models: list[torch.Tensor], spec: MergeSpec,
@@ -262,12 +465,12 @@ def merge_tensor(name: str, base: torch.Tensor, models: list[torch.Tensor], spec
     The element-wise work runs in float64 over chunks of rows, so the working memory beyond the
     input tensors and the output is a few chunks (plus one float32 magnitude copy per model for
     TIES's threshold). SVD works on the whole 2-D task vector in float32 (float64 for float64
-    checkpoints): it needs the whole matrix, and float32 keeps that copy at the tensor's own size. DARE's masks are drawn per (seed, tensor, model,
-    chunk): deterministic for a seed.
+    checkpoints): it needs the whole matrix, and float32 keeps that copy at the tensor's own size.
+    DARE's masks are drawn per (seed, tensor, model, chunk): deterministic for a seed.
 
     Args:
         name: the tensor's name (seeds DARE's masks).
-        base: BASE's tensor. models: the same tensor of each model to merge (same shape).
+        base: BASE's tensor, any shape, float. models: the same tensor of each model to merge (same shape).
         spec: the method and hyper-parameters.
         channel_scale: AIM's ``s_j`` (in_features,) float64 for a linear weight ``(out, in)``, else None.
         chunk_elements: elements per chunk of rows.
@@ -275,59 +478,7 @@ def merge_tensor(name: str, base: torch.Tensor, models: list[torch.Tensor], spec
     Returns:
         The merged tensor, same shape and dtype as ``base``.
     """
-    w = spec.weights or (1.0,) * len(models)
-    if spec.method == "svd" and spec.rank is not None and base.dim() == 2:
-        ct = torch.promote_types(base.dtype, torch.float32)
-        b = base.to(ct)
-        merged = sum(low_rank(wk * (m.to(ct) - b), spec.rank) for wk, m in zip(w, models))
-        return (b + spec.alpha * merged).to(base.dtype)
-    b2 = base.reshape(1, -1) if base.dim() < 2 else base.reshape(base.shape[0], -1)
-    ms2 = [m.reshape(b2.shape) for m in models]
-    step = max(1, chunk_elements // max(1, b2.shape[1]))
-    spans = [(i, min(i + step, b2.shape[0])) for i in range(0, b2.shape[0], step)]
-
-    def deltas(ci: int, lo: int, hi: int) -> list[torch.Tensor]:
-        bc = b2[lo:hi].to(torch.float64)
-        ds = [wk * (m[lo:hi].to(torch.float64) - bc) for wk, m in zip(w, ms2)]
-        if spec.method in ("dare", "dare-ties"):
-            ds = [dare(d, spec.drop, _generator(spec.seed, name, k, ci)) for k, d in enumerate(ds)]
-        return ds
-
-    ties = spec.method in ("ties", "dare-ties", "aim-ties")
-    thresholds = None
-    # TIES needs each task vector's magnitude threshold over the whole tensor before any chunk can be
-    # trimmed: a first pass computes the deltas (and DARE masks, seeded per chunk, so identical) for the
-    # thresholds only; the second recomputes them rather than holding every float64 delta at once.
-    if ties and spec.density < 1:
-        mags = [torch.empty(b2.shape, dtype=torch.float32) for _ in models]
-        for ci, (lo, hi) in enumerate(spans):
-            for mag, d in zip(mags, deltas(ci, lo, hi)):
-                mag[lo:hi] = d.abs()
-        thresholds = [_threshold(mag, spec.density) for mag in mags]
-        del mags
-    out = torch.empty_like(b2)
-    for ci, (lo, hi) in enumerate(spans):
-        bc = b2[lo:hi].to(torch.float64)
-        if spec.method == "task-arithmetic":
-            # the interpolation form: alpha 0 gives base exactly, alpha 1 (one model, weight 1) the model exactly
-            merged = (1.0 - spec.alpha * sum(w)) * bc
-            for wk, m in zip(w, ms2):
-                merged = merged + (spec.alpha * wk) * m[lo:hi].to(torch.float64)
-            out[lo:hi] = merged.to(base.dtype)
-            continue
-        ds = deltas(ci, lo, hi)
-        if ties:
-            if thresholds is not None:
-                ds = [torch.where(d.abs().float() >= t, d, torch.zeros((), dtype=d.dtype))
-                      for d, t in zip(ds, thresholds)]
-            merged = elect_and_mean(ds)
-        else:
-            merged = torch.stack(ds).sum(0)
-        merged = spec.alpha * merged
-        if channel_scale is not None:
-            merged = merged * (1.0 - channel_scale * (1.0 - spec.omega))
-        out[lo:hi] = (bc + merged).to(base.dtype)
-    return out.reshape(base.shape)
+    return METHODS[spec.method]().merge_tensor(name, base, models, spec, channel_scale, chunk_elements)
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -354,8 +505,6 @@ def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[In
             (missing, extra, other shape, non-float dtype), or a carved MoE.
         ModelFileError: a missing or corrupted checkpoint file.
     """
-    from edgerun.moe.store import is_carved
-
     base_cfg = st_format.read_config(base.path)
     for s in [base] + models:
         if is_carved(st_format.read_config(s.path)):
@@ -404,9 +553,7 @@ def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256,
     Raises:
         UsageError: too little calibration text.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgerun.calibration import calibration_windows, run_with_input_hooks
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only AIM needs a whole model
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -434,8 +581,9 @@ class MergeResult:
 
     Attributes:
         output: the merged checkpoint directory. record: the ``edgerun_merge.json`` content.
-        seconds: wall time (s). peak_rss_bytes: the process's peak resident memory (bytes; a
-            high-water mark, so it includes whatever the process held before the merge).
+        seconds: wall time (s). peak_rss_bytes: the process's peak resident memory (bytes;
+            :func:`edgerun.procmem.peak_rss_bytes`, a high-water mark, so it includes whatever the
+            process held before the merge). tensors: tensors merged.
     """
 
     output: Path
@@ -443,21 +591,6 @@ class MergeResult:
     seconds: float
     peak_rss_bytes: int
     tensors: int = 0
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process image (bytes).
-
-    Linux's ``VmHWM`` belongs to the current address space, so it starts afresh at ``exec``;
-    ``ru_maxrss`` (the fallback elsewhere) survives fork and exec and would report a big parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _pick_parent(parents: list[Source], choice: str | None, what: str) -> Source:
@@ -472,8 +605,6 @@ def _pick_parent(parents: list[Source], choice: str | None, what: str) -> Source
         if str(choice) in (s.origin, str(s.path)):
             return s
     try:
-        from edgerun import catalog
-
         chosen = catalog.resolve(str(choice), progress=False).resolve()
     except Exception:  # noqa: BLE001 - an unresolvable name is reported below
         chosen = None
@@ -526,12 +657,8 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
     config.pop("quantization_config", None)
     if context_length is not None:
         config["max_position_embeddings"] = int(context_length)
-    scales = {}
-    if spec.method == "aim-ties":
-        log(f"AIM: base activations on {spec.calib_samples} x {spec.calib_len} tokens of the wiki calibration split")
-        scales = aim_channel_scales(base_src.path, spec.calib_samples, spec.calib_len)
-
-    from tqdm import tqdm
+    method = METHODS[spec.method]()
+    scales = method.channel_scales(base_src.path, spec, log)
 
     names = list(base_idx)
     specs = [(n, base_idx[n][1].dtype, base_idx[n][1].shape) for n in names]
@@ -547,8 +674,8 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
                 scale = scales.get(name)
                 if scale is not None and scale.numel() != base_idx[name][1].shape[-1]:
                     scale = None
-                writer.write(name, merge_tensor(name, tensor(base_idx, name), [tensor(i, name) for i in model_idx],
-                                                spec, channel_scale=scale))
+                writer.write(name, method.merge_tensor(name, tensor(base_idx, name),
+                                                       [tensor(i, name) for i in model_idx], spec, channel_scale=scale))
             writer.close()
         except BaseException:
             writer.abort()
@@ -559,7 +686,7 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
         record = {"merge": spec.as_dict(), "base": base_src.as_dict(), "models": [m.as_dict() for m in model_srcs],
                   "config_and_tokenizer_from": parent.origin, "max_position_embeddings":
                   config.get("max_position_embeddings"), "tensors": len(names), "seconds": round(seconds, 2),
-                  "peak_rss_bytes": _peak_rss(), "aim_layers": len(scales) if scales else None}
+                  "peak_rss_bytes": peak_rss_bytes(), "aim_layers": len(scales) if scales else None}
         (tmp / MERGE_META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     log(f"merged {len(names)} tensors with {spec.method} in {seconds:.1f} s (peak RSS "
         f"{record['peak_rss_bytes'] / 2**20:.0f} MiB)")
@@ -569,9 +696,37 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
 
 # --- recipes (mergekit-style YAML) ------------------------------------------------------------------
 
-RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "context_length",
-               "seed")
-PARAMETER_KEYS = ("alpha", "lambda", "density", "drop", "omega", "rank", "calib_samples", "calib_len")
+def _known_method(v) -> str | None:
+    name = ALIASES.get(v.lower(), v.lower())
+    return None if name in METHODS else f"must be one of {', '.join(METHODS)} (or mergekit's names), got {v!r}"
+
+
+def _non_empty(v) -> str | None:
+    return None if v else "must be a non-empty list of models to merge"
+
+
+def _auto_only(v) -> str | None:
+    return None if v == "auto" else f"may only be auto (merges are written in BASE's dtype), got {v!r}"
+
+
+# the fields of a recipe (and of the ``merge`` pass of an export recipe)
+RECIPE_PARAMS = (
+    Param("merge_method", str, REQUIRED, "task-arithmetic, ties, dare, dare-ties, aim-ties or svd "
+          "(mergekit's underscore names too)", check=_known_method),
+    Param("base_model", str, None, "BASE, the quick model (default: the export source)"),
+    Param("models", list, REQUIRED, "the models to merge: names/paths, or {model: ..., parameters: {weight: ...}}",
+          check=_non_empty),
+    Param("parameters", dict, None, "the method's hyper-parameters (lambda is accepted for alpha)"),
+    Param("tokenizer_source", str, None, "config and tokenizer from: auto (the longest-context parent), base, "
+          "or a model as listed"),
+    Param("context_length", int, None, "override of the output's max_position_embeddings (tokens)", check=positive),
+    Param("seed", int, 0, "DARE's mask seed"),
+    Param("dtype", str, "auto", "output dtype: auto (BASE's) only", check=_auto_only),
+)
+MODEL_PARAMS = (Param("model", str, REQUIRED, "a model to merge: catalog name, .gguf or HF checkpoint"),
+                Param("parameters", dict, None, "the model's parameters: weight"))
+WEIGHT = Param("weight", float, 1.0, "the model's task-vector weight")
+LAMBDA = Param("lambda", float, None, "alpha under mergekit's name", check=at_least(0))
 
 
 @dataclass(frozen=True)
@@ -585,7 +740,67 @@ class Recipe:
     context_length: int | None = None
 
     def as_dict(self) -> dict:
+        """The recipe as plain data (the merge cache key hashes it)."""
         return {**asdict(self), "spec": self.spec.as_dict()}
+
+
+def recipe_from_yaml(path: Path, data: dict, lines: dict[str, int], prefix: str = "",
+                     base: str | None = None) -> Recipe:
+    """Check a recipe's fields (``data``, read by :func:`edgerun.formats.yamlfile.read`) and build it.
+
+    Every field, every model entry and the method's ``parameters`` go through
+    :func:`edgerun.formats.yamlfile.check` against the declared parameters (:data:`RECIPE_PARAMS`,
+    :data:`MODEL_PARAMS`, the method's own ``params``); ``prefix`` is the recipe's place in a
+    larger file (``passes[0].merge.``) for the line numbers.
+
+    Args:
+        path: the file (for messages). data: the recipe's mapping. lines: field path -> line.
+        base: BASE when the recipe has no ``base_model`` (the export source).
+
+    Raises:
+        YamlError: unknown or missing fields, wrong types, bad values, the field and line named.
+    """
+    def where(key: str) -> str:
+        return f"{path}, line {lines.get(prefix + key, '?')}"
+
+    data = yamlfile.check(path, data, lines, params_schema(RECIPE_PARAMS), prefix)
+    method = METHODS[canonical_method(data["merge_method"])]
+    recipe_base = data["base_model"]
+    if recipe_base is not None and base is not None and str(recipe_base) != str(base):
+        raise yamlfile.YamlError(f"{where('base_model')}: base_model {recipe_base} differs from the export "
+                                 f"source {base}")
+    base = recipe_base if recipe_base is not None else base
+    if base is None:
+        raise yamlfile.YamlError(f"{path}: missing field '{prefix}base_model'")
+    models, weights = [], []
+    for i, entry in enumerate(data["models"]):
+        key = f"models[{i}]"
+        if isinstance(entry, str):
+            models.append(entry)
+            weights.append(1.0)
+            continue
+        if not isinstance(entry, dict):
+            raise yamlfile.YamlError(f"{where(key)}: field '{prefix}{key}' must be a model name/path or a mapping "
+                                     f"with 'model', got {entry!r}")
+        entry = yamlfile.check(path, entry, lines, params_schema(MODEL_PARAMS), f"{prefix}{key}.")
+        weight = yamlfile.check(path, entry["parameters"] or {}, lines, params_schema((WEIGHT,)),
+                                f"{prefix}{key}.parameters.")["weight"]
+        models.append(entry["model"])
+        weights.append(weight)
+    given = data["parameters"] or {}
+    hyper = yamlfile.check(path, given, lines, params_schema(method.params + (LAMBDA,)), prefix + "parameters.")
+    if given.get("lambda") is not None:
+        if given.get("alpha") is not None:
+            raise yamlfile.YamlError(f"{where('parameters.lambda')}: give alpha or lambda (the same thing), not both")
+        hyper["alpha"] = hyper["lambda"]
+    del hyper["lambda"]
+    try:
+        spec = make_spec(method.name, **hyper, weights=weights if any(w != 1.0 for w in weights) else None,
+                         seed=data["seed"])
+    except UsageError as e:
+        raise yamlfile.YamlError(f"{path}: {e}") from None
+    return Recipe(base=str(base), models=tuple(str(m) for m in models), spec=spec,
+                  tokenizer_from=data["tokenizer_source"], context_length=data["context_length"])
 
 
 def load_recipe(path: str | Path, base: str | None = None) -> Recipe:
@@ -602,82 +817,12 @@ def load_recipe(path: str | Path, base: str | None = None) -> Recipe:
         seed: 0
 
     Args:
-        path: the recipe file. base: BASE when the recipe has no ``base_model`` (the export pass's SRC).
+        path: the recipe file. base: BASE when the recipe has no ``base_model`` (the export source).
 
     Raises:
-        UsageError: malformed YAML, unknown or missing fields (the field and line named), bad values.
+        YamlError (a UsageError): malformed YAML, unknown or missing fields, wrong types or bad
+            values (the field and its line named).
     """
-    from edgerun.formats import yamlfile
-
     path = Path(path)
     data, lines = yamlfile.read(path)
-
-    def where(key):
-        return f"{path}, line {lines.get(key, '?')}"
-
-    unknown = sorted(set(data) - set(RECIPE_KEYS))
-    if unknown:
-        raise UsageError(f"{where(unknown[0])}: unknown field '{unknown[0]}'; known: {', '.join(RECIPE_KEYS)}")
-    if "merge_method" not in data:
-        raise UsageError(f"{path}: missing field 'merge_method' ({', '.join(METHODS)})")
-    recipe_base = data.get("base_model")
-    if recipe_base is not None and base is not None and str(recipe_base) != str(base):
-        raise UsageError(f"{where('base_model')}: base_model {recipe_base} differs from the export source {base}")
-    base = recipe_base if recipe_base is not None else base
-    if not isinstance(base, str) or not base.strip():
-        raise UsageError(f"{path}: missing field 'base_model'")
-    models, weights = [], []
-    entries = data.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise UsageError(f"{where('models')}: 'models' must be a non-empty list of models to merge")
-    for i, e in enumerate(entries):
-        key = f"models[{i}]"
-        if isinstance(e, str):
-            models.append(e)
-            weights.append(1.0)
-            continue
-        if not isinstance(e, dict) or not isinstance(e.get("model"), str):
-            raise UsageError(f"{where(key)}: each model is a path/name or a mapping with 'model'")
-        if not isinstance(e.get("parameters") or {}, dict):
-            raise UsageError(f"{where(key)}: a model's 'parameters' must be a mapping (weight: ...)")
-        extra = sorted(set(e) - {"model", "parameters"}) or sorted(set(e.get("parameters") or {}) - {"weight"})
-        if extra:
-            raise UsageError(f"{where(key)}: unknown field '{extra[0]}' (a model takes 'model' and parameters.weight)")
-        models.append(e["model"])
-        weights.append((e.get("parameters") or {}).get("weight", 1.0))
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise UsageError(f"{where('parameters')}: 'parameters' must be a mapping")
-    bad = sorted(set(params) - set(PARAMETER_KEYS))
-    if bad:
-        raise UsageError(f"{where('parameters.' + bad[0])}: unknown parameter '{bad[0]}'; known: "
-                         f"{', '.join(PARAMETER_KEYS)}")
-    if "lambda" in params:
-        if "alpha" in params:
-            raise UsageError(f"{where('parameters.lambda')}: give alpha or lambda (the same thing), not both")
-        params = {**params, "alpha": params.pop("lambda")}
-    for k in ("calib_samples", "calib_len"):
-        if k in params:
-            v = params[k]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UsageError(f"{where('parameters.' + k)}: {k} must be a positive integer, got {v!r}")
-            if data.get("merge_method") not in ("aim-ties", "aim_ties"):
-                raise UsageError(f"{where('parameters.' + k)}: {k} applies to aim-ties only")
-    if data.get("dtype") not in (None, "auto"):
-        raise UsageError(f"{where('dtype')}: merges are written in BASE's dtype; dtype may only be auto")
-    ctx = data.get("context_length")
-    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
-        raise UsageError(f"{where('context_length')}: context_length must be a positive integer, got {ctx!r}")
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UsageError(f"{where('seed')}: seed must be an integer, got {seed!r}")
-    try:
-        spec = make_spec(data["merge_method"], alpha=params.get("alpha"), density=params.get("density"),
-                         drop=params.get("drop"), omega=params.get("omega"), rank=params.get("rank"),
-                         weights=weights if any(w != 1.0 for w in weights) else None, seed=seed,
-                         calib_samples=params.get("calib_samples", 100), calib_len=params.get("calib_len", 256))
-    except UsageError as e:
-        raise UsageError(f"{path}: {e}") from None
-    tok = data.get("tokenizer_source")
-    return Recipe(base=str(base), models=tuple(str(m) for m in models), spec=spec,
-                  tokenizer_from=str(tok) if tok is not None else None, context_length=ctx)
+    return recipe_from_yaml(path, data, lines, base=base)

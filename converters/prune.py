@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from edgerun.atomic import atomic_dir
 from edgerun.errors import UsageError
@@ -55,12 +56,14 @@ def prune_host(host: str | Path, out: str | Path, keep: list[list[int]], a: int,
         keep: per layer, the expert ids to keep (all of the same length b).
         a: experts routed per token after pruning.
         record: what to note in ``edgerun_moe.pruned`` (task, pattern file, score).
+        force: replace an existing output.
+
+    Returns:
+        ``out``: the pruned host (router rows and expert tensors of the kept experts only).
 
     Raises:
         UsageError: not a host checkpoint; mismatched layers; bad a/b.
     """
-    from safetensors.torch import load_file, save_file
-
     host, out = Path(host), Path(out)
     files = st_format.checkpoint_files(host)
     cfg = st_format.read_config(host)

@@ -193,6 +193,11 @@ def _repl(session, args) -> int:
             print("\n[interrupted]", file=sys.stderr)
 
 
+def _old_spelling(p, flag: str, dest: str) -> None:
+    """A hidden alias of a renamed integer option (accepted for one release): ``flag`` sets ``dest``."""
+    p.add_argument(flag, dest=dest, type=_positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a model as GGUF (llama.cpp types) or ONNX (fp32/int8/int4), with a manifest",
                        description="Export SRC (catalog name, .gguf file or HF checkpoint directory). A GGUF "
@@ -213,13 +218,15 @@ def _add_export(sub) -> None:
     p.add_argument("--output-tensor-type", default=None, help="ggml type for the output head (e.g. Q6_K)")
     p.add_argument("--ptq", default=None, choices=["rtn", "gptq", "awq"],
                    help="torch-side weight quantization into a GPTQ-layout checkpoint (with --to hf)")
-    p.add_argument("--bits", type=int, default=4, help="PTQ weight bits: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=_positive_int, default=64, help="PTQ input columns per scale (default 64)")
-    p.add_argument("--calib-samples", type=int, default=16,
-                   help="PTQ calibration windows of 512 tokens from the wiki calibration split (default 16)")
+    p.add_argument("--bits", type=int, default=None, help="PTQ weight bits: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="PTQ input columns per scale (default 64)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=None, metavar="N",
+                   help="calibration tokens of the carve, PTQ and aim-ties merge passes (default: each pass's own: "
+                        "carve 16384, PTQ 8192 in windows of 512, AIM 25600)")
+    _old_spelling(p, "--carve-tokens", "calib_tokens")
+    p.add_argument("--calib-samples", type=_positive_int, default=None, help=argparse.SUPPRESS)  # old: PTQ windows of 512
     p.add_argument("--carve", default=None, metavar="SxAyEz",
                    help="carve the dense FFNs into an MoE first (CMoE), e.g. S2A4E16")
-    p.add_argument("--carve-tokens", type=int, default=16384, help="CMoE calibration tokens (default 16384)")
     p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
                    help="with --carve: CMoE's light fine-tune (gate scale, bias balancing, LoRA r=8), "
                         "bounded to MINUTES (default 3)")
@@ -230,6 +237,9 @@ def _add_export(sub) -> None:
                    help="merge first: a mergekit-style recipe with SRC as base, or a fine-tune of SRC to merge in")
     p.add_argument("--merge-method", default=None,
                    help="with --merge MODEL: task-arithmetic (default), ties, dare, dare-ties, aim-ties, svd")
+    p.add_argument("--recipe", default=None, metavar="RECIPE.yaml",
+                   help="the passes from a YAML recipe instead of flags: passes: [{merge: {...}}, {carve: {config: "
+                        "S2A2E8}}, {finetune: {minutes: 2}}, {prune: {task: math, keep: 2/4}}, {ptq: {method: gptq}}]")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-verify", action="store_true", help="skip loading the output and measuring perplexity")
@@ -243,7 +253,9 @@ def _add_carve(sub) -> None:
     p.add_argument("src")
     p.add_argument("--config", required=True, metavar="SxAyEz", help="e.g. S2A4E16 (x shared, y active, z total)")
     p.add_argument("--calib", default="wiki", help="calibration dataset (default wiki)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=16384, metavar="N",
+                   help="calibration tokens (default 16384)")
+    _old_spelling(p, "--tokens", "calib_tokens")
     p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
                    help="then CMoE's light fine-tune on the calibration text: learnable gate scales, bias load "
                         "balancing and LoRA r=8 (peft), bounded to MINUTES (default 3)")
@@ -255,61 +267,27 @@ def _add_carve(sub) -> None:
 
 
 def cmd_carve(args) -> int:
-    from converters.carve import carve_checkpoint
+    from converters import passes
     from converters.source import open_source
-    from edgerun import catalog as cat
 
-    source = open_source(args.src)
-    out = args.output or (f"{args.src if args.src in cat.CATALOG else source.path.name}-{args.config.upper()}")
-    if args.tokens < 1:
-        raise UsageError("--tokens must be at least 1")
-    from tqdm import tqdm
+    chain = [passes.make("carve", "--config", config=args.config, calib_tokens=args.calib_tokens, dataset=args.calib)]
+    if args.finetune is not None:
+        chain.append(passes.make("finetune", "--finetune", minutes=args.finetune, steps=args.finetune_steps,
+                                 lora=not args.no_lora, dataset=args.calib))
+    out = args.output
+    if out is None:
+        source = open_source(args.src)
+        out = f"{args.src if args.src in catalog.CATALOG else source.path.name}-{args.config.upper()}"
 
-    bar = tqdm(desc=f"carving {args.config.upper()}", unit="layer")
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
 
-    def progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    if args.finetune is not None and args.finetune <= 0:
-        raise UsageError("--finetune MINUTES must be positive")
-    if args.finetune is None:
-        try:
-            path = carve_checkpoint(source.path, out, args.config, tokens=args.tokens, dataset=args.calib,
-                                    force=args.force, progress=progress)
-        finally:
-            bar.close()
-        print(path)
-        return 0
-    import shutil
-    import tempfile
-
-    from converters.cmoe_finetune import finetune
-
-    if Path(out).exists() and not args.force:
-        raise UsageError(f"{out} already exists; pass --force to overwrite it")
-    staging = Path(tempfile.mkdtemp(prefix=".carve-", dir=Path(out).resolve().parent))
-    try:
-        carved = carve_checkpoint(source.path, staging / "carved", args.config, tokens=args.tokens,
-                                  dataset=args.calib, progress=progress)
-        bar.close()
-        ft_bar = tqdm(desc="fine-tuning", unit="step")
-
-        def step(n, loss):
-            ft_bar.update(n - ft_bar.n)
-            ft_bar.set_postfix(loss=f"{loss:.3f}")
-
-        try:
-            path, report = finetune(carved, out, minutes=args.finetune, steps=args.finetune_steps,
-                                    lora=not args.no_lora, dataset=args.calib, force=args.force, progress=step)
-        finally:
-            ft_bar.close()
-    finally:
-        bar.close()
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"fine-tune: {report.steps} steps ({report.tokens} tokens, {report.seconds:.0f} s), loss "
-          f"{report.loss_first:.3f} -> {report.loss_last:.3f} nats/token, expert load imbalance (max/mean) "
-          f"{report.imbalance_first:.2f} -> {report.imbalance_last:.2f}")
+    path, records = passes.to_checkpoint(args.src, chain, out, force=args.force, log=log)
+    for r in records:
+        if r["name"] == "cmoe-finetune":
+            print(f"fine-tune: {r['steps']} steps ({r['tokens']} tokens, {r['seconds']:.0f} s), loss "
+                  f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} nats/token, expert load imbalance (max/mean) "
+                  f"{r['imbalance_first']:.2f} -> {r['imbalance_last']:.2f}")
     print(path)
     return 0
 
@@ -331,6 +309,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--omega", type=float, default=None, help="AIM: relaxation of the most active channels (0.4)")
     p.add_argument("--rank", type=_positive_int, default=None, help="SVD: rank of each task vector (64)")
     p.add_argument("--seed", type=int, default=None, help="DARE's mask seed (0)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=None, metavar="N",
+                   help="AIM: calibration tokens of BASE's activations, in windows of 256 (default 25600)")
     p.add_argument("--tokenizer-from", default=None,
                    help="config and tokenizer from: auto (the longest-context parent, default), base, or a model")
     p.add_argument("--context-length", type=_positive_int, default=None, help="override the context length")
@@ -359,6 +339,10 @@ def cmd_merge(args) -> int:
         base, models = args.base, args.models
         spec = mg.make_spec(args.method or "task-arithmetic", **hyper, seed=args.seed or 0)
         tok, ctx = args.tokenizer_from, args.context_length
+    if args.calib_tokens is not None:
+        if spec.method != "aim-ties":
+            raise UsageError("--calib-tokens applies to aim-ties (the activation calibration of BASE)")
+        spec = dataclasses.replace(spec, calib_samples=-(-args.calib_tokens // spec.calib_len))
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -376,13 +360,15 @@ def cmd_export(args) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    result = export(args.src, to=args.to, quant=args.quant, out=args.output, force=args.force,
+    flags = {"merge": args.merge, "merge_method": args.merge_method, "carve": args.carve,
+             "finetune_minutes": args.finetune, "prune_experts": args.prune_experts, "patterns": args.patterns,
+             "ptq": args.ptq, "bits": args.bits, "group_size": args.group_size, "calib_tokens": args.calib_tokens,
+             "calib_samples": args.calib_samples}
+    result = export(args.src, to=args.to, quant=args.quant, out=args.output, force=args.force, passes=args.recipe,
                     token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
-                    verify=None if args.no_verify else perplexity, threads=args.threads, log=log, block_size=args.block_size,
-                    onnx_algo=args.onnx_algo, ptq=args.ptq, bits=args.bits, group_size=args.group_size,
-                    calib_samples=args.calib_samples, carve=args.carve, carve_tokens=args.carve_tokens, finetune_minutes=args.finetune,
-                    prune_experts=args.prune_experts, patterns=args.patterns, merge=args.merge,
-                    merge_method=args.merge_method)
+                    block_size=args.block_size, onnx_algo=args.onnx_algo,
+                    verify=None if args.no_verify else perplexity, threads=args.threads, log=log,
+                    **{k: v for k, v in flags.items() if v is not None})
     print(result.output)
     log(f"manifest: {result.manifest}")
     return 0
@@ -451,6 +437,8 @@ def _add_kv(sub) -> None:
     t.add_argument("--window", type=_nonnegative_int, default=32, help="KIVI full-precision window (default 32)")
     t.add_argument("--context", type=_positive_int, default=2048, help="held-out context length (default 2048)")
     t.add_argument("--contexts", type=_positive_int, default=2, help="held-out contexts (default 2)")
+    t.add_argument("--calib-tokens", type=_positive_int, default=1024, metavar="N",
+                   help="calibration tokens of the per-layer sensitivity, in windows of 512 (default 1024)")
     t.add_argument("--task", default="arc-easy", help="task scored on the Pareto front (default arc-easy; 'none')")
     t.add_argument("--task-items", type=int, default=100, help="task items (default 100)")
     t.add_argument("-o", "--output", required=True, help="output directory (layouts, journal, plot)")
@@ -509,7 +497,8 @@ def cmd_kv_tune(args) -> int:
 
     result = kvt.tune(model_dir, args.output, budget=args.budget, trials=args.trials, population=args.population,
                       mode=args.mode, groups=args.groups, group_size=args.group_size, window=args.window,
-                      context=args.context, contexts=args.contexts, log=log)
+                      context=args.context, contexts=args.contexts, calib_windows=-(-args.calib_tokens // 512),
+                      log=log)
     if args.task != "none" and result.front:
         from profilers.accuracy import kv_front_accuracy
 
@@ -557,7 +546,9 @@ def _add_experts(sub) -> None:
                    help="NAME=DATA, DATA a catalog text (wiki, c4, tiny, code, multilingual, technical), math, "
                         "or a text file; repeatable (default: all seven built-in tasks)")
     p.add_argument("-o", "--output", default="patterns", help="patterns directory (calibrate; default ./patterns)")
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens per task (default 4096)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=4096, metavar="N",
+                   help="calibration tokens per task (default 4096)")
+    _old_spelling(p, "--tokens", "calib_tokens")
     p.add_argument("--key-layer", type=int, default=0, help="MoE layer whose scores are the retrieval key (default 0)")
     p.add_argument("--score", default=None, help="raw-logit, frequency, probability or softplus")
     p.add_argument("--plot", default=None, help="show: write a PNG heat map of layer x expert scores here")
@@ -572,7 +563,7 @@ def cmd_experts(args) -> int:
     if args.action == "calibrate":
         tasks = [cal.parse_task(t) for t in (args.task or cal.DEFAULT_TASKS)]
         model, tokenizer = cal.load_model(catalog.resolve(args.target))
-        patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.tokens, key_layer=args.key_layer, score=score,
+        patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.calib_tokens, key_layer=args.key_layer, score=score,
                                  name=str(args.target), progress=True)
         for pat in patterns:
             print(tcess.save(pat, args.output))

@@ -142,7 +142,7 @@ def test_already_carved_and_non_llama_sources_are_refused(tiny_llama, tmp_path, 
 def test_too_little_calibration_text_is_refused(tiny_llama, tmp_path):
     from converters.carve import carve_checkpoint
 
-    with pytest.raises(UsageError, match="calibration text has"):
+    with pytest.raises(UsageError, match=r"calibration text has|\(calibration\) has \d+ tokens"):
         carve_checkpoint(tiny_llama, tmp_path / "c", "S1A1E4", tokens=10_000_000, seq_len=2048)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,148 @@ def test_output_exists_error_from_the_writer(tmp_path, smollm2_source):
     out.write_bytes(b"x")
     with pytest.raises(OutputExistsError):
         gguf_writer.write_f32(ckpt, out)
+
+
+# --- registered passes: recipes, flags, order, manifest -------------------------------------------
+
+@pytest.fixture
+def scratch_home(tmp_path, monkeypatch):
+    """A fresh $EDGERUN_HOME whose caches are empty, sharing the real one's models, sources and datasets."""
+    real, home = catalog.home(), tmp_path / "home"
+    home.mkdir()
+    for d in ("models", "sources", "datasets"):
+        if (real / d).is_dir():
+            (home / d).symlink_to(real / d)
+    monkeypatch.setenv("EDGERUN_HOME", str(home))
+    return home
+
+
+def _recipe(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_recipe_passes_run_in_order_and_are_recorded_in_order(tmp_path, scratch_home, smollm2_source):
+    from converters import merge as mg
+    from edgerun.formats import gguf as gguf_format
+
+    base = make_tiny_checkpoint(tmp_path / "base", "llama", smollm2_source.path, seed=0)
+    tuned = make_tiny_checkpoint(tmp_path / "tuned", "llama", smollm2_source.path, seed=1)
+    recipe = _recipe(tmp_path, f"passes:\n  - merge:\n      merge_method: task_arithmetic\n      models: [{tuned}]\n"
+                               "  - carve: {config: S1A1E4, calib_tokens: 512}\n")
+    out = tmp_path / "moe.gguf"
+    result = export(str(base), quant="F32", out=out, passes=recipe, verify=False, progress=False, log=lambda m: None)
+    steps = result.record["passes"]
+    assert [s["name"] for s in steps] == ["merge", "carve", "host-as-granitemoe", "write-gguf-f32"]
+    merged, carved, host = (Path(s["checkpoint"]) for s in steps[:3])
+    assert steps[0]["method"] == "task-arithmetic" and steps[0]["alpha"] == 0.7      # the declared default
+    assert (merged / mg.MERGE_META).is_file() and merged.parent == scratch_home / "cache" / "merged"
+    assert carved == scratch_home / "cache" / "carved" / f"{merged.name}-S1A1E4-t512"  # the carve ran on the merge
+    assert steps[1]["config"] == "S1A1E4" and steps[1]["calibration"]["tokens"] == 512
+    assert host == carved.with_name(carved.name + "-granite")
+    assert json.loads(result.manifest.read_text())["passes"] == steps
+    assert gguf_format.validate(out).architecture == "granitemoe"
+    # an F32 export is written directly: no F32 GGUF intermediate is cached
+    assert steps[3]["cached_at"] is None and not (scratch_home / "cache" / "f32").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("passes:\n  - carve: {config: S1A1E4}\n  - crave: {config: S1A1E4}\n",
+     r"r\.yaml, line 3: unknown pass 'crave'; known: merge, carve, finetune, host, prune, ptq$"),
+    ("passes:\n  - carve:\n      config: S1A1E4\n      tokens: 512\n",
+     r"r\.yaml, line 4: unknown field 'passes\[0\]\.carve\.tokens'; known: config, calib_tokens, dataset$"),
+    ("passes:\n  - finetune:\n      minutes: soon\n",
+     r"r\.yaml, line 3: field 'passes\[0\]\.finetune\.minutes' must be a number, got 'soon'$"),
+    ("passes:\n  - finetune: {lora: 1}\n", r"r\.yaml, line 2: field 'passes\[0\]\.finetune\.lora' must be true or false"),
+    ("passes:\n  - ptq: {bits: 5}\n", r"r\.yaml, line 2: field 'passes\[0\]\.ptq\.bits' must be one of 2, 3, 4, 8, got 5$"),
+    ("passes:\n  - carve: {config: S1A1}\n", r"r\.yaml, line 2: field 'passes\[0\]\.carve\.config' must be a CMoE"),
+    ("passes:\n  - merge: {merge_method: ties, models: [m], parameters: {densty: 0.3}}\n",
+     r"r\.yaml, line 2: unknown field 'passes\[0\]\.merge\.parameters\.densty'; known: alpha, density, lambda$"),
+    ("passes:\n  - {carve: {config: S1A1E4}, ptq: {}}\n", r"r\.yaml, line 2: field 'passes\[0\]' must be one pass"),
+    ("passes: []\n", r"r\.yaml, line 1: field 'passes' must be a non-empty list"),
+    ("steps:\n  - carve: {config: S1A1E4}\n", r"r\.yaml, line 1: unknown field 'steps'; known: passes$"),
+])
+def test_bad_recipe_is_a_one_line_error_naming_the_line(tmp_path, text, message):
+    from converters import passes
+
+    with pytest.raises(UsageError, match=message) as e:
+        passes.load(_recipe(tmp_path, text), src="smollm2-135m-instruct")
+    assert "\n" not in str(e.value)
+
+
+def test_declared_defaults_apply(tmp_path):
+    from converters import passes
+
+    chain = passes.load(_recipe(tmp_path, "passes:\n  - merge: {merge_method: ties, models: [m]}\n"
+                                          "  - carve: {config: s2a2e8}\n  - finetune\n  - ptq: {method: rtn}\n"),
+                        src="smollm2-135m-instruct")
+    assert [p.name for p in chain] == ["merge", "carve", "finetune", "ptq"]
+    spec = chain[0].recipe.spec
+    assert (spec.method, spec.alpha, spec.density, spec.seed) == ("ties", 1.0, 0.2, 0)
+    assert chain[1].values == {"config": "s2a2e8", "calib_tokens": 16384, "dataset": "wiki"}
+    assert chain[2].values == {"minutes": 3.0, "steps": None, "lora": True, "dataset": "wiki"}
+    assert chain[3].values == {"method": "rtn", "bits": 4, "group_size": 64, "calib_tokens": 8192}
+    assert chain[3].tag() == "rtn-w4g64"
+
+
+def test_flags_build_the_same_chain_as_a_recipe(tmp_path):
+    from converters import passes
+
+    flags = passes.from_flags("smollm2-135m-instruct", carve="S2A2E8", calib_tokens=2048, finetune_minutes=2,
+                              prune_experts="math:2/4")
+    recipe = passes.load(_recipe(tmp_path, "passes:\n  - carve: {config: S2A2E8, calib_tokens: 2048}\n"
+                                           "  - finetune: {minutes: 2}\n  - prune: {task: math, keep: 2/4}\n"))
+    assert [p.as_dict() for p in flags] == [p.as_dict() for p in recipe]
+    assert flags[0].origin == "--carve" and recipe[0].origin.endswith("r.yaml, line 2 (passes[0].carve)")
+    # the old spellings: --carve-tokens, and --calib-samples in PTQ windows of 512 tokens
+    old = passes.from_flags("m", carve="S2A2E8", carve_tokens=2048)
+    assert old[0].values["calib_tokens"] == 2048
+    assert passes.from_flags("m", ptq="gptq", calib_samples=3)[0].values["calib_tokens"] == 3 * 512
+    with pytest.raises(UsageError, match="--finetune: minutes must be positive"):
+        passes.from_flags("m", carve="S2A2E8", finetune_minutes=0)
+
+
+def test_cli_accepts_the_old_calibration_spellings():
+    from edgerun.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["export", "m", "--carve-tokens", "2048"]).calib_tokens == 2048
+    assert parse(["export", "m", "--calib-tokens", "1024"]).calib_tokens == 1024
+    assert parse(["export", "m", "--calib-samples", "3"]).calib_samples == 3
+    assert parse(["carve", "m", "--config", "S2A2E8", "--tokens", "512"]).calib_tokens == 512
+    assert parse(["carve", "m", "--config", "S2A2E8"]).calib_tokens == 16384
+    assert parse(["experts", "calibrate", "m", "--tokens", "100"]).calib_tokens == 100
+    assert parse(["kv", "tune", "m", "-o", "x"]).calib_tokens == 1024
+
+
+def test_pass_order_is_checked_before_anything_runs(tmp_path, smollm2_source):
+    from converters import passes
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    out = tmp_path / "x.gguf"
+    with pytest.raises(UsageError, match="--finetune: finetune takes a carved MoE .*, not a dense float checkpoint; "
+                                         "add --carve"):
+        export(str(ckpt), out=out, finetune_minutes=1, progress=False)
+    with pytest.raises(UsageError, match=r"--prune-experts: prune takes the engine host of a carved MoE"):
+        export(str(ckpt), out=out, prune_experts="math:2/4", progress=False)
+    recipe = _recipe(tmp_path, "passes:\n  - carve: {config: S1A1E4}\n  - ptq: {method: rtn}\n")
+    with pytest.raises(UsageError, match=r"r\.yaml, line 3 \(passes\[1\]\.ptq\): ptq takes a dense float checkpoint"):
+        export(str(ckpt), to="hf", out=tmp_path / "q", passes=recipe, progress=False)
+    with pytest.raises(UsageError, match="--ptq writes a Hugging Face checkpoint"):
+        export(str(ckpt), out=out, ptq="rtn", progress=False)
+    with pytest.raises(UsageError, match="either as a recipe or as flags, not both"):
+        export(str(ckpt), out=out, passes=recipe, carve="S1A1E4", progress=False)
+    assert not out.exists() and not (tmp_path / "q").exists()
+    assert passes.plan(passes.from_flags("m", carve="S1A1E4"), "dense", writer="hf")[1] == "carved"
+
+
+def test_cli_export_bad_recipe_prints_one_line(tmp_path):
+    import subprocess
+
+    recipe = _recipe(tmp_path, "passes:\n  - carve: {config: S1A1E4, tokens: 512}\n")
+    r = subprocess.run(edgerun_cmd("export", catalog.DEFAULT_MODEL, "--recipe", str(recipe), "-o",
+                                   str(tmp_path / "x.gguf")), capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (f"error: {recipe}, line 2: unknown field 'passes[0].carve.tokens'; "
+                                                 "known: config, calib_tokens, dataset")

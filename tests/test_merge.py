@@ -153,12 +153,13 @@ def test_recipe_parses_and_reports_bad_fields(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters:\n  densty: 0.3\n", r"line 5: unknown parameter 'densty'"),
-    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {density: 0}\n", "density must be in"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters:\n  densty: 0.3\n", r"line 5: unknown field 'parameters.densty'"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {density: 0}\n", r"line 4: field 'parameters.density' must be in \(0, 1\]"),
     ("merge_method: ties\nmodels: [m\n", "malformed YAML"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters: 3\n", "must be a mapping"),
     ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {alpha: 1, lambda: 1}\n", "not both"),
-    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {calib_samples: 4}\n", "aim-ties only"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {calib_samples: 4}\n",
+     r"line 4: unknown field 'parameters.calib_samples'; known: alpha, density, lambda"),
     ("merge_method: ties\nbase_model: b\nmodels: []\n", "non-empty list"),
 ])
 def test_bad_recipes(tmp_path, text, message):
@@ -206,6 +207,20 @@ def test_streaming_merge_equals_in_memory_reference(tiny_pair, tmp_path, method)
     assert record["merge"]["method"] == method and record["tensors"] == len(ref)
     assert record["seconds"] > 0 and record["peak_rss_bytes"] > 0
     assert (res.output / "tokenizer.json").is_file()
+
+
+def test_peak_rss_of_a_block_counts_a_short_lived_allocation():
+    import numpy as np
+
+    from edgerun.procmem import PeakRSS, peak_rss_bytes
+
+    with PeakRSS() as outer:
+        with PeakRSS() as inner:
+            a = np.ones(2**24)                      # 128 MiB, touched, then freed before the block ends
+            del a
+    assert inner.peak_bytes - inner.start_bytes > 100 * 2**20
+    assert outer.peak_bytes >= inner.peak_bytes     # the inner block's reset does not hide it from the outer one
+    assert peak_rss_bytes() > 0
 
 
 def test_aim_merge_of_checkpoints(tiny_pair, tmp_path):
@@ -364,6 +379,11 @@ def test_export_merge_pass_manifest(smollm2_tuned, tmp_path):
     step = result.record["passes"][0]
     assert step["name"] == "merge" and step["method"] == "task-arithmetic" and step["alpha"] == 0.7
     assert Path(step["checkpoint"]).is_dir() and out.is_file()
-    with pytest.raises(UsageError, match="does not combine"):
-        export("smollm2-135m-instruct", out=tmp_path / "x.gguf", merge=str(smollm2_tuned), carve="S2A2E8",
-               verify=False, progress=False)
+    from converters import passes
+
+    carve_then_merge = [passes.make("carve", config="S2A2E8"),
+                        passes.make("merge", src="smollm2-135m-instruct", merge_method="ties",
+                                    models=[str(smollm2_tuned)])]
+    with pytest.raises(UsageError, match="merge takes a dense float checkpoint, not a carved MoE"):
+        export("smollm2-135m-instruct", out=tmp_path / "x.gguf", passes=carve_then_merge, verify=False,
+               progress=False)

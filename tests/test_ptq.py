@@ -114,3 +114,22 @@ def test_unsupported_bits_and_methods_are_refused(smollm2_source, tmp_path):
         quantize_checkpoint(smollm2_source.path, tmp_path / "x", method="rtn", bits=5)
     with pytest.raises(UsageError, match="unknown PTQ method 'smoothquant'"):
         quantize_checkpoint(smollm2_source.path, tmp_path / "x", method="smoothquant")
+
+
+def test_export_ptq_pass_writes_the_checkpoint_and_records_its_calibration(smollm2_source, tmp_path):
+    import json
+
+    from conftest import make_tiny_checkpoint
+    from converters.export import export
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    out = tmp_path / "q"
+    result = export(str(ckpt), to="hf", out=out, ptq="rtn", bits=8, group_size=32, calib_tokens=300,
+                    verify=False, progress=False, log=lambda m: None)
+    assert result.record["type"] == "rtn-w8g32" and (out / "model.safetensors").is_file()
+    [step] = result.record["passes"]
+    assert step["name"] == "ptq" and (step["method"], step["bits"], step["group_size"]) == ("rtn", 8, 32)
+    assert step["calibration"] == {"dataset": "wiki", "split": "calibration", "windows": 1, "tokens_per_window": 512}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
+    with pytest.raises(UsageError, match="--to hf writes the checkpoint a pass makes: give --ptq"):
+        export(str(ckpt), to="hf", out=tmp_path / "none", progress=False)

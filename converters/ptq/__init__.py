@@ -27,12 +27,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
+from converters.source import architecture_of, copy_tokenizer
 from edgerun.atomic import atomic_dir
 from edgerun.calibration import block_inputs, calibration_windows, run_block
 from converters.ptq.methods import METHODS
 from edgerun.formats.gptq import BITS, QuantizedLinear, check_format, from_gptq_tensors, to_gptq_tensors
-from converters.source import copy_tokenizer
 from edgerun.errors import UsageError
 from edgerun.formats import safetensors as st_format
 
@@ -106,7 +107,13 @@ def quantize_layer_linears(layer, inputs: dict[str, torch.Tensor], method: str, 
     Args:
         layer: a decoder block (transformers Llama/Gemma 3 layer).
         inputs: recorded float32 inputs (tokens, in) of each linear, by name.
-        method: ``rtn``, ``gptq`` or ``awq``.
+        method: ``rtn``, ``gptq`` or ``awq`` (:data:`converters.ptq.methods.METHODS`).
+        bits, group_size: weight bits and input columns per scale.
+        gemma: Gemma 3's ``1 + w`` norms (AWQ folds its scales into them).
+
+    Returns:
+        ``{linear name: QuantizedLinear}`` (codes uint8 (out, in), scales float32 and zeros int32
+        (out, in / group_size)).
     """
     if method == "awq":
         inputs = _awq_scale_and_fold(layer, inputs, bits, group_size, gemma)
@@ -132,16 +139,18 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
         out: output directory.
         method: ``rtn``, ``gptq`` or ``awq``.
         bits: 2, 3, 4 or 8. group_size: input columns per scale (must divide every layer's input width).
-        n_samples, seq_len: calibration windows from the wiki calibration split.
+        n_samples, seq_len: calibration windows (count, tokens each) from the wiki calibration split.
         force: replace an existing output.
         progress: called as ``progress(done_layers, total_layers)``.
 
-    Raises:
-        UsageError: unknown method, unsupported bits or group size, unsupported architecture.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Returns:
+        ``out`` (layout in the module doc).
 
-    from converters.source import architecture_of
+    Raises:
+        UsageError: unknown method, unsupported bits or group size, unsupported architecture, too
+            little calibration text, output exists without ``force``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only a quantization loads a model
 
     checkpoint, out = Path(checkpoint), Path(out)
     if method not in METHODS:
@@ -176,8 +185,6 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, method: str = "
 
 def _save(model, quantized, checkpoint: Path, out: Path, cfg: dict, method: str, bits: int, group_size: int,
           force: bool) -> Path:
-    from safetensors.numpy import save_file
-
     tensors: dict[str, np.ndarray] = {}
     for name, value in model.state_dict().items():
         base = name.removesuffix(".weight")

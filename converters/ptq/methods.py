@@ -29,6 +29,7 @@ METHODS: dict[str, Callable] = {}
 
 
 def register(name: str):
+    """Decorator: add a method ``fn(w, x, bits, group_size) -> (QuantizedLinear, extra)`` to :data:`METHODS`."""
     def wrap(fn):
         METHODS[name] = fn
         return fn
@@ -37,14 +38,31 @@ def register(name: str):
 
 @register("rtn")
 def quantize_rtn(w: torch.Tensor, x: torch.Tensor | None, bits: int, group_size: int) -> tuple[QuantizedLinear, None]:
-    """RTN ignores the calibration inputs ``x``."""
+    """Round to nearest per group of ``w`` (out, in) float32; the calibration inputs ``x`` are ignored.
+
+    Returns:
+        (the codes, None).
+
+    Raises:
+        ValueError: ``group_size`` does not divide ``in`` or unsupported ``bits``.
+    """
     return rtn(w, bits, group_size), None
 
 
 @register("gptq")
 def quantize_gptq(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
                   block: int = 128) -> tuple[QuantizedLinear, None]:
-    """GPTQ (Alg. 1) of weight ``w`` (out, in) float32 given calibration inputs ``x`` (tokens, in) float32."""
+    """GPTQ (Alg. 1) of weight ``w`` (out, in) float32 given calibration inputs ``x`` (tokens, in) float32.
+
+    Args:
+        damp: dampening of H's diagonal, as a fraction of its mean. block: lazy-update block (columns).
+
+    Returns:
+        (the codes: uint8 (out, in), float32 scales and int32 zeros (out, in / group_size); None).
+
+    Raises:
+        ValueError: ``group_size`` does not divide ``in`` or unsupported ``bits``.
+    """
     out_f, in_f = w.shape
     check_format(in_f, bits, group_size)
     W = w.clone().double()
@@ -86,6 +104,15 @@ def quantize_awq(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
 
     The codes represent ``W diag(s)``: the layer computes the right output only when its input is
     divided by ``s`` (folded by the caller into the previous operation).
+
+    Args:
+        grid: candidate exponents alpha = k / grid, k = 0 .. grid - 1.
+
+    Returns:
+        (the codes of ``W diag(s)``, s float32 (in,)).
+
+    Raises:
+        ValueError: ``group_size`` does not divide ``in`` or unsupported ``bits``.
     """
     out_f, in_f = w.shape
     check_format(in_f, bits, group_size)
