@@ -202,7 +202,9 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a model as GGUF (llama.cpp types) or ONNX (fp32/int8/int4), with a manifest",
                        description="Export SRC (catalog name, .gguf file or HF checkpoint directory). A GGUF "
                                    "source is dequantized once into a cached float32 checkpoint first.")
-    p.add_argument("src", help="catalog name, .gguf file or Hugging Face checkpoint directory")
+    p.add_argument("src", nargs="?", help="catalog name, .gguf file or Hugging Face checkpoint directory")
+    p.add_argument("--list-passes", action="store_true",
+                   help="list the registered passes with their parameters (for --recipe) and exit")
     p.add_argument("--to", default="gguf", choices=["gguf", "onnx", "hf"],
                    help="output format: gguf, onnx, or hf (a safetensors checkpoint; with --ptq) (default gguf)")
     p.add_argument("--quant", default=None,
@@ -354,8 +356,15 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from converters import passes  # the writers import torch: not on the chat path
     from converters.export import export
     from profilers.accuracy import perplexity
+
+    if args.list_passes:
+        print(passes.describe())
+        return 0
+    if not args.src:
+        raise UsageError("edgerun export needs SRC (a catalog name, .gguf file or checkpoint directory)")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
