@@ -6,12 +6,20 @@ Errors a user can cause print ``error: <one line>`` on stderr and exit non-zero,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import sys
 from pathlib import Path
 
-from edgerun import catalog
+import edgerun
+from edgerun import __version__, catalog
+from edgerun.device import load as load_device
+from edgerun.device import to_yaml
 from edgerun.errors import EdgerunError, UsageError
+
+# The commands below import their writers, profilers, torch modules and matplotlib inside the command
+# function: `edgerun chat` on a GGUF must start without torch (about 2 s and 300 MB), and each such
+# import carries a comment naming what is heavy about it.
 
 HELP_TEXT = """commands:
   /clear   forget the conversation (the system prompt stays)
@@ -116,8 +124,6 @@ def _print_reply(pieces) -> None:
 
 
 def cmd_chat(args) -> int:
-    import edgerun
-
     _check_sampling(args)
     interactive = args.prompt is None and sys.stdin.isatty()
     prompt = args.prompt
@@ -269,8 +275,8 @@ def _add_carve(sub) -> None:
 
 
 def cmd_carve(args) -> int:
-    from converters import passes
-    from converters.source import open_source
+    from converters import passes  # torch (carving): not on the chat path
+    from converters.source import open_source  # torch (dequantizing a GGUF source)
 
     chain = [passes.make("carve", "--config", config=args.config, calib_tokens=args.calib_tokens, dataset=args.calib)]
     if args.finetune is not None:
@@ -322,9 +328,7 @@ def _add_merge(sub) -> None:
 
 
 def cmd_merge(args) -> int:
-    import dataclasses
-
-    from converters import merge as mg
+    from converters import merge as mg  # torch: not on the chat path
 
     hyper = {k: getattr(args, k) for k in ("alpha", "density", "drop", "omega", "rank")}
     if args.recipe:
@@ -357,8 +361,8 @@ def cmd_merge(args) -> int:
 
 def cmd_export(args) -> int:
     from converters import passes  # the writers import torch: not on the chat path
-    from converters.export import export
-    from profilers.accuracy import perplexity
+    from converters.export import export  # torch: not on the chat path
+    from profilers.accuracy import perplexity  # the quality protocol, passed to export (layers go one way)
 
     if args.list_passes:
         print(passes.describe())
@@ -397,8 +401,7 @@ def _add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from edgerun import device as device_mod
-    from profilers import report, sweep
+    from profilers import report, sweep  # llama.cpp, onnx and matplotlib: only for bench
 
     if args.report:
         if args.report[0] != "report" or len(args.report) != 2:
@@ -409,7 +412,7 @@ def cmd_bench(args) -> int:
     if not args.sweep or not args.out:
         raise UsageError("edgerun bench needs --sweep FILE and --out DIR (and usually --device FILE)")
     sw = sweep.load(args.sweep)
-    dev = device_mod.load(args.device) if args.device else None
+    dev = load_device(args.device) if args.device else None
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -471,7 +474,7 @@ def _nonnegative_int(text: str) -> int:
 
 
 def cmd_kv_show(args) -> int:
-    from edgerun.kv import layout as kvl
+    from edgerun.kv import layout as kvl  # torch (the KV cache module)
 
     shape = kvl.model_kv_shape(catalog.resolve(args.model)) if args.model else None
     lay = kvl.load(args.layout, n_layers=shape.layers if shape else None)
@@ -495,7 +498,7 @@ def cmd_kv_show(args) -> int:
 
 
 def cmd_kv_tune(args) -> int:
-    from edgerun.kv import tune as kvt
+    from edgerun.kv import tune as kvt  # torch, optuna, scikit-learn
 
     if args.trials < 1 or args.population < 2:
         raise UsageError("--trials must be >= 1 and --population >= 2")
@@ -509,7 +512,7 @@ def cmd_kv_tune(args) -> int:
                       context=args.context, contexts=args.contexts, calib_windows=-(-args.calib_tokens // 512),
                       log=log)
     if args.task != "none" and result.front:
-        from profilers.accuracy import kv_front_accuracy
+        from profilers.accuracy import kv_front_accuracy  # torch backend for the front's task accuracy
 
         kv_front_accuracy(model_dir, result.front, args.output, args.task, args.task_items, progress=True)
     kv16 = result.kv16["ppl"]
@@ -523,7 +526,7 @@ def cmd_kv_tune(args) -> int:
 
 def _checkpoint_dir(model: str) -> Path:
     """An HF checkpoint directory for ``model`` (a GGUF is materialized as float32 once, cached)."""
-    from converters.source import open_source
+    from converters.source import open_source  # torch (dequantizing a GGUF source)
 
     path = catalog.resolve(model)
     if path.is_dir():
@@ -539,8 +542,7 @@ def _add_device(sub) -> None:
 
 
 def cmd_device(args) -> int:
-    from edgerun.device import to_yaml
-    from profilers.device import detect
+    from profilers.device import detect  # torch (the bandwidth measurement), RAPL discovery
 
     print(to_yaml(detect(measure=not args.no_measure)), end="")
     return 0
@@ -565,8 +567,8 @@ def _add_experts(sub) -> None:
 
 
 def cmd_experts(args) -> int:
-    from edgerun.moe import calibrate as cal
-    from edgerun.moe import tcess
+    from edgerun.moe import calibrate as cal  # torch + transformers
+    from edgerun.moe import tcess  # torch
 
     score = args.score or tcess.DEFAULT_SCORE
     if args.action == "calibrate":
@@ -603,11 +605,11 @@ def _heat_rows(pat, score: str) -> str:
 
 
 def _plot_pattern(pat, score: str, path: str) -> str:
-    import matplotlib
+    import matplotlib  # heavy: only for --plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg")
+    import numpy as np  # with the plot only
 
     grid = np.stack([pat.layer_scores(i, score).numpy() for i in range(len(pat.stats))])
     fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] * 0.4), max(3, grid.shape[0] * 0.25)))
@@ -648,8 +650,6 @@ def cmd_rm(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgerun import __version__
-
     parser = argparse.ArgumentParser(prog="edgerun", description="On-device LLM runtime and compression toolchain.")
     parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
