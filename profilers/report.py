@@ -1,6 +1,9 @@
 """``edgerun bench report DIR``: plots of every metric against effective BPW, with linear fits, and a summary table.
 
-Runs are aggregated per cell (median over repetitions). For each metric (decode tokens/s, TTFT,
+Runs are aggregated per cell: median, interquartile range and n over its cold repetitions. Cells that
+differ only in backend were run as interleaved pairs (:mod:`profilers.sweep`): their ratios
+edgerun / llama-cpp-python are taken pair by pair (repetition i with repetition i) and summarised
+the same way, since a ratio within a pair cancels the machine's drift. For each metric (decode tokens/s, TTFT,
 peak RSS, decode latency per token, energy where measured) and each BPW measure (file BPW, linear
 BPW, bytes read per token), one PNG shows one line per model and backend with its least-squares
 line and R^2 (LLMOnDevice reports near-linear scaling of system metrics with effective BPW).
@@ -26,6 +29,17 @@ METRICS = {
     "package_joules_above_idle": "package energy above idle (J)",
 }
 BPW_MEASURES = {"file_bpw": "file BPW", "linear_bpw": "linear BPW", "bytes_per_token": "bytes read per token (MiB)"}
+SPREAD = ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s")   # reported as median [IQR] n
+RATIOS = ("decode_tokens_per_s", "ttft_ms", "prefill_tokens_per_s")
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``xs`` (inclusive method; one value: all three equal)."""
+    xs = sorted(xs)
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
 
 
 def load_runs(directory: str | Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -53,11 +67,23 @@ def load_runs(directory: str | Path) -> tuple[list[dict], list[dict], list[dict]
 
 
 def aggregate(cells: list[dict]) -> list[dict]:
-    """One row per cell: the cell fields and the median of each numeric metric over its repetitions."""
+    """One row per cell: the cell fields, the median of each numeric metric over its repetitions, and for
+    TTFT, prefill and decode speed ``<metric>_iqr`` (q1, q3); ``n`` repetitions, ``flagged`` (runs that
+    never got the CPU back), ``rejected`` (attempts re-run), memory and the second-turn TTFT."""
     rows = []
     for rec in cells:
         metrics = [r["metrics"] for r in rec["runs"]]
         row = dict(rec["cell"])
+        row["n"] = len(metrics)
+        row["flagged"] = sum(1 for r in rec["runs"] if r.get("flag"))
+        row["rejected"] = len(rec.get("rejected", []))
+        row["second_turn_ttft_ms"] = rec.get("second_turn_ttft_ms")
+        row["engine_buffers_mib"] = rec.get("engine_buffers_mib", {})
+        for k in SPREAD:
+            vals = [m[k] for m in metrics if isinstance(m.get(k), (int, float))]
+            if vals:
+                q1, _, q3 = quartiles(vals)
+                row[f"{k}_iqr"] = (q1, q3)
         for k in metrics[0]:
             vals = [m[k] for m in metrics if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)]
             if vals:
@@ -68,6 +94,35 @@ def aggregate(cells: list[dict]) -> list[dict]:
             row["decode_ms_per_token"] = 1e3 / row["decode_tokens_per_s"]
         rows.append(row)
     return rows
+
+
+def pair_ratios(cells: list[dict], a: str = "edgerun", b: str = "llama-cpp-python") -> list[dict]:
+    """Per group of cells differing only in backend, the ratios a / b of each metric in RATIOS, repetition by
+    repetition, as (q1, median, q3) with n pairs; and the ratio of the two processes' peak RSS."""
+    def group_key(cell):
+        return json.dumps({k: v for k, v in cell.items() if k != "backend"}, sort_keys=True)
+
+    by_group: dict[str, dict[str, dict]] = defaultdict(dict)
+    for rec in cells:
+        by_group[group_key(rec["cell"])][rec["cell"]["backend"]] = rec
+    out = []
+    for recs in by_group.values():
+        if a not in recs or b not in recs:
+            continue
+        ra = {r["repetition"]: r["metrics"] for r in recs[a]["runs"] if "repetition" in r}
+        rb = {r["repetition"]: r["metrics"] for r in recs[b]["runs"] if "repetition" in r}
+        row = {k: v for k, v in recs[a]["cell"].items() if k != "backend"}
+        for metric in RATIOS:
+            vals = [ra[i][metric] / rb[i][metric] for i in sorted(set(ra) & set(rb))
+                    if ra[i].get(metric) and rb[i].get(metric)]
+            if vals:
+                row[metric] = quartiles(vals)
+                row["pairs"] = len(vals)
+        pa = (recs[a].get("memory") or {}).get("peak_rss_bytes")
+        pb = (recs[b].get("memory") or {}).get("peak_rss_bytes")
+        row["peak_rss_bytes"] = pa / pb if pa and pb else None
+        out.append(row)
+    return out
 
 
 def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
@@ -113,6 +168,7 @@ def render(directory: str | Path) -> Path:
     if not cells:
         raise UsageError(f"{directory}/runs.jsonl has no successful runs to report")
     rows = aggregate(cells)
+    ratios = pair_ratios(cells)
     fits = []
     for metric, mlabel in METRICS.items():
         if not any(r.get(metric) is not None for r in rows):
@@ -137,9 +193,9 @@ def render(directory: str | Path) -> Path:
         fig.savefig(directory / f"{metric}_vs_bpw.png", dpi=110)
         plt.close(fig)
     summary = directory / "summary.md"
-    summary.write_text(_markdown(rows, fits, quality, other), encoding="utf-8")
-    (directory / "summary.json").write_text(json.dumps({"rows": rows, "fits": fits, "quality": quality}, indent=1,
-                                                       default=str))
+    summary.write_text(_markdown(rows, ratios, fits, quality, other), encoding="utf-8")
+    (directory / "summary.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "fits": fits,
+                                                        "quality": quality}, indent=1, default=str))
     return summary
 
 
@@ -147,19 +203,51 @@ def _fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
 
-def _markdown(rows, fits, quality, other) -> str:
+def _spread(r: dict, k: str, spec: str = ".1f") -> str:
+    """``median [q1-q3]`` of a row's metric."""
+    if r.get(k) is None:
+        return "-"
+    q = r.get(f"{k}_iqr")
+    return f"{format(r[k], spec)} [{format(q[0], spec)}-{format(q[1], spec)}]" if q else format(r[k], spec)
+
+
+def _markdown(rows, ratios, fits, quality, other) -> str:
+    bw = next((r.get("bandwidth_gbps") for r in rows if r.get("bandwidth_gbps")), None)
     lines = ["# Benchmark summary", "",
-             "Medians over repetitions. Energy: " + _energy_note(rows), "",
-             "| model | variant | backend | threads | KV | prompt/gen | file BPW | linear BPW | MiB/token | TTFT ms | "
-             "prefill tok/s | decode tok/s | ITL p50/p95 ms | peak RSS MiB | roofline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Cold repetitions (KV cache emptied before each, prompt tokens evaluated = prompt length): "
+             "median [interquartile range] over n. Peak RSS is each cell's own process (VmHWM after generation). "
+             "Bandwidth roofline = measured fraction of (memory read bandwidth / weight bytes read per token)"
+             + (f", bandwidth {bw:.1f} GB/s from the device config (a streaming-read measurement)." if bw else
+                ": no bandwidth given.")
+             + " Energy: " + _energy_note(rows), "",
+             "| model | variant | backend | threads | KV | prompt/gen | file BPW | tensor BPW | linear BPW | MiB/token | "
+             "TTFT ms | prefill tok/s | decode tok/s | n | ITL p50/p95 ms | 2nd-turn TTFT ms | peak RSS MiB (after load) "
+             "| bandwidth roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], -r["file_bpw"], r["backend"])):
+        n = f"{r['n']}" + (f", {r['flagged']} flagged" if r.get("flagged") else "") + \
+            (f", {r['rejected']} re-run" if r.get("rejected") else "")
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['backend']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
-            f"{r['prompt_tokens']}/{r['gen_tokens']} | {r['file_bpw']:.2f} | {r['linear_bpw']:.2f} | "
-            f"{r['bytes_per_token'] / 2**20:.1f} | {_fmt(r.get('ttft_ms'))} | {_fmt(r.get('prefill_tokens_per_s'))} | "
-            f"{_fmt(r.get('decode_tokens_per_s'))} | {_fmt(r.get('itl_p50_ms'), '.2f')}/{_fmt(r.get('itl_p95_ms'), '.2f')} | "
-            f"{r['peak_rss_bytes'] / 2**20:.0f} | {_fmt(r.get('roofline_fraction'), '.0%')} |")
+            f"{r['prompt_tokens']}/{r['gen_tokens']} | {r['file_bpw']:.2f} | {_fmt(r.get('tensor_bpw'), '.2f')} | "
+            f"{r['linear_bpw']:.2f} | {r['bytes_per_token'] / 2**20:.1f} | {_spread(r, 'ttft_ms')} | "
+            f"{_spread(r, 'prefill_tokens_per_s')} | {_spread(r, 'decode_tokens_per_s')} | {n} | "
+            f"{_fmt(r.get('itl_p50_ms'), '.2f')}/{_fmt(r.get('itl_p95_ms'), '.2f')} | "
+            f"{_fmt(r.get('second_turn_ttft_ms'))} | {r['peak_rss_bytes'] / 2**20:.0f} "
+            f"({_fmt((r.get('peak_rss_after_load_bytes') or 0) / 2**20, '.0f')}) | "
+            f"{_fmt(r.get('bandwidth_roofline_fraction'), '.0%')} |")
+    if ratios:
+        lines += ["", "## edgerun / llama-cpp-python, pair by pair", "",
+                  "Ratio of each interleaved pair (repetition i of both), median [IQR] over the pairs; peak RSS: "
+                  "the two processes' peaks.", "",
+                  "| model | variant | threads | KV | prompt/gen | decode tok/s | TTFT | prefill tok/s | pairs | peak RSS |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(ratios, key=lambda r: (r["model"], r["variant"])):
+            cells = [f"{q[1]:.3f} [{q[0]:.3f}-{q[2]:.3f}]" if q else "-"
+                     for q in (r.get("decode_tokens_per_s"), r.get("ttft_ms"), r.get("prefill_tokens_per_s"))]
+            lines.append(f"| {r['model']} | {r['variant']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
+                         f"{r['prompt_tokens']}/{r['gen_tokens']} | " + " | ".join(cells) +
+                         f" | {r.get('pairs', 0)} | {_fmt(r.get('peak_rss_bytes'), '.3f')} |")
     lines += ["", "## Linear fits (R^2)", "", "| metric | vs | series | points | slope | R^2 |", "|---|---|---|---|---|---|"]
     for f in fits:
         lines.append(f"| {f['metric']} | {f['measure']} | {f['series']} | {f['points']} | {f['slope']:.4g} | {f['r2']:.3f} |")

@@ -1,13 +1,31 @@
 """``edgerun bench --sweep FILE``: the cross product of models x variants x backends x threads x KV types x lengths.
 
-A sweep file (YAML) names what to cross; every cell is exported once (cached under
-``$EDGERUN_HOME/cache/exports``, excluded from the timings), then run with warm-up and repetitions.
-Each run appends one JSON line to ``DIR/runs.jsonl``: the cell, every metric, machine info and tool
-versions. Combinations that do not apply (llama.cpp KV types on ONNX, the raw llama-cpp-python peer
-on ONNX) are recorded as ``not applicable`` without running; a cell that fails is recorded with its
-error and the sweep goes on. A sweep is resumable: cells already in ``runs.jsonl`` are skipped, so an
-interrupted sweep continues where it stopped. Quality (perplexity, task accuracy) is measured once
-per model variant and written as a ``quality`` record.
+A sweep file (YAML) names what to cross; every variant is exported once (cached under
+``$EDGERUN_HOME/cache/exports``, excluded from the timings). How a cell is timed, so that its
+figures measure the engine and not the harness:
+
+- **One process per cell** (:mod:`profilers.cellproc`): the engine loads once in a child process;
+  peak memory is that process's ``VmHWM``, after load and at the end of generation, with llama.cpp's
+  own buffer sizes (model, KV, compute) from its load log.
+- **Cold repetitions**: the KV cache is emptied before every warm-up and timed repetition on every
+  engine; TTFT and prefill tokens/s count the prompt tokens the engine really evaluated (llama.cpp's
+  counter), and a repetition that reused a cached prefix is rejected and re-run, never averaged.
+  Prompt reuse, a real feature of the chat path, is its own metric (``second_turn_ttft_ms``: all
+  but the last 32 prompt tokens cached).
+- **Interleaved pairs**: cells that differ only in backend (edgerun and the raw peer) run side by
+  side, repetitions alternating A B B A ... (``order`` and ``position`` in each run record), 7 by
+  default. Each repetition records the CPU time its process got against wall time and the machine's
+  steal time; one that lost the CPU (steal > 5% of wall time, or a CPU share below 75% of the
+  warm-up's) is re-run up to ``MAX_RERUNS`` times and flagged if it never got the CPU back.
+
+Each cell appends one JSON line to ``DIR/runs.jsonl`` when its group is done: the cell, every
+repetition's metrics, rejected attempts, memory, machine info and tool versions. Combinations that
+do not apply (llama.cpp KV types on ONNX, the raw llama-cpp-python peer on ONNX) are recorded as
+``not applicable``; a cell that fails, or whose process dies (the cause is recorded: a signal such as
+the OOM killer's SIGKILL, or an exit code), is recorded with its error and the sweep goes on. A sweep
+is resumable: cells already in ``runs.jsonl`` are skipped, and a group interrupted by Ctrl-C wrote
+nothing, so it runs again whole. Quality (perplexity, task accuracy) is measured once per model
+variant and written as a ``quality`` record.
 
 Backends:
 - ``edgerun``: edgerun's own path (llama.cpp for GGUF, onnxruntime-genai for ONNX);
@@ -18,35 +36,41 @@ Backends:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import platform
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import llama_cpp
 from tqdm import tqdm
 
 from converters import gguf as gguf_writer
 from converters import manifest as manifest_mod
+from converters.bpw import gguf_bpw, onnx_bpw
 from converters.onnx import PRECISIONS
 from edgerun import catalog
 from edgerun.backends import open_backend
-from edgerun.backends.base import GenerationStats, SamplingParams, physical_cores
-from edgerun.data import TASKS, text
+from edgerun.data import TASKS
 from edgerun.device import cpu_model
 from edgerun.errors import UsageError
 from edgerun.formats import yamlfile as yf
 from edgerun.kv.types import KV_TYPES
-from profilers import latency, power
+from profilers import power
 from profilers.accuracy import perplexity, task_accuracy
-from profilers.memory import PeakRSS
 
 BACKENDS = ("edgerun", "llama-cpp-python")
+MAX_RERUNS = 3          # extra attempts of a repetition that reused a cached prefix or lost the CPU
+LOST_CPU_SHARE = 0.75   # a repetition whose CPU share falls below this fraction of its warm-up's lost the CPU
 FORMATS = ("gguf", "onnx")
 
 VARIANT_SCHEMA = {
@@ -72,7 +96,7 @@ SCHEMA = {
     "kv_cache_types": yf.Field(yf.list_of(yf.one_of(tuple(KV_TYPES))), required=False, default=["f16"]),
     "prompt_tokens": yf.Field(yf.list_of(yf.positive_int), required=False, default=[128]),
     "gen_tokens": yf.Field(yf.list_of(yf.positive_int), required=False, default=[64]),
-    "repetitions": yf.Field(yf.positive_int, required=False, default=3),
+    "repetitions": yf.Field(yf.positive_int, required=False, default=7),
     "warmup": yf.Field(lambda v: None if isinstance(v, int) and v >= 0 else "must be an integer >= 0",
                        required=False, default=1),
     "ctx_size": yf.Field(yf.positive_int, required=False, default=1024),
@@ -173,6 +197,14 @@ def load(path: str | Path) -> Sweep:
                  ctx_size=data["ctx_size"], accuracy=accuracy, digest=digest[:16])
 
 
+def _groups(cells: list[dict]) -> list[list[dict]]:
+    """Cells that differ only in backend, in run order: their repetitions are interleaved."""
+    groups: dict[str, list[dict]] = {}
+    for c in cells:
+        groups.setdefault(cell_key({k: v for k, v in c.items() if k != "backend"}), []).append(c)
+    return list(groups.values())
+
+
 def not_applicable(cell: dict) -> str | None:
     """Why a cell cannot run, or None."""
     if cell["format"] == "onnx" and cell["backend"] == "llama-cpp-python":
@@ -185,107 +217,201 @@ def not_applicable(cell: dict) -> str | None:
 # --- running ------------------------------------------------------------------------------------
 
 def export_variant(model: str, v: Variant, log: Callable[[str], None]) -> tuple[Path, dict]:
-    """The cached export of ``model`` as variant ``v``; returns (path, its manifest's BPW record)."""
+    """The cached export of ``model`` as variant ``v``; returns (path, its BPW record measured from the file)."""
     from converters.export import export  # torch: only an export not yet cached needs it
 
     safe = model.replace("/", "_")
     out = catalog.home() / "cache" / "exports" / safe / (f"{v.name}.gguf" if v.format == "gguf" else v.name)
-    if out.exists() and manifest_mod.manifest_path(out).is_file():
-        return out, manifest_mod.read(out)["bpw"]
-    log(f"exporting {model} as {v.name} (cached for later sweeps)")
-    result = export(model, to=v.format, quant=v.quant, out=out, force=True, verify=False, progress=False,
-                    token_embedding_type=v.token_embedding_type, output_tensor_type=v.output_tensor_type,
-                    block_size=v.block_size, log=lambda m: None)
-    return out, result.record["bpw"]
+    if not (out.exists() and manifest_mod.manifest_path(out).is_file()):
+        log(f"exporting {model} as {v.name} (cached for later sweeps)")
+        export(model, to=v.format, quant=v.quant, out=out, force=True, verify=False, progress=False,
+               token_embedding_type=v.token_embedding_type, output_tensor_type=v.output_tensor_type,
+               block_size=v.block_size, log=lambda m: None)
+    # measured again from the file (a fraction of a second): an older cached manifest may lack newer fields
+    return out, (gguf_bpw(out) if v.format == "gguf" else onnx_bpw(out)).as_dict()
 
 
-class _RawLlama:
-    """The peer baseline: raw ``llama_cpp.Llama`` behind just enough of the backend interface to be timed alike."""
-
-    name = "llama-cpp-python"
-
-    def __init__(self, path: Path, n_ctx: int, threads: int, kv: str):
-        self._lc = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                                   n_threads_batch=threads, flash_attn=KV_TYPES[kv].quantized,
-                                   type_k=KV_TYPES[kv].ggml_id, type_v=KV_TYPES[kv].ggml_id, verbose=False)
-        self.n_ctx = n_ctx
-        self.last_stats = None
-
-    def stream(self, prompt_tokens, sampling):
-        self._lc.llama_perf_context_reset(self.llm.ctx)
-        self.llm.reset()
-        n = 0
-        for tok in self.llm.generate(list(prompt_tokens), temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
-                                     repeat_penalty=1.0):
-            n += 1
-            yield self.llm.detokenize([tok]).decode("utf-8", errors="ignore")
-            if n >= sampling.max_tokens:
-                break
-        p = self._lc.llama_perf_context(self.llm.ctx)
-        self.last_stats = GenerationStats(prompt_tokens=len(prompt_tokens), prefill_tokens=len(prompt_tokens),
-                                          generated_tokens=n, prefill_ms=p.t_p_eval_ms, decode_ms=p.t_eval_ms,
-                                          decode_steps=p.n_eval, finish_reason="length")
-
-    def close(self):
-        self.llm.close()
+class CellDied(Exception):
+    """A cell's child process ended without replying (a signal such as the OOM killer's SIGKILL, or a crash)."""
 
 
-def _open(cell: dict, path: Path, ctx: int):
-    threads = cell["threads"] or physical_cores()
-    if cell["backend"] == "llama-cpp-python":
-        return _RawLlama(path, ctx, threads, cell["kv_cache_type"])
-    if cell["format"] == "onnx":
-        return open_backend("onnx", path, n_ctx=ctx, threads=threads)
-    kv = cell["kv_cache_type"]
-    return open_backend("llama.cpp", path, n_ctx=ctx, threads=threads, cache_type_k=kv, cache_type_v=kv,
-                        flash_attn=KV_TYPES[kv].quantized)
+class CellProcess:
+    """A child process running one cell (:mod:`profilers.cellproc`), driven one command at a time."""
+
+    def __init__(self, cell: dict):
+        self.cell = cell
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, EDGERUN_CELL_FD=str(write_fd))
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "profilers.cellproc"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr, env=env, pass_fds=(write_fd,),
+                                     text=True)
+        os.close(write_fd)
+        self._replies = os.fdopen(read_fd, "r")
+
+    def command(self, op: str, **args) -> dict:
+        """Send one command and return the child's reply.
+
+        Raises:
+            CellDied: the child exited (its cause: the signal or the exit code, and its last stderr line).
+            RuntimeError: the child replied with an error (the engine refused the model, ...).
+        """
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+            line = self._replies.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            raise CellDied(self.cause())
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(reply.get("error", "the cell process failed"))
+        return reply
+
+    def cause(self) -> str:
+        """Why the child ended: ``killed by SIGKILL (out of memory?)``, ``exit code N``, with its last stderr line."""
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if rc < 0:
+            name = signal.Signals(-rc).name
+            why = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        else:
+            why = f"exit code {rc}"
+        self._stderr.seek(0)
+        tail = [ln for ln in self._stderr.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        return why + (f": {tail[-1]}" if tail else "")
+
+    def kill(self) -> None:
+        """End the child (any state) and free its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._replies.close()
+        self._stderr.close()
 
 
-def _prompt_tokens(backend, n: int) -> list[int]:
-    """Exactly ``n`` prompt tokens cut from the held-out wiki text (the same text for every cell)."""
-    if hasattr(backend, "tokenize"):
-        ids = backend.tokenize(text("wiki", "heldout"))
-    else:  # the raw peer: its own tokenizer
-        ids = backend.llm.tokenize(text("wiki", "heldout").encode(), add_bos=False)
-    return ids[:n]
+def _lost_cpu(m: dict, reference: float | None) -> str | None:
+    """Why a repetition lost the CPU to another process, or None: steal above 5% of its wall time, or a CPU
+    share below LOST_CPU_SHARE of the cell's reference (its warm-up's share)."""
+    if m.get("steal_s") is not None and m["wall_s"] > 0 and m["steal_s"] / m["wall_s"] > 0.05:
+        return f"steal {m['steal_s'] / m['wall_s']:.0%} of wall time"
+    if reference and m["cpu_share"] < LOST_CPU_SHARE * reference:
+        return f"CPU share {m['cpu_share']:.2f} against {reference:.2f} in the warm-up"
+    return None
 
 
-def run_cell(cell: dict, sweep: Sweep, path: Path, bpw: dict, bandwidth_gbps: float | None, device,
-             idle) -> list[dict]:
-    """Warm-up then ``repetitions`` timed generations of one cell; one metrics dict per repetition."""
-    ctx = max(sweep.ctx_size, cell["prompt_tokens"] + cell["gen_tokens"] + 8)
-    with PeakRSS() as rss_load:
-        backend = _open(cell, path, ctx)
+def _timed(proc: CellProcess, reference: float | None, state: dict) -> tuple[dict | None, dict]:
+    """One accepted cold repetition of ``proc``'s cell, re-run up to MAX_RERUNS times when it reused a cached
+    prefix or lost the CPU; returns (the run or None when every attempt reused a prefix, rejected attempts)."""
+    rejected = []
+    for attempt in range(1 + MAX_RERUNS):
+        state["seq"] += 1
+        m = proc.command("run", cold=True)["metrics"]
+        if m["reused_prefix_tokens"] > 0:
+            rejected.append({"order": state["seq"], "reason": f"reused a cached prefix of {m['reused_prefix_tokens']} "
+                             "tokens", "metrics": m})
+            continue
+        lost = _lost_cpu(m, reference)
+        if lost and attempt < MAX_RERUNS:
+            rejected.append({"order": state["seq"], "reason": f"lost the CPU: {lost}", "metrics": m})
+            continue
+        return {"order": state["seq"], "attempts": attempt + 1, "flag": f"lost the CPU: {lost}" if lost else None,
+                "metrics": m}, rejected
+    return None, rejected
+
+
+def run_group(cells: list[dict], sweep: Sweep, path: Path, bpw: dict, bandwidth_gbps: float | None, device,
+              idle) -> list[dict]:
+    """Run cells that differ only in backend, one child process each, repetitions interleaved A B B A ...
+
+    Each cell's child loads its engine once; warm-ups, then ``repetitions`` cold repetitions alternate
+    which cell goes first; then the second-turn TTFT (prefix cached) as its own metric. Returns one
+    record body per cell: ``{"status": "ok", "runs", "rejected", "memory", ...}`` or an error with its cause.
+    """
+    ctx = max(sweep.ctx_size, cells[0]["prompt_tokens"] + cells[0]["gen_tokens"] + 8)
+    procs, out = {}, {}
     try:
-        prompt = _prompt_tokens(backend, cell["prompt_tokens"])
-        params = SamplingParams(temperature=0.0, max_tokens=cell["gen_tokens"], ignore_eos=True)
+        for cell in cells:
+            key = cell_key(cell)
+            proc = CellProcess(cell)
+            try:
+                opened = proc.command("open", cell=cell, path=str(path), ctx=ctx, idle=dataclasses.asdict(idle),
+                                      device=device.as_dict() if device else None)
+            except (CellDied, RuntimeError) as e:
+                proc.kill()
+                out[key] = {"status": "error", "error": str(e)}
+                continue
+            procs[key] = (proc, opened)
+            out[key] = {"status": "ok", "runs": [], "rejected": [], "pid": opened["pid"],
+                        "engine_buffers_mib": opened["engine_buffers"], "load_s": opened["load_s"]}
+        state = {"seq": 0}
+        reference = {}
+
+        def each(order):
+            for key in order:
+                if key in procs:
+                    yield key, procs[key][0]
+
+        def fail(key, e):
+            procs.pop(key)[0].kill()
+            out[key] = {"status": "error", "error": str(e)}
+
+        keys = list(procs)
         for _ in range(sweep.warmup):
-            latency.measure(backend, prompt, cell["gen_tokens"], sampling=params)
-        runs = []
+            for key, proc in list(each(keys)):
+                try:
+                    m = proc.command("run", cold=True)["metrics"]
+                    reference[key] = max(reference.get(key, 0.0), m["cpu_share"])
+                except (CellDied, RuntimeError) as e:
+                    fail(key, e)
         for rep in range(sweep.repetitions):
-            meter = power.EnergyMeter()
-            cpu0, t0 = power.cpu_seconds(), time.perf_counter()
-            with PeakRSS() as rss, meter:
-                rec = latency.measure(backend, prompt, cell["gen_tokens"], sampling=params)
-            wall = time.perf_counter() - t0
-            util = (power.cpu_seconds() - cpu0) / wall / max(1, device.threads if device else 1) if wall > 0 else 0.0
-            m = rec.as_dict()
-            m.update(peak_rss_bytes=max(rss.peak_bytes, rss_load.peak_bytes), model_file_bytes=bpw["file_bytes"],
-                     file_bpw=bpw["file_bpw"], linear_bpw=bpw["linear_bpw"], bytes_per_token=bpw["bytes_per_token"],
-                     cpu_utilization=util)
-            if hasattr(backend, "memory"):
-                m["kv_cache_bytes"] = backend.memory().kv_cache_bytes
-            if bandwidth_gbps and m["decode_tokens_per_s"]:
-                roof = bandwidth_gbps * 1e9 / bpw["bytes_per_token"]
-                m.update(roofline_tokens_per_s=roof, roofline_fraction=m["decode_tokens_per_s"] / roof)
-            m.update(power.above_idle(meter.reading, idle))
-            if device is not None and device.tdp_watts:
-                m.update(power.estimate_from_tdp(device.tdp_watts, device.idle_watts or 0.0, util, wall))
-            runs.append({"repetition": rep, "metrics": m})
-        return runs
+            order = keys if rep % 2 == 0 else keys[::-1]
+            for position, (key, proc) in enumerate(list(each(order))):
+                try:
+                    run, rejected = _timed(proc, reference.get(key), state)
+                except (CellDied, RuntimeError) as e:
+                    fail(key, e)
+                    continue
+                out[key]["rejected"] += rejected
+                if run is not None:
+                    run.update(repetition=rep, position=position)
+                    _add_bpw(run["metrics"], bpw, bandwidth_gbps)
+                    out[key]["runs"].append(run)
+        for key, proc in list(each(keys)):
+            try:
+                out[key].update({k: v for k, v in proc.command("second_turn").items() if k != "ok"})
+                closed = proc.command("close")
+            except (CellDied, RuntimeError) as e:
+                fail(key, e)
+                continue
+            opened = procs[key][1]
+            out[key]["memory"] = {"peak_rss_after_load_bytes": opened["peak_rss_after_load_bytes"],
+                                  "rss_after_load_bytes": opened["rss_after_load_bytes"],
+                                  "peak_rss_bytes": closed["peak_rss_bytes"]}
+            for run in out[key]["runs"]:
+                run["metrics"]["peak_rss_bytes"] = closed["peak_rss_bytes"]
+                run["metrics"]["peak_rss_after_load_bytes"] = opened["peak_rss_after_load_bytes"]
+            if not out[key]["runs"]:
+                out[key] = {"status": "error", "error": "every repetition reused a cached prefix: no cold run",
+                            "rejected": out[key]["rejected"]}
     finally:
-        backend.close()
+        for proc, _ in procs.values():
+            proc.kill()
+    return [out[cell_key(c)] for c in cells]
+
+
+def _add_bpw(m: dict, bpw: dict, bandwidth_gbps: float | None) -> None:
+    """The variant's effective BPW and the bandwidth roofline: bytes read per token / measured read bandwidth."""
+    m.update(model_file_bytes=bpw["file_bytes"], file_bpw=bpw["file_bpw"], tensor_bpw=bpw.get("tensor_bpw"),
+             linear_bpw=bpw["linear_bpw"], bytes_per_token=bpw["bytes_per_token"])
+    if bandwidth_gbps and m.get("decode_tokens_per_s"):
+        roof = bandwidth_gbps * 1e9 / bpw["bytes_per_token"]
+        m.update(bandwidth_roofline_tokens_per_s=roof, bandwidth_roofline_fraction=m["decode_tokens_per_s"] / roof,
+                 bandwidth_gbps=bandwidth_gbps)
 
 
 def measure_quality(model: str, variant: Variant, path: Path, sweep: Sweep, log) -> dict:
@@ -359,27 +485,34 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
             f.flush()
 
         exports: dict[tuple[str, str], tuple[Path, dict]] = {}
-        for cell in todo:
-            base = {"sweep": sweep.name, "key": cell_key(cell), "cell": cell, "device": device.name if device else None,
-                    "machine": machine, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            why = not_applicable(cell)
-            if why:
-                write({**base, "status": "not applicable", "reason": why})
-            else:
+        for group in _groups(todo):
+            bases = [{"sweep": sweep.name, "key": cell_key(c), "cell": c, "device": device.name if device else None,
+                      "machine": machine, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                     for c in group]
+            runnable = []
+            for base in bases:
+                why = not_applicable(base["cell"])
+                if why:
+                    write({**base, "status": "not applicable", "reason": why})
+                else:
+                    runnable.append(base)
+            if runnable:
+                cell = runnable[0]["cell"]
                 try:
                     k = (cell["model"], cell["variant"])
                     if k not in exports:
                         exports[k] = export_variant(cell["model"], variants[cell["variant"]], log)
                     path, bpw = exports[k]
-                    runs = run_cell(cell, sweep, path, bpw, bandwidth_gbps, device, idle)
-                    write({**base, "status": "ok", "runs": runs})
+                    bodies = run_group([b["cell"] for b in runnable], sweep, path, bpw, bandwidth_gbps, device, idle)
                 except KeyboardInterrupt:
                     raise
-                except Exception as e:  # a failing cell is recorded, the sweep goes on
-                    write({**base, "status": "error", "error": f"{type(e).__name__}: {e}",
-                           "traceback": traceback.format_exc(limit=3)})
+                except Exception as e:  # a failing export or harness error is recorded, the sweep goes on
+                    bodies = [{"status": "error", "error": f"{type(e).__name__}: {e}",
+                               "traceback": traceback.format_exc(limit=3)}] * len(runnable)
+                for base, body in zip(runnable, bodies):  # whole records only, once the group is done
+                    write({**base, **body})
             if bar:
-                bar.update(1)
+                bar.update(len(group))
         for model, v in quality_todo:
             key = f"quality|{model}|{v.name}"
             base = {"sweep": sweep.name, "key": key, "kind": "quality", "model": model, "variant": v.name}

@@ -20,8 +20,8 @@ threads: [2]
 kv_cache_types: [f16]
 prompt_tokens: [16]
 gen_tokens: [8]
-repetitions: 1
-warmup: 0
+repetitions: 2
+warmup: 1
 ctx_size: 128
 accuracy:
   perplexity_windows: 1
@@ -67,12 +67,139 @@ def test_sweep_records_every_cell(swept):
     ok = next(r for r in cells if r["status"] == "ok" and r["cell"]["backend"] == "edgerun")
     m = ok["runs"][0]["metrics"]
     assert m["generated_tokens"] == 8 and m["ttft_ms"] > 0 and m["peak_rss_bytes"] > 0
-    assert m["linear_bpw"] == 8.5
+    assert m["linear_bpw"] == 8.5 and m["tensor_bpw"] < m["file_bpw"]
     assert "energy" in m or "energy_joules" in m  # measured, or unavailable with its reason
     assert ok["machine"]["versions"]["llama-cpp-python"] == "0.3.36"
     quality = [r for r in recs if r.get("kind") == "quality"]
     assert {q["variant"] for q in quality} == {"Q8_0", "onnx-int4"}
     assert all(q["status"] == "ok" and q["quality"]["perplexity"]["perplexity"] > 1 for q in quality)
+
+
+def test_every_timed_repetition_is_cold_on_both_engines(swept):
+    """The engine's own counter: every timed repetition evaluated all 16 prompt tokens, none reused a prefix."""
+    _, _, out = swept
+    cells = [r for r in _records(out) if r.get("status") == "ok" and r.get("kind") != "quality"]
+    assert {r["cell"]["backend"] for r in cells} == {"edgerun", "llama-cpp-python"}
+    for r in cells:
+        assert len(r["runs"]) == 2
+        for run in r["runs"]:
+            m = run["metrics"]
+            assert m["evaluated_prompt_tokens"] == 16 and m["reused_prefix_tokens"] == 0
+            assert m["cpu_s"] > 0 and m["wall_s"] > 0 and "steal_s" in m
+        assert r["second_turn_ttft_ms"] > 0 and r["second_turn_new_tokens"] == 15
+
+
+def test_the_two_engines_are_interleaved_and_each_has_its_own_process(swept):
+    import os
+
+    _, _, out = swept
+    pair = {r["cell"]["backend"]: r for r in _records(out)
+            if r.get("status") == "ok" and r.get("kind") != "quality" and r["cell"]["variant"] == "Q8_0"}
+    seq = sorted((run["order"], backend, run["repetition"]) for backend, r in pair.items() for run in r["runs"])
+    # repetition 0: edgerun then the peer; repetition 1: the peer first (A B B A)
+    assert [(b, rep) for _, b, rep in seq] == [("edgerun", 0), ("llama-cpp-python", 0),
+                                               ("llama-cpp-python", 1), ("edgerun", 1)]
+    pids = {r["pid"] for r in pair.values()}
+    assert len(pids) == 2 and os.getpid() not in pids
+    for r in pair.values():  # the peak is the child's own, after load and after generation
+        mem = r["memory"]
+        assert 0 < mem["peak_rss_after_load_bytes"] <= mem["peak_rss_bytes"] < 2 * 2**30
+    assert pair["edgerun"]["engine_buffers_mib"]["CPU KV"] > 0
+
+
+def test_a_cached_repetition_is_rejected_and_run_again():
+    from profilers import sweep
+
+    class Scripted:
+        """A cell process whose first repetition reuses a cached prefix."""
+        def __init__(self):
+            self.reused = [100, 0]
+
+        def command(self, op, **args):
+            return {"ok": True, "metrics": {"reused_prefix_tokens": self.reused.pop(0), "cpu_share": 1.0,
+                                            "wall_s": 1.0, "steal_s": 0.0}}
+
+    run, rejected = sweep._timed(Scripted(), 1.0, {"seq": 0})
+    assert run["metrics"]["reused_prefix_tokens"] == 0 and run["attempts"] == 2 and run["order"] == 2
+    assert len(rejected) == 1 and "reused a cached prefix of 100 tokens" in rejected[0]["reason"]
+
+
+def test_a_repetition_that_lost_the_cpu_is_rerun_then_flagged():
+    from profilers import sweep
+
+    class Starved:
+        def command(self, op, **args):
+            return {"ok": True, "metrics": {"reused_prefix_tokens": 0, "cpu_share": 0.2, "wall_s": 1.0,
+                                            "steal_s": 0.0}}
+
+    run, rejected = sweep._timed(Starved(), 1.0, {"seq": 0})
+    assert len(rejected) == sweep.MAX_RERUNS and run["attempts"] == sweep.MAX_RERUNS + 1
+    assert run["flag"].startswith("lost the CPU: CPU share 0.20")
+
+
+def test_a_dying_cell_is_recorded_with_its_cause_and_the_sweep_goes_on(tmp_path, swept, monkeypatch):
+    import os
+    import signal
+
+    from profilers import sweep
+
+    original = sweep.CellProcess.command
+
+    def command(self, op, **args):  # the peer's process is killed as the OOM killer would
+        if op == "run" and self.cell["backend"] == "llama-cpp-python":
+            os.kill(self.proc.pid, signal.SIGKILL)
+        return original(self, op, **args)
+
+    monkeypatch.setattr(sweep.CellProcess, "command", command)
+    sw = sweep.load(_write(tmp_path))
+    out = tmp_path / "results"
+    sweep.run(sw, out, progress=False, log=lambda m: None)
+    cells = {(r["cell"]["variant"], r["cell"]["backend"]): r for r in _records(out) if r.get("kind") != "quality"}
+    dead = cells[("Q8_0", "llama-cpp-python")]
+    assert dead["status"] == "error" and "killed by SIGKILL (out of memory?)" in dead["error"]
+    assert cells[("Q8_0", "edgerun")]["status"] == "ok" and len(cells[("Q8_0", "edgerun")]["runs"]) == 2
+
+
+def test_an_interrupted_sweep_resumes_without_duplicate_or_partial_records(tmp_path, swept, monkeypatch):
+    from profilers import sweep
+
+    original, calls = sweep._timed, []
+
+    def interrupt_in_the_second_group(proc, reference, state):
+        calls.append(proc.cell["variant"])
+        if proc.cell["variant"] == "onnx-int4":
+            raise KeyboardInterrupt
+        return original(proc, reference, state)
+
+    sw = sweep.load(_write(tmp_path))
+    out = tmp_path / "results"
+    monkeypatch.setattr(sweep, "_timed", interrupt_in_the_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(sw, out, progress=False, log=lambda m: None)
+    first = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]   # whole lines only
+    assert {(r["cell"]["variant"], r["status"]) for r in first} == {
+        ("Q8_0", "ok"), ("onnx-int4", "not applicable")}          # nothing of the interrupted group's run
+    monkeypatch.setattr(sweep, "_timed", original)
+    sweep.run(sw, out, progress=False, log=lambda m: None)
+    keys = [json.loads(line)["key"] for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4 + 2      # 4 cells (one not applicable) + 2 quality records
+
+
+def test_load_never_parses_the_gguf_twice(default_model_path, monkeypatch):
+    """The bounds-checked scan guards llama.cpp; gguf-py's reader (seconds on a large vocabulary) is off the path."""
+    import gguf
+
+    import edgerun
+
+    def forbidden(*a, **k):
+        raise AssertionError("GGUFReader constructed on the load path")
+
+    monkeypatch.setattr(gguf, "GGUFReader", forbidden)
+    s = edgerun.load(None, max_tokens=2, temperature=0.0)
+    try:
+        assert s.chat("Hi", stream=False) is not None
+    finally:
+        s.backend.close()
 
 
 def test_sweep_resumes_without_rerunning_done_cells(swept):
@@ -130,7 +257,7 @@ def test_report_renders_plots_and_a_summary(swept):
 @pytest.mark.parametrize("edit, message", [
     (("models: [smollm2-135m-instruct]", "models: [llama-9000]"), "line 2: unknown model 'llama-9000'"),
     (("quant: Q8_0", "quant: Q9_9"), "line 4: unknown quantization type 'Q9_9'"),
-    (("repetitions: 1", "repetitions: zero"), "line 11: field 'repetitions' must be a positive integer"),
+    (("repetitions: 2", "repetitions: zero"), "line 11: field 'repetitions' must be a positive integer"),
     (("backends: [edgerun, llama-cpp-python]", "backends: [edgerun, vllm]"), "line 6: field 'backends' item 1"),
 ])
 def test_bad_sweep_files_name_the_field_and_line(tmp_path, edit, message):

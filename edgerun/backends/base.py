@@ -188,6 +188,13 @@ class Backend(ABC):
     def close(self) -> None:
         """Free the engine's resources."""
 
+    def reset(self) -> None:
+        """Empty the KV cache: the next call evaluates every prompt token (a cold start).
+
+        Benchmarks call it before every timed repetition; the chat path never does (it reuses the
+        previous turn's prefix). The default is for engines that keep no cache across calls.
+        """
+
     def set_kv_layout(self, layout) -> bool:
         """Use a layer-wise KV precision layout (:class:`edgerun.kv.layout.Layout`) from the next call on.
 

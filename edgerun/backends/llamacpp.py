@@ -54,7 +54,7 @@ _AMX_CHECKED = False
 
 # llama.cpp's log, kept instead of printed: its last warning/error lines explain a failed load.
 # (ggml log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line)
-_LOG: deque[tuple[int, str]] = deque(maxlen=64)
+_LOG: deque[tuple[int, str]] = deque(maxlen=256)
 _LOG_CALLBACK = None
 
 
@@ -65,10 +65,22 @@ def _capture_llama_log(llama_cpp) -> None:
 
     @llama_cpp.llama_log_callback
     def callback(level, text, user_data):
-        _LOG.append((int(level), text.decode("utf-8", errors="replace").strip()))
+        if int(level) != 1:  # debug lines (per-tensor, per-layer) would push out what explains a load
+            _LOG.append((int(level), text.decode("utf-8", errors="replace").strip()))
 
     _LOG_CALLBACK = callback  # keep a reference: llama.cpp holds only the C pointer
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def capture_log() -> deque[tuple[int, str]]:
+    """llama.cpp's log from now on, (level, text) pairs of the last 256 lines, instead of printing it.
+
+    The backend reads a failed load's reason from it; the benchmark harness reads buffer sizes.
+    """
+    import llama_cpp  # the native library: loaded with the engine, not with the package
+
+    _capture_llama_log(llama_cpp)
+    return _LOG
 
 
 def _first_llama_error() -> str:
@@ -316,6 +328,11 @@ class LlamaCppBackend(Backend):
                         lp[1 + start:1 + start + len(chunk)] = log_softmax_at(chunk, cont[1 + start:1 + start + len(chunk)])
                 out.append(lp)
         return out
+
+    def reset(self) -> None:
+        """Empty llama.cpp's KV cache and llama-cpp-python's token record: no prefix is reused next call."""
+        self.llm.reset()
+        self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self.llm.ctx), True)
 
     @contextlib.contextmanager
     def _fresh_cache(self):

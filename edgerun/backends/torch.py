@@ -103,6 +103,10 @@ class TorchBackend(Backend):
         model.tie_weights()
         return model
 
+    def reset(self) -> None:
+        """Drop the cached KV of the previous call: the next call prefills every prompt token."""
+        self._cache, self._cached_tokens = None, []
+
     def set_kv_layout(self, layout) -> bool:
         """Use ``layout`` (Layout, YAML path, or None for the unquantized DynamicCache) from the next call on.
 

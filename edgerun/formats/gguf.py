@@ -1,12 +1,15 @@
 """Validate a GGUF file before any native code (llama.cpp) opens it, and read its metadata.
 
 llama.cpp can crash on a truncated or corrupted GGUF, and ``gguf.GGUFReader`` itself loops over
-whatever array length a corrupted header claims. So validation runs in two steps:
+whatever array length a corrupted header claims. So validation is:
 
 1. a bounds-checked structural scan of the header, the key/value section and the tensor-info
-   table (every length is checked against the bytes that remain before it is used);
-2. ``gguf.GGUFReader`` (the gguf-py package) reads the now-safe file; every tensor's data extent
-   (offset + size from its type and shape) is checked against the file size.
+   table (every length is checked against the bytes that remain before it is used), then every
+   tensor's data extent (offset + size from its type and shape) against the file size: this runs
+   before every load (0.13 s for SmolLM2);
+2. on request only (``read_with_gguf=True``), ``gguf.GGUFReader`` (the gguf-py package) reads the
+   now-safe file as a second, independent parser: it takes seconds and hundreds of MB on a large
+   vocabulary (5.5 s for SmolLM2's 49k tokens), so no load path uses it.
 
 Format reference: the GGUF specification in ggml-org/ggml ``docs/gguf.md`` (little-endian; magic
 ``GGUF``; version 2 or 3; counts are uint64; strings are uint64 length + UTF-8 bytes).
@@ -157,13 +160,15 @@ def _type_table() -> dict[int, tuple[str, int, int]]:
     return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 
 
-def validate(path: str | Path, read_with_gguf: bool = True) -> GGUFInfo:
+def validate(path: str | Path, read_with_gguf: bool = False) -> GGUFInfo:
     """Check that ``path`` is a complete, well-formed GGUF file and return its metadata.
 
     Args:
         path: the file to check.
         read_with_gguf: also open it with ``gguf.GGUFReader`` (the gguf-py package) after the
-            structural scan, as a second, independent parser.
+            structural scan, as a second, independent parser. Off on every load path: it takes
+            seconds and hundreds of MB on a large vocabulary (5.5 s for SmolLM2 against 0.13 s for
+            the scan); the scan alone bounds every length and extent before llama.cpp opens the file.
 
     Returns:
         GGUFInfo with the architecture, scalar metadata and the tensor table.
