@@ -152,7 +152,7 @@ def _memory_and_speed(carved: Path, host: Path, pattern, levels, top_k) -> list[
     from edgerun.backends.llamacpp import LlamaCppBackend
     from edgerun.data import text
     from profilers import latency
-    from profilers.memory import PeakRSS
+    from edgerun.procmem import PeakRSS
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

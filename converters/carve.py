@@ -1,8 +1,7 @@
 """CMoE: carve a dense Llama-family SwiGLU FFN into shared + routed experts, training-free.
 
 Method (Pei et al., "CMoE: Fast Carving of Mixture-of-Experts for Efficient LLM Inference",
-arXiv 2502.04416; the released code's details where the paper is silent, see
-``shared/research/premoe_cmoe.md`` Sec. 2):
+arXiv 2502.04416; the released code's details where the paper is silent, see docs/carve.md):
 
 1. **Profiling**, layer by layer and sequentially (layer i+1 sees the outputs of the already-carved
    layer i): on the calibration tokens, the cosine-normalised SwiGLU activation

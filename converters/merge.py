@@ -60,7 +60,7 @@ from typing import Callable, ClassVar
 import torch
 from tqdm import tqdm
 
-from converters.params import REQUIRED, Param, at_least, in_range, positive, type_problem
+from converters.params import REQUIRED, Param, at_least, in_range, positive, type_problem, validate
 from converters.params import schema as params_schema
 from converters.source import TOKENIZER_FILES as SOURCE_TOKENIZER_FILES
 from converters.source import Source, architecture_of, copy_tokenizer, open_source
@@ -742,6 +742,24 @@ class Recipe:
     def as_dict(self) -> dict:
         """The recipe as plain data (the merge cache key hashes it)."""
         return {**asdict(self), "spec": self.spec.as_dict()}
+
+
+def method_hyper(method: str, given: dict, where: str) -> dict:
+    """The hyper-parameters ``given`` for ``method``, checked against its declared ones (mergekit's ``lambda``
+    accepted for ``alpha``), as :func:`make_spec` keywords; unset ones are None (the method's default).
+
+    Raises:
+        UsageError: an unknown method or parameter, a value of the wrong type or range, alpha with lambda.
+    """
+    m = METHODS[canonical_method(method)]
+    hyper = validate(m.params + (LAMBDA,), {k: v for k, v in given.items() if v is not None}, where)
+    hyper = {k: (v if k in given and given[k] is not None else None) for k, v in hyper.items()}
+    if hyper["lambda"] is not None:
+        if hyper["alpha"] is not None:
+            raise UsageError(f"{where}: give alpha or lambda (the same thing), not both")
+        hyper["alpha"] = hyper["lambda"]
+    del hyper["lambda"]
+    return hyper
 
 
 def recipe_from_yaml(path: Path, data: dict, lines: dict[str, int], prefix: str = "",

@@ -264,6 +264,29 @@ def _keep(v) -> str | None:
     return None if 1 <= int(m.group(1)) <= int(m.group(2)) else f"needs 1 <= a <= b, got {v!r}"
 
 
+def input_stamp(*checkpoints: Path) -> list:
+    """Name, size and modification time of each checkpoint's weight, config and tokenizer files: a cache key
+    part that changes whenever an input is rewritten."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for p in checkpoints
+            for f in sorted(Path(p).glob("*.safetensors")) + [Path(p) / n for n in ("config.json", *TOKENIZER_FILES)]
+            if f.is_file()]
+
+
+def cached_output(model: Path, kind: str, name: str) -> Path:
+    """Where a pass caches its output for input ``model``.
+
+    An input that is itself in edgerun's cache (an earlier pass's output) gets its output beside it,
+    named by the pass (the chain's cache keys stay readable). A user's checkpoint gets it under
+    ``$EDGERUN_HOME/cache/<kind>/``, keyed by the input's path and files (:func:`input_stamp`), so a
+    pass never writes beside a user's directory and a rewritten input is processed again.
+    """
+    cache = catalog.home() / "cache"
+    if cache.resolve() in Path(model).resolve().parents:
+        return Path(model).with_name(name)
+    key = hashlib.sha256(json.dumps([str(Path(model).resolve()), input_stamp(model)]).encode()).hexdigest()[:12]
+    return cache / kind / f"{name}-{key}"
+
+
 def carve_record(carved: Path) -> dict:
     """The manifest record of a carved checkpoint, from the carve metadata in its config."""
     meta = read_config(carved)[MOE_KEY]
@@ -307,10 +330,14 @@ class MergePass(Pass):
                 raise UsageError(f"base_model {v['base_model']} differs from the export source {src}")
             if not all(isinstance(m, str) for m in v["models"]):
                 raise UsageError("models must be names or paths (use a recipe file for per-model weights)")
-            spec = mg.make_spec(v["merge_method"], **(v["parameters"] or {}), seed=v["seed"])
+            hyper = mg.method_hyper(v["merge_method"], v["parameters"] or {}, "parameters")
+            spec = mg.make_spec(v["merge_method"], **hyper, seed=v["seed"])
         except UsageError as e:
             raise UsageError(f"{origin}: {e}") from None
-        recipe = mg.Recipe(base=str(v["base_model"] or src), models=tuple(v["models"]), spec=spec,
+        base = v["base_model"] or src
+        if base is None:
+            raise UsageError(f"{origin}: base_model is needed when the merge has no export source")
+        recipe = mg.Recipe(base=str(base), models=tuple(v["models"]), spec=spec,
                            tokenizer_from=v["tokenizer_source"], context_length=v["context_length"])
         return cls(v, origin, recipe)
 
@@ -347,9 +374,7 @@ class MergePass(Pass):
             recipe = dataclasses.replace(recipe, base=str(model))
         models = [open_source(m, progress=ctx.progress) for m in recipe.models]
         if out is None:
-            stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for p in [model] + [m.path for m in models]
-                     for f in sorted(p.glob("*.safetensors")) + [p / n for n in ("config.json", *TOKENIZER_FILES)]
-                     if f.is_file()]
+            stamp = input_stamp(model, *[m.path for m in models])
             key = hashlib.sha256(json.dumps([recipe.as_dict(), [str(m.path) for m in models], stamp],
                                             sort_keys=True, default=str).encode()).hexdigest()[:12]
             out = catalog.home() / "cache" / "merged" / f"{model.name}-{recipe.spec.method}-{key}"
@@ -448,7 +473,7 @@ class FinetunePass(Pass):
         if out is None:
             name = (f"{model.name}-ft{v['minutes']:g}m" + (f"-s{v['steps']}" if v["steps"] else "")
                     + ("" if v["lora"] else "-nolora") + ("" if v["dataset"] == "wiki" else f"-{v['dataset']}"))
-            out = model.with_name(name)
+            out = cached_output(model, "finetuned", name)
             todo = not (out / "config.json").is_file()
         else:
             todo = True
@@ -474,7 +499,8 @@ class HostPass(Pass):
     """A carved MoE hosted as Granite's shared-expert MoE with linear routers fitted to CMoE's choices.
 
     The form the GGUF and ONNX engines run (:func:`converters.moe_export.to_granite`); :func:`plan`
-    inserts it where a carved MoE meets a pass or writer that needs it. Cached as ``<carved>-granite``.
+    inserts it where a carved MoE meets a pass or writer that needs it. Cached as ``<carved>-granite``
+    (:func:`cached_output`).
     """
 
     name = "host"
@@ -486,7 +512,7 @@ class HostPass(Pass):
         from converters.moe_export import to_granite   # torch
 
         if out is None:
-            out = model.with_name(model.name + "-granite")
+            out = cached_output(model, "host", model.name + "-granite")
             todo = not (out / "config.json").is_file()
         else:
             todo = True
@@ -511,8 +537,8 @@ class PrunePass(Pass):
     """PreMoe PEP: keep a task's top-b routed experts per layer, route top-a (:mod:`converters.prune`).
 
     The task's TCESS pattern comes from ``patterns`` or is calibrated on the host and cached
-    (:func:`edgerun.moe.calibrate.task_pattern`). Cached beside its input as
-    ``<host>-<task>-<a>of<b>-<score>``.
+    (:func:`edgerun.moe.calibrate.task_pattern`). Cached as ``<host>-<task>-<a>of<b>-<score>``
+    (:func:`cached_output`).
     """
 
     name = "prune"
@@ -551,7 +577,7 @@ class PrunePass(Pass):
                                     "top_k": cfg["num_experts_per_tok"]})
         keep = pattern.keep(b)
         if out is None:
-            out = model.with_name(f"{model.name}-{task}-{a}of{b}-{pattern.score}")
+            out = cached_output(model, "pruned", f"{model.name}-{task}-{a}of{b}-{pattern.score}")
             todo = not (out / "config.json").is_file()
         else:
             todo = True
@@ -680,6 +706,14 @@ def from_flags(src: str, merge: str | None = None, merge_method: str | None = No
             raise UsageError("give --calib-tokens (--calib-samples, in windows of 512, is its old name), not both")
         tokens = calib_tokens if calib_samples is None else calib_samples * PTQ_WINDOW
         chain.append(PtqPass.make("--ptq", method=ptq, bits=bits, group_size=group_size, calib_tokens=tokens))
+    # a flag that would do nothing is refused, not ignored
+    if ptq is None and (bits is not None or group_size is not None or calib_samples is not None):
+        raise UsageError("--bits, --group-size and --calib-samples set the PTQ pass: add --ptq rtn|gptq|awq")
+    if patterns is not None and not prune_experts:
+        raise UsageError("--patterns applies to --prune-experts TASK:a/b")
+    calibrating = carve or ptq is not None or (merge and (merge_method or "").lower().replace("_", "-") == "aim-ties")
+    if calib_tokens is not None and not calibrating:
+        raise UsageError("--calib-tokens sets a calibrating pass: --carve, --ptq, or --merge with aim-ties")
     return chain
 
 

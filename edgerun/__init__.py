@@ -20,6 +20,7 @@ from edgerun.backends.base import GenerationStats, SamplingParams
 from edgerun.device import budget_bytes
 from edgerun.errors import EdgerunError, UsageError
 from edgerun.formats import gguf as gguf_format
+from edgerun.kv.types import KV_TYPES
 from edgerun.planner import KVPlanner, Plan, Planner, parse_keep
 from edgerun.session import Session, Turn
 
@@ -57,7 +58,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         keep: ``a/b`` for adaptive experts: route top-a of the top-b experts per layer.
         patterns: expert patterns directory for adaptive experts.
         assembler: for adaptive experts on llama.cpp, what builds a task's GGUF
-            (``converters.assemble.GGUFAssembler(quant)``; the runtime writes no model files itself).
+            (``converters.assemble.GGUFAssembler(quant)``; the runtime writes no GGUF itself; torch's task
+            models are cached copies of the kept experts' tensors).
         kv_layout: KVTuner layout(s): a layout YAML, or a directory of them (a ``kv tune`` Pareto
             front). torch: the packed layer-wise KV cache; one file runs that layout (refused when its
             cache does not fit); with a directory the layout is chosen per message to fit
@@ -112,9 +114,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             # one file runs that layout; a directory (a Pareto front) is planned per message with KV16
             plan_all = len(kv_layouts) > 1 or any(Path(p).is_dir() for p in kv_layouts)
             kv_planner = KVPlanner.for_backend(engine, kv_layouts, budget, include_kv16=plan_all)
-        planner = Planner(engine_name, path, engine.memory().model_bytes, budget, experts=experts, kv=kv_planner,
-                          settings=engine.engine_settings())
-    except EdgerunError:
+        planner = Planner(engine_name, budget, experts=experts, kv=kv_planner, settings=engine.engine_settings())
+    except BaseException:
         engine.close()
         raise
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -150,7 +151,7 @@ def _kv_options(backend: str, kv_layout, engine_options: dict, notify) -> tuple:
         tk, tv, note = kvl.llama_cpp_types(kvl.load(paths[0]))
         notify(note)
         opts = {**engine_options, "cache_type_k": tk, "cache_type_v": tv}
-        if tv != "f16":
+        if KV_TYPES[tv].quantized:  # llama.cpp needs flash attention for a quantized V cache
             opts["flash_attn"] = True
         return None, opts
     if backend != "torch":

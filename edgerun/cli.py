@@ -50,8 +50,9 @@ def _add_chat(sub) -> None:
                    help="per message, load only the retrieved task's experts of a carved model (PreMoe TAER)")
     p.add_argument("--keep", default="2/4", metavar="a/b", help="adaptive experts: top-a of the top-b per layer")
     p.add_argument("--patterns", default=None, help="adaptive experts: expert patterns directory")
-    p.add_argument("--quant", default="Q8_0", help="adaptive experts: GGUF type of the assembled models")
-    p.add_argument("--mixpe", default="W4A16", help="MixPE mode with --backend mixpe: W4A8, W4A16, W8A8, W8A16")
+    p.add_argument("--quant", default=None, help="adaptive experts on llama.cpp: GGUF type of the assembled models "
+                                                  "(default Q8_0)")
+    p.add_argument("--mixpe", default=None, help="MixPE mode with --backend mixpe: W4A8, W4A16 (default), W8A8, W8A16")
     p.add_argument("--cost-table", default=None, help="MixPE: energy cost table YAML (default: the simulator's)")
     p.add_argument("--kv-layout", default=None, metavar="LAYOUT",
                    help="KVTuner KV-cache layout YAML, or a directory of them ('edgerun kv tune' output) to choose "
@@ -135,12 +136,19 @@ def cmd_chat(args) -> int:
     def notify(msg: str) -> None:
         print(f"[{msg}]", file=sys.stderr, flush=True)
 
-    mixpe = {"mode": args.mixpe, "cost_table": args.cost_table} if args.backend == "mixpe" else {}
+    if args.backend != "mixpe" and (args.mixpe or args.cost_table):
+        raise UsageError("--mixpe and --cost-table apply to --backend mixpe")
+    if args.quant and not (args.adaptive_experts and args.backend in (None, "llama.cpp")):
+        raise UsageError("--quant applies to --adaptive-experts on llama.cpp (the GGUFs assembled per task); "
+                         "to quantize a model use 'edgerun export --quant'")
+    if not args.adaptive_experts and (args.patterns or args.keep != "2/4"):
+        raise UsageError("--patterns and --keep apply to --adaptive-experts")
+    mixpe = {"mode": args.mixpe or "W4A16", "cost_table": args.cost_table} if args.backend == "mixpe" else {}
     assembler = None
     if args.adaptive_experts and args.backend in (None, "llama.cpp"):
         from converters.assemble import GGUFAssembler  # the writers: only adaptive experts on llama.cpp
 
-        assembler = GGUFAssembler(args.quant, log=notify)
+        assembler = GGUFAssembler(args.quant or "Q8_0", log=notify)
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -191,12 +199,15 @@ def _repl(session, args) -> int:
             else:
                 print(f"unknown command {cmd}; /help lists the commands", file=sys.stderr)
             continue
-        pieces = session.chat(line, stream=True)
         try:
-            _print_reply(pieces)
-        except KeyboardInterrupt:
-            pieces.close()
-            print("\n[interrupted]", file=sys.stderr)
+            pieces = session.chat(line, stream=True)
+            try:
+                _print_reply(pieces)
+            except KeyboardInterrupt:
+                pieces.close()
+                print("\n[interrupted]", file=sys.stderr)
+        except EdgerunError as e:  # one refused or failed message does not end the conversation
+            print(f"error: {e}", file=sys.stderr)
 
 
 def _old_spelling(p, flag: str, dest: str) -> None:

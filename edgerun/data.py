@@ -1,4 +1,4 @@
-"""Calibration and held-out text, split by document the same way for every issue that measures.
+"""Calibration and held-out text, split by document the same way for every measurement.
 
 The six calibration texts of exllamav2 (catalog datasets ``wiki``, ``c4``, ``tiny``, ``code``,
 ``multilingual``, ``technical``) are cut into documents by their own structure:

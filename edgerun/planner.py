@@ -90,7 +90,7 @@ class Plan:
 
     Attributes:
         engine: backend name. model_path: the model to run (the loaded one, or the task's model).
-        weights_bytes: bytes of that model's weights. budget_bytes: the device's memory budget.
+        weights_bytes: bytes of that model's weights. budget_bytes: the device's memory budget (0: none).
         experts: the task-expert choice, or None (no adaptive experts).
         kv: the KV-layout choice, or None (the engine's cache as loaded).
         settings: engine settings fixed at load (threads, context, KV types).
@@ -252,57 +252,62 @@ class KVPlanner:
 # --- the planner ------------------------------------------------------------------------------------------
 
 class Planner:
-    """Makes the one plan per message (see the module docstring).
+    """Makes the one plan per message (see the module docstring). It keeps no state between messages:
+    the session passes in what is loaded and the previous plan.
 
     Args:
-        engine: backend name. model_path: the model loaded at start. weights_bytes: its resident bytes.
-        budget_bytes: the device's memory budget in bytes.
-        experts: task-expert retrieval (:class:`edgerun.moe.taer.ExpertPlanner`), or None.
+        engine: backend name. budget_bytes: the device's memory budget in bytes (0: not checked).
+        experts: task-expert retrieval (:class:`edgerun.moe.taer.ExpertPlanner`), or None; its
+            ``resident_bytes`` (the retrieval model kept in memory) count against the budget.
         kv: per-message KV layouts, or None.
         settings: engine settings fixed at load (shown in every plan).
     """
 
-    def __init__(self, engine: str, model_path: str | Path, weights_bytes: int, budget_bytes: int,
-                 experts=None, kv: KVPlanner | None = None, settings: dict | None = None):
+    def __init__(self, engine: str, budget_bytes: int, experts=None, kv: KVPlanner | None = None,
+                 settings: dict | None = None):
         self.engine, self.budget = engine, int(budget_bytes)
         self.experts, self.kv = experts, kv
         self.settings = dict(settings or {})
-        self._loaded = (Path(model_path), int(weights_bytes))
-        self.last: Plan | None = None
 
-    def plan(self, message: str, n_prompt: int, reply_tokens: int) -> Plan:
+    def plan(self, message: str, n_prompt: int, reply_tokens: int, loaded: tuple[Path, int],
+             previous: Plan | None = None) -> Plan:
         """The plan for ``message`` whose formatted prompt is ``n_prompt`` tokens, with ``reply_tokens`` of room.
 
+        Args:
+            loaded: (path, resident weight bytes) of the model loaded now.
+            previous: the plan of the previous message (None for the first, or after ``/clear``).
+
         Raises:
-            UsageError: the chosen model's weights plus the cheapest KV layout exceed the budget.
+            UsageError: the chosen model's weights (with the retrieval model) exceed the device budget,
+                or no KV layout fits what is left.
         """
         reasons = []
         expert_choice = None
-        path, weights = self._loaded
+        path, weights = Path(loaded[0]), int(loaded[1])
+        resident = 0
         if self.experts is not None:
             expert_choice, path = self.experts.choose(message)
             reasons.append(f"experts: task '{expert_choice.task}' (key distance {expert_choice.distance:.4f}), "
                            f"top-{expert_choice.a} of its {expert_choice.b} experts per layer")
-            weights = self._loaded[1] if path == self._loaded[0] else model_file_bytes(path)
+            weights = int(loaded[1]) if path == Path(loaded[0]) else model_file_bytes(path)
+            resident = int(getattr(self.experts, "resident_bytes", 0))
         else:
             reasons.append(f"model: {path.name} as loaded")
+        if self.budget and weights + resident > self.budget:
+            raise UsageError(f"the model's weights ({_mib(weights)}" + (f" + {_mib(resident)} for retrieval" if resident
+                             else "") + f") exceed the device budget of {_mib(self.budget)}; use a smaller model or "
+                             "variant, or a device with more memory")
         kv_choice = None
         if self.kv is not None:
-            kv_choice = self.kv.choose(n_prompt + reply_tokens, available=self.budget - weights)
+            kv_choice = self.kv.choose(n_prompt + reply_tokens, available=self.budget - weights - resident)
             reasons.append(kv_choice.reason)
-        model_changed = self.last is not None and path != self.last.model_path
-        kv_changed = (self.last is not None and kv_choice is not None and self.last.kv is not None
-                      and kv_choice.layout is not self.last.kv.layout)
+        model_changed = previous is not None and path != previous.model_path
+        kv_changed = (previous is not None and kv_choice is not None and previous.kv is not None
+                      and kv_choice.layout is not previous.kv.layout)
         if model_changed:
             reasons.append("a new model: the conversation is prefilled into it")
         elif kv_changed:
             reasons.append("a new KV layout: the conversation is re-prefilled under it")
-        plan = Plan(engine=self.engine, model_path=path, weights_bytes=int(weights), budget_bytes=self.budget,
+        return Plan(engine=self.engine, model_path=path, weights_bytes=int(weights), budget_bytes=self.budget,
                     experts=expert_choice, kv=kv_choice, settings=dict(self.settings), reasons=reasons,
                     model_changed=model_changed, kv_changed=kv_changed)
-        self.last = plan
-        return plan
-
-    def loaded(self, path: str | Path, weights_bytes: int) -> None:
-        """Tell the planner which model is resident now and its measured weight bytes."""
-        self._loaded = (Path(path), int(weights_bytes))

@@ -9,12 +9,14 @@ context is cut to its last tokens. Generation stops at the end of the context in
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from edgerun.backends.base import Backend, GenerationStats, SamplingParams, reply_budget
-from edgerun.errors import UsageError
+from edgerun.errors import BackendError, UsageError
 from edgerun.planner import Plan, Planner
 from edgerun.templates import ChatTemplate
 
@@ -69,8 +71,7 @@ class Session:
                  sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None,
                  planner: Planner | None = None, open_model: Callable[[Plan], Backend] | None = None):
         self.backend, self.template = backend, template
-        self.planner = planner or Planner(backend.name, backend.path, backend.memory().model_bytes, 0,
-                                          settings=backend.engine_settings())
+        self.planner = planner or Planner(backend.name, 0, settings=backend.engine_settings())
         self._open_model = open_model
         self.turns: list[Turn] = []
         self.system = system
@@ -85,8 +86,10 @@ class Session:
     # --- conversation ---------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Forget every turn (the system prompt stays)."""
+        """Forget every turn and its record (the system prompt stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns = []
+        self._told_trim = False
         self.backend.last_stats = GenerationStats(context_size=self.backend.n_ctx)
 
     @property
@@ -108,68 +111,105 @@ class Session:
 
         The planner makes one plan for the message (model or task experts, KV layout, engine
         settings), the session applies it, and the reply's record joins :attr:`turns`. With
-        ``stream=True`` returns an iterator of text pieces as they are decoded; the reply joins the
-        history when the iterator ends or is closed (a reply cut by Ctrl-C keeps what was shown).
-        With ``stream=False`` returns the whole reply text (the engine's non-streaming path).
+        ``stream=True`` returns an iterator of text pieces as they are decoded; the message and the
+        reply join the history when the iterator ends or is closed (a reply cut by Ctrl-C keeps what
+        was shown). With ``stream=False`` returns the whole reply text (the engine's non-streaming
+        path). A reply that fails in the engine leaves the history as it was, and its record says
+        ``finish_reason="error"``.
 
         Raises:
             UsageError: an empty message, a system prompt that alone does not fit the context, or a
                 plan that does not fit the device's memory budget.
             ChatTemplateError: the template cannot format the conversation.
+            BackendError, ModelFileError: the engine fails, or the plan's model cannot be opened (the
+                session then runs the model it had, or says it must be reloaded).
         """
         if not message or not message.strip():
             raise UsageError("empty message")
         messages, tokens = self._fit(message)
-        plan = self.planner.plan(message, len(tokens), reply_budget(self.backend.n_ctx, len(tokens),
-                                                                    self.sampling.max_tokens))
+        previous = self.turns[-1].plan if self.turns else None
+        plan = self.planner.plan(message, len(tokens),
+                                 reply_budget(self.backend.n_ctx, len(tokens), self.sampling.max_tokens),
+                                 loaded=(self.backend.path, self.backend.memory().model_bytes), previous=previous)
         turn = self._apply(plan)
         self.turns.append(turn)
         if stream:
             return self._stream(messages, tokens, turn)
         try:
             text = self.backend.complete(tokens, self.sampling)
-        finally:
-            self._finish(turn)
+        except Exception:
+            self._finish(turn, failed=True)
+            raise
+        self._finish(turn)
         self.messages = messages + [{"role": "assistant", "content": text}]
         return text
 
     def _apply(self, plan: Plan) -> Turn:
-        """Run what ``plan`` says: open its model if it is another one, set its KV layout; the turn's record."""
-        turn = Turn(plan, history="new" if not self.turns else "kept")
-        if str(plan.model_path) != str(self.backend.path):
-            if self._open_model is None:
-                raise UsageError(f"the plan runs {plan.model_path}, but this session cannot open another model")
-            t0 = time.perf_counter()
-            self.backend.close()
-            self.backend = self._open_model(plan)
-            turn.load_ms = (time.perf_counter() - t0) * 1e3
-            self.planner.loaded(plan.model_path, self.backend.memory().model_bytes)
-            if self.turns:
+        """Run what ``plan`` says, in one place: open its model if it is another one, set its KV layout.
+
+        Returns the turn's record, whose ``history`` says what happened to the conversation's cache.
+        """
+        history = "kept" if any(m["role"] == "assistant" for m in self.messages) else "new"
+        turn = Turn(plan, history=history)
+        if Path(plan.model_path) != Path(self.backend.path):
+            turn.load_ms = self._swap_model(plan)
+            if history == "kept":
                 turn.history = "re-prefilled into the new model"
             if plan.experts is not None:
                 self._notify(f"experts: task '{plan.experts.task}' ({plan.experts.a}/{plan.experts.b}), "
                              "model rebuilt")
-        if plan.kv is not None:
-            dropped = self.backend.set_kv_layout(plan.kv.layout)
-            if dropped and turn.history == "kept":
-                turn.history = "re-prefilled under the new layout"
-                self._notify(f"KV layout {plan.kv.layout.name}: the conversation is re-prefilled under it")
+        if plan.kv is not None and self.backend.set_kv_layout(plan.kv.layout) and history == "kept" \
+                and turn.history == "kept":
+            turn.history = "re-prefilled under the new layout"
+            self._notify(f"KV layout {plan.kv.layout.name}: the conversation is re-prefilled under it")
+        self.backend.last_stats = GenerationStats(context_size=self.backend.n_ctx)
         return turn
 
-    def _finish(self, turn: Turn) -> None:
+    def _swap_model(self, plan: Plan) -> float:
+        """Close the loaded model and open the plan's (memory first: never two models at once); ms taken.
+
+        Raises:
+            UsageError: the session has no way to open another model.
+            EdgerunError: the plan's model cannot be opened; the previous model is reopened (or, if that
+                fails too, the session says it must be reloaded).
+        """
+        if self._open_model is None:
+            raise UsageError(f"the plan runs {plan.model_path}, but this session cannot open another model")
+        t0 = time.perf_counter()
+        previous = dataclasses.replace(plan, model_path=self.backend.path)
+        self.backend.close()
+        try:
+            self.backend = self._open_model(plan)
+        except BaseException:
+            try:
+                self.backend = self._open_model(previous)
+            except Exception:
+                raise BackendError(f"could not open {plan.model_path} nor reopen {previous.model_path}; "
+                                   "load the session again") from None
+            raise
+        return (time.perf_counter() - t0) * 1e3
+
+    def _finish(self, turn: Turn, failed: bool = False) -> None:
         turn.stats = self.backend.last_stats
+        if failed:
+            turn.stats.finish_reason = "error"
         turn.accounting = self.backend.accounting()
 
     def _stream(self, messages: list[dict], tokens: list[int], turn: Turn) -> Iterator[str]:
         pieces: list[str] = []
-        self.messages = messages
         try:
             for piece in self.backend.stream(tokens, self.sampling):
                 pieces.append(piece)
                 yield piece
-        finally:
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        except Exception:
+            self._finish(turn, failed=True)       # the history stays as it was before this message
+            raise
+        except BaseException:                     # closed (Ctrl-C): keep what was shown
+            self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
             self._finish(turn)
+            raise
+        self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+        self._finish(turn)
 
     # --- context-window policy ------------------------------------------------------------------
 

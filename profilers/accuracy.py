@@ -1,4 +1,4 @@
-"""The quality protocol every issue measures with: perplexity on held-out calibration text.
+"""The quality protocol every result is measured with: perplexity on held-out calibration text.
 
 Protocol (identical for every backend):
 

@@ -37,7 +37,7 @@ def test_quantize_dequantize_error_is_bounded_by_the_step(bits, axis):
         step = s.expand(*s.shape[:-1], 32).reshape(*x.shape[:-2], x.shape[-1], x.shape[-2]).transpose(-1, -2)
     assert bool((err <= step * 1.0005 + 1e-6).all())          # rounding, and at most one step where clipped
     assert float((err <= step / 2 + 1e-5).float().mean()) > 0.95  # most values: half a step
-    # the step is the ALGORITHMS.md formula (max - min) / (2^b - 1), stored as float16
+    # the step is KVTuner's formula (max - min) / (2^b - 1), stored as float16
     g = x[0, 0, 0, :32] if axis == -1 else x[0, 0, :32, 0]
     assert float(s.flatten()[0]) == pytest.approx(float(((g.max() - g.min()) / (2 ** bits - 1)).half()))
 

@@ -1,4 +1,4 @@
-"""Long-to-Short merging (issue #9): the per-tensor methods on hand-made tensors, streaming merges of
+"""Long-to-Short merging: the per-tensor methods on hand-made tensors, streaming merges of
 tiny generated checkpoints and of two real SmolLM2 checkpoints, recipes, bad input, export and chat."""
 
 from __future__ import annotations

@@ -157,9 +157,10 @@ def test_adaptive_experts_and_kv_layouts_are_one_plan(tiny_moe, tmp_path):
     kv16_per_token = 2 * n_layers * cfg.num_key_value_heads * hd * 4
     # a budget where the assembled model's weights leave room for KV16 over a short message only
     code_model = model_file_bytes(carved)  # an upper bound on any pruned model's bytes
+    retrieval = sum(p.numel() * p.element_size() for p in model.parameters())   # the resident key model
     device = tmp_path / "d.yaml"
     device.write_text(f"name: d\ncpu_model: t\ncores: 1\nthreads: 1\nram_gib: 1\n"
-                      f"memory_budget_gib: {(code_model + 200 * kv16_per_token) / 2**30:.9f}\n")
+                      f"memory_budget_gib: {(code_model + retrieval + 200 * kv16_per_token) / 2**30:.9f}\n")
     s = edgerun.load(str(carved), backend="torch", adaptive_experts=True, keep="2/4", patterns=str(pats),
                      kv_layout=str(front), device=str(device), chat_template="chatml", temperature=0.0,
                      max_tokens=4, n_ctx=1024)
@@ -167,7 +168,7 @@ def test_adaptive_experts_and_kv_layouts_are_one_plan(tiny_moe, tmp_path):
         s.chat(cal.task_text("code")[:300], stream=False)
         plan = s.last_turn.plan
         assert plan.engine == "torch" and plan.experts.task == "code" and plan.experts.b == 4
-        assert plan.kv is not None and plan.kv.kv_bytes <= plan.budget_bytes - plan.weights_bytes
+        assert plan.kv is not None and plan.kv.kv_bytes <= plan.budget_bytes - plan.weights_bytes - retrieval
         assert any(r.startswith("experts: task 'code'") for r in plan.reasons)
         assert any(r.startswith("KV layout") for r in plan.reasons)
         assert s.backend.kv_layout is plan.kv.layout or (plan.kv.layout.name == "KV16")

@@ -108,7 +108,7 @@ def test_peak_rss_rises_with_a_larger_model(exported, smollm2_f32_gguf):
 
     from edgerun.backends.llamacpp import LlamaCppBackend
     from profilers import latency
-    from profilers.memory import PeakRSS
+    from edgerun.procmem import PeakRSS
 
     def delta(path):
         gc.collect()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 import time
 from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import llama_cpp
 import numpy as np
+import psutil
 
 from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, log_softmax_at,
                                    physical_cores, reply_budget)
@@ -43,8 +46,6 @@ def _warn_if_amx_under_hypervisor(llama_cpp) -> None:
     except (OSError, UnicodeDecodeError, AttributeError):
         return
     if "AMX_INT8 = 1" in system and " hypervisor" in cpuinfo:
-        import sys
-
         print("warning: this llama.cpp build uses AMX inside a virtual machine; if it dies with "
               "'Illegal instruction', rebuild llama-cpp-python with CMAKE_ARGS=-DCMAKE_C_FLAGS=-mno-amx-int8 "
               "(see README, Install)", file=sys.stderr)
@@ -77,8 +78,6 @@ def capture_log() -> deque[tuple[int, str]]:
 
     The backend reads a failed load's reason from it; the benchmark harness reads buffer sizes.
     """
-    import llama_cpp  # the native library: loaded with the engine, not with the package
-
     _capture_llama_log(llama_cpp)
     return _LOG
 
@@ -118,8 +117,6 @@ class LlamaCppBackend(Backend):
                  batch_threads: int | None = None, n_batch: int = 512, flash_attn: bool = False,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int | None = None,
                  info: gguf_format.GGUFInfo | None = None):
-        import llama_cpp
-
         self.path = Path(path)
         self.info = info if info is not None and info.path == self.path else gguf_format.validate(self.path)
         for which, t in (("K", cache_type_k), ("V", cache_type_v)):
@@ -398,8 +395,6 @@ class LlamaCppBackend(Backend):
                                       + v_dim * KV_TYPES[self.cache_type_v].bytes_per_value)
 
     def memory(self) -> MemoryInfo:
-        import psutil
-
         return MemoryInfo(model_bytes=int(self._llama_cpp.llama_model_size(self.llm.model)),
                           kv_cache_bytes=int(self.kv_bytes_per_token() * self._llama_cpp.llama_n_ctx(self.llm.ctx)),
                           rss_bytes=psutil.Process().memory_info().rss)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -158,8 +159,6 @@ def load_cost_table(path: str | Path | None = None) -> dict:
     Raises:
         UsageError: unreadable or missing fields (named).
     """
-    import yaml
-
     path = Path(path) if path else COST_TABLE
     try:
         table = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -306,7 +305,7 @@ class MixPEBackend(TorchBackend):
         self._table = load_cost_table(cost_table)
         super().__init__(path, **options)
         self.mixpe_mode = mode.upper()
-        self.name = f"mixpe-{self.mixpe_mode}"
+        self.name = "mixpe"
         self._counter = install(self.model, path, self.mixpe_mode)
         self._tokens = 0
 

@@ -84,7 +84,7 @@ class OnnxBackend(Backend):
         BackendError: onnxruntime-genai refuses the model.
     """
 
-    name = "onnxruntime-genai"
+    name = "onnx"
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  seed: int | None = None, **_ignored):

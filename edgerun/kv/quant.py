@@ -1,6 +1,6 @@
 """Asymmetric min/max quantization of K/V tensors and exact bit packing (KVTuner, KIVI).
 
-Quantizer (KVTuner, ALGORITHMS.md): :mod:`edgerun.minmax` over each group's own range [min, max]:
+Quantizer (KVTuner, Li et al. 2025, Sec. 3; KIVI, Liu et al. 2024): :mod:`edgerun.minmax` over each group's own range [min, max]:
 ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``, ``q = clip(round(x / s) + z, 0, 2^b - 1)``,
 ``x^ = (q - z) * s``; with z rounded, the error of each value is at most s (s / 2 where no clipping
 happens). The scale is stored as float16 (and used rounded), the integer zero point as int16; so

@@ -66,6 +66,8 @@ class ExpertPlanner:
             tcess.check_model(p, fp)
         if b > fp["experts"]:
             raise UsageError(f"--keep {a}/{b}: b exceeds the {fp['experts']} routed experts per layer")
+        # the retrieval model stays resident beside the engine's model: the planner counts it in the budget
+        self.resident_bytes = sum(p.numel() * p.element_size() for p in self.key_model.parameters())
         self.key_layer = self.patterns[0].key_layer
         self.score = self.patterns[0].score
         self.keys = torch.stack([p.key() for p in self.patterns])          # (tasks, experts)
