@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
 
 from edgerun.errors import ChecksumError, DownloadError, ModelFileError, UnknownModelError
 
@@ -388,6 +387,8 @@ def _run_with_progress(cmd: list[str], label: str) -> tuple[int, str]:
                     continue
                 done, total = int(m.group(1)), int(m.group(2))
                 if bar is None:
+                    from tqdm import tqdm  # 17 ms at start-up: only a pull shows a bar
+
                     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                desc=f"pulling {label}", leave=True)
                 bar.update(done - bar.n)

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
-import yaml
 
 from edgerun.backends.base import physical_cores
 from edgerun.formats import yamlfile as yf
@@ -119,4 +118,6 @@ def budget_bytes(device: str | Path | DeviceConfig | None = None) -> int:
 
 
 def to_yaml(config: DeviceConfig) -> str:
+    import yaml  # only to write a config; chat reads none unless --device is given (yamlfile reads those)
+
     return yaml.safe_dump(config.as_dict(), sort_keys=False, allow_unicode=True)

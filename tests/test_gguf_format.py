@@ -114,3 +114,15 @@ def test_real_default_model_is_valid(default_model_path):
     assert info.metadata["llama.block_count"] == 30
     assert info.n_params == 134_515_008
     assert "<|im_start|>" in info.chat_template
+
+
+def test_the_ggml_type_table_matches_gguf_py():
+    """edgerun's own table (kept off gguf-py for start-up time) has gguf-py's ids, names and sizes."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from edgerun.formats.ggml import GGML_TYPES
+
+    for i, t in GGML_TYPES.items():
+        ref = GGMLQuantizationType(i)
+        assert t.name == ref.name and (t.block, t.block_bytes) == GGML_QUANT_SIZES[ref]
+    assert {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS"} <= {t.name for t in GGML_TYPES.values()}

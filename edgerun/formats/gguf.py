@@ -20,11 +20,11 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from edgerun.errors import ModelFileError
+from edgerun.formats.ggml import GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -94,6 +94,9 @@ class GGUFInfo:
         return int(v) if v is not None else None
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Scanner:
     """Bounds-checked little-endian reader over a memory map."""
 
@@ -128,6 +131,22 @@ class _Scanner:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Step over ``count`` length-prefixed strings (a vocabulary, merges), bounds-checking each length.
+
+        The chat path's hot loop (about 100k strings for a 49k vocabulary): locals only, no decoding.
+        """
+        buf, pos, size, length = self.buf, self.pos, self.size, _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                raise self.fail(f"{what} length runs past the end of the file")
+            pos += 8 + length(buf, pos)[0]
+            if pos > size:
+                self.pos = pos
+                raise self.fail(f"{what} runs past the end of the file")
+        self.pos = pos
+
     def value(self, vtype: int, what: str, keep: bool):
         if vtype in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[vtype], what)
@@ -146,18 +165,12 @@ class _Scanner:
             if itype == _STRING:
                 # every string needs at least its 8-byte length: a cheap bound before looping
                 self.need(count * 8, what)
-                items = [self.string(what, keep and count <= 64) for _ in range(count)]
-                return items if keep and count <= 64 else None
+                if keep and count <= 64:
+                    return [self.string(what) for _ in range(count)]
+                self.skip_strings(count, what)
+                return None
             raise self.fail(f"{what} has unsupported array item type {itype}")
         raise self.fail(f"{what} has unknown value type {vtype}")
-
-
-@lru_cache(maxsize=None)
-def _type_table() -> dict[int, tuple[str, int, int]]:
-    """ggml type id -> (name, block size in weights, bytes per block), from gguf-py's constants."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # gguf-py: kept off the chat path's imports
-
-    return {int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 
 
 def validate(path: str | Path, read_with_gguf: bool = False) -> GGUFInfo:
@@ -215,7 +228,7 @@ def _scan(buf: mmap.mmap, path: Path) -> GGUFInfo:
         vtype = s.unpack("I", f"type of {key}")
         metadata[key] = s.value(vtype, key, keep=True)
 
-    types = _type_table()
+    types = {i: (t.name, t.block, t.block_bytes) for i, t in GGML_TYPES.items()}
     raw_tensors = []
     for i in range(n_tensors):
         name = s.string(f"name of tensor {i}")

@@ -1,8 +1,8 @@
 """The KV-cache element types llama.cpp accepts (``--cache-type-k/-v``): the one table of them.
 
 Names are llama.cpp's (lower-case ggml type names); ids are ggml's ``enum ggml_type`` values
-(ggml.h; gguf-py's ``GGMLQuantizationType``); block sizes and bytes per block are ggml's type
-traits (gguf-py's ``GGML_QUANT_SIZES``). A block type stores ``block`` values in ``block_bytes``
+(ggml.h); block sizes and bytes per block are ggml's type traits, from the one table of ggml types
+(:mod:`edgerun.formats.ggml`). A block type stores ``block`` values in ``block_bytes``
 bytes: its codes plus a float16 scale (``q8_0``, ``q5_0``, ``q4_0``, ``iq4_nl``) or a float16 scale
 and minimum (``q5_1``, ``q4_1``). A quantized V cache needs flash attention in llama.cpp.
 """
@@ -10,6 +10,8 @@ and minimum (``q5_1``, ``q4_1``). A quantized V cache needs flash attention in l
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from edgerun.formats.ggml import GGML_TYPES
 
 
 @dataclass(frozen=True)
@@ -44,14 +46,7 @@ class KVType:
         return self.block > 1
 
 
-KV_TYPES: dict[str, KVType] = {t.name: t for t in (
-    KVType("f32", 0, 1, 4),
-    KVType("f16", 1, 1, 2),
-    KVType("bf16", 30, 1, 2),
-    KVType("q8_0", 8, 32, 34),
-    KVType("q5_1", 7, 32, 24),
-    KVType("q5_0", 6, 32, 22),
-    KVType("q4_1", 3, 32, 20),
-    KVType("q4_0", 2, 32, 18),
-    KVType("iq4_nl", 20, 32, 18),
-)}
+KV_TYPES: dict[str, KVType] = {
+    GGML_TYPES[i].name.lower(): KVType(GGML_TYPES[i].name.lower(), i, GGML_TYPES[i].block, GGML_TYPES[i].block_bytes)
+    for i in (0, 1, 30, 8, 7, 6, 3, 2, 20)      # f32 f16 bf16 q8_0 q5_1 q5_0 q4_1 q4_0 iq4_nl
+}
