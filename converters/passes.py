@@ -287,6 +287,15 @@ def cached_output(model: Path, kind: str, name: str) -> Path:
     return cache / kind / f"{name}-{key}"
 
 
+def output_of(out: Path | None, cached: Callable[[], Path], marker: str = "config.json") -> tuple[Path, bool]:
+    """(where a pass writes, whether it must run): a given ``out`` is always written; otherwise the cache
+    path ``cached()`` is reused when its ``marker`` file exists (a complete earlier output)."""
+    if out is not None:
+        return out, True
+    path = cached()
+    return path, not (path / marker).is_file()
+
+
 def carve_record(carved: Path) -> dict:
     """The manifest record of a carved checkpoint, from the carve metadata in its config."""
     meta = read_config(carved)[MOE_KEY]
@@ -373,14 +382,13 @@ class MergePass(Pass):
         if ctx.source is None or model != ctx.source.path:      # a merge after another pass: BASE is its output
             recipe = dataclasses.replace(recipe, base=str(model))
         models = [open_source(m, progress=ctx.progress) for m in recipe.models]
-        if out is None:
+        def cached() -> Path:
             stamp = input_stamp(model, *[m.path for m in models])
             key = hashlib.sha256(json.dumps([recipe.as_dict(), [str(m.path) for m in models], stamp],
                                             sort_keys=True, default=str).encode()).hexdigest()[:12]
-            out = catalog.home() / "cache" / "merged" / f"{model.name}-{recipe.spec.method}-{key}"
-            todo = not (out / mg.MERGE_META).is_file()
-        else:
-            todo = True
+            return catalog.home() / "cache" / "merged" / f"{model.name}-{recipe.spec.method}-{key}"
+
+        out, todo = output_of(out, cached, mg.MERGE_META)
         if todo:
             ctx.log(f"merging {', '.join(recipe.models)} into {ctx.label or model.name} ({recipe.spec.method})")
             tok = recipe.tokenizer_from
@@ -426,12 +434,9 @@ class CarvePass(Pass):
 
         cfg = moe_config.parse(self.values["config"], int(read_config(model)["intermediate_size"]))
         tokens, dataset = self.values["calib_tokens"], self.values["dataset"]
-        if out is None:
-            suffix = "" if dataset == "wiki" else f"-{dataset}"
-            out = catalog.home() / "cache" / "carved" / f"{model.name}-{cfg.name}-t{tokens}{suffix}"
-            todo = not (out / "config.json").is_file()
-        else:
-            todo = True
+        suffix = "" if dataset == "wiki" else f"-{dataset}"
+        out, todo = output_of(out, lambda: catalog.home() / "cache" / "carved"
+                              / f"{model.name}-{cfg.name}-t{tokens}{suffix}")
         if todo:
             ctx.log(f"carving {ctx.label or model.name} into {cfg.name} (CMoE, {tokens} calibration tokens)")
             b = bar(f"carving {cfg.name}", ctx.progress, "layer")
@@ -470,13 +475,9 @@ class FinetunePass(Pass):
         from converters.cmoe_finetune import finetune   # torch, peft
 
         v = self.values
-        if out is None:
-            name = (f"{model.name}-ft{v['minutes']:g}m" + (f"-s{v['steps']}" if v["steps"] else "")
-                    + ("" if v["lora"] else "-nolora") + ("" if v["dataset"] == "wiki" else f"-{v['dataset']}"))
-            out = cached_output(model, "finetuned", name)
-            todo = not (out / "config.json").is_file()
-        else:
-            todo = True
+        name = (f"{model.name}-ft{v['minutes']:g}m" + (f"-s{v['steps']}" if v["steps"] else "")
+                + ("" if v["lora"] else "-nolora") + ("" if v["dataset"] == "wiki" else f"-{v['dataset']}"))
+        out, todo = output_of(out, lambda: cached_output(model, "finetuned", name))
         if todo:
             ctx.log(f"fine-tuning {model.name} for {v['minutes']:g} minutes (gate scales, bias load balancing"
                     + (", LoRA r=8)" if v["lora"] else ")"))
@@ -511,11 +512,7 @@ class HostPass(Pass):
     def apply(self, model, ctx, out):
         from converters.moe_export import to_granite   # torch
 
-        if out is None:
-            out = cached_output(model, "host", model.name + "-granite")
-            todo = not (out / "config.json").is_file()
-        else:
-            todo = True
+        out, todo = output_of(out, lambda: cached_output(model, "host", model.name + "-granite"))
         if todo:
             ctx.log("fitting linear routers to CMoE's choices (Granite shared-expert MoE host)")
             b = bar("routers", ctx.progress)
@@ -576,11 +573,8 @@ class PrunePass(Pass):
         tcess.check_model(pattern, {"layers": cfg["num_hidden_layers"], "experts": cfg["num_local_experts"],
                                     "top_k": cfg["num_experts_per_tok"]})
         keep = pattern.keep(b)
-        if out is None:
-            out = cached_output(model, "pruned", f"{model.name}-{task}-{a}of{b}-{pattern.score}")
-            todo = not (out / "config.json").is_file()
-        else:
-            todo = True
+        out, todo = output_of(out, lambda: cached_output(model, "pruned",
+                                                         f"{model.name}-{task}-{a}of{b}-{pattern.score}"))
         if todo:
             ctx.log(f"pruning to the top {b} experts of task '{task}' per layer, routing top-{a} "
                     f"({pattern.score} TCESS)")
@@ -632,11 +626,8 @@ class PtqPass(Pass):
 
         v = self.values
         windows = math.ceil(v["calib_tokens"] / PTQ_WINDOW)
-        if out is None:
-            out = catalog.home() / "cache" / "ptq" / f"{model.name}-{self.tag()}-t{windows * PTQ_WINDOW}"
-            todo = not (out / "config.json").is_file()
-        else:
-            todo = True
+        out, todo = output_of(out, lambda: catalog.home() / "cache" / "ptq"
+                              / f"{model.name}-{self.tag()}-t{windows * PTQ_WINDOW}")
         if todo:
             ctx.log(f"quantizing linear layers with {v['method'].upper()} to {v['bits']} bits, groups of "
                     f"{v['group_size']} (calibration: {windows} x {PTQ_WINDOW} tokens of the wiki calibration split)")

@@ -100,9 +100,10 @@ class RawLlama:
     def stream(self, prompt_tokens, sampling):
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
         n = 0
-        # reset=False: generate() reuses the longest cached prefix; reset() above decides what is cached
+        # reset=True (the default): generate() reuses the longest cached prefix, as llama-cpp-python's own
+        # completion does; after reset() nothing is cached, so a cold run evaluates every prompt token
         for tok in self.llm.generate(list(prompt_tokens), temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
-                                     repeat_penalty=1.0, reset=False):
+                                     repeat_penalty=1.0):
             n += 1
             yield self.llm.detokenize([tok]).decode("utf-8", errors="ignore")
             if n >= sampling.max_tokens:
@@ -203,7 +204,11 @@ class Worker:
         self.backend.reset()
         latency.measure(self.backend, self.prompt[:-new_tokens], 1, sampling=self.params)
         rec = latency.measure(self.backend, self.prompt, 1, sampling=self.params)
-        return {"ok": True, "second_turn_ttft_ms": rec.ttft_ms, "second_turn_new_tokens": new_tokens}
+        ctx = self._llama_ctx()
+        evaluated = (llama_cpp.llama_perf_context(ctx).n_p_eval if ctx is not None
+                     else self.backend.last_stats.prefill_tokens)
+        return {"ok": True, "second_turn_ttft_ms": rec.ttft_ms, "second_turn_new_tokens": new_tokens,
+                "second_turn_evaluated_tokens": int(evaluated)}
 
     def close(self) -> dict:
         if self.backend is not None:
