@@ -9,8 +9,8 @@ per line from the child's reply pipe (the child's own stdout and stderr stay fre
 
 - ``{"op": "open", "cell": {...}, "path": "...", "ctx": N, "idle": {...}, "device": {...}}`` ->
   ``{"ok": true, "pid", "load_s", "rss_after_load_bytes", "peak_rss_after_load_bytes", "engine_buffers"}``
-- ``{"op": "run", "cold": true}`` -> one repetition's metrics (see :func:`Worker.run`)
-- ``{"op": "second_turn"}`` -> TTFT of the prompt with all but its last 32 tokens already cached
+- ``{"op": "run", "cold": true}`` -> one repetition's metrics, its second-turn TTFT included (see
+  :func:`Worker.run`)
 - ``{"op": "close"}`` -> ``{"ok": true, "peak_rss_bytes", "rss_bytes"}``, then the child exits.
 
 An error in a command is replied as ``{"ok": false, "error": "..."}``; a child that dies (a signal,
@@ -24,8 +24,9 @@ A repetition that evaluated fewer tokens than the prompt reused a prefix: it is 
 ``reused_prefix_tokens > 0`` and the parent rejects it.
 
 CPU: each repetition reports the CPU time this process got (user + system, all threads) against
-wall time, and the machine's steal time from ``/proc/stat`` over the same interval, so the parent can
-tell a repetition that lost the cores to another process.
+wall time, the CPU time every other process used meanwhile and the machine's steal time (both from
+``/proc/stat``), so the parent can tell a repetition that shared the cores: llama.cpp's threads spin
+while they wait, so a loss shows in the other processes' time rather than in this one's CPU share.
 """
 
 from __future__ import annotations
@@ -50,16 +51,19 @@ from profilers import latency, power
 _BUFFER_LINE = re.compile(r":\s*(.+?)\s+buffer size\s*=\s*([\d.]+) MiB")
 
 
-def steal_seconds() -> float | None:
-    """Machine-wide steal time so far (seconds, all CPUs) from ``/proc/stat``, or None where unreadable.
+def cpu_times() -> tuple[float, float] | None:
+    """Machine-wide (busy, steal) CPU seconds so far, all CPUs, from ``/proc/stat``; None where unreadable.
 
-    Steal is time the hypervisor ran another guest while this VM wanted the CPU.
+    Busy is user + nice + system + irq + softirq time of every process; steal is time the hypervisor ran
+    another guest while this VM wanted the CPU.
     """
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        tick = os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def engine_buffers(log_lines: list[str]) -> dict[str, float]:
@@ -90,6 +94,7 @@ class RawLlama:
         self._reset_next = True
 
     def tokenize(self, text_: str) -> list[int]:
+        """Token ids of plain text (no BOS), llama-cpp-python's own tokenizer."""
         return self.llm.tokenize(text_.encode(), add_bos=False)
 
     def reset(self) -> None:
@@ -98,6 +103,7 @@ class RawLlama:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
 
     def stream(self, prompt_tokens, sampling):
+        """Yield ``sampling.max_tokens`` greedy pieces; ``last_stats`` from llama.cpp's perf counters."""
         llama_cpp.llama_perf_context_reset(self.llm.ctx)
         n = 0
         # reset=True (the default): generate() reuses the longest cached prefix, as llama-cpp-python's own
@@ -114,9 +120,11 @@ class RawLlama:
                                           decode_steps=p.n_eval, finish_reason="length")
 
     def memory(self):
+        """None: the peer reports no model or KV bytes of its own (the cell's buffers come from the log)."""
         return None
 
     def close(self):
+        """Free the llama.cpp model and context."""
         self.llm.close()
 
 
@@ -129,7 +137,15 @@ class Worker:
         self.cell: dict = {}
 
     def open(self, cell: dict, path: str, ctx: int, idle: dict | None = None, device: dict | None = None) -> dict:
-        """Load the cell's engine and cut its prompt; returns load time, RSS after load and engine buffers."""
+        """Load the cell's engine and cut its prompt of ``cell["prompt_tokens"]`` held-out wiki tokens.
+
+        Returns ``pid``, ``load_s`` (s), ``rss_after_load_bytes``, ``peak_rss_after_load_bytes`` and
+        ``engine_buffers`` (llama.cpp's buffer sizes, MiB).
+
+        Raises:
+            ModelFileError, BackendError: the engine refuses the model (replied to the parent as an error).
+            ValueError: the held-out text is shorter than the prompt asked for.
+        """
         self.cell, self.device = cell, device or {}
         self.idle = power.EnergyReading(**idle) if idle else power.EnergyReading(available=False, reason="not measured")
         threads = cell["threads"] or physical_cores()
@@ -147,6 +163,9 @@ class Worker:
                                         cache_type_v=kv, flash_attn=KV_TYPES[kv].quantized)
         load_s = time.perf_counter() - t0
         ids = self.backend.tokenize(text("wiki", "heldout"))
+        if len(ids) < cell["prompt_tokens"]:
+            raise ValueError(f"the held-out wiki text has {len(ids)} tokens, fewer than the {cell['prompt_tokens']} "
+                             "prompt tokens asked for")
         self.prompt = ids[:cell["prompt_tokens"]]
         self.params = SamplingParams(temperature=0.0, max_tokens=cell["gen_tokens"], ignore_eos=True)
         return {"ok": True, "pid": os.getpid(), "load_s": load_s, "rss_after_load_bytes": rss_bytes(),
@@ -157,32 +176,39 @@ class Worker:
         llm = getattr(self.backend, "llm", None)
         return llm.ctx if llm is not None else None
 
-    def run(self, cold: bool = True) -> dict:
-        """One repetition: reset the cache (``cold``), generate, and time it.
+    def _evaluated(self) -> int:
+        """Prompt tokens the engine evaluated in the last call: llama.cpp's ``n_p_eval`` counter, else the
+        backend's record (onnxruntime-genai has no counter and evaluates every prompt token)."""
+        ctx = self._llama_ctx()
+        return int(llama_cpp.llama_perf_context(ctx).n_p_eval if ctx is not None
+                   else self.backend.last_stats.prefill_tokens)
+
+    def run(self, cold: bool = True, second_turn_tokens: int = 32) -> dict:
+        """One repetition: reset the cache (``cold``), generate, and time it; then the second-turn TTFT.
 
         Returns the latency record's fields plus ``evaluated_prompt_tokens`` (engine counter),
-        ``reused_prefix_tokens``, ``cpu_s`` (this process), ``wall_s``, ``cpu_share`` (cpu_s / (wall_s x
-        threads)), ``steal_s`` (machine), energy fields, ``rss_bytes``.
+        ``reused_prefix_tokens``, ``cpu_s`` (this process, s), ``wall_s``, ``cpu_share`` (cpu_s / (wall_s x
+        threads)), ``other_cpu_s`` (CPU seconds every other process used meanwhile), ``steal_s``
+        (machine), energy fields, ``rss_bytes``, and :meth:`second_turn`'s fields.
         """
         if cold:
             self.backend.reset()
         meter = power.EnergyMeter()
-        cpu0, steal0, t0 = power.cpu_seconds(), steal_seconds(), time.perf_counter()
+        cpu0, machine0, t0 = power.cpu_seconds(), cpu_times(), time.perf_counter()
         with meter:
             rec = latency.measure(self.backend, self.prompt, self.cell["gen_tokens"], sampling=self.params)
         wall = time.perf_counter() - t0
         cpu = power.cpu_seconds() - cpu0
-        steal1 = steal_seconds()
-        ctx = self._llama_ctx()
-        evaluated = (llama_cpp.llama_perf_context(ctx).n_p_eval if ctx is not None
-                     else self.backend.last_stats.prefill_tokens)
+        machine1 = cpu_times()
+        evaluated = self._evaluated()
         m = rec.as_dict()
         m["evaluated_prompt_tokens"] = int(evaluated)
         m["reused_prefix_tokens"] = len(self.prompt) - int(evaluated)
         # prefill speed over the tokens actually evaluated, wall clock to the first token
         m["prefill_tokens_per_s"] = evaluated / (rec.ttft_ms / 1e3) if rec.ttft_ms > 0 else 0.0
         m.update(cpu_s=cpu, wall_s=wall, cpu_share=cpu / (wall * self.threads) if wall > 0 else 0.0,
-                 steal_s=(steal1 - steal0) if steal0 is not None and steal1 is not None else None,
+                 other_cpu_s=max(0.0, machine1[0] - machine0[0] - cpu) if machine0 and machine1 else None,
+                 steal_s=machine1[1] - machine0[1] if machine0 and machine1 else None,
                  rss_bytes=rss_bytes())
         mem = self.backend.memory()
         if mem is not None:
@@ -192,25 +218,32 @@ class Worker:
             util = cpu / wall / max(1, self.device.get("threads", 1)) if wall > 0 else 0.0
             m.update(power.estimate_from_tdp(self.device["tdp_watts"], self.device.get("idle_watts") or 0.0, util,
                                              wall))
+        m.update(self.second_turn(second_turn_tokens))
         return {"ok": True, "metrics": m}
 
     def second_turn(self, new_tokens: int = 32) -> dict:
-        """TTFT (ms) when all but the last ``new_tokens`` prompt tokens are already in the KV cache.
+        """TTFT (ms) of the prompt when all but its last ``new_tokens`` tokens are already in the KV cache.
 
-        The chat path's prompt reuse (the previous turns cached, the new turn prefilled), reported
-        as its own metric and never mixed with the cold figures.
+        The chat path's prompt reuse (the previous turns cached, the new turn prefilled), a metric of
+        its own, never mixed with the cold figures. ``second_turn_ttft_ms`` is None, with a note, when the
+        engine evaluated more than the new tokens (it reused no prefix) or the prompt is too short.
         """
-        new_tokens = min(new_tokens, len(self.prompt) - 1)
+        new_tokens = max(1, min(new_tokens, len(self.prompt) - 1))
+        if len(self.prompt) < 2:
+            return {"second_turn_ttft_ms": None, "second_turn_note": "a one-token prompt has no prefix"}
         self.backend.reset()
         latency.measure(self.backend, self.prompt[:-new_tokens], 1, sampling=self.params)
         rec = latency.measure(self.backend, self.prompt, 1, sampling=self.params)
-        ctx = self._llama_ctx()
-        evaluated = (llama_cpp.llama_perf_context(ctx).n_p_eval if ctx is not None
-                     else self.backend.last_stats.prefill_tokens)
-        return {"ok": True, "second_turn_ttft_ms": rec.ttft_ms, "second_turn_new_tokens": new_tokens,
-                "second_turn_evaluated_tokens": int(evaluated)}
+        evaluated = self._evaluated()
+        out = {"second_turn_ttft_ms": rec.ttft_ms, "second_turn_new_tokens": new_tokens,
+               "second_turn_evaluated_tokens": evaluated}
+        if evaluated > new_tokens:
+            out["second_turn_ttft_ms"] = None
+            out["second_turn_note"] = f"no prefix reuse: evaluated {evaluated} of {len(self.prompt)} prompt tokens"
+        return out
 
     def close(self) -> dict:
+        """Free the engine; returns this process's ``peak_rss_bytes`` (VmHWM) and current ``rss_bytes``."""
         if self.backend is not None:
             self.backend.close()
         return {"ok": True, "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes()}
@@ -237,4 +270,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Worker", "RawLlama", "engine_buffers", "steal_seconds"]
+__all__ = ["Worker", "RawLlama", "engine_buffers", "cpu_times"]

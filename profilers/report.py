@@ -29,7 +29,8 @@ METRICS = {
     "package_joules_above_idle": "package energy above idle (J)",
 }
 BPW_MEASURES = {"file_bpw": "file BPW", "linear_bpw": "linear BPW", "bytes_per_token": "bytes read per token (MiB)"}
-SPREAD = ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s")   # reported as median [IQR] n
+SPREAD = ("ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "itl_p50_ms",
+          "second_turn_ttft_ms")                                          # reported as median [IQR] n
 RATIOS = ("decode_tokens_per_s", "ttft_ms", "prefill_tokens_per_s")
 
 
@@ -77,8 +78,9 @@ def aggregate(cells: list[dict]) -> list[dict]:
         row["n"] = len(metrics)
         row["flagged"] = sum(1 for r in rec["runs"] if r.get("flag"))
         row["rejected"] = len(rec.get("rejected", []))
-        row["second_turn_ttft_ms"] = rec.get("second_turn_ttft_ms")
         row["engine_buffers_mib"] = rec.get("engine_buffers_mib", {})
+        notes = {m.get("second_turn_note") for m in metrics} - {None}
+        row["second_turn_note"] = "; ".join(sorted(notes)) if notes else None
         for k in SPREAD:
             vals = [m[k] for m in metrics if isinstance(m.get(k), (int, float))]
             if vals:
@@ -117,7 +119,7 @@ def pair_ratios(cells: list[dict], a: str = "edgerun", b: str = "llama-cpp-pytho
                     if ra[i].get(metric) and rb[i].get(metric)]
             if vals:
                 row[metric] = quartiles(vals)
-                row["pairs"] = len(vals)
+                row["pairs"] = min(row.get("pairs", len(vals)), len(vals))
         pa = (recs[a].get("memory") or {}).get("peak_rss_bytes")
         pb = (recs[b].get("memory") or {}).get("peak_rss_bytes")
         row["peak_rss_bytes"] = pa / pb if pa and pb else None
@@ -212,13 +214,14 @@ def _spread(r: dict, k: str, spec: str = ".1f") -> str:
 
 
 def _markdown(rows, ratios, fits, quality, other) -> str:
-    bw = next((r.get("bandwidth_gbps") for r in rows if r.get("bandwidth_gbps")), None)
+    bw = next((r for r in rows if r.get("bandwidth_gbps")), None)
     lines = ["# Benchmark summary", "",
              "Cold repetitions (KV cache emptied before each, prompt tokens evaluated = prompt length): "
              "median [interquartile range] over n. Peak RSS is each cell's own process (VmHWM after generation). "
              "Bandwidth roofline = measured fraction of (memory read bandwidth / weight bytes read per token)"
-             + (f", bandwidth {bw:.1f} GB/s from the device config (a streaming-read measurement)." if bw else
-                ": no bandwidth given.")
+             + (f", bandwidth {bw['bandwidth_gbps']:.1f} GB/s ({bw.get('bandwidth_source') or 'source not recorded'})."
+                if bw else ": no bandwidth given.")
+             + " 2nd-turn TTFT: the same prompt with all but its last 32 tokens cached (prefix reuse), per repetition."
              + " Energy: " + _energy_note(rows), "",
              "| model | variant | backend | threads | KV | prompt/gen | file BPW | tensor BPW | linear BPW | MiB/token | "
              "TTFT ms | prefill tok/s | decode tok/s | n | ITL p50/p95 ms | 2nd-turn TTFT ms | peak RSS MiB (after load) "
@@ -233,7 +236,8 @@ def _markdown(rows, ratios, fits, quality, other) -> str:
             f"{r['linear_bpw']:.2f} | {r['bytes_per_token'] / 2**20:.1f} | {_spread(r, 'ttft_ms')} | "
             f"{_spread(r, 'prefill_tokens_per_s')} | {_spread(r, 'decode_tokens_per_s')} | {n} | "
             f"{_fmt(r.get('itl_p50_ms'), '.2f')}/{_fmt(r.get('itl_p95_ms'), '.2f')} | "
-            f"{_fmt(r.get('second_turn_ttft_ms'))} | {r['peak_rss_bytes'] / 2**20:.0f} "
+            f"{_spread(r, 'second_turn_ttft_ms') if r.get('second_turn_ttft_ms') is not None else 'no reuse'} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} "
             f"({_fmt((r.get('peak_rss_after_load_bytes') or 0) / 2**20, '.0f')}) | "
             f"{_fmt(r.get('bandwidth_roofline_fraction'), '.0%')} |")
     if ratios:
@@ -248,6 +252,14 @@ def _markdown(rows, ratios, fits, quality, other) -> str:
             lines.append(f"| {r['model']} | {r['variant']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
                          f"{r['prompt_tokens']}/{r['gen_tokens']} | " + " | ".join(cells) +
                          f" | {r.get('pairs', 0)} | {_fmt(r.get('peak_rss_bytes'), '.3f')} |")
+    buffers = [r for r in rows if r.get("engine_buffers_mib")]
+    if buffers:
+        kinds = sorted({k for r in buffers for k in r["engine_buffers_mib"]})
+        lines += ["", "## llama.cpp's buffers (MiB, from its load log)", "",
+                  "| model | variant | backend | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
+        for r in sorted(buffers, key=lambda r: (r["model"], -r["file_bpw"], r["backend"])):
+            lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | "
+                         + " | ".join(_fmt(r["engine_buffers_mib"].get(k)) for k in kinds) + " |")
     lines += ["", "## Linear fits (R^2)", "", "| metric | vs | series | points | slope | R^2 |", "|---|---|---|---|---|---|"]
     for f in fits:
         lines.append(f"| {f['metric']} | {f['measure']} | {f['series']} | {f['points']} | {f['slope']:.4g} | {f['r2']:.3f} |")

@@ -14,9 +14,10 @@ figures measure the engine and not the harness:
   but the last 32 prompt tokens cached).
 - **Interleaved pairs**: cells that differ only in backend (edgerun and the raw peer) run side by
   side, repetitions alternating A B B A ... (``order`` and ``position`` in each run record), 7 by
-  default. Each repetition records the CPU time its process got against wall time and the machine's
-  steal time; one that lost the CPU (steal > 5% of wall time, or a CPU share below 75% of the
-  warm-up's) is re-run up to ``MAX_RERUNS`` times and flagged if it never got the CPU back.
+  default. Each repetition records the CPU time its process got against wall time, the CPU time all
+  other processes used meanwhile and the machine's steal time; one that shared the CPU (other
+  processes above 10% of a core, steal above 5% of its wall time, or its own CPU share below 90% of
+  the warm-up's) is re-run up to ``MAX_RERUNS`` times and flagged if it never got the CPU back.
 
 Each cell appends one JSON line to ``DIR/runs.jsonl`` when its group is done: the cell, every
 repetition's metrics, rejected attempts, memory, machine info and tool versions. Combinations that
@@ -24,8 +25,9 @@ do not apply (llama.cpp KV types on ONNX, the raw llama-cpp-python peer on ONNX)
 ``not applicable``; a cell that fails, or whose process dies (the cause is recorded: a signal such as
 the OOM killer's SIGKILL, or an exit code), is recorded with its error and the sweep goes on. A sweep
 is resumable: cells already in ``runs.jsonl`` are skipped, and a group interrupted by Ctrl-C wrote
-nothing, so it runs again whole. Quality (perplexity, task accuracy) is measured once per model
-variant and written as a ``quality`` record.
+none of its measured records (they are written together when the group ends), so it runs again
+whole. Quality (perplexity, task accuracy) is measured once per model variant and written as a
+``quality`` record.
 
 Backends:
 - ``edgerun``: edgerun's own path (llama.cpp for GGUF, onnxruntime-genai for ONNX);
@@ -42,6 +44,7 @@ import itertools
 import json
 import os
 import platform
+import select
 import signal
 import subprocess
 import sys
@@ -70,7 +73,9 @@ from profilers.accuracy import perplexity, task_accuracy
 
 BACKENDS = ("edgerun", "llama-cpp-python")
 MAX_RERUNS = 3          # extra attempts of a repetition that reused a cached prefix or lost the CPU
-LOST_CPU_SHARE = 0.75   # a repetition whose CPU share falls below this fraction of its warm-up's lost the CPU
+LOST_CPU_SHARE = 0.9    # a repetition whose CPU share falls below this fraction of its warm-up's lost the CPU
+OTHER_CPU_SHARE = 0.1   # ... or while which other processes used more than this share of one core
+COMMAND_TIMEOUT_S = 900.0  # a cell's child that answers no command within this is killed and recorded
 FORMATS = ("gguf", "onnx")
 
 VARIANT_SCHEMA = {
@@ -147,6 +152,7 @@ class Sweep:
 
 
 def cell_key(cell: dict) -> str:
+    """The cell's identity in ``runs.jsonl``: its fields, sorted, as ``k=v|k=v...`` (what resume skips)."""
     return "|".join(f"{k}={cell[k]}" for k in sorted(cell))
 
 
@@ -238,14 +244,19 @@ class CellDied(Exception):
 class CellProcess:
     """A child process running one cell (:mod:`profilers.cellproc`), driven one command at a time."""
 
-    def __init__(self, cell: dict):
-        self.cell = cell
+    def __init__(self, cell: dict, timeout_s: float = COMMAND_TIMEOUT_S):
+        """Start the child (its own session: a Ctrl-C reaches the sweep, which ends its children).
+
+        Raises:
+            OSError: the process could not be started.
+        """
+        self.cell, self.timeout_s = cell, timeout_s
         read_fd, write_fd = os.pipe()
         env = dict(os.environ, EDGERUN_CELL_FD=str(write_fd))
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "profilers.cellproc"], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stderr=self._stderr, env=env, pass_fds=(write_fd,),
-                                     text=True)
+                                     text=True, start_new_session=True)
         os.close(write_fd)
         self._replies = os.fdopen(read_fd, "r")
 
@@ -253,12 +264,17 @@ class CellProcess:
         """Send one command and return the child's reply.
 
         Raises:
-            CellDied: the child exited (its cause: the signal or the exit code, and its last stderr line).
+            CellDied: the child exited (its cause: the signal or the exit code, and its last stderr line),
+                or gave no reply within ``timeout_s`` seconds (then it is killed).
             RuntimeError: the child replied with an error (the engine refused the model, ...).
         """
         try:
             self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
             self.proc.stdin.flush()
+            ready, _, _ = select.select([self._replies], [], [], self.timeout_s)
+            if not ready:
+                self.proc.kill()
+                raise CellDied(f"no reply to '{op}' within {self.timeout_s:.0f} s (killed)")
             line = self._replies.readline()
         except (BrokenPipeError, OSError):
             line = ""
@@ -295,8 +311,12 @@ class CellProcess:
 
 
 def _lost_cpu(m: dict, reference: float | None) -> str | None:
-    """Why a repetition lost the CPU to another process, or None: steal above 5% of its wall time, or a CPU
-    share below LOST_CPU_SHARE of the cell's reference (its warm-up's share)."""
+    """Why a repetition shared the CPU with another process, or None: other processes used more than
+    OTHER_CPU_SHARE of one core over its wall time, steal above 5% of it, or its own CPU share fell below
+    LOST_CPU_SHARE of the cell's reference (its warm-up's share). llama.cpp's threads spin while they
+    wait, so a loss shows in the other processes' time more than in the cell's own share."""
+    if m.get("other_cpu_s") is not None and m["wall_s"] > 0 and m["other_cpu_s"] / m["wall_s"] > OTHER_CPU_SHARE:
+        return f"other processes used {m['other_cpu_s'] / m['wall_s']:.0%} of a core"
     if m.get("steal_s") is not None and m["wall_s"] > 0 and m["steal_s"] / m["wall_s"] > 0.05:
         return f"steal {m['steal_s'] / m['wall_s']:.0%} of wall time"
     if reference and m["cpu_share"] < LOST_CPU_SHARE * reference:
@@ -324,7 +344,7 @@ def _timed(proc: CellProcess, reference: float | None, state: dict) -> tuple[dic
     return None, rejected
 
 
-def run_group(cells: list[dict], sweep: Sweep, path: Path, bpw: dict, bandwidth_gbps: float | None, device,
+def run_group(cells: list[dict], sweep: Sweep, path: Path, bpw: dict, bandwidth: tuple[float | None, str], device,
               idle) -> list[dict]:
     """Run cells that differ only in backend, one child process each, repetitions interleaved A B B A ...
 
@@ -345,6 +365,9 @@ def run_group(cells: list[dict], sweep: Sweep, path: Path, bpw: dict, bandwidth_
                 proc.kill()
                 out[key] = {"status": "error", "error": str(e)}
                 continue
+            except BaseException:      # Ctrl-C while loading: the child must not outlive the sweep
+                proc.kill()
+                raise
             procs[key] = (proc, opened)
             out[key] = {"status": "ok", "runs": [], "rejected": [], "pid": opened["pid"],
                         "engine_buffers_mib": opened["engine_buffers"], "load_s": opened["load_s"]}
@@ -379,11 +402,10 @@ def run_group(cells: list[dict], sweep: Sweep, path: Path, bpw: dict, bandwidth_
                 out[key]["rejected"] += rejected
                 if run is not None:
                     run.update(repetition=rep, position=position)
-                    _add_bpw(run["metrics"], bpw, bandwidth_gbps)
+                    _add_bpw(run["metrics"], bpw, *bandwidth)
                     out[key]["runs"].append(run)
         for key, proc in list(each(keys)):
             try:
-                out[key].update({k: v for k, v in proc.command("second_turn").items() if k != "ok"})
                 closed = proc.command("close")
             except (CellDied, RuntimeError) as e:
                 fail(key, e)
@@ -404,14 +426,15 @@ def run_group(cells: list[dict], sweep: Sweep, path: Path, bpw: dict, bandwidth_
     return [out[cell_key(c)] for c in cells]
 
 
-def _add_bpw(m: dict, bpw: dict, bandwidth_gbps: float | None) -> None:
-    """The variant's effective BPW and the bandwidth roofline: bytes read per token / measured read bandwidth."""
+def _add_bpw(m: dict, bpw: dict, bandwidth_gbps: float | None, bandwidth_source: str = "") -> None:
+    """The variant's effective BPW and the bandwidth roofline: measured read bandwidth (GB/s) / bytes read
+    per token, and where the bandwidth figure comes from."""
     m.update(model_file_bytes=bpw["file_bytes"], file_bpw=bpw["file_bpw"], tensor_bpw=bpw.get("tensor_bpw"),
              linear_bpw=bpw["linear_bpw"], bytes_per_token=bpw["bytes_per_token"])
     if bandwidth_gbps and m.get("decode_tokens_per_s"):
         roof = bandwidth_gbps * 1e9 / bpw["bytes_per_token"]
         m.update(bandwidth_roofline_tokens_per_s=roof, bandwidth_roofline_fraction=m["decode_tokens_per_s"] / roof,
-                 bandwidth_gbps=bandwidth_gbps)
+                 bandwidth_gbps=bandwidth_gbps, bandwidth_source=bandwidth_source)
 
 
 def measure_quality(model: str, variant: Variant, path: Path, sweep: Sweep, log) -> dict:
@@ -443,8 +466,11 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
     """Run (or resume) ``sweep`` into ``out_dir``; returns the JSONL path.
 
     Raises:
-        UsageError: ``out_dir`` holds a different sweep and ``force`` is false.
+        UsageError: ``out_dir`` holds a different sweep and ``force`` is false; not Linux.
     """
+    if os.name != "posix" or not Path("/proc/self/status").is_file():
+        raise UsageError("edgerun bench needs Linux: each cell runs in a child process measured through /proc "
+                         "(its own peak RSS, CPU and steal time)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / "sweep.json"
@@ -465,8 +491,10 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
                 continue  # a line cut by an interrupt: that cell runs again
             done.add(rec.get("key"))
     machine = machine_info()
+    bandwidth_source = "given to the sweep"
     if bandwidth_gbps is None and device is not None:
         bandwidth_gbps = device.memory_bandwidth_gbps
+        bandwidth_source = f"device config {device.name}"
     idle = power.measure_idle(2.0)
     cells = sweep.cells()
     todo = [c for c in cells if cell_key(c) not in done]
@@ -480,8 +508,8 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write("\n")  # close a line an interrupt cut short; it is skipped when read
     with open(jsonl, "a", encoding="utf-8") as f:
-        def write(rec):
-            f.write(json.dumps(rec, default=str) + "\n")
+        def write(*recs):
+            f.write("".join(json.dumps(rec, default=str) + "\n" for rec in recs))    # one write per group
             f.flush()
 
         exports: dict[tuple[str, str], tuple[Path, dict]] = {}
@@ -503,14 +531,14 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
                     if k not in exports:
                         exports[k] = export_variant(cell["model"], variants[cell["variant"]], log)
                     path, bpw = exports[k]
-                    bodies = run_group([b["cell"] for b in runnable], sweep, path, bpw, bandwidth_gbps, device, idle)
+                    bodies = run_group([b["cell"] for b in runnable], sweep, path, bpw,
+                                       (bandwidth_gbps, bandwidth_source), device, idle)
                 except KeyboardInterrupt:
                     raise
                 except Exception as e:  # a failing export or harness error is recorded, the sweep goes on
                     bodies = [{"status": "error", "error": f"{type(e).__name__}: {e}",
                                "traceback": traceback.format_exc(limit=3)}] * len(runnable)
-                for base, body in zip(runnable, bodies):  # whole records only, once the group is done
-                    write({**base, **body})
+                write(*({**base, **body} for base, body in zip(runnable, bodies)))  # whole group, once done
             if bar:
                 bar.update(len(group))
         for model, v in quality_todo:
