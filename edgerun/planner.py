@@ -176,7 +176,7 @@ class KVPlanner:
 
     def __init__(self, layouts, n_layers: int, n_kv_heads: int, head_dim: int, budget_bytes: int,
                  weights_bytes: int, fp_bits: int = 32, include_kv16: bool = True):
-        from edgerun.kv import layout as kvl  # torch: only KV-layout sessions (torch engine) construct a KVPlanner
+        from edgerun.kv import layout as kvl  # torch: only KV-layout sessions (torch engine) build a KVPlanner
 
         loaded = []
         for item in layouts:
