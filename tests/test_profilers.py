@@ -37,13 +37,107 @@ def test_intel_tree_energy_by_domain(tmp_path):
     assert r.watts["package"] == pytest.approx(2.5 / r.seconds)
 
 
-def test_counter_wraparound_is_corrected(tmp_path):
-    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 999_000, max_range=1_000_000)
+UNIT_UJ = 61  # one energy unit of a typical Intel package (2^-14 J = 61.04 uJ), rounded as energy_uj is
+
+
+def test_counter_wraparound_is_corrected_within_one_energy_unit(tmp_path):
+    # The hardware counter counts units; energy_uj = units x 61 and wraps from max to 0 by one unit.
+    max_units = 16_383
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 16_380 * UNIT_UJ, max_range=max_units * UNIT_UJ)
     meter = power.EnergyMeter(tmp_path, sample_s=60)
     with meter:
-        _set(pkg, 2_000)  # wrapped: 1,000 uJ to the top, one step over, then 2,000
+        _set(pkg, 10 * UNIT_UJ)  # 3 units to the top, one unit to 0, then 10 units
+    true_uj = (3 + 1 + 10) * UNIT_UJ
     assert meter.reading.wraps == 1
-    assert meter.reading.joules["package"] == pytest.approx((1_000 + 1 + 2_000) / 1e6)
+    assert meter.reading.joules["package"] == pytest.approx((true_uj - UNIT_UJ) / 1e6)  # + max alone: one unit short
+    assert abs(meter.reading.joules["package"] * 1e6 - true_uj) <= UNIT_UJ
+
+
+def test_several_wraps_are_each_within_one_energy_unit(tmp_path):
+    max_units = 1_000
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 0, max_range=max_units * UNIT_UJ)
+    meter = power.EnergyMeter(tmp_path, sample_s=60)
+    units, true_units = 0, 0
+    with meter:
+        for step in (700, 700, 700, 700):  # a sampler read after each: two wraps (past 1,000 units twice)
+            units, true_units = (units + step) % (max_units + 1), true_units + step
+            _set(pkg, units * UNIT_UJ)
+            meter._sample()
+    r = meter.reading
+    assert r.wraps == 2 and r.available
+    assert 0 <= true_units * UNIT_UJ - r.joules["package"] * 1e6 <= r.wraps * UNIT_UJ
+
+
+def test_zone_without_max_range_is_kept_with_a_note(tmp_path):
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 1_000_000)
+    dram = _zone(tmp_path, "dram", "intel-rapl:0:1", 0)
+    (dram / "max_energy_range_uj").unlink()
+    zones, reason = power.discover(tmp_path)
+    assert reason == ""
+    by_name = {z.name: z for z in zones}
+    assert set(by_name) == {"package-0", "dram"}
+    assert by_name["dram"].max_range_uj is None and "cannot correct wraparound" in by_name["dram"].note
+    assert by_name["package-0"].note == ""
+    meter = power.EnergyMeter(tmp_path, sample_s=60)
+    with meter:
+        _set(pkg, 2_000_000)
+        _set(dram, 500_000)
+    r = meter.reading.as_dict()
+    assert r["energy_joules"] == pytest.approx({"package": 1.0, "dram": 0.5})
+    assert "cannot correct wraparound" in r["energy_notes"]["intel-rapl:0:1"]
+    assert "energy_unavailable" not in r
+
+
+def test_only_zone_without_max_range_is_not_no_rapl_zones(tmp_path):
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 5)
+    (pkg / "max_energy_range_uj").write_text("garbage\n")
+    zones, reason = power.discover(tmp_path)
+    assert reason == "" and [z.name for z in zones] == ["package-0"]
+    assert "cannot correct wraparound" in zones[0].note
+
+
+def test_backward_step_without_max_range_is_unavailable_not_negative(tmp_path):
+    pkg = _zone(tmp_path, "package-0", "intel-rapl:0", 9_000_000)
+    core = _zone(tmp_path, "core", "intel-rapl:0:0", 100)
+    (pkg / "max_energy_range_uj").unlink()
+    meter = power.EnergyMeter(tmp_path, sample_s=60)
+    with meter:
+        _set(pkg, 1_000)  # went backwards: a wrap of unknown size
+        _set(core, 1_000_100)
+    r = meter.reading
+    assert r.available and r.wraps == 0
+    assert "package" not in r.joules and "package" not in r.watts
+    assert r.joules == pytest.approx({"core": 1.0})
+    assert all(j >= 0 for j in r.joules.values())
+    assert "cannot correct wraparound" in r.unavailable["package"]
+    assert "went backwards" in r.unavailable["package"]
+    d = r.as_dict()
+    assert d["energy_unavailable"]["package"].startswith("unavailable (")
+    idle = power.EnergyReading(available=True, seconds=1.0, joules={"package": 2.0}, watts={"package": 2.0})
+    assert "package_joules_above_idle" not in power.above_idle(r, idle)  # never 0 - idle, i.e. negative
+
+
+def test_power_polling_interval_derived_from_range_and_tdp(tmp_path):
+    z = lambda r: power.Zone(tmp_path, "package-0", "package", r)  # noqa: E731
+    # 2^32 uJ at 28 W wraps in 153.4 s; a quarter is 38.3 s, capped at 1 s
+    assert 2**32 / 28e6 == pytest.approx(153.39, abs=0.01)
+    assert power.polling_interval_s([z(2**32)], 28) == 1.0
+    # 20 J at 28 W wraps in 0.714 s: poll every 0.179 s; the fastest-wrapping zone decides
+    assert power.polling_interval_s([z(2**32), z(20_000_000)], 28) == pytest.approx(0.25 * 20 / 28)
+    # default TDP 150 W when the device config has none
+    assert power.polling_interval_s([z(60_000_000)]) == pytest.approx(0.25 * 60 / 150)
+    # a tiny range gives the floor
+    assert power.polling_interval_s([z(1_000)], 28) == power.POLL_MIN_S == 0.01
+    # zones without a range do not constrain it
+    assert power.polling_interval_s([z(None)], 28) == power.POLL_MAX_S
+    with pytest.raises(ValueError):
+        power.polling_interval_s([z(2**32)], 0)
+
+
+def test_energy_meter_uses_the_derived_interval_unless_given(tmp_path):
+    _zone(tmp_path, "package-0", "intel-rapl:0", 0, max_range=20_000_000)
+    assert power.EnergyMeter(tmp_path, tdp_watts=28).sample_s == pytest.approx(0.25 * 20 / 28)
+    assert power.EnergyMeter(tmp_path, sample_s=60, tdp_watts=28).sample_s == 60
 
 
 def test_amd_tree_has_package_and_core_only(tmp_path):
