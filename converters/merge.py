@@ -7,14 +7,17 @@ response length. Every method works on **task vectors** ``delta_k = theta_k - th
 tensor, and writes ``theta = theta_base + alpha * merged(delta)``:
 
 - ``task-arithmetic`` (Ilharco et al. 2023): ``merged = sum_k w_k delta_k``; default alpha 0.7.
-- ``ties`` (Yadav et al. 2023): trim each delta to its top ``density`` fraction by magnitude (per
-  tensor; ties at the threshold are kept), elect a sign per element (sign of the sum; 0 -> +), average
-  the trimmed deltas that agree with it (disjoint mean); defaults density 0.2, alpha 1.0.
+- ``ties`` (Yadav et al. 2023, Alg. 1): trim each delta to its top ``density`` fraction by magnitude
+  (per tensor; ties at the threshold are kept), elect a sign per element as the sign of the sum of the
+  *unweighted* trimmed deltas (0 -> +; ``sign_rule: paper``, the default), then average the agreeing
+  deltas, each scaled by its model's weight (disjoint mean: ``sum_k w_k delta_k / count`` over the
+  models whose trimmed delta has the elected sign). ``sign_rule: weighted`` elects on the
+  weight-scaled deltas instead (mergekit's rule); defaults density 0.2, alpha 1.0.
 - ``dare`` (Yu et al. 2024): drop each delta element with probability ``drop`` and rescale the kept
   ones by ``1 / (1 - drop)`` (so the expectation is unchanged), then task arithmetic; defaults drop
   0.3 (the paper's L2S value; DARE's own 0.9 hurts here), alpha 0.7.
-- ``dare-ties``: DARE's drop and rescale, then TIES (trim, elect, disjoint mean); defaults drop 0.3,
-  density 0.2, alpha 1.0.
+- ``dare-ties``: DARE's drop and rescale, then TIES (trim, elect, disjoint mean; the same
+  ``sign_rule``); defaults drop 0.3, density 0.2, alpha 1.0.
 - ``aim-ties`` (Nobari et al., "Activation-Informed Merging of LLMs", 2025): the TIES merge, then
   every linear weight ``W (out, in)`` is relaxed towards BASE per input channel:
   ``W = W_base + (W_ties - W_base) * (1 - s_j (1 - omega))`` with ``s_j = a_j / max_j a_j`` and ``a_j``
@@ -41,6 +44,11 @@ The output is a Hugging Face checkpoint directory (``config.json``, ``model.safe
 tokenizer files, ``edgerun_merge.json`` with the recipe, inputs, wall time and peak memory), written
 atomically. Its ``config.json`` and tokenizer come from the parent with the longest context (the
 paper's pitfall: a short-context base would cap the long reasoner), unless overridden.
+
+Parents that differ in ``tie_word_embeddings`` merge into an **untied** output: a tied parent's
+output head is its input embedding matrix, so ``lm_head.weight`` is merged across the parents like any
+other tensor (a tied parent contributing its embedding) and written, with ``tie_word_embeddings:
+false`` in the output config (:func:`check_compatible`).
 
 A recipe is mergekit's YAML (:func:`load_recipe`), checked field by field by
 :mod:`edgerun.formats.yamlfile`; the same fields make the ``merge`` pass of an export recipe
@@ -96,6 +104,15 @@ RANK = Param("rank", int, 64, "SVD: rank of each 2-D task vector", check=_positi
 CALIB_SAMPLES = Param("calib_samples", int, 100, "AIM: calibration windows of the wiki calibration split",
                       check=_positive_int)
 CALIB_LEN = Param("calib_len", int, 256, "AIM: tokens per calibration window", check=_positive_int)
+SIGN_RULES = ("paper", "weighted")
+
+
+def _sign_rule(v) -> str | None:
+    return None if v in SIGN_RULES else f"must be one of {', '.join(SIGN_RULES)}, got {v!r}"
+
+
+SIGN_RULE = Param("sign_rule", str, "paper", "TIES: elect signs on the unweighted trimmed task vectors (paper, "
+                  "Yadav et al. 2023 Alg. 1) or on the weight-scaled ones (weighted, mergekit's)", check=_sign_rule)
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,9 @@ class MergeSpec:
         omega: AIM: relaxation floor for the most active input channels, in [0, 1].
         rank: SVD: rank of each 2-D task vector, >= 1.
         weights: per-model task-vector weights (None: 1 each).
+        sign_rule: TIES's sign election: ``paper`` (on the unweighted trimmed task vectors, Yadav et
+            al. 2023 Alg. 1; the weights apply in the disjoint mean) or ``weighted`` (on the
+            weight-scaled ones).
         seed: DARE's mask seed.
         calib_samples, calib_len: AIM's calibration windows (count, tokens each) of the wiki calibration split.
     """
@@ -124,6 +144,7 @@ class MergeSpec:
     seed: int = 0
     calib_samples: int = 100
     calib_len: int = 256
+    sign_rule: str = "paper"
 
     def as_dict(self) -> dict:
         """The method's record: method, alpha, seed, its own hyper-parameters, weights if any, AIM's calibration."""
@@ -172,10 +193,13 @@ class MergeMethod:
         """
         w = spec.weights or (1.0,) * len(models)
         b2, ms2, spans = _rows(base, models, chunk_elements)
+        # the paper's TIES elects on the unweighted task vectors: the weights wait for the disjoint mean
+        late = self.trims and spec.sign_rule == "paper"
+        early = (1.0,) * len(models) if late else w
 
         def deltas(ci: int, lo: int, hi: int) -> list[torch.Tensor]:
             bc = b2[lo:hi].to(torch.float64)
-            ds = [wk * (m[lo:hi].to(torch.float64) - bc) for wk, m in zip(w, ms2)]
+            ds = [wk * (m[lo:hi].to(torch.float64) - bc) for wk, m in zip(early, ms2)]
             if self.drops:
                 ds = [dare(d, spec.drop, _generator(spec.seed, name, k, ci)) for k, d in enumerate(ds)]
             return ds
@@ -199,7 +223,7 @@ class MergeMethod:
                 if thresholds is not None:
                     ds = [torch.where(d.abs().float() >= t, d, torch.zeros((), dtype=d.dtype))
                           for d, t in zip(ds, thresholds)]
-                merged = elect_and_mean(ds)
+                merged = elect_and_mean(ds, spec.weights if late else None)
             else:
                 merged = torch.stack(ds).sum(0)
             merged = self.relax(spec.alpha * merged, spec, channel_scale)
@@ -244,11 +268,16 @@ class TaskArithmetic(MergeMethod):
 
 @register
 class Ties(MergeMethod):
-    """TIES-Merging (Yadav et al., NeurIPS 2023, Alg. 1): trim to ``density``, elect signs, disjoint mean."""
+    """TIES-Merging (Yadav et al., NeurIPS 2023, Alg. 1): trim to ``density``, elect signs, disjoint mean.
+
+    The sign is elected on the unweighted trimmed task vectors (``sign_rule`` paper, Alg. 1 step 2) and
+    the per-model weights scale the agreeing values in the disjoint mean; ``sign_rule`` weighted
+    elects on the weight-scaled vectors (:func:`elect_and_mean`).
+    """
 
     name = "ties"
     aliases = ("ties_merging",)
-    params = (_alpha(1.0), DENSITY)
+    params = (_alpha(1.0), DENSITY, SIGN_RULE)
     trims = True
 
 
@@ -264,11 +293,11 @@ class Dare(MergeMethod):
 
 @register
 class DareTies(MergeMethod):
-    """DARE's drop and rescale, then TIES's trim, sign election and disjoint mean (mergekit's ``dare_ties``)."""
+    """DARE's drop and rescale, then TIES's trim, sign election (``sign_rule``) and disjoint mean (mergekit's ``dare_ties``)."""
 
     name = "dare-ties"
     aliases = ("dare_ties",)
-    params = (_alpha(1.0), DENSITY, DROP)
+    params = (_alpha(1.0), DENSITY, DROP, SIGN_RULE)
     drops = True
     trims = True
 
@@ -283,12 +312,12 @@ class AimTies(MergeMethod):
 
     name = "aim-ties"
     aliases = ("aim_ties",)
-    params = (_alpha(1.0), DENSITY, OMEGA, CALIB_SAMPLES, CALIB_LEN)
+    params = (_alpha(1.0), DENSITY, OMEGA, CALIB_SAMPLES, CALIB_LEN, SIGN_RULE)
     trims = True
 
     @classmethod
     def record(cls, spec: MergeSpec) -> dict:
-        return {"density": spec.density, "omega": spec.omega,
+        return {"density": spec.density, "omega": spec.omega, "sign_rule": spec.sign_rule,
                 "calibration": {"dataset": "wiki", "split": "calibration", "windows": spec.calib_samples,
                                 "tokens_per_window": spec.calib_len}}
 
@@ -335,17 +364,20 @@ def canonical_method(method: str) -> str:
 
 def make_spec(method: str, alpha: float | None = None, density: float | None = None, drop: float | None = None,
               omega: float | None = None, rank: int | None = None, weights=None, seed: int = 0,
-              calib_samples: int | None = None, calib_len: int | None = None) -> MergeSpec:
+              calib_samples: int | None = None, calib_len: int | None = None,
+              sign_rule: str | None = None) -> MergeSpec:
     """A validated :class:`MergeSpec`; hyper-parameters left None take the method's declared defaults.
 
     Raises:
         UsageError: unknown method, a hyper-parameter the method does not declare, or a value its
             declaration refuses (alpha < 0, density outside (0, 1], drop outside [0, 1), omega
-            outside [0, 1], rank < 1, calibration sizes < 1), a non-finite weight.
+            outside [0, 1], rank < 1, calibration sizes < 1, sign_rule not paper or weighted),
+            a non-finite weight.
     """
     cls = METHODS[canonical_method(method)]
     given = {k: v for k, v in {"alpha": alpha, "density": density, "drop": drop, "omega": omega, "rank": rank,
-                               "calib_samples": calib_samples, "calib_len": calib_len}.items() if v is not None}
+                               "calib_samples": calib_samples, "calib_len": calib_len,
+                               "sign_rule": sign_rule}.items() if v is not None}
     declared = [p.name for p in cls.params]
     unused = sorted(set(given) - set(declared))
     if unused:
@@ -367,7 +399,8 @@ def make_spec(method: str, alpha: float | None = None, density: float | None = N
     floats = {k: float(values[k]) for k in ("alpha", "density", "drop", "omega") if k in values}
     return MergeSpec(method=cls.name, **floats, rank=values.get("rank"), weights=weights, seed=seed,
                      calib_samples=values.get("calib_samples", CALIB_SAMPLES.default),
-                     calib_len=values.get("calib_len", CALIB_LEN.default))
+                     calib_len=values.get("calib_len", CALIB_LEN.default),
+                     sign_rule=values.get("sign_rule", SIGN_RULE.default))
 
 
 # --- per-tensor arithmetic (float64 in, float64 out) ------------------------------------------------
@@ -401,14 +434,18 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(delta.abs().float() >= threshold, delta, torch.zeros((), dtype=delta.dtype))
 
 
-def elect_and_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
+def elect_and_mean(deltas: list[torch.Tensor], weights: tuple[float, ...] | list[float] | None = None
+                   ) -> torch.Tensor:
     """TIES sign election and disjoint mean (Yadav et al. 2023, Alg. 1 steps 2-3).
 
-    The elected sign is the sign of the sum of the (trimmed) deltas, +1 where the sum is 0; each
-    element is the mean of the deltas that are non-zero with the elected sign (0 if none).
+    The elected sign is the sign of the sum of the trimmed ``deltas`` as given (unweighted), +1 where
+    the sum is 0; each element is ``sum_k w_k delta_k / count`` over the deltas that are non-zero
+    with the elected sign (0 if none). With ``weights`` None (all 1) this is the paper's rule on
+    ``deltas``; the ``weighted`` rule passes the weight-scaled deltas and no weights.
 
     Args:
         deltas: trimmed task vectors of one tensor, all the same shape and float dtype.
+        weights: per-model weights applied to the agreeing values only (not in the election).
 
     Returns:
         The merged task vector, same shape and dtype.
@@ -416,6 +453,9 @@ def elect_and_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
     stacked = torch.stack(deltas)
     sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
     agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    if weights is not None:
+        w = torch.tensor(list(weights), dtype=stacked.dtype)
+        stacked = stacked * w.reshape((-1,) + (1,) * (stacked.dim() - 1))
     total = (stacked * agree).sum(0)
     return total / agree.sum(0).clamp(min=1)
 
@@ -492,17 +532,47 @@ def _index(path: Path) -> dict[str, tuple[Path, st_format.SafetensorsTensor]]:
 
 
 Index = dict[str, tuple[Path, st_format.SafetensorsTensor]]
+LM_HEAD = "lm_head.weight"
+# input embeddings a tied output head reads (Llama/Qwen/Gemma/SmolLM, Gemma 3 multimodal, GPT-2, OPT)
+EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "transformer.wte.weight",
+              "model.decoder.embed_tokens.weight")
 
 
-def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[Index]]:
+def is_tied(config: dict, index: Index) -> bool:
+    """Whether a checkpoint's output head is its input embedding: ``tie_word_embeddings`` in its config,
+    else (no such key) whether it has no ``lm_head.weight``."""
+    return bool(config.get("tie_word_embeddings", LM_HEAD not in index))
+
+
+def _untie(source: Source, index: Index) -> None:
+    """Give a tied checkpoint's index an ``lm_head.weight`` entry: its input embedding's (in place).
+
+    Raises:
+        UsageError: none of :data:`EMBEDDINGS` is in the checkpoint.
+    """
+    emb = next((n for n in EMBEDDINGS if n in index), None)
+    if emb is None:
+        raise UsageError(f"cannot untie {source.origin}: it ties its output head to its input embedding, but none "
+                         f"of {', '.join(EMBEDDINGS)} is in its checkpoint")
+    index[LM_HEAD] = index[emb]
+
+
+def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[Index], bool]:
     """Check that every model has BASE's architecture, vocabulary and tensors (names, shapes, float dtypes).
 
+    A tied parent (``tie_word_embeddings``) has no output head of its own: a stored ``lm_head.weight``
+    is dropped from its index (transformers ignores it too). When the parents differ in tying, the
+    output is untied: each tied parent's index gets ``lm_head.weight`` = its input embedding, so the
+    head merges like any other tensor.
+
     Returns:
-        BASE's tensor index ``{name: (file, entry)}`` in file order, and each model's.
+        BASE's tensor index ``{name: (file, entry)}`` in file order (``lm_head.weight`` last when
+        added), each model's, and whether the output must be untied (the parents differ in tying).
 
     Raises:
         UsageError: a different architecture or vocabulary size, or the first mismatching tensor named
-            (missing, extra, other shape, non-float dtype), or a carved MoE.
+            (missing, extra, other shape, non-float dtype), or a carved MoE, or a tied parent to untie
+            with no known input embedding (:data:`EMBEDDINGS`).
         ModelFileError: a missing or corrupted checkpoint file.
     """
     base_cfg = st_format.read_config(base.path)
@@ -515,6 +585,7 @@ def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[In
         if t.dtype not in FLOAT_DTYPES:
             raise UsageError(f"{base.origin}: tensor {name} is {t.dtype}; only F16/BF16/F32/F64 checkpoints merge "
                              "(dequantize a quantized checkpoint first)")
+    configs = []
     for m in models:
         cfg = st_format.read_config(m.path)
         if architecture_of(cfg) != architecture_of(base_cfg) or cfg.get("model_type") != base_cfg.get("model_type"):
@@ -523,8 +594,19 @@ def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[In
         if cfg.get("vocab_size") != base_cfg.get("vocab_size"):
             raise UsageError(f"cannot merge {m.origin} into base {base.origin}: vocabulary sizes differ "
                              f"({cfg.get('vocab_size')} vs {base_cfg.get('vocab_size')})")
-        idx = _index(m.path)
-        indices.append(idx)
+        configs.append(cfg)
+    indices = [_index(m.path) for m in models]
+    parents = list(zip([base] + models, [base_cfg] + configs, [base_idx] + indices))
+    tied = [is_tied(cfg, idx) for _, cfg, idx in parents]
+    for (_, _, idx), t in zip(parents, tied):
+        if t:
+            idx.pop(LM_HEAD, None)
+    untie = len(set(tied)) > 1
+    if untie:
+        for (s, _, idx), t in zip(parents, tied):
+            if t:
+                _untie(s, idx)
+    for m, idx in zip(models, indices):
         for name, (_, t) in base_idx.items():
             if name not in idx:
                 raise UsageError(f"cannot merge {m.origin}: it has no tensor {name} (base {base.origin} has)")
@@ -537,7 +619,7 @@ def check_compatible(base: Source, models: list[Source]) -> tuple[Index, list[In
         extra = sorted(set(idx) - set(base_idx))
         if extra:
             raise UsageError(f"cannot merge {m.origin}: tensor {extra[0]} is not in base {base.origin}")
-    return base_idx, indices
+    return base_idx, indices, untie
 
 
 def aim_channel_scales(base: Path, n_samples: int = 100, seq_len: int = 256,
@@ -636,7 +718,9 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
 
     Raises:
         UsageError: no models, a weight count that does not match, incompatible models (the first
-            mismatching tensor named), output exists without ``force``, a bad context length.
+            mismatching tensor named; parents that differ in ``tie_word_embeddings`` are not
+            incompatible: the output is untied, see :func:`check_compatible`), output exists without
+            ``force``, a bad context length.
         ModelFileError, UnknownModelError: a missing or corrupted input.
     """
     t0 = time.perf_counter()
@@ -651,10 +735,14 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     base_src = open_source(base, progress=progress)
     model_srcs = [open_source(m, progress=progress) for m in models]
-    base_idx, model_idx = check_compatible(base_src, model_srcs)
+    base_idx, model_idx, untie = check_compatible(base_src, model_srcs)
     parent = _pick_parent([base_src] + model_srcs, tokenizer_from, "--tokenizer-from")
     config = st_format.read_config(parent.path)
     config.pop("quantization_config", None)
+    if untie:
+        config["tie_word_embeddings"] = False
+        log("the parents differ in tie_word_embeddings: the output is untied (a tied parent's lm_head is its "
+            "input embedding)")
     if context_length is not None:
         config["max_position_embeddings"] = int(context_length)
     method = METHODS[spec.method]()
@@ -686,7 +774,8 @@ def merge(base: str | Path, models: list[str | Path], out: str | Path, spec: Mer
         record = {"merge": spec.as_dict(), "base": base_src.as_dict(), "models": [m.as_dict() for m in model_srcs],
                   "config_and_tokenizer_from": parent.origin, "max_position_embeddings":
                   config.get("max_position_embeddings"), "tensors": len(names), "seconds": round(seconds, 2),
-                  "peak_rss_bytes": peak_rss_bytes(), "aim_layers": len(scales) if scales else None}
+                  "peak_rss_bytes": peak_rss_bytes(), "aim_layers": len(scales) if scales else None,
+                  "tie_word_embeddings": is_tied(config, base_idx), "untied": untie}
         (tmp / MERGE_META).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     log(f"merged {len(names)} tensors with {spec.method} in {seconds:.1f} s (peak RSS "
         f"{record['peak_rss_bytes'] / 2**20:.0f} MiB)")

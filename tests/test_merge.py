@@ -55,6 +55,39 @@ def test_ties_trim_elect_disjoint_mean_known_result():
     assert single.tolist() == [0.0, 0.0, 0.0, -5.0]
 
 
+def test_ties_elects_signs_on_unweighted_task_vectors_by_default():
+    # the bug report's example: weights (1, 0.2), density 1 (nothing trimmed), alpha 1
+    base = torch.zeros(4, dtype=torch.float64)
+    a = torch.tensor([1.0, 1.0, -1.0, 0.5], dtype=torch.float64)
+    b = torch.tensor([-3.0, -0.5, 2.0, -0.5], dtype=torch.float64)
+    # paper (Yadav et al. 2023, Alg. 1): a + b = [-2, 0.5, 1, 0] -> signs [-, +, +, +] (0 -> +);
+    # disjoint mean of the weighted agreeing values: [0.2 * -3, 1 * 1, 0.2 * 2, 1 * 0.5]
+    paper = mg.make_spec("ties", density=1.0, alpha=1.0, weights=(1.0, 0.2))
+    assert paper.sign_rule == "paper" and paper.as_dict()["sign_rule"] == "paper"
+    out = mg.merge_tensor("t", base, [a, b], paper)
+    assert torch.sign(out).tolist() == [-1.0, 1.0, 1.0, 1.0]
+    torch.testing.assert_close(out, torch.tensor([-0.6, 1.0, 0.4, 0.5], dtype=torch.float64), rtol=0, atol=1e-15)
+    # weighted: a + 0.2 b = [0.4, 0.9, -0.6, 0.4] -> signs [+, +, -, +]; only a agrees anywhere
+    weighted = mg.make_spec("ties", density=1.0, alpha=1.0, weights=(1.0, 0.2), sign_rule="weighted")
+    out = mg.merge_tensor("t", base, [a, b], weighted)
+    assert torch.sign(out).tolist() == [1.0, 1.0, -1.0, 1.0]
+    assert out.tolist() == [1.0, 1.0, -1.0, 0.5]
+    # every method that elects signs follows the rule: dare-ties without drops, aim-ties without relaxation
+    for method, extra in (("dare-ties", {"drop": 0.0}), ("aim-ties", {"omega": 1.0})):
+        for rule, expected in (("paper", [-0.6, 1.0, 0.4, 0.5]), ("weighted", [1.0, 1.0, -1.0, 0.5])):
+            spec = mg.make_spec(method, density=1.0, alpha=1.0, weights=(1.0, 0.2), sign_rule=rule, **extra)
+            assert spec.as_dict()["sign_rule"] == rule
+            torch.testing.assert_close(mg.merge_tensor("t", base, [a, b], spec),
+                                       torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+    # the trim acts on the unweighted vectors too: density 0.5 keeps [1, 1, -1, 0] and [-3, 0, 2, 0];
+    # paper signs of the sum [-2, 1, 1, 0]: [-, +, +, +] -> [0.2 * -3, 1, 0.2 * 2, 0]
+    trimmed = mg.merge_tensor("t", base, [a, b], mg.make_spec("ties", density=0.5, alpha=1.0, weights=(1.0, 0.2)))
+    torch.testing.assert_close(trimmed, torch.tensor([-0.6, 1.0, 0.4, 0.0], dtype=torch.float64), rtol=0, atol=1e-15)
+    # without weights the two rules agree
+    assert torch.equal(mg.merge_tensor("t", base, [a, b], mg.make_spec("ties", density=1.0)),
+                       mg.merge_tensor("t", base, [a, b], mg.make_spec("ties", density=1.0, sign_rule="weighted")))
+
+
 @pytest.mark.parametrize("method", ["task-arithmetic", "ties", "aim-ties"])
 def test_chunked_merge_equals_whole_tensor_formula(method):
     g = torch.Generator().manual_seed(3)
@@ -123,6 +156,8 @@ def test_aim_relaxes_active_input_channels():
     ({"method": "task-arithmetic", "alpha": -0.1}, "alpha must be >= 0"),
     ({"method": "aim-ties", "omega": 2.0}, "omega must be in [0, 1]"),
     ({"method": "svd", "rank": 0}, "rank must be a positive integer"),
+    ({"method": "ties", "sign_rule": "majority"}, "sign_rule must be one of paper, weighted"),
+    ({"method": "task-arithmetic", "sign_rule": "paper"}, "does not use sign_rule"),
     ({"method": "task-arithmetic", "density": 0.2}, "does not use density"),
     ({"method": "slerp"}, "unknown merge method"),
 ])
@@ -133,7 +168,7 @@ def test_invalid_hyper_parameters(kwargs, message):
 
 def test_mergekit_names_and_defaults():
     assert mg.make_spec("dare_ties").as_dict() == {"method": "dare-ties", "alpha": 1.0, "seed": 0, "density": 0.2,
-                                                   "drop": 0.3}
+                                                   "drop": 0.3, "sign_rule": "paper"}
     assert mg.make_spec("task_arithmetic").alpha == 0.7
     assert mg.make_spec("aim-ties").omega == 0.4
 
@@ -150,6 +185,11 @@ def test_recipe_parses_and_reports_bad_fields(tmp_path):
     assert (r.spec.method, r.spec.alpha, r.spec.density, r.spec.weights, r.spec.seed) == ("ties", 0.8, 0.3,
                                                                                           (0.5, 1.0), 3)
     assert (r.tokenizer_from, r.context_length) == ("base", 4096)
+    assert r.spec.sign_rule == "paper"
+    weighted = tmp_path / "w.yaml"
+    weighted.write_text("merge_method: dare_ties\nbase_model: b\nmodels: [m]\nparameters: {sign_rule: weighted}\n")
+    assert mg.load_recipe(weighted).spec.sign_rule == "weighted"
+    assert mg.load_recipe(weighted).as_dict()["spec"]["sign_rule"] == "weighted"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -159,8 +199,10 @@ def test_recipe_parses_and_reports_bad_fields(tmp_path):
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters: 3\n", "must be a mapping"),
     ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {alpha: 1, lambda: 1}\n", "not both"),
     ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {calib_samples: 4}\n",
-     r"line 4: unknown field 'parameters.calib_samples'; known: alpha, density, lambda"),
+     r"line 4: unknown field 'parameters.calib_samples'; known: alpha, density, sign_rule, lambda"),
     ("merge_method: ties\nbase_model: b\nmodels: []\n", "non-empty list"),
+    ("merge_method: ties\nbase_model: b\nmodels: [m]\nparameters: {sign_rule: sum}\n",
+     r"line 4: field 'parameters.sign_rule' must be one of paper, weighted"),
 ])
 def test_bad_recipes(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
@@ -263,6 +305,57 @@ def test_incompatible_models_name_the_first_mismatch(tiny_pair, smollm2_source, 
     with pytest.raises(UsageError, match="vocabulary sizes differ"):
         mg.merge(base, [vocab], tmp_path / "x", mg.make_spec("ties"), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def _untied_copy(src: Path, dst: Path, seed: int = 0) -> Path:
+    """``src`` (a tied tiny checkpoint) with its own ``lm_head.weight`` (embedding + noise), untied."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = emb + torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)) * 0.1
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    return dst
+
+
+def test_tied_and_untied_parents_merge_untied(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, tuned, _ = tiny_pair
+    untied = _untied_copy(tuned, tmp_path / "untied")
+    assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(str(base / "model.safetensors"))
+    spec = mg.make_spec("task-arithmetic")          # alpha 0.7
+    b, m = load_file(str(base / "model.safetensors")), load_file(str(untied / "model.safetensors"))
+    for first, second, out in ((base, untied, "tu"), (untied, base, "ut")):
+        res = mg.merge(first, [second], tmp_path / out, spec, tokenizer_from="base", progress=False,
+                       log=lambda msg: None)
+        got = load_file(str(res.output / "model.safetensors"))
+        assert json.loads((res.output / "config.json").read_text())["tie_word_embeddings"] is False
+        assert res.record["untied"] is True and res.record["tie_word_embeddings"] is False
+        # the tied parent's head is its embedding; the head merges like any other tensor
+        head_first = b["model.embed_tokens.weight"] if first == base else m["lm_head.weight"]
+        head_second = m["lm_head.weight"] if second == untied else b["model.embed_tokens.weight"]
+        assert torch.equal(got["lm_head.weight"], mg.merge_tensor("lm_head.weight", head_first, [head_second], spec))
+        torch.testing.assert_close(got["lm_head.weight"], head_first + 0.7 * (head_second - head_first),
+                                   rtol=0, atol=1e-6)
+        assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+        name = "model.layers.0.mlp.down_proj.weight"
+        assert torch.equal(got[name], mg.merge_tensor(name, load_file(str(first / "model.safetensors"))[name],
+                                                      [load_file(str(second / "model.safetensors"))[name]], spec))
+        model = AutoModelForCausalLM.from_pretrained(res.output, dtype=torch.float32)
+        assert model.config.tie_word_embeddings is False
+        assert torch.equal(model.lm_head.weight.detach(), got["lm_head.weight"])
+        assert torch.equal(model.get_input_embeddings().weight.detach(), got["model.embed_tokens.weight"])
+        with torch.no_grad():
+            logits = model(torch.tensor([[1, 5, 9]])).logits
+        assert logits.shape == (1, 3, 49152)
+    # two tied parents stay tied (no lm_head written)
+    res = mg.merge(base, [tuned], tmp_path / "tt", spec, progress=False, log=lambda msg: None)
+    assert "lm_head.weight" not in load_file(str(res.output / "model.safetensors")) and res.record["untied"] is False
 
 
 def test_missing_base_existing_output_and_truncated_input(tiny_pair, tmp_path):
