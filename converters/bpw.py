@@ -14,6 +14,8 @@ and are read whole). KV-cache reads come on top and depend on the context length
 
 On small models llama.cpp falls back to other types for rows that are not a multiple of 256, so a
 "Q4_K_M" file holds a mix of types: ``tensor_types`` gives each type's share of the parameters.
+Which tensors fell back, and whether that is most of them, is :func:`converters.gguf.type_record`'s
+(the GGUF manifest's ``fallbacks`` and ``warning``).
 """
 
 from __future__ import annotations

@@ -214,6 +214,11 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         "bpw": bpw.as_dict(),
         "export_seconds": round(export_seconds, 2),
     }
+    if to == "gguf":   # what the file really holds: tied embeddings, per-tensor types, fallbacks, vocab padding
+        record.update(gguf_writer.type_record(out, quant))
+        record["vocab_padding"] = gguf_writer.vocab_padding(model_path)
+        if record["warning"]:
+            log(f"warning: {record['warning']}")
     log(f"wrote {out} ({bpw.file_bytes / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
         f"linear BPW {bpw.linear_bpw:.3f}")
     if verify:

@@ -13,6 +13,12 @@ Tied embeddings stay tied (no ``output.weight``). The tokenizer is carried over 
 materialized GGUF source (``tokenizer.gguf.json``); a plain HF checkpoint needs a GPT-2-style BPE
 ``tokenizer.json``, read with gguf-py's vocabulary classes.
 
+Padded vocabularies (more embedding rows than tokenizer tokens, e.g. after
+``resize_token_embeddings(pad_to_multiple_of=64)``): llama.cpp requires one token per embedding row,
+so the token list is padded with placeholder tokens ``[PAD<id>]`` of type UNUSED (what llama.cpp's own
+converter does); the rows are kept, and the export manifest's ``vocab_padding`` says so
+(:func:`vocab_padding`). Fewer rows than tokens is refused.
+
 Every other type (F16, BF16 and the llama.cpp quantization types) is produced from the F32 file by
 ``llama_cpp.llama_model_quantize``, with optional token-embedding and output tensor types.
 """
@@ -141,10 +147,68 @@ def _write_arch_metadata(w, arch: str, cfg: dict) -> None:
             w.add_sliding_window(int(cfg["sliding_window"]))
 
 
-def _write_tokenizer(w, checkpoint: Path, cfg: dict) -> None:
+PAD_TOKEN = "[PAD{}]"          # placeholder token text for padded embedding rows (llama.cpp's converter's)
+PAD_SCORE = -1000.0            # their score, where the tokenizer has scores
+
+
+def tokenizer_size(checkpoint: str | Path) -> int:
+    """Number of tokens the checkpoint's tokenizer defines (sidecar token list, or BPE vocab incl. added tokens).
+
+    Raises:
+        UsageError: a plain HF checkpoint without a GPT-2-style BPE ``tokenizer.json``.
+        ModelFileError: an unreadable tokenizer sidecar.
+    """
+    checkpoint = Path(checkpoint)
     sidecar = read_tokenizer_sidecar(checkpoint)
     if sidecar is not None:
-        for key, entry in sidecar.items():
+        return len(sidecar.get("tokenizer.ggml.tokens", {}).get("value") or [])
+    return _bpe_vocab(checkpoint).vocab_size
+
+
+def vocab_padding(checkpoint: str | Path) -> dict | None:
+    """How the writer reconciles tokenizer and embedding sizes, for the manifest; None when they agree.
+
+    Returns:
+        ``{"tokenizer_tokens": n, "embedding_rows": rows, "placeholder_tokens": rows - n,
+        "placeholder": "[PAD<id>]", "token_type": "UNUSED"}`` (counts in tokens / rows).
+
+    Raises:
+        ModelFileError: fewer embedding rows (``vocab_size`` in config.json) than tokenizer tokens.
+        UsageError: as for :func:`tokenizer_size`.
+    """
+    rows = int(st_format.read_config(Path(checkpoint))["vocab_size"])
+    n = tokenizer_size(checkpoint)
+    if n > rows:
+        raise ModelFileError(f"{checkpoint}: the tokenizer has {n} tokens but the embedding only {rows} rows "
+                             f"(vocab_size in config.json); llama.cpp needs one row per token")
+    if n == rows or n == 0:
+        return None
+    return {"tokenizer_tokens": n, "embedding_rows": rows, "placeholder_tokens": rows - n,
+            "placeholder": PAD_TOKEN.format("<id>"), "token_type": "UNUSED"}
+
+
+def _pad_sidecar(sidecar: dict, rows: int) -> dict:
+    """The sidecar's token arrays padded to ``rows`` entries with placeholder tokens (see :data:`PAD_TOKEN`)."""
+    tokens = sidecar.get("tokenizer.ggml.tokens", {}).get("value") or []
+    n = len(tokens)
+    if not n or n >= rows:
+        return sidecar
+    out = dict(sidecar)
+    pads = {"tokenizer.ggml.tokens": [PAD_TOKEN.format(i) for i in range(n, rows)],
+            "tokenizer.ggml.token_type": [int(gguf.TokenType.UNUSED)] * (rows - n),
+            "tokenizer.ggml.scores": [PAD_SCORE] * (rows - n)}
+    for key, extra in pads.items():
+        if key in out and len(out[key]["value"]) == n:
+            out[key] = {**out[key], "value": list(out[key]["value"]) + extra}
+    return out
+
+
+def _write_tokenizer(w, checkpoint: Path, cfg: dict) -> None:
+    rows = int(cfg["vocab_size"])
+    vocab_padding(checkpoint)      # refuses fewer rows than tokens
+    sidecar = read_tokenizer_sidecar(checkpoint)
+    if sidecar is not None:
+        for key, entry in _pad_sidecar(sidecar, rows).items():
             types = [GGUFValueType[t] for t in entry["types"]]
             value = entry["value"]
             if types[0] == GGUFValueType.ARRAY:
@@ -154,20 +218,28 @@ def _write_tokenizer(w, checkpoint: Path, cfg: dict) -> None:
             else:
                 w.add_key_value(key, value, types[0])
         return
-    _write_bpe_tokenizer(w, checkpoint)
+    _write_bpe_tokenizer(w, checkpoint, rows)
 
 
-def _write_bpe_tokenizer(w, checkpoint: Path) -> None:
-    """Tokenizer of a plain HF checkpoint (GPT-2-style byte-level BPE only), via gguf-py's vocab classes."""
+def _bpe_vocab(checkpoint: Path) -> BpeVocab:
     try:
-        vocab = BpeVocab(checkpoint)
+        return BpeVocab(checkpoint)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UsageError(f"{checkpoint}: only GPT-2-style BPE tokenizers (tokenizer.json) can be written to GGUF "
                          f"from a plain HF checkpoint ({e}); export from the model's GGUF instead") from None
+
+
+def _write_bpe_tokenizer(w, checkpoint: Path, rows: int) -> None:
+    """Tokenizer of a plain HF checkpoint (GPT-2-style byte-level BPE only), via gguf-py's vocab classes,
+    padded with placeholder tokens to ``rows`` entries."""
+    vocab = _bpe_vocab(checkpoint)
     tokens, types = [], []
     for text, _score, ttype in vocab.all_tokens():
         tokens.append(text if isinstance(text, str) else text.decode("utf-8"))
         types.append(int(ttype))
+    for i in range(len(tokens), rows):
+        tokens.append(PAD_TOKEN.format(i))
+        types.append(int(gguf.TokenType.UNUSED))
     w.add_tokenizer_model("gpt2")
     # The pre-tokenizer cannot be identified from tokenizer.json alone; llama.cpp's converter hashes
     # a test string. "default" is the GPT-2 regex.
@@ -194,7 +266,8 @@ def write_f32(checkpoint: str | Path, out: str | Path, name: str | None = None, 
 
     Raises:
         UsageError: unsupported architecture or rope type, output exists without ``force``.
-        ModelFileError: missing tensors, unexpected tensors or mismatched shapes.
+        ModelFileError: missing tensors, unexpected tensors or mismatched shapes; fewer embedding rows
+            than tokenizer tokens (more rows are padded with placeholder tokens, :func:`vocab_padding`).
     """
     checkpoint, out = Path(checkpoint), Path(out)
     files = st_format.checkpoint_files(checkpoint)
@@ -388,3 +461,80 @@ def quantize(f32_gguf: str | Path, out: str | Path, out_type: str, token_embeddi
         if not tmp.exists() or os.path.getsize(tmp) == 0:
             raise BackendError(f"llama.cpp wrote nothing when quantizing to {out_type}")
     return Path(out)
+
+
+# --- what the written file holds (manifest fields) ---------------------------------------------
+
+K_QUANT_FAMILY = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPERBLOCK = 256   # elements per row block of the k-quants and IQ4_XS
+
+
+def requested_family(out_type: str) -> tuple[str, ...]:
+    """The ggml types a requested file type gives the blocks' linear weights when llama.cpp does not fall back.
+
+    A k-quant file type (``Q2_K``, ``Q3_K_*``, ``Q4_K_*``, ``Q5_K_*``, ``Q6_K``) mixes k-quants by design
+    (e.g. Q4_K_M puts some tensors in Q6_K), so its family is every k-quant; any other type's family is
+    itself (``Q8_0`` -> ``("Q8_0",)``, ``IQ4_XS`` -> ``("IQ4_XS",)``).
+
+    Raises:
+        UsageError: an unknown type.
+    """
+    t = check_type(out_type)
+    return K_QUANT_FAMILY if "_K" in t else (t,)
+
+
+def _is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
+    # a block's 2-D projection weight (as converters.bpw counts them), minus the MoE router, which
+    # llama.cpp keeps in F32 whatever the type
+    return (name.startswith("blk.") and name.endswith(".weight") and len(shape) >= 2 and "norm" not in name
+            and "ffn_gate_inp" not in name)
+
+
+def type_record(path: str | Path, out_type: str) -> dict:
+    """What a GGUF file really holds, against the type it was asked for: the export manifest's fields.
+
+    A **fallback** is a linear weight of a block (a 2-D ``blk.*.weight`` that is not a norm or an MoE
+    router) whose ggml type is not in :func:`requested_family` of ``out_type``: llama.cpp quantizes
+    rows that are not a multiple of the 256-element superblock of the k-quants / IQ4_XS to another
+    type (Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL). The token embedding and the output head are not counted
+    (their types follow ``--token-embedding-type`` / ``--output-tensor-type`` and llama.cpp's choices).
+
+    Args:
+        path: the written GGUF file (validated).
+        out_type: the requested file type, e.g. ``"Q2_K"``.
+
+    Returns:
+        ``{"tied_embeddings": bool, "tensor_types": {tensor name: ggml type},
+        "fallbacks": {"count": n, "share": fraction of the linear-weight parameters (0..1),
+        "requested_family": [...], "types": {ggml type: tensors}, "tensors": [names]},
+        "warning": str | None}``. ``warning`` is set when more than half of the linear-weight
+        parameters fell back, e.g. ``"Q2_K requested: 75% of linear weights are Q4_0/Q5_0 (rows of 576
+        are not a multiple of 256)"``.
+
+    Raises:
+        ModelFileError: the file is not a valid GGUF.
+        UsageError: an unknown type.
+    """
+    family = requested_family(out_type)
+    info = gguf_format.validate(path)
+    linear = [t for t in info.tensors if _is_linear_weight(t.name, t.shape)]
+    fell = [t for t in linear if t.type_name not in family]
+    lin_params = sum(t.n_elements for t in linear)
+    share = sum(t.n_elements for t in fell) / lin_params if lin_params else 0.0
+    types: dict[str, int] = {}
+    for t in fell:
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+    warning = None
+    if share > 0.5:
+        warning = (f"{check_type(out_type)} requested: {share * 100:.0f}% of linear weights are "
+                   f"{'/'.join(sorted(types))}")
+        widths = sorted({t.shape[0] for t in fell if t.shape[0] % SUPERBLOCK})
+        if widths and any(f in K_QUANT_FAMILY + ("IQ4_XS",) for f in family):
+            warning += f" (rows of {', '.join(map(str, widths))} are not a multiple of {SUPERBLOCK})"
+    return {
+        "tied_embeddings": not any(t.name == "output.weight" for t in info.tensors),
+        "tensor_types": {t.name: t.type_name for t in info.tensors},
+        "fallbacks": {"count": len(fell), "share": round(share, 6), "requested_family": list(family),
+                      "types": types, "tensors": [t.name for t in fell]},
+        "warning": warning,
+    }

@@ -2,6 +2,12 @@
 
 Location: ``<file>.manifest.json`` beside an exported file, ``manifest.json`` inside an exported
 directory. Written atomically, JSON (no pickles).
+
+GGUF manifests also record what the file really holds (:func:`converters.gguf.type_record`):
+``tied_embeddings``, ``tensor_types`` (tensor name -> ggml type), ``fallbacks`` (block linear weights
+whose type is outside the requested family: count, share of linear parameters, types, names) and
+``warning`` (set when more than half of the linear weights fell back); and ``vocab_padding``
+(:func:`converters.gguf.vocab_padding`: placeholder tokens added for a padded vocabulary, or null).
 """
 
 from __future__ import annotations

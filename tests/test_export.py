@@ -379,3 +379,116 @@ def test_cli_export_bad_recipe_prints_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (f"error: {recipe}, line 2: unknown field 'passes[0].carve.tokens'; "
                                                  "known: config, calib_tokens, dataset")
+
+
+def _pad_vocab(src: Path, dst: Path, extra: int) -> Path:
+    """A copy of checkpoint ``src`` with ``extra`` zero embedding rows (and lm_head rows if untied), as
+    ``resize_token_embeddings(pad_to_multiple_of=...)`` leaves it; the tokenizer is unchanged."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("edgerun_source.json"))
+    for f in dst.glob("*.safetensors"):
+        weights = load_file(f)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in weights:
+                w = weights[name]
+                weights[name] = np.concatenate([w, np.zeros((extra, w.shape[1]), dtype=w.dtype)])
+        save_file(weights, f, metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] += extra
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_padded_vocabulary_exports_with_placeholder_tokens_and_answers_like_the_unpadded_model(
+        tmp_path, smollm2_source, smollm2_f32_gguf):
+    from edgerun.backends.llamacpp import LlamaCppBackend
+
+    ckpt = _pad_vocab(smollm2_source.path, tmp_path / "padded", 64)       # 49,216 rows, 49,152 tokens
+    result = export(str(ckpt), quant="F32", out=tmp_path / "padded.gguf", verify=False, progress=False,
+                    log=lambda m: None)
+    assert result.record["vocab_padding"] == {"tokenizer_tokens": 49152, "embedding_rows": 49216,
+                                              "placeholder_tokens": 64, "placeholder": "[PAD<id>]",
+                                              "token_type": "UNUSED"}
+    ref = LlamaCppBackend(smollm2_f32_gguf, n_ctx=128, cache_type_k="f32", cache_type_v="f32")
+    padded = LlamaCppBackend(result.output, n_ctx=128, cache_type_k="f32", cache_type_v="f32")
+    try:
+        assert padded.llm.n_vocab() == 49216 and ref.llm.n_vocab() == 49152
+        tokens = ref.encode_prompt(PROMPT)
+        assert padded.encode_prompt(PROMPT) == tokens
+        a, b = ref.logits(tokens)[-1], padded.logits(tokens)[-1]
+        assert _max_rel_diff(a, b[:49152]) < 1e-5
+        assert a.argmax() == b.argmax()
+        assert padded.detokenize([49152]) == ""                          # unused: never rendered
+    finally:
+        padded.close()
+        ref.close()
+    from gguf import GGUFReader, TokenType
+
+    fields = GGUFReader(result.output).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == len(types) == 49216
+    assert tokens[49152] == "[PAD49152]" and tokens[-1] == "[PAD49215]"
+    assert set(types[49152:]) == {int(TokenType.UNUSED)} and TokenType.UNUSED not in types[:49152]
+    assert gguf_writer.vocab_padding(smollm2_source.path) is None     # the unpadded source needs none
+
+
+def test_padded_vocabulary_of_a_plain_bpe_checkpoint_is_padded_too(tmp_path, smollm2_source):
+    from edgerun.backends.llamacpp import LlamaCppBackend
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    padded = _pad_vocab(ckpt, tmp_path / "tiny-padded", 64)
+    assert gguf_writer.vocab_padding(padded)["placeholder_tokens"] == 64
+    a_path = gguf_writer.write_f32(ckpt, tmp_path / "a.gguf")
+    b_path = gguf_writer.write_f32(padded, tmp_path / "b.gguf")
+    a = LlamaCppBackend(a_path, n_ctx=64, cache_type_k="f32", cache_type_v="f32")
+    b = LlamaCppBackend(b_path, n_ctx=64, cache_type_k="f32", cache_type_v="f32")
+    try:
+        tokens = a.tokenize("The quick brown fox")
+        assert b.tokenize("The quick brown fox") == tokens and b.llm.n_vocab() == 49216
+        assert _max_rel_diff(a.logits(tokens), b.logits(tokens)[:, :49152]) < 1e-5
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fewer_embedding_rows_than_tokens_is_refused(tmp_path, smollm2_source):
+    from safetensors.numpy import load_file, save_file
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama", smollm2_source.path)
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:49088].copy()
+    save_file(weights, ckpt / "model.safetensors")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["vocab_size"] = 49088
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match="tokenizer has 49152 tokens but the embedding only 49088 rows"):
+        gguf_writer.write_f32(ckpt, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_q2_k_manifest_records_fallbacks_and_warns(tmp_path, smollm2_f32_gguf):
+    lines = []
+    result = export(catalog.DEFAULT_MODEL, quant="Q2_K", out=tmp_path / "q2k.gguf", verify=False, progress=False,
+                    log=lines.append)
+    record = json.loads(result.manifest.read_text())
+    assert record["tied_embeddings"] is True
+    assert record["vocab_padding"] is None
+    assert len(record["tensor_types"]) == 30 * 9 + 2 and "output.weight" not in record["tensor_types"]
+    fb = record["fallbacks"]
+    # SmolLM2: every projection but ffn_down (rows of 1536) has rows of 576, not a multiple of 256
+    assert fb["count"] == 30 * 6 and fb["share"] == pytest.approx(0.75)
+    assert all(".ffn_down." not in name for name in fb["tensors"])
+    assert all(record["tensor_types"][name] not in fb["requested_family"] for name in fb["tensors"])
+    assert set(fb["types"]) <= {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
+    assert record["warning"].startswith("Q2_K requested: 75% of linear weights are ")
+    assert record["warning"].endswith("(rows of 576 are not a multiple of 256)")
+    assert f"warning: {record['warning']}" in lines
+
+
+def test_q8_0_manifest_records_no_fallbacks(exported):
+    record = json.loads(exported("Q8_0").manifest.read_text())
+    assert record["tied_embeddings"] is True
+    assert record["fallbacks"]["count"] == 0 and record["fallbacks"]["tensors"] == []
+    assert record["warning"] is None
+    assert set(record["tensor_types"].values()) == {"Q8_0", "F32"}   # norms stay F32
