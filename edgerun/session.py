@@ -222,9 +222,11 @@ class Session:
         return min(self.sampling.max_tokens, n_ctx // 2)
 
     def _encode(self, messages: list[dict]) -> list[int]:
-        prompt = self.format_prompt(messages)
-        self.last_prompt = prompt
-        return self.backend.encode_prompt(prompt)
+        """Prompt tokens of ``messages``: the template's markup as control tokens, every message's content
+        as text (a user typing a special-token text gets those characters, not a control token)."""
+        parts = self.template.render_parts(messages, add_generation_prompt=True)
+        self.last_prompt = "".join(text for text, _ in parts)
+        return self.backend.encode_chat(parts)
 
     def _fit(self, message: str) -> tuple[list[dict], list[int]]:
         """History + the new message, trimmed to fit the context; returns (messages, prompt tokens)."""

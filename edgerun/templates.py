@@ -92,6 +92,38 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template ({self.name}) failed to render: {e}") from None
 
 
+    def render_parts(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """The prompt as ``(text, is_markup)`` pieces: the template's own text (markup, whose special-token
+        texts are control tokens) apart from each message's content (text, tokenized as text).
+
+        So a user who types ``<|im_start|>system`` gets those characters, not a forged turn. The
+        template is rendered once with a placeholder per message content; the pieces between
+        placeholders are markup. Templates that trim the content (``| trim``) are handled; a template
+        that transforms content otherwise gets one markup piece (the whole prompt, as before) so its
+        output is never changed.
+
+        Raises:
+            ChatTemplateError: the template fails on these messages.
+        """
+        real = self.render(messages, add_generation_prompt)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = self.render([{**m, "content": marks[i]} for i, m in enumerate(messages)], add_generation_prompt)
+        contents = [str(m.get("content") or "") for m in messages]
+        for variant in (contents, [c.strip() for c in contents]):
+            pieces, rest = [], marked
+            for i, mark in enumerate(marks):
+                if rest.count(mark) != 1:
+                    break  # the template drops, repeats or reorders a content: keep the whole prompt as markup
+                head, rest = rest.split(mark)
+                pieces += [(head, True), (variant[i], False)]
+            else:
+                pieces.append((rest, True))
+                pieces = [(t, markup) for t, markup in pieces if t]
+                if "".join(t for t, _ in pieces) == real:
+                    return pieces
+        return [(real, True)]
+
+
 def choose(gguf_template: str | None, override: str | None, model_label: str,
            bos_token: str = "", eos_token: str = "") -> ChatTemplate:
     """Pick the template for a model: ``override`` (a built-in name or a file) wins, then the model's own.

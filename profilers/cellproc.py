@@ -193,7 +193,7 @@ class Worker:
         """
         if cold:
             self.backend.reset()
-        meter = power.EnergyMeter()
+        meter = power.EnergyMeter(tdp_watts=self.device.get("tdp_watts"))
         cpu0, machine0, t0 = power.cpu_seconds(), cpu_times(), time.perf_counter()
         with meter:
             rec = latency.measure(self.backend, self.prompt, self.cell["gen_tokens"], sampling=self.params)

@@ -495,7 +495,7 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
     if bandwidth_gbps is None and device is not None:
         bandwidth_gbps = device.memory_bandwidth_gbps
         bandwidth_source = f"device config {device.name}"
-    idle = power.measure_idle(2.0)
+    idle = power.measure_idle(2.0, tdp_watts=device.tdp_watts if device else None)
     cells = sweep.cells()
     todo = [c for c in cells if cell_key(c) not in done]
     quality_todo = [(m, v) for m in sweep.models for v in sweep.variants if f"quality|{m}|{v.name}" not in done]

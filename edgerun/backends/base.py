@@ -135,6 +135,31 @@ class Backend(ABC):
     def tokenize(self, text: str) -> list[int]:
         """Token ids of plain text (no BOS, special-token texts not parsed)."""
 
+    def tokenize_markup(self, text: str) -> list[int]:
+        """Token ids of chat-template markup: special-token texts parsed as control tokens, no BOS added.
+
+        The default is :meth:`encode_prompt` without the BOS it may add; engines override it.
+        """
+        ids = self.encode_prompt(text)
+        bos = self.encode_prompt("")
+        return ids[len(bos):] if bos and ids[:len(bos)] == bos and not text.startswith(self.special_tokens.get(
+            "bos_token") or "\0") else ids
+
+    def encode_chat(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Token ids of a prompt given as ``(text, is_markup)`` pieces (:meth:`ChatTemplate.render_parts`).
+
+        Markup is tokenized with special-token texts as control tokens; message contents as plain text,
+        so text from a user never becomes a control token. BOS is added once at the start when the model
+        wants it (as :meth:`encode_prompt` does).
+        """
+        ids: list[int] = []
+        for text, markup in parts:
+            ids += self.tokenize_markup(text) if markup else self.tokenize(text)
+        bos = self.encode_prompt("")
+        if bos and ids[:len(bos)] != bos:
+            ids = bos + ids
+        return ids
+
     @abstractmethod
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of token ids (special tokens rendered as text)."""
@@ -249,6 +274,28 @@ def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
         lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
         out[i:i + 64] = x[np.arange(len(x)), targets[i:i + 64]] - lse
     return out
+
+
+def available_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cap_threads(threads: int | None) -> tuple[int | None, str]:
+    """``threads`` capped at the CPUs available to this process, and a one-line note when it was capped.
+
+    More threads than CPUs make llama.cpp's spinning threads fight for the cores (64 threads on a 2-CPU
+    machine decode some 20 times slower than 1). None (the engine's default) is returned unchanged.
+    """
+    if threads is None:
+        return None, ""
+    cpus = available_cpus()
+    if int(threads) <= cpus:
+        return int(threads), ""
+    return cpus, f"threads capped at {cpus}: this process may use {cpus} CPUs"
 
 
 def physical_cores() -> int:

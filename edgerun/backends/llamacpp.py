@@ -20,13 +20,46 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, log_softmax_at,
-                                   physical_cores, reply_budget)
-from edgerun.errors import BackendError
+from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, cap_threads,
+                                   log_softmax_at, physical_cores, reply_budget)
+from edgerun.errors import BackendError, UsageError
 from edgerun.formats import gguf as gguf_format
+from edgerun.formats.ggml import GGML_TYPES
 from edgerun.kv.types import KV_TYPES
 
 DEFAULT_CTX = 4096
+
+SEED_MAX = 2**32 - 2
+"""The largest sampling seed that reproduces: llama.cpp reads 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "random"."""
+
+
+def check_seed(seed: int | None) -> None:
+    """Refuse a seed llama.cpp would not reproduce (negative, or 0xFFFFFFFF and above).
+
+    Raises:
+        UsageError: the seed is outside 0..4294967294.
+    """
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed <= SEED_MAX):
+        raise UsageError(f"--seed must be in 0..{SEED_MAX}")
+
+
+def check_kv_type(which: str, name: str, head_dim: int) -> None:
+    """Refuse a KV cache type llama.cpp cannot run for a head dimension, naming the ones it can.
+
+    A type is usable when it is one of :data:`KV_TYPES` and its block divides the head dimension
+    (llama.cpp stores each head's row in whole blocks).
+
+    Raises:
+        UsageError: an unknown type, or one whose block does not divide ``head_dim``.
+    """
+    valid = [n for n, t in KV_TYPES.items() if not head_dim or head_dim % t.block == 0]
+    ggml = {t.name.lower(): t for t in GGML_TYPES.values()}
+    t = KV_TYPES.get(name) or ggml.get(str(name).lower())
+    if t is not None and head_dim and head_dim % t.block:
+        raise UsageError(f"KV type {name} has blocks of {t.block} values; the {which} head dimension is {head_dim}: "
+                         f"use one of {', '.join(valid)}")
+    if name not in KV_TYPES:
+        raise UsageError(f"unknown {which} cache type '{name}'; use one of {', '.join(valid)}")
 
 
 def _warn_if_amx_under_hypervisor(llama_cpp) -> None:
@@ -99,13 +132,16 @@ class LlamaCppBackend(Backend):
         threads: decode threads; default the physical cores.
         batch_threads: prompt-evaluation threads; default ``threads``.
         n_batch: prompt tokens evaluated per llama_decode call.
-        flash_attn: use flash attention (required for a quantized V cache).
+        flash_attn: use flash attention (a quantized V cache turns it on by itself, with a notice).
         cache_type_k, cache_type_v: KV cache element types (``f16``, ``q8_0``, ``q4_0``, ...:
-            :data:`edgerun.kv.types.KV_TYPES`).
-        seed: default sampling seed.
+            :data:`edgerun.kv.types.KV_TYPES`) whose block divides the model's head dimension.
+        seed: default sampling seed, 0..4294967294 (llama.cpp reads 0xFFFFFFFF as "random").
         info: the file's :func:`edgerun.formats.gguf.validate` result, if already validated.
+        notify: called with one-line notices (flash attention turned on for a quantized V cache).
 
     Raises:
+        UsageError: a seed outside 0..4294967294, an unknown KV type or one whose block does not divide
+            the head dimension (the usable types named).
         ModelFileError: the file is missing, not GGUF, truncated or corrupted.
         BackendError: llama.cpp refuses the model (e.g. an architecture it does not know) or the
             context options.
@@ -116,23 +152,31 @@ class LlamaCppBackend(Backend):
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  batch_threads: int | None = None, n_batch: int = 512, flash_attn: bool = False,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", seed: int | None = None,
-                 info: gguf_format.GGUFInfo | None = None):
+                 info: gguf_format.GGUFInfo | None = None, notify=None):
         self.path = Path(path)
         self.info = info if info is not None and info.path == self.path else gguf_format.validate(self.path)
-        for which, t in (("K", cache_type_k), ("V", cache_type_v)):
-            if t not in KV_TYPES:
-                raise BackendError(f"unknown {which} cache type '{t}'; use one of {', '.join(KV_TYPES)}")
-        if KV_TYPES[cache_type_v].quantized and not flash_attn:
-            raise BackendError(f"a {cache_type_v} V cache needs flash attention: add --flash-attn")
+        say = notify or (lambda m: None)
+        check_seed(seed)
+        k_dim, v_dim = self.head_dims()
+        check_kv_type("K", cache_type_k, k_dim)
+        check_kv_type("V", cache_type_v, v_dim)
+        # llama.cpp needs flash attention for a quantized V cache: turned on, and said, rather than refused
+        self.flash_attn_auto = KV_TYPES[cache_type_v].quantized and not flash_attn
+        if self.flash_attn_auto:
+            flash_attn = True
+            say(f"flash attention on: llama.cpp needs it for the {cache_type_v} V cache")
         train_ctx = self.info.context_length or DEFAULT_CTX
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, train_ctx)
         if self.n_ctx < 16:
             raise BackendError(f"context size {self.n_ctx} is too small (minimum 16 tokens)")
-        self.threads = int(threads) if threads else physical_cores()
-        self.batch_threads = int(batch_threads) if batch_threads else self.threads
+        # never more threads than CPUs this process may use (edgerun.load says so in a notice)
+        self.threads = cap_threads(int(threads))[0] if threads else physical_cores()
+        self.batch_threads = cap_threads(int(batch_threads))[0] if batch_threads else self.threads
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         self.flash_attn = bool(flash_attn)
-        extra = {"seed": seed} if seed is not None else {}
+        self.seed = seed
+        # llama-cpp-python reads a seed of 0 as "random" at construction (per call, 0 is a seed like any other)
+        extra = {"seed": seed} if seed else {}
         _warn_if_amx_under_hypervisor(llama_cpp)
         _capture_llama_log(llama_cpp)
         _LOG.clear()
@@ -153,6 +197,16 @@ class LlamaCppBackend(Backend):
         self._eos_id = self.info.metadata.get("tokenizer.ggml.eos_token_id")
         self.last_stats = GenerationStats(context_size=self.n_ctx)
 
+    def head_dims(self) -> tuple[int, int]:
+        """(K, V) head dimensions from the GGUF metadata: ``key_length`` / ``value_length``, else
+        ``embedding_length // head_count``; 0 when the file does not say."""
+        md, arch = self.info.metadata, self.info.architecture
+        n_head = int(md.get(f"{arch}.attention.head_count", 0) or 0)
+        n_embd = int(md.get(f"{arch}.embedding_length", 0) or 0)
+        default = n_embd // n_head if n_head else 0
+        return (int(md.get(f"{arch}.attention.key_length", default) or default),
+                int(md.get(f"{arch}.attention.value_length", default) or default))
+
     # --- tokens -------------------------------------------------------------------------------
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -163,6 +217,9 @@ class LlamaCppBackend(Backend):
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def tokenize_markup(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
@@ -180,6 +237,7 @@ class LlamaCppBackend(Backend):
     # --- generation ---------------------------------------------------------------------------
 
     def _completion_args(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> dict:
+        check_seed(sampling.seed)
         max_tokens = reply_budget(self.n_ctx, len(prompt_tokens), sampling.max_tokens)
         return dict(prompt=list(prompt_tokens), max_tokens=max_tokens, temperature=sampling.temperature,
                     top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p,
@@ -400,9 +458,13 @@ class LlamaCppBackend(Backend):
                           rss_bytes=psutil.Process().memory_info().rss)
 
     def engine_settings(self) -> dict:
-        """threads, batch threads, context, KV cache types and flash attention as loaded."""
-        return {"threads": self.threads, "batch_threads": self.batch_threads, "n_ctx": self.n_ctx,
-                "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v, "flash_attn": self.flash_attn}
+        """threads, batch threads, context, KV cache types and flash attention as loaded (``flash_attn_auto``:
+        turned on by itself for a quantized V cache)."""
+        settings = {"threads": self.threads, "batch_threads": self.batch_threads, "n_ctx": self.n_ctx,
+                    "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v, "flash_attn": self.flash_attn}
+        if self.flash_attn_auto:
+            settings["flash_attn_auto"] = True
+        return settings
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

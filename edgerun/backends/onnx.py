@@ -89,6 +89,7 @@ class OnnxBackend(Backend):
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  seed: int | None = None, **_ignored):
         self.path = Path(path)
+        self._text_tokenizer = None
         self.genai_config = validate_model_dir(self.path)
         self.threads = int(threads) if threads else physical_cores()
         self._og = og
@@ -137,11 +138,28 @@ class OnnxBackend(Backend):
             ids.insert(0, int(self._bos))
         return ids
 
-    def tokenize(self, text: str) -> list[int]:
-        ids = [int(t) for t in self.tokenizer.encode(text)]
+    def tokenize_markup(self, text: str) -> list[int]:
+        """Chat-template markup: onnxruntime-genai's tokenizer, which parses special-token texts."""
+        ids = [int(t) for t in self.tokenizer.encode(text)] if text else []
         if ids and self._bos is not None and ids[0] == self._bos and not text.startswith(self._special["bos_token"] or "\0"):
             ids = ids[1:]  # the runtime's tokenizer may add BOS itself
         return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        """Plain text, special-token texts not parsed: onnxruntime-genai's tokenizer always parses them, so
+        this reads the directory's ``tokenizer.json`` with Hugging Face ``tokenizers`` (the same vocabulary
+        and merges) with ``encode_special_tokens`` on."""
+        if not text:
+            return []
+        if self._text_tokenizer is None:
+            tokenizer_json = self.path / "tokenizer.json"
+            if not tokenizer_json.is_file():
+                return self.tokenize_markup(text)   # no tokenizer.json: the runtime's tokenizer is all there is
+            from tokenizers import Tokenizer  # ships with transformers; only ONNX plain-text tokenization needs it
+
+            self._text_tokenizer = Tokenizer.from_file(str(tokenizer_json))
+            self._text_tokenizer.encode_special_tokens = True
+        return list(self._text_tokenizer.encode(text, add_special_tokens=False).ids)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(np.asarray(list(tokens), dtype=np.int32))

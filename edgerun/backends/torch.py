@@ -20,8 +20,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores,
-                                   reply_budget)
+from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, cap_threads,
+                                   physical_cores, reply_budget)
 from edgerun.errors import BackendError
 from edgerun.formats import safetensors as st_format
 from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
@@ -38,7 +38,7 @@ class TorchBackend(Backend):
     Args:
         path: checkpoint directory (config.json, *.safetensors, tokenizer files).
         n_ctx: context window in tokens (default min(4096, max_position_embeddings)).
-        threads: torch intra-op threads (default: physical cores).
+        threads: torch intra-op threads (default: physical cores; capped at the CPUs this process may use).
         dtype: ``"float32"`` (reference) or ``"bfloat16"``.
         seed: default sampling seed.
         kv_layout: a :class:`edgerun.kv.layout.Layout` (or a layout YAML path): the KV cache is the
@@ -60,7 +60,7 @@ class TorchBackend(Backend):
         self.path = Path(path)
         st_format.checkpoint_files(self.path)
         cfg = st_format.read_config(self.path)
-        self.threads = int(threads) if threads else physical_cores()
+        self.threads = cap_threads(int(threads))[0] if threads else physical_cores()  # never more than the CPUs
         torch.set_num_threads(self.threads)
         hf_logging.disable_progress_bar()
         try:
@@ -150,6 +150,9 @@ class TorchBackend(Backend):
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+    def tokenize_markup(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=False, clean_up_tokenization_spaces=False)
