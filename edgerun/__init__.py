@@ -12,11 +12,12 @@ The Python API mirrors the CLI::
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 from edgerun import catalog, templates
 from edgerun.backends import canonical_backend, detect_backend, open_backend
-from edgerun.backends.base import GenerationStats, SamplingParams
+from edgerun.backends.base import GenerationStats, SamplingParams, cap_threads
 from edgerun.device import budget_bytes
 from edgerun.errors import EdgerunError, UsageError
 from edgerun.formats import gguf as gguf_format
@@ -26,6 +27,9 @@ from edgerun.session import Session, Turn
 
 __version__ = "0.1.0"
 
+SEED_MAX = 2**32 - 2
+"""The largest seed that reproduces: llama.cpp reads 0xFFFFFFFF (LLAMA_DEFAULT_SEED) as "random"."""
+
 
 def load(model: str | Path | None = None, *, backend: str | None = None, system: str | None = None,
          chat_template: str | None = None, n_ctx: int | None = None, threads: int | None = None,
@@ -33,7 +37,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
          seed: int | None = None, progress: bool = True, notify=None, adaptive_experts: bool = False,
          keep: str = "2/4", patterns: str | Path | None = None, assembler=None, kv_layout=None,
-         device: str | Path | None = None, **engine_options) -> Session:
+         device: str | Path | None = None, kv_type: str | None = None, kv_type_k: str | None = None,
+         kv_type_v: str | None = None, **engine_options) -> Session:
     """Open a chat session on ``model`` (a catalog name, a path, or None for the default model).
 
     Every message is planned once (:class:`edgerun.planner.Planner`): the model or the task's experts,
@@ -47,11 +52,14 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         system: system prompt.
         chat_template: a built-in template name or a Jinja file, overriding the model's own.
         n_ctx: context window in tokens (default min(4096, the model's training context)).
-        threads, batch_threads: decode / prompt threads (default: physical cores).
-        max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed: sampling
-            (:class:`SamplingParams`).
+        threads, batch_threads: decode / prompt threads (default: physical cores); more than the CPUs this
+            process may use are capped at that number, with a notice.
+        max_tokens, temperature, top_p, top_k, min_p, repeat_penalty: sampling (:class:`SamplingParams`).
+        seed: sampling seed, 0..4294967294; None draws one (``session.sampling.seed``, shown by /stats in
+            the plan's settings): passing it back reproduces the replies exactly.
         progress: show a progress bar when pulling.
-        notify: callback for one-line notices (context trimmed); default: ``session.notices``.
+        notify: callback for one-line notices (context trimmed, threads capped, flash attention turned on);
+            default: ``session.notices``.
         adaptive_experts: per message, run only the retrieved task's experts (PreMoe TAER) of a carved
             model (``model`` is the carved checkpoint; torch reads them from the expert store, llama.cpp
             runs GGUFs that ``assembler`` builds per pattern).
@@ -64,18 +72,33 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             front). torch: the packed layer-wise KV cache; one file runs that layout (refused when its
             cache does not fit); with a directory the layout is chosen per message to fit
             ``device``'s memory budget after the weights of the model (or task experts) the plan runs
-            (KV16 included when it fits). llama.cpp: one file, mapped to the nearest uniform
-            (type_k, type_v) not less precise (said in a notice).
+            (KV16 included when it fits); the engine opens with a single file's layout, so every path
+            (``backend.complete``, ``stream``, ``logits``) runs it. llama.cpp: one file, mapped to the
+            nearest uniform (type_k, type_v) not less precise (said in a notice).
         device: device config YAML whose ``memory_budget_gib`` bounds weights + KV cache (default:
             this machine, 75% of RAM).
+        kv_type, kv_type_k, kv_type_v: llama.cpp KV cache element types
+            (:data:`edgerun.kv.types.KV_TYPES`): ``kv_type`` for K and V, the others for one each; a
+            quantized V type turns flash attention on (said in a notice).
         engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``, ``mode`` for MixPE).
 
     Raises:
+        UsageError: a seed outside 0..4294967294, a KV type that is unknown or whose block does not
+            divide the model's head dimension, KV types with a KV layout or on another engine.
         EdgerunError: unknown model, bad file, download failure, missing chat template, engine error,
             a plan that does not fit the device budget.
     """
     label = str(model or catalog.DEFAULT_MODEL)
-    notify_fn = notify or (lambda m: None)
+    pending: list[str] = []  # notices before the session exists, when it keeps them (no ``notify``)
+    notify_fn = notify or pending.append
+    if seed is None:
+        seed = secrets.randbelow(2**31)  # drawn, so that unseeded runs differ; kept, so that it reproduces
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in 0..{SEED_MAX}")
+    threads, note = cap_threads(threads)  # more threads than CPUs only fight over them
+    batch_threads, batch_note = cap_threads(batch_threads)
+    if note or batch_note:
+        notify_fn(note or batch_note)
     budget = budget_bytes(device)
     experts = None
     if adaptive_experts:
@@ -95,9 +118,20 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         # refuse a model without a chat template before loading it (never fall back silently)
         templates.choose(info.chat_template, chat_template, model_label=label)
         engine_options["info"] = info
+        engine_options["notify"] = notify_fn
+    if kv_type is not None or kv_type_k is not None or kv_type_v is not None:
+        if kv_layout is not None:
+            raise UsageError("give --kv-type/--kv-type-k/--kv-type-v or --kv-layout, not both")
+        if engine_name != "llama.cpp":
+            raise UsageError(f"--kv-type applies to llama.cpp, not {engine_name} (torch runs --kv-layout)")
+        engine_options["cache_type_k"] = kv_type_k or kv_type or engine_options.get("cache_type_k", "f16")
+        engine_options["cache_type_v"] = kv_type_v or kv_type or engine_options.get("cache_type_v", "f16")
     kv_layouts = None
     if kv_layout is not None:
         kv_layouts, engine_options = _kv_options(engine_name, kv_layout, engine_options, notify_fn)
+        if kv_layouts is not None and len(kv_layouts) == 1 and not kv_layouts[0].is_dir():
+            # one file: the engine opens with it, so every generation path (not only chat) runs it
+            engine_options = {**engine_options, "kv_layout": kv_layouts[0]}
 
     def open_model(plan: Plan):
         return open_backend(plan.engine, plan.model_path, n_ctx=n_ctx, threads=threads, batch_threads=batch_threads,
@@ -114,14 +148,18 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             # one file runs that layout; a directory (a Pareto front) is planned per message with KV16
             plan_all = len(kv_layouts) > 1 or any(Path(p).is_dir() for p in kv_layouts)
             kv_planner = KVPlanner.for_backend(engine, kv_layouts, budget, include_kv16=plan_all)
-        planner = Planner(engine_name, budget, experts=experts, kv=kv_planner, settings=engine.engine_settings())
+        # the seed every reply samples with is part of the settings a plan reports (/stats)
+        planner = Planner(engine_name, budget, experts=experts, kv=kv_planner,
+                          settings={**engine.engine_settings(), "seed": seed})
     except BaseException:
         engine.close()
         raise
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
-    return Session(engine, template, system=system, sampling=sampling, notify=notify, planner=planner,
-                   open_model=open_model)
+    session = Session(engine, template, system=system, sampling=sampling, notify=notify, planner=planner,
+                      open_model=open_model)
+    session.notices.extend(pending)
+    return session
 
 
 def _expert_planner(model, engine: str, keep: str, patterns, assembler, notify):

@@ -41,9 +41,16 @@ def _add_chat(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
     p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default 40)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, 0..4294967294 (default: one is drawn; /stats shows it)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: physical cores; capped at the CPUs this process may use)")
     p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default 4096 or less)")
+    p.add_argument("--kv-type", default=None, metavar="TYPE",
+                   help="llama.cpp KV cache type of K and V: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, "
+                        "q4_0, iq4_nl (a quantized V turns flash attention on)")
+    p.add_argument("--kv-type-k", default=None, metavar="TYPE", help="llama.cpp KV cache type of K (over --kv-type)")
+    p.add_argument("--kv-type-v", default=None, metavar="TYPE", help="llama.cpp KV cache type of V (over --kv-type)")
     p.add_argument("--chat-template", default=None,
                    help="chat template to use instead of the model's: chatml, llama3, gemma, or a Jinja file")
     p.add_argument("--adaptive-experts", action="store_true",
@@ -98,7 +105,10 @@ def format_turn(turn) -> str:
         return "no reply yet"
     lines = [format_stats(turn.stats)]
     plan = turn.plan
-    settings = ", ".join(f"{k} {v}" for k, v in plan.settings.items())
+    shown = {k: v for k, v in plan.settings.items() if k != "flash_attn_auto"}
+    if plan.settings.get("flash_attn_auto"):
+        shown["flash_attn"] = f"{shown.get('flash_attn', True)} (on for the quantized V cache)"
+    settings = ", ".join(f"{k} {v}" for k, v in shown.items())
     lines.append(f"plan: {plan.engine} {plan.model_path.name} | weights {plan.weights_bytes / 2**20:.1f} MiB"
                  + (f" of a {plan.budget_bytes / 2**30:.1f} GiB budget" if plan.budget_bytes else "")
                  + f" | {settings} | history {turn.history}" + (f" | load {turn.load_ms:.0f} ms" if turn.load_ms else ""))
@@ -154,7 +164,8 @@ def cmd_chat(args) -> int:
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, notify=notify, adaptive_experts=args.adaptive_experts, keep=args.keep,
                            patterns=args.patterns, assembler=assembler, kv_layout=args.kv_layout,
-                           device=args.device, **mixpe)
+                           device=args.device, kv_type=args.kv_type, kv_type_k=args.kv_type_k,
+                           kv_type_v=args.kv_type_v, **mixpe)
     try:
         if not interactive:
             _print_reply(session.chat(prompt, stream=True))
@@ -327,6 +338,8 @@ def _add_merge(sub) -> None:
     p.add_argument("--drop", type=float, default=None, help="DARE: drop probability (0.3)")
     p.add_argument("--omega", type=float, default=None, help="AIM: relaxation of the most active channels (0.4)")
     p.add_argument("--rank", type=_positive_int, default=None, help="SVD: rank of each task vector (64)")
+    p.add_argument("--sign-rule", choices=("paper", "weighted"), default=None,
+                   help="TIES sign election: paper (unweighted trimmed task vectors, Alg. 1; default) or weighted")
     p.add_argument("--seed", type=int, default=None, help="DARE's mask seed (0)")
     p.add_argument("--calib-tokens", type=_positive_int, default=None, metavar="N",
                    help="AIM: calibration tokens of BASE's activations, in windows of 256 (default 25600)")
@@ -341,7 +354,7 @@ def _add_merge(sub) -> None:
 def cmd_merge(args) -> int:
     from converters import merge as mg  # torch: not on the chat path
 
-    hyper = {k: getattr(args, k) for k in ("alpha", "density", "drop", "omega", "rank")}
+    hyper = {k: getattr(args, k) for k in ("alpha", "density", "drop", "omega", "rank", "sign_rule")}
     if args.recipe:
         if args.base or args.models or args.method or any(v is not None for v in hyper.values()):
             raise UsageError("give either --recipe or BASE MODEL... with --method and its parameters, not both")

@@ -220,3 +220,17 @@ def test_architecture_llama_cpp_does_not_know(tmp_path):
     # a well-formed GGUF whose architecture llama.cpp cannot load: its reason reaches the user
     p = write_tiny_gguf(tmp_path / "alien.gguf", chat_template="{{ messages }}", arch="alien")
     _one_line_error(run("chat", str(p), "-p", "hi"), 1, "llama.cpp could not load", "alien")
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967295"])
+def test_a_seed_that_would_not_reproduce_is_refused(seed):
+    _one_line_error(run("chat", "-p", "hi", "--seed", seed), 2, "--seed must be in 0..4294967294")
+
+
+def test_kv_type_options_on_chat(default_model_path):
+    r = run("chat", "-p", "Say hi.", "--kv-type-v", "q4_0", *GREEDY)
+    assert r.returncode == 0, r.stderr
+    assert "[flash attention on: llama.cpp needs it for the q4_0 V cache]" in r.stderr
+    _one_line_error(run("chat", "-p", "hi", "--kv-type", "q4_K"), 2, "blocks of 256 values", "head dimension is 64",
+                    "q8_0")
+    _one_line_error(run("chat", "-p", "hi", "--kv-type-k", "nope"), 2, "unknown K cache type 'nope'", "q4_0")
