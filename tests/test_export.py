@@ -291,7 +291,7 @@ def test_recipe_passes_run_in_order_and_are_recorded_in_order(tmp_path, scratch_
     ("passes:\n  - ptq: {bits: 5}\n", r"r\.yaml, line 2: field 'passes\[0\]\.ptq\.bits' must be one of 2, 3, 4, 8, got 5$"),
     ("passes:\n  - carve: {config: S1A1}\n", r"r\.yaml, line 2: field 'passes\[0\]\.carve\.config' must be a CMoE"),
     ("passes:\n  - merge: {merge_method: ties, models: [m], parameters: {densty: 0.3}}\n",
-     r"r\.yaml, line 2: unknown field 'passes\[0\]\.merge\.parameters\.densty'; known: alpha, density, lambda$"),
+     r"r\.yaml, line 2: unknown field 'passes\[0\]\.merge\.parameters\.densty'; known: alpha, density, sign_rule, lambda$"),
     ("passes:\n  - {carve: {config: S1A1E4}, ptq: {}}\n", r"r\.yaml, line 2: field 'passes\[0\]' must be one pass"),
     ("passes: []\n", r"r\.yaml, line 1: field 'passes' must be a non-empty list"),
     ("steps:\n  - carve: {config: S1A1E4}\n", r"r\.yaml, line 1: unknown field 'steps'; known: passes$"),
