@@ -159,13 +159,18 @@ def cmd_chat(args) -> int:
         from converters.assemble import GGUFAssembler  # the writers: only adaptive experts on llama.cpp
 
         assembler = GGUFAssembler(args.quant or "Q8_0", log=notify)
+    # while a person waits, llama.cpp prefills in batches of 64 tokens: Python gets control back between
+    # batches, so Ctrl-C stops a long prefill within a fraction of a second (prefill speed is the same:
+    # 1,800 tokens at 64 vs 512 per batch measured within 5% on this VM)
+    engine = {"n_batch": 64} if interactive and args.backend in (None, "llama.cpp") and not args.adaptive_experts \
+        else {}
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            seed=args.seed, notify=notify, adaptive_experts=args.adaptive_experts, keep=args.keep,
                            patterns=args.patterns, assembler=assembler, kv_layout=args.kv_layout,
                            device=args.device, kv_type=args.kv_type, kv_type_k=args.kv_type_k,
-                           kv_type_v=args.kv_type_v, **mixpe)
+                           kv_type_v=args.kv_type_v, **mixpe, **engine)
     try:
         if not interactive:
             _print_reply(session.chat(prompt, stream=True))

@@ -205,8 +205,12 @@ class Session:
             self._finish(turn, failed=True)       # the history stays as it was before this message
             raise
         except BaseException:                     # closed (Ctrl-C): keep what was shown
-            self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+            if pieces:
+                self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
+            # stopped before its first token: the message leaves no trace in the history, and its
+            # partly prefilled tokens are past the history's prefix, so the next turn overwrites them
             self._finish(turn)
+            turn.stats.finish_reason = "interrupted"
             raise
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
         self._finish(turn)

@@ -335,3 +335,19 @@ def test_a_layout_file_applies_to_the_engines_own_generation_paths(smollm2_sourc
         assert s.kv_cache_bytes == layout.cache_bytes(cached, 3, 64, fp_bits=32) > 0  # packed 4-bit, not fp32
     finally:
         b.close()
+
+
+def test_a_message_interrupted_before_its_first_token_leaves_no_trace(greedy_session, monkeypatch):
+    """Ctrl-C during the prefill: the history is as before the message, the record says interrupted."""
+    s = greedy_session
+    s.chat("Hello!", stream=False)
+    before = list(s.messages)
+
+    def interrupted(tokens, sampling):
+        raise KeyboardInterrupt
+        yield  # a generator, like the engines' streams
+
+    monkeypatch.setattr(s.backend, "stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        "".join(s.chat("A very long message " * 50))
+    assert s.messages == before and s.last_turn.stats.finish_reason == "interrupted"
