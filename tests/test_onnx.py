@@ -102,3 +102,19 @@ def test_gemma3_onnx_export_is_refused_with_a_clear_error(tmp_path, smollm2_sour
     with pytest.raises(UsageError, match="ONNX export of Gemma 3 is not supported yet.*--to gguf"):
         write_onnx(ckpt, tmp_path / "onnx", precision="fp32")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_onnx_kv_bytes_are_what_the_request_allocated(onnx_exported):
+    """Not context x bytes per token: the last request's prompt + reply budget (onnxruntime-genai's max_length)."""
+    from edgerun.backends.base import SamplingParams
+    from edgerun.backends.onnx import OnnxBackend
+
+    b = OnnxBackend(onnx_exported("int4").output, n_ctx=4096)
+    try:
+        assert b.memory().kv_cache_bytes == 0
+        prompt = b.tokenize("The capital of France is")
+        b.complete(prompt, SamplingParams(temperature=0.0, max_tokens=8))
+        per_token = 2 * 30 * 3 * 64 * 4                      # SmolLM2: layers x KV heads x head dim, float32
+        assert b.memory().kv_cache_bytes == per_token * (len(prompt) + 8)
+    finally:
+        b.close()

@@ -90,6 +90,7 @@ class OnnxBackend(Backend):
                  seed: int | None = None, **_ignored):
         self.path = Path(path)
         self._text_tokenizer = None
+        self._allocated_tokens = 0
         self.genai_config = validate_model_dir(self.path)
         self.threads = int(threads) if threads else physical_cores()
         self._og = og
@@ -181,6 +182,7 @@ class OnnxBackend(Backend):
         else:
             opts.update(do_sample=False)
         params.set_search_options(**opts)
+        self._allocated_tokens = len(prompt) + max_new
         return og.Generator(self.model, params)
 
     def _run(self, prompt_tokens: Sequence[int], sampling: SamplingParams, stream: bool) -> Iterator[str]:
@@ -240,10 +242,13 @@ class OnnxBackend(Backend):
         return out.reshape(-1, out.shape[-1])[-len(tokens):]
 
     def memory(self) -> MemoryInfo:
+        """Weights (the model files' bytes) and the KV cache the last request allocated: onnxruntime-genai
+        sizes it for that request's prompt + reply budget (its ``max_length``), float32, not for the whole
+        context; 0 before the first request."""
         weights = sum(f.stat().st_size for f in self.path.iterdir() if f.name.startswith("model.onnx"))
         d = self.genai_config["model"]["decoder"]
         per_token = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4
-        return MemoryInfo(model_bytes=int(weights), kv_cache_bytes=int(per_token * self.n_ctx),
+        return MemoryInfo(model_bytes=int(weights), kv_cache_bytes=int(per_token * self._allocated_tokens),
                           rss_bytes=psutil.Process().memory_info().rss)
 
     def close(self) -> None:
