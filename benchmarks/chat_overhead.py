@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from profilers.report import quartiles
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
 
     import edgerun
     from edgerun import catalog
+    from edgerun.backends.llamacpp import clear_cache
 
     session = edgerun.load(args.model, temperature=0.0, max_tokens=args.max_tokens, n_ctx=args.ctx_size, seed=0)
     backend = session.backend
@@ -71,8 +74,7 @@ def main(argv=None) -> int:
     raw_count = {}
 
     def run_raw():
-        raw.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(raw.ctx), True)
+        clear_cache(raw)
 
         def pieces():
             n = 0
@@ -89,8 +91,8 @@ def main(argv=None) -> int:
         return p.n_eval / (p.t_eval_ms / 1e3) if p.t_eval_ms > 0 else float("nan")
 
     def spread(xs):
-        q = statistics.quantiles(xs, n=4, method="inclusive")
-        return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "n": len(xs)}
+        q1, median, q3 = quartiles(xs)
+        return {"median": median, "q1": q1, "q3": q3, "n": len(xs)}
 
     run_edgerun(), run_raw()  # warm-up: page in weights, first-context costs
     rows = {"edgerun": [], "raw": []}

@@ -22,12 +22,13 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from profilers.report import quartiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "What is the capital of Germany?"
@@ -59,9 +60,9 @@ def run(cmd: list[str]) -> dict:
 
 
 def spread(xs: list[float]) -> dict:
-    """Median, quartiles (inclusive), min, max and n of ``xs``."""
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
+    """Median, quartiles (the report's inclusive method), min, max and n of ``xs``."""
+    q1, median, q3 = quartiles(xs)
+    return {"median": median, "q1": q1, "q3": q3, "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def main(argv=None) -> int:

@@ -99,8 +99,7 @@ class RawLlama:
 
     def reset(self) -> None:
         """Empty the KV cache (llama-cpp-python then prefills every prompt token)."""
-        self.llm.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        llamacpp_backend.clear_cache(self.llm)
 
     def stream(self, prompt_tokens, sampling):
         """Yield ``sampling.max_tokens`` greedy pieces; ``last_stats`` from llama.cpp's perf counters."""

@@ -115,6 +115,12 @@ def capture_log() -> deque[tuple[int, str]]:
     return _LOG
 
 
+def clear_cache(llm: "llama_cpp.Llama") -> None:
+    """Empty a ``llama_cpp.Llama``'s KV cache and its token record, so its next call prefills every token."""
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+
+
 def _first_llama_error() -> str:
     """The first error llama.cpp logged since the log was cleared, without its function prefix."""
     for level, text in _LOG:
@@ -386,20 +392,16 @@ class LlamaCppBackend(Backend):
 
     def reset(self) -> None:
         """Empty llama.cpp's KV cache and llama-cpp-python's token record: no prefix is reused next call."""
-        self.llm.reset()
-        self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self.llm.ctx), True)
+        clear_cache(self.llm)
 
     @contextlib.contextmanager
     def _fresh_cache(self):
         """An empty KV cache for low-level evaluation, emptied again afterwards (chat history is re-prefilled)."""
-        lc, llm = self._llama_cpp, self.llm
-        llm.reset()
-        lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
+        clear_cache(self.llm)
         try:
             yield
         finally:
-            lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
-            llm.reset()
+            clear_cache(self.llm)
 
     def _logit_chunks(self, tokens: Sequence[int]):
         """Evaluate ``tokens`` from an empty KV cache in batches; yield (start, float32 logits of the batch)."""
