@@ -8,25 +8,40 @@ g of ``gs`` input channels,
 
 so each group's low-bit x high-precision products accumulate without dequantization, and only one
 scale multiply and one zero-point correction per (group, output) remain (Sec. 3.2, Eq. 2). Each
-product is realised as shift-and-add over the weight's bits (Sec. 3.3): for a two's-complement INT4
-code q = -8 b3 + 4 b2 + 2 b1 + b0, ``x * q = -(x << 3) b3 + (x << 2) b2 + (x << 1) b1 + x b0``. The
-emulator evaluates exactly that, bit-plane by bit-plane (one matmul with each 0/1 bit-plane, shifted
-and added), and counts what a MixPE processing element does.
+product is realised in hardware as shift-and-add over the weight's bits (Sec. 3.3): for a
+two's-complement INT4 code q = -8 b3 + 4 b2 + 2 b1 + b0, ``x * q = -(x << 3) b3 + (x << 2) b2 + (x << 1) b1 + x b0``.
+
+Two GEMM paths compute the per-group partial sums P[t, n, g] = sum_{k in g} x[t, k] q[n, k]:
+
+* ``codes`` (default): the signed integer codes are packed once per layer at load, (G, gs, N), and
+  every forward is one batched matmul of the codes with the (int8-quantized, for A8) activations per
+  group. Since the sum over bit-planes of (bit weight x plane) is the code itself, the integer
+  partial sums are bit-identical to the bit-plane path: for A8 every product and every partial sum
+  is an integer of magnitude <= 127 * 2^(bits-1) * gs, checked at load to be < 2^24, so float32
+  represents them exactly in any summation order.
+* ``bitplane``: the shift-and-add realisation evaluated literally, bit-plane by bit-plane (one
+  float64 contraction per 0/1 plane, scaled by its bit's weight and added). Slow; the test oracle.
+
+Then, after the accumulation, one scale multiply and one zero-point correction per (group, output)
+with the activation group sum S[t, g], in float64 on both paths.
 
 Modes: ``W4A8`` / ``W8A8`` (activations quantized per token to int8, symmetric; integer arithmetic),
-``W4A16`` / ``W8A16`` (activations in fp16; products accumulated in fp32). The weights are an edgerun
-PTQ checkpoint (GPTQ layout, :mod:`converters.ptq`), any method (RTN, GPTQ, AWQ; AWQ's scales are
-already folded into the preceding operation by the PTQ pass).
+``W4A16`` / ``W8A16`` (fp16 activations; the ``accum`` option sets the precision of the per-group
+products and partial sums: ``fp32`` (default), ``fp16``, ``bf16`` (activations rounded to bf16
+instead of fp16), or ``fp64``). The weights are an edgerun PTQ checkpoint (GPTQ layout,
+:mod:`converters.ptq`), any method (RTN, GPTQ, AWQ; AWQ's scales are already folded into the
+preceding operation by the PTQ pass).
 
-Accounting per layer and per token (batch-1 decode shapes), with modelled energy from a cost table
-(``mixpe_costs.yaml``, the MixPE simulator's per-operation constants) and two baselines computed by
-the same emulator: an FP16 GEMM and the conventional dequantize-in-the-loop W4A16 mpGEMM. Modelled
-*time* uses the simulator's processing-element arrays (64x64 for W4A8, 32x32 for W4A16, 32x28 for
-FP16, at 500 MHz): time = PE-cycles / PEs / clock; it is a model, not a measurement.
+Accounting: operations per layer and token (:class:`OpCounts`), and a time/energy model of the MixPE
+simulator's accelerators (:func:`model_design`): per layer, cycles = max(compute, DRAM traffic) with
+the simulator's per-PE throughput factor, energy = PE leakage over every cycle + PE dynamic energy
+over compute cycles + SRAM + DRAM + static. It reproduces the simulator's published time row for
+OPT-6.7B (:data:`SIMULATOR_RESULTS`); it is a model, not a measurement.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,19 +58,37 @@ from edgerun.formats.gptq import from_gptq_tensors, is_quantized_checkpoint
 
 MODES = {"W4A8": (4, 8), "W4A16": (4, 16), "W8A8": (8, 8), "W8A16": (8, 16)}
 COST_TABLE = Path(__file__).with_name("mixpe_costs.yaml")
+GEMM_PATHS = ("codes", "bitplane")
+# W4A16/W8A16 group accumulation: name -> (dtype of the products and partial sums, activation rounding)
+ACCUMULATIONS = {"fp32": (torch.float32, torch.float16), "fp16": (torch.float16, torch.float16),
+                 "bf16": (torch.bfloat16, torch.bfloat16), "fp64": (torch.float64, torch.float16)}
+FLOAT32_EXACT = 2 ** 24  # integers of smaller magnitude are exact in float32
 
 
 def signed_codes(q: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsigned codes and zero points (0..2^bits-1) -> two's-complement codes and shifted zero points.
 
-    (q - z) is unchanged: q_s = q - 2^(bits-1), z_s = z - 2^(bits-1).
+    Args:
+        q: codes, any integer dtype and shape (usually (N, K)). z: zero points (usually (N, G)).
+        bits: weight bits.
+
+    Returns:
+        (q_s, z_s) int64, same shapes: q_s = q - 2^(bits-1), z_s = z - 2^(bits-1), so (q - z) is unchanged.
     """
     off = 2 ** (bits - 1)
     return q.to(torch.int64) - off, z.to(torch.int64) - off
 
 
 def bit_planes(q_signed: torch.Tensor, bits: int) -> list[tuple[int, torch.Tensor]]:
-    """(weight, 0/1 plane) pairs of a two's-complement code tensor: the top bit weighs -2^(bits-1)."""
+    """(weight, 0/1 plane) pairs of a two's-complement code tensor (MixPE Sec. 3.3).
+
+    Args:
+        q_signed: integer codes in [-2^(bits-1), 2^(bits-1)), any shape. bits: code width.
+
+    Returns:
+        ``bits`` pairs (bit weight, int64 0/1 tensor of q_signed's shape); the top bit weighs -2^(bits-1),
+        so sum(weight * plane) == q_signed.
+    """
     u = q_signed & (2 ** bits - 1)
     planes = []
     for i in range(bits):
@@ -65,7 +98,10 @@ def bit_planes(q_signed: torch.Tensor, bits: int) -> list[tuple[int, torch.Tenso
 
 
 def shift_add_product(x: int, q_signed: int, bits: int = 4) -> int:
-    """x * q for an integer activation x and a two's-complement weight code q, by shift-and-add over q's bits."""
+    """x * q for an integer activation x and a two's-complement weight code q, by shift-and-add over q's bits.
+
+    MixPE Sec. 3.3: one shifted add of x per set bit of q, the top bit subtracting. Python ints.
+    """
     u = q_signed & (2 ** bits - 1)
     acc = 0
     for i in range(bits):
@@ -75,35 +111,129 @@ def shift_add_product(x: int, q_signed: int, bits: int = 4) -> int:
 
 
 def quantize_activations_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int8: (codes int64 (tokens, K), scales float64 (tokens,)); x = codes * scale."""
+    """Per-token symmetric int8 quantization of activations (the A8 of W4A8, MixPE Sec. 4).
+
+    Args:
+        x: (tokens, K), any float dtype.
+
+    Returns:
+        (codes int64 (tokens, K) in [-127, 127], scales float64 (tokens,)); x ~= codes * scale.
+    """
     x = x.double()
     scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
     return torch.clamp(torch.round(x / scale[:, None]), -127, 127).to(torch.int64), scale
 
 
+def _grouped(x: torch.Tensor, n_groups: int, group_size: int) -> torch.Tensor:
+    """(tokens, K) -> (tokens, G, gs), the last group zero-padded (adds nothing to products or sums)."""
+    return F.pad(x, (0, n_groups * group_size - x.shape[1])).reshape(x.shape[0], n_groups, group_size)
+
+
+def bitplane_partial_sums(x: torch.Tensor, q_signed: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """Per-group partial sums by shift-and-add over the codes' bit-planes (MixPE Sec. 3.3): the oracle.
+
+    Args:
+        x: activations (tokens, K); integer-valued for A8. q_signed: two's-complement codes (N, K).
+        group_size: input channels per group; K need not be a multiple (zero-padded last group).
+        bits: code width.
+
+    Returns:
+        P (tokens, N, G) float64: P[t, n, g] = sum_{k in g} x[t, k] q[n, k], computed as one contraction
+        per 0/1 bit-plane, scaled by the bit's weight and added. Exact for integer x (|sums| < 2^53).
+    """
+    n, k = q_signed.shape
+    n_groups = -(-k // group_size)
+    xs = _grouped(x.double(), n_groups, group_size)                                   # (t, G, gs)
+    planes = bit_planes(F.pad(q_signed.to(torch.int64), (0, n_groups * group_size - k)), bits)
+    partial = torch.zeros(x.shape[0], n, n_groups, dtype=torch.float64)
+    for weight, plane in planes:                                                      # shift-and-add over bits
+        partial += weight * torch.einsum("tgk,ngk->tng", xs, plane.double().reshape(n, n_groups, group_size))
+    return partial
+
+
+def pack_codes(q_signed: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Signed codes (N, K) -> (G, gs, N) in ``dtype``, the layout of :func:`codes_partial_sums` (done once at load).
+
+    The codes are small integers (|q| <= 2^(bits-1) <= 128), exact in every float dtype offered.
+    """
+    n, k = q_signed.shape
+    n_groups = -(-k // group_size)
+    padded = F.pad(q_signed.to(torch.int64), (0, n_groups * group_size - k))
+    return padded.reshape(n, n_groups, group_size).permute(1, 2, 0).to(dtype).contiguous()
+
+
+def codes_partial_sums(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Per-group partial sums as one batched matmul of packed codes with the activations.
+
+    Args:
+        x: activations (tokens, K); converted to ``codes.dtype`` (callers round first: int8 codes for
+            A8, fp16/bf16 for A16). codes: (G, gs, N) from :func:`pack_codes`.
+
+    Returns:
+        P (tokens, N, G) in ``codes.dtype`` (a transposed view): P[t, n, g] = sum_{k in g} x[t, k] q[n, k].
+        Equal to :func:`bitplane_partial_sums` bit for bit when x is integer and every partial sum is
+        below 2^24 in float32 (see :func:`check_float32_exact`); else rounded as the dtype's matmul rounds.
+    """
+    n_groups, group_size, _ = codes.shape
+    xs = _grouped(x.to(codes.dtype), n_groups, group_size).transpose(0, 1)          # (G, t, gs)
+    return torch.bmm(xs, codes).permute(1, 2, 0)                                      # (G, t, N) -> (t, N, G)
+
+
+def check_float32_exact(group_size: int, bits: int, act_max: int = 127) -> int:
+    """The largest |partial sum| an integer group can reach, checked to be exact in float32.
+
+    Every product |x q| <= act_max * 2^(bits-1) and a group has ``group_size`` of them, so every
+    intermediate sum of a group's accumulation is an integer below ``act_max * 2^(bits-1) * group_size``.
+
+    Returns:
+        that bound (an int).
+
+    Raises:
+        ValueError: the bound is not below 2^24 (float32 would round; e.g. W8A8 with groups over 1032).
+    """
+    bound = act_max * 2 ** (bits - 1) * group_size
+    if bound >= FLOAT32_EXACT:
+        raise ValueError(f"integer partial sums reach {bound} >= 2^24 with groups of {group_size} and {bits}-bit "
+                         f"codes: float32 accumulation would not be exact; use gemm='bitplane'")
+    return bound
+
+
+def dequantize_partial_sums(partial: torch.Tensor, row_sum: torch.Tensor, z_signed: torch.Tensor,
+                            scales: torch.Tensor) -> torch.Tensor:
+    """MixPE's dequantization after accumulation (Sec. 3.2, Eq. 2), in float64.
+
+    Args:
+        partial: P (tokens, N, G). row_sum: S (tokens, G), the activation sum of each group.
+        z_signed: shifted zero points (N, G). scales: (N, G).
+
+    Returns:
+        y (tokens, N) float64 = sum_g s[n, g] * (P[t, n, g] - z[n, g] * S[t, g]): one scale multiply and
+        one zero-point correction per (group, output).
+    """
+    corrected = partial.double().contiguous() - z_signed.double()[None, :, :] * row_sum.double()[:, None, :]
+    return (corrected * scales.double()[None, :, :]).sum(dim=2)
+
+
 def group_accumulate_gemm(x: torch.Tensor, q_signed: torch.Tensor, z_signed: torch.Tensor, scales: torch.Tensor,
                           group_size: int, bits: int, integer: bool) -> torch.Tensor:
-    """MixPE GEMM: y (tokens, N) from activations x (tokens, K), codes (N, K), zeros and scales (N, G).
+    """MixPE GEMM by the bit-plane path (the oracle): y (tokens, N) float64.
 
-    Inside each group the products are shift-and-add over the codes' bit-planes: per plane one
-    (tokens, G, gs) x (N, G, gs) contraction of 0/1 weights, shifted (scaled by its bit's weight) and
-    added; then per (group, output) one scale multiply and one zero-point correction with the group's
-    activation sum S[t, g]. Arithmetic is float64, which is exact for the integer path (|x| <= 127,
-    group sums < 2^53). A last group shorter than ``group_size`` (K not a multiple) is zero-padded,
-    which adds nothing to its products or its sum.
+    Args:
+        x: activations (tokens, K) (int8 codes for the integer path). q_signed: codes (N, K).
+        z_signed, scales: (N, G). group_size, bits: format. integer: x must be integer-valued.
+
+    Arithmetic is float64, exact for the integer path (|x| <= 127, group sums < 2^53). A last group
+    shorter than ``group_size`` is zero-padded, which adds nothing to its products or its sum.
+
+    Raises:
+        ValueError: ``integer`` with non-integer activations.
     """
-    tokens, k = x.shape
-    n, n_groups = q_signed.shape[0], scales.shape[1]
     if integer and not torch.equal(x, x.round()):
         raise ValueError("the integer path needs integer activation codes")
-    pad = n_groups * group_size - k
-    xs = F.pad(x.double(), (0, pad)).reshape(tokens, n_groups, group_size)            # (t, G, gs)
-    partial = torch.zeros(tokens, n, n_groups, dtype=torch.float64)                  # per (t, n, g)
-    for weight, plane in bit_planes(F.pad(q_signed, (0, pad)), bits):                # shift-and-add over bits
-        partial += weight * torch.einsum("tgk,ngk->tng", xs, plane.double().reshape(n, n_groups, group_size))
-    row_sum = xs.sum(dim=2)                                                           # S[t, g]: (t, G)
-    corrected = partial - z_signed.double()[None, :, :] * row_sum[:, None, :]        # (t, n, g)
-    return (corrected * scales.double()[None, :, :]).sum(dim=2)                       # one dequant per (g, n)
+    n_groups = scales.shape[1]
+    partial = bitplane_partial_sums(x, q_signed, group_size, bits)
+    row_sum = _grouped(x.double(), n_groups, group_size).sum(dim=2)                  # S[t, g]: (t, G)
+    return dequantize_partial_sums(partial, row_sum, z_signed, scales)
 
 
 @dataclass
@@ -154,78 +284,243 @@ def count_ops(k: int, n: int, group_size: int, bits: int, act_bits: int, popcoun
 
 
 def load_cost_table(path: str | Path | None = None) -> dict:
-    """The energy cost table (YAML).
+    """The MixPE simulator's designs and energy constants (YAML; default ``mixpe_costs.yaml``).
+
+    Fields: ``clock_mhz``; ``if_width_bits`` (DRAM bits per cycle); ``designs.{W4A8,W4A16,FP16}`` with
+    ``array`` [rows, cols], ``precision`` [max, min] bits, ``pe_dynamic_pj``, ``pe_leakage_pj`` (per PE
+    per cycle); ``dram_pj_per_bit.{read,write}``; ``static_pj_per_cycle``; ``sram_pj_per_bit.{wgt,act,out}_{read,write}``.
 
     Raises:
-        UsageError: unreadable or missing fields (named).
+        UsageError: unreadable, or a field missing or malformed (named).
     """
     path = Path(path) if path else COST_TABLE
     try:
         table = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"cannot read cost table {path}: {e}") from None
-    need = {"clock_mhz": (int, float), "pe_cycle_pj": dict, "dram_pj_per_bit": (int, float),
-            "sram_pj_per_bit": (int, float), "arrays": dict}
     if not isinstance(table, dict):
         raise UsageError(f"cost table {path} is not a mapping")
-    for key, kind in need.items():
-        if not isinstance(table.get(key), kind):
-            raise UsageError(f"cost table {path}: field '{key}' is missing or not a {getattr(kind, '__name__', 'number')}")
-    for key in ("int8_4", "fp16_8", "fp16_16"):
-        if not isinstance(table["pe_cycle_pj"].get(key), (int, float)):
-            raise UsageError(f"cost table {path}: field 'pe_cycle_pj.{key}' is missing")
-    for key in ("W4A8", "W4A16", "FP16"):
-        arr = table["arrays"].get(key)
-        if not (isinstance(arr, list) and len(arr) == 2 and all(isinstance(v, int) and v > 0 for v in arr)):
-            raise UsageError(f"cost table {path}: field 'arrays.{key}' must be [rows, cols]")
+    number = (int, float)
+
+    def need(obj, key, kind, where):
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), kind) or isinstance(obj.get(key), bool):
+            raise UsageError(f"cost table {path}: field '{where}{key}' is missing or malformed")
+        return obj[key]
+
+    for key, kind in (("clock_mhz", number), ("if_width_bits", int), ("designs", dict), ("dram_pj_per_bit", dict),
+                      ("static_pj_per_cycle", number), ("sram_pj_per_bit", dict)):
+        need(table, key, kind, "")
+    for key in ("read", "write"):
+        need(table["dram_pj_per_bit"], key, number, "dram_pj_per_bit.")
+    for key in ("wgt_read", "wgt_write", "act_read", "act_write", "out_read", "out_write"):
+        need(table["sram_pj_per_bit"], key, number, "sram_pj_per_bit.")
+    for name in ("W4A8", "W4A16", "FP16"):
+        d = need(table["designs"], name, dict, "designs.")
+        for key in ("array", "precision"):
+            v = need(d, key, list, f"designs.{name}.")
+            if not (len(v) == 2 and all(isinstance(i, int) and i > 0 for i in v)):
+                raise UsageError(f"cost table {path}: field 'designs.{name}.{key}' must be two positive integers")
+        for key in ("pe_dynamic_pj", "pe_leakage_pj"):
+            need(d, key, number, f"designs.{name}.")
     return table
 
 
-def energy_and_time(ops: OpCounts, scheme: str, mode: str, table: dict) -> dict:
-    """Modelled energy (pJ) and time (s) of ``ops`` on the PE type and array of ``scheme``/``mode``.
+# --- time and energy model of the MixPE simulator --------------------------------------------------------
+#
+# The simulator (github.com/yuzhang712/mixpe_simulator @ 7e0d42c, a BitFusion/DNNWeaver2 derivative) maps a
+# linear layer K -> N at batch B output-stationary onto a rows x cols array whose PEs take (max, min)
+# precision bits; an operand of p bits gets the throughput factor floor(max / max(p, min)) on its side
+# (accelerator.py, get_perf_factor), so compute cycles = ceil(B / (rows f)) * ceil(N / (cols f)) * K
+# (get_compute_cycles_output_stationary), and the layer waits for DRAM when its traffic at if_width bits
+# per cycle takes longer (optimizer.py: compute + max(0, memory - compute) + fill latency). Its LLM
+# workloads (benchmarks/int48_bench.py, mixfloat_bench.py, float_bench.py) give both operands of a layer
+# the same precision and add one small GEMM per layer:
+#   MixPE W4A8  : K -> N at 4 bits,  plus dequantization K/8 -> N/128 at 8 bits   (8/4 PEs)
+#   MixPE W4A16 : K -> N at 8 bits,  plus dequantization K/8 -> N/128 at 16 bits  (16/8 PEs)
+#   FP16        : K -> N at 16 bits, plus K -> N/8 at 16 bits                     (16/16 PEs)
+# We follow those conventions (so W4A8's int8 activations count at 4 bits, as the simulator counts them).
 
-    The model: every MAC, dequantization op, row-sum add and activation-quantization op takes one
-    PE-cycle of the array's PE type (the shift-adds of a MAC happen within its cycle); weights are
-    read from DRAM, activations from on-chip SRAM; time = PE-cycles / PEs / clock.
+SIMULATOR_MODELS = {  # hidden, FFN, blocks of the simulator's LLM workloads (int48_bench.py etc.; 4 GEMMs a block)
+    "OPT-6.7B": (4096, 16384, 32),
+    "Llama2-13B": (5120, 20480, 40),   # the simulator's shapes: no gate projection, FFN 4 x hidden
+}
+# The simulator's released results (results/mixpe_res.csv @ 7e0d42c): execution time normalized to FP16 = 1,
+# batch 64, two decimals; energy = static + DRAM + buffer + core of the same file.
+SIMULATOR_RESULTS = {
+    "OPT-6.7B": {"time": {"W4A8": 0.10, "W4A16": 0.19}, "energy": {"W4A8": 0.14, "W4A16": 0.22}},
+    "Llama2-13B": {"time": {"W4A8": 0.10, "W4A16": 0.19}, "energy": {"W4A8": 0.14, "W4A16": 0.22}},
+}
+CALIBRATION_ROW = "OPT-6.7B"
+
+
+def simulator_llm_shapes(hidden: int, ffn: int, blocks: int) -> list[tuple[int, int]]:
+    """(K, N) of the four weight GEMMs per block of the simulator's LLM workloads: QKV, O, FC1, FC2."""
+    return [(hidden, 3 * hidden), (hidden, hidden), (hidden, ffn), (ffn, hidden)] * blocks
+
+
+def design_for(mode: str) -> str:
+    """The simulator design that runs ``mode``: ``W4A8`` for the A8 modes, ``W4A16`` for A16, or ``FP16``."""
+    if mode == "FP16":
+        return "FP16"
+    return "W4A8" if mode.endswith("A8") else "W4A16"
+
+
+def workload(shapes: list[tuple[int, int]], mode: str, table: dict) -> list[tuple[int, int, int]]:
+    """The simulator's GEMM list for linear layers ``shapes`` [(K, N)] under ``mode`` (or ``FP16``).
+
+    Returns:
+        [(K, N, precision bits)]: each layer's main GEMM and its extra GEMM as the simulator's benchmark
+        files build them (module comment above); 8-bit weights (W8A8/W8A16) run at 8 bits on the same PEs.
     """
-    if scheme == "fp16" or scheme == "dequant-loop":
-        pe, array = "fp16_16", table["arrays"]["FP16"]
-    elif mode.endswith("A8"):
-        pe, array = "int8_4", table["arrays"]["W4A8"]
-    else:
-        pe, array = "fp16_8", table["arrays"]["W4A16"]
-    cycles = ops.macs + ops.dequant_ops + ops.row_sum_adds + ops.act_quant_ops
-    if mode.startswith("W8") and scheme == "mixpe":
-        cycles += ops.macs  # 8-bit weights take two passes through a PE's 4-bit weight slot
-    core = cycles * table["pe_cycle_pj"][pe]
-    memory = ops.weight_bytes * 8 * table["dram_pj_per_bit"] + ops.activation_bytes * 8 * table["sram_pj_per_bit"]
-    pes = array[0] * array[1]
-    return {"pe_type": pe, "pe_cycles": cycles, "core_pj": core, "memory_pj": memory, "energy_pj": core + memory,
-            "array": f"{array[0]}x{array[1]}", "time_s": cycles / pes / (table["clock_mhz"] * 1e6)}
+    out = []
+    design = table["designs"][design_for(mode)]
+    high, low = design["precision"]
+    for k, n in shapes:
+        if mode == "FP16":
+            out += [(k, -(-n // 8), 16), (k, n, 16)]
+        else:
+            wbits = max(MODES[mode][0], low)
+            out += [(k, n, wbits), (-(-k // 8), -(-n // 128), min(2 * low, high))]
+    return out
+
+
+def model_design(shapes: list[tuple[int, int]], mode: str, batch: int, table: dict) -> dict:
+    """Time and energy of one step at ``batch`` tokens through layers ``shapes`` on the simulator's design.
+
+    Per GEMM K -> N at p bits on a rows x cols array of (max, min)-bit PEs, f = floor(max / max(p, min)):
+    compute = ceil(batch / (rows f)) * ceil(N / (cols f)) * K cycles; DRAM traffic = weights K N p +
+    activations batch K p read, outputs batch N 16 written, at ``if_width_bits`` per cycle; cycles =
+    max(compute, traffic). Energy (pJ): leakage of every PE over all cycles + dynamic energy of every PE
+    over compute cycles; DRAM read/write per bit; SRAM: per MAC one activation and one weight read of p
+    bits, outputs read and written once at 16 bits, DRAM traffic written into the buffers; static energy
+    per cycle. Not modelled: the simulator's tiling search (tile padding, re-reads) and fill latency.
+
+    Args:
+        shapes: [(K, N)] linear layers. mode: a MixPE mode or ``FP16``. batch: tokens per step (>= 1).
+        table: :func:`load_cost_table`.
+
+    Returns:
+        dict: ``cycles``, ``compute_cycles``, ``memory_cycles`` (sums), ``memory_bound_gemms`` (count),
+        ``gemms``, ``time_s``, ``energy_pj`` and its parts ``static_pj``, ``dram_pj``, ``sram_pj``,
+        ``core_pj``, ``design``, ``array`` ("rows x cols"), ``batch``.
+
+    Raises:
+        ValueError: batch < 1.
+    """
+    if batch < 1:
+        raise ValueError("batch must be >= 1")
+    name = design_for(mode)
+    d = table["designs"][name]
+    rows, cols = d["array"]
+    high, low = d["precision"]
+    sram, dram = table["sram_pj_per_bit"], table["dram_pj_per_bit"]
+    tot = dict(cycles=0, compute_cycles=0, memory_cycles=0, memory_bound_gemms=0, static_pj=0.0, dram_pj=0.0,
+               sram_pj=0.0, core_pj=0.0)
+    gemms = workload(shapes, mode, table)
+    for k, n, p in gemms:
+        f = high // max(p, low)
+        compute = -(-batch // (rows * f)) * -(-n // (cols * f)) * k
+        read_bits, write_bits = k * n * p + batch * k * p, batch * n * 16
+        memory = math.ceil((read_bits + write_bits) / table["if_width_bits"])
+        cycles = max(compute, memory)
+        macs = batch * k * n
+        tot["cycles"] += cycles
+        tot["compute_cycles"] += compute
+        tot["memory_cycles"] += memory
+        tot["memory_bound_gemms"] += memory > compute
+        tot["static_pj"] += cycles * table["static_pj_per_cycle"]
+        tot["dram_pj"] += read_bits * dram["read"] + write_bits * dram["write"]
+        tot["sram_pj"] += (macs * p * (sram["act_read"] + sram["wgt_read"]) + write_bits * (sram["out_read"] + sram["out_write"])
+                           + k * n * p * sram["wgt_write"] + batch * k * p * sram["act_write"])
+        tot["core_pj"] += rows * cols * (cycles * d["pe_leakage_pj"] + compute * d["pe_dynamic_pj"])
+    tot["energy_pj"] = tot["static_pj"] + tot["dram_pj"] + tot["sram_pj"] + tot["core_pj"]
+    tot.update(gemms=len(gemms), time_s=tot["cycles"] / (table["clock_mhz"] * 1e6), design=name,
+               array=f"{rows}x{cols}", batch=batch)
+    return tot
+
+
+def model_vs_fp16(shapes: list[tuple[int, int]], mode: str, batch: int, table: dict) -> dict:
+    """:func:`model_design` of ``mode`` and of FP16 on the same layers, with ``time_vs_fp16`` and ``energy_vs_fp16``."""
+    m, f = model_design(shapes, mode, batch, table), model_design(shapes, "FP16", batch, table)
+    return {"mixpe": m, "fp16": f, "time_vs_fp16": m["cycles"] / f["cycles"],
+            "energy_vs_fp16": m["energy_pj"] / f["energy_pj"]}
+
+
+def reproduce_simulator_row(model: str = CALIBRATION_ROW, table: dict | None = None, batch: int = 64) -> dict:
+    """The model on one of the simulator's LLM workloads next to its released row (batch 64 there).
+
+    Returns:
+        {mode: {"time": (ours, published), "energy": (ours, published)}} for W4A8 and W4A16, FP16 = 1.
+
+    Raises:
+        KeyError: a model not in :data:`SIMULATOR_MODELS`.
+    """
+    table = table or load_cost_table()
+    shapes = simulator_llm_shapes(*SIMULATOR_MODELS[model])
+    out = {}
+    for mode in ("W4A8", "W4A16"):
+        r = model_vs_fp16(shapes, mode, batch, table)
+        pub = SIMULATOR_RESULTS[model]
+        out[mode] = {"time": (r["time_vs_fp16"], pub["time"][mode]), "energy": (r["energy_vs_fp16"], pub["energy"][mode])}
+    return out
 
 
 class MixPELinear(nn.Module):
-    """A linear layer computed the MixPE way from group-wise integer weights.
+    """A linear layer computed the MixPE way from group-wise integer weights (MixPE Sec. 3).
 
     Args:
-        q: unsigned codes (N, K). zeros: zero points (N, G). scales: (N, G) float. group_size, bits: format.
-        mode: ``W4A8``, ``W4A16``, ``W8A8`` or ``W8A16``.
+        q: unsigned codes (N, K), integer. zeros: zero points (N, G). scales: (N, G) float.
+        group_size, bits: format. mode: ``W4A8``, ``W4A16``, ``W8A8`` or ``W8A16``.
         counter: a dict the layer adds its per-token :class:`OpCounts` to (keys ``mixpe``, ``fp16``,
             ``dequant-loop``) each time it runs on t tokens (counts are multiplied by t).
+        gemm: ``codes`` (default: codes packed at construction, one batched matmul per forward) or
+            ``bitplane`` (shift-and-add over bit-planes in float64; the oracle).
+        accum: A16 modes only: precision of the group products and partial sums, one of
+            :data:`ACCUMULATIONS` (``fp32`` default; ``bf16`` also rounds the activations to bf16).
+            A8 modes accumulate integers exactly (float32 on the codes path, checked at construction).
+
+    Input (..., K) float; output (..., N) in the input's dtype.
+
+    Raises:
+        ValueError: unknown ``gemm``/``accum``, or A8 groups too large for exact float32 partial sums.
     """
 
     def __init__(self, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int,
-                 mode: str, counter: dict | None = None, name: str = ""):
+                 mode: str, counter: dict | None = None, name: str = "", gemm: str = "codes", accum: str = "fp32"):
         super().__init__()
-        self.q_signed, self.z_signed = signed_codes(q, zeros, bits)
+        if gemm not in GEMM_PATHS:
+            raise ValueError(f"unknown MixPE GEMM path '{gemm}'; use one of {', '.join(GEMM_PATHS)}")
+        if accum not in ACCUMULATIONS:
+            raise ValueError(f"unknown accumulation '{accum}'; use one of {', '.join(ACCUMULATIONS)}")
+        q_signed, self.z_signed = signed_codes(q, zeros, bits)
+        self.q_signed = q_signed.to(torch.int8 if bits <= 8 else torch.int16)   # the oracle's codes, compact
         self.scales = scales.float()
-        self.group_size, self.bits, self.mode, self.name = group_size, bits, mode, name
+        self.group_size, self.bits, self.mode, self.name, self.gemm = group_size, bits, mode, name, gemm
+        self.integer = mode.endswith("A8")
+        self.accum = "int" if self.integer else accum
         self.counter = counter if counter is not None else {}
         n, k = q.shape
-        popcount = int(sum(((self.q_signed & (2 ** bits - 1)) >> i & 1).sum() for i in range(bits)))
+        self.shape = (k, n)
+        self.n_groups = scales.shape[1]
+        self.codes = None
+        if gemm == "codes":
+            if self.integer:
+                check_float32_exact(group_size, bits)
+                dtype = torch.float32
+            else:
+                dtype = ACCUMULATIONS[accum][0]
+            self.codes = pack_codes(q_signed, group_size, dtype)
+        u = q_signed & (2 ** bits - 1)
+        popcount = int(sum(((u >> i) & 1).sum() for i in range(bits)))
         act_bits = MODES[mode][1]
         self.per_token = {s: count_ops(k, n, group_size, bits, act_bits, popcount, s)
                           for s in ("mixpe", "dequant-loop", "fp16")}
+
+    def partial_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """P (tokens, N, G) of already-rounded activations x (tokens, K) on this layer's GEMM path."""
+        if self.gemm == "bitplane":
+            return bitplane_partial_sums(x, self.q_signed, self.group_size, self.bits)
+        return codes_partial_sums(x, self.codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -234,25 +529,34 @@ class MixPELinear(nn.Module):
         for scheme, ops in self.per_token.items():
             acc = self.counter.setdefault(scheme, OpCounts())
             acc += OpCounts(**{k: v * t for k, v in ops.as_dict().items()})
-        if self.mode.endswith("A8"):
-            codes, act_scale = quantize_activations_int8(flat)
-            y = group_accumulate_gemm(codes, self.q_signed, self.z_signed, self.scales, self.group_size, self.bits,
-                                      integer=True) * act_scale[:, None]
+        if self.integer:
+            xq, act_scale = quantize_activations_int8(flat)
         else:
-            y = group_accumulate_gemm(flat.half().double(), self.q_signed, self.z_signed, self.scales,
-                                      self.group_size, self.bits, integer=False)
+            xq, act_scale = flat.to(ACCUMULATIONS[self.accum][1]), None
+        row_sum = _grouped(xq.double(), self.n_groups, self.group_size).sum(dim=2)
+        y = dequantize_partial_sums(self.partial_sums(xq), row_sum, self.z_signed, self.scales)
+        if act_scale is not None:
+            y = y * act_scale[:, None]
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
-def install(model, checkpoint: str | Path, mode: str) -> dict:
+def install(model, checkpoint: str | Path, mode: str, gemm: str = "codes", accum: str = "fp32") -> dict:
     """Replace every quantized linear layer of ``model`` by a :class:`MixPELinear`; returns the shared op counter.
 
+    Args:
+        model: a transformers causal LM loaded from ``checkpoint``. checkpoint: PTQ checkpoint directory.
+        mode, gemm, accum: as :class:`MixPELinear`.
+
     Raises:
-        UsageError: a checkpoint without quantized weights (with how to make them), or a mode whose
-            weight bits differ from the checkpoint's.
+        UsageError: a checkpoint without quantized weights (with how to make them), a mode whose
+            weight bits differ from the checkpoint's, or an unknown mode, GEMM path or accumulation.
     """
     if mode not in MODES:
         raise UsageError(f"unknown MixPE mode '{mode}'; use one of {', '.join(MODES)}")
+    if gemm not in GEMM_PATHS:
+        raise UsageError(f"unknown MixPE GEMM path '{gemm}'; use one of {', '.join(GEMM_PATHS)}")
+    if accum not in ACCUMULATIONS:
+        raise UsageError(f"unknown MixPE accumulation '{accum}'; use one of {', '.join(ACCUMULATIONS)}")
     cfg = st_format.read_config(checkpoint)
     if not is_quantized_checkpoint(cfg):
         raise UsageError(f"{checkpoint} has no quantized weights; make them with 'edgerun export SRC --to hf "
@@ -265,26 +569,50 @@ def install(model, checkpoint: str | Path, mode: str) -> dict:
         raw.update(load_file(str(f)))
     counter: dict = {}
     for base in sorted(k.removesuffix(".qweight") for k in raw if k.endswith(".qweight")):
-        t = {k: raw[f"{base}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        t = {k: raw.pop(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
         ql = from_gptq_tensors(t, qc["bits"], qc["group_size"], t["g_idx"].shape[0], t["scales"].shape[1])
         parent_name, _, child = base.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, MixPELinear(ql.q, ql.zeros, ql.scales, qc["group_size"], qc["bits"], mode, counter,
-                                           name=base))
+        try:
+            layer = MixPELinear(ql.q, ql.zeros, ql.scales, qc["group_size"], qc["bits"], mode, counter, name=base,
+                                gemm=gemm, accum=accum)
+        except ValueError as e:
+            raise UsageError(f"{base}: {e}") from None
+        setattr(parent, child, layer)
     return counter
 
 
-def summarize(counter: dict, tokens: int, mode: str, table: dict) -> dict:
-    """Per-token op counts, modelled energy and time for MixPE and the baselines, normalized to FP16 = 1."""
+def layer_shapes(model) -> list[tuple[int, int]]:
+    """(K, N) of every :class:`MixPELinear` in ``model``, in module order."""
+    return [m.shape for m in model.modules() if isinstance(m, MixPELinear)]
+
+
+def summarize(counter: dict, tokens: int, mode: str, table: dict, shapes: list[tuple[int, int]] | None = None,
+              batches: tuple[int, ...] = (1, 64)) -> dict:
+    """Per-token op counts of everything run, and the simulator model of one decode step per batch size.
+
+    Args:
+        counter: the op counter of :func:`install`. tokens: tokens run. mode: the MixPE mode.
+        table: :func:`load_cost_table`. shapes: the layers' (K, N) (:func:`layer_shapes`); without them no model.
+        batches: batch sizes to model (tokens per step).
+
+    Returns:
+        {scheme: {"ops_per_token": ...}} for ``mixpe``, ``dequant-loop`` and ``fp16``; with shapes, ``mixpe``
+        also has ``model`` {"batch_B": :func:`model_vs_fp16`} and, from the first batch size,
+        ``time_vs_fp16``, ``energy_vs_fp16``, ``array``; ``fp16`` has its ``array``. The dequantize-in-the-loop
+        design has no model (the simulator has none).
+    """
     out = {}
     for scheme, ops in counter.items():
         per_token = OpCounts(**{k: v / max(tokens, 1) for k, v in ops.as_dict().items()})
-        out[scheme] = {"ops_per_token": per_token.as_dict(), **energy_and_time(per_token, scheme, mode, table)}
-    fp16 = out.get("fp16")
-    if fp16:
-        for v in out.values():
-            v["energy_vs_fp16"] = v["energy_pj"] / fp16["energy_pj"]
-            v["time_vs_fp16"] = v["time_s"] / fp16["time_s"]
+        out[scheme] = {"ops_per_token": per_token.as_dict()}
+    if shapes and "mixpe" in out:
+        models = {f"batch_{b}": model_vs_fp16(shapes, mode, b, table) for b in batches}
+        first = models[f"batch_{batches[0]}"]
+        out["mixpe"].update(model=models, time_vs_fp16=first["time_vs_fp16"], energy_vs_fp16=first["energy_vs_fp16"],
+                            array=first["mixpe"]["array"], model_batch=batches[0])
+        if "fp16" in out:
+            out["fp16"]["array"] = first["fp16"]["array"]
     return out
 
 
@@ -294,19 +622,24 @@ class MixPEBackend(TorchBackend):
     Args:
         path: a PTQ checkpoint in the GPTQ layout (``edgerun export SRC --to hf --ptq rtn --bits 4``).
         mode: ``W4A8``, ``W4A16``, ``W8A8`` or ``W8A16`` (weight bits must match the checkpoint's).
-        cost_table: energy cost table YAML (default: the MixPE simulator's constants).
+        cost_table: simulator cost table YAML (default: the MixPE simulator's constants).
+        gemm: ``codes`` (default, batched matmul of codes packed at load) or ``bitplane`` (the oracle).
+        accum: A16 accumulation precision, ``fp32`` (default), ``fp16``, ``bf16`` or ``fp64``.
         options: as :class:`~edgerun.backends.torch.TorchBackend` (n_ctx, threads, seed, ...).
 
     Raises:
         UsageError: as :func:`install` and :func:`load_cost_table`.
     """
 
-    def __init__(self, path: str | Path, mode: str = "W4A16", cost_table: str | Path | None = None, **options):
+    def __init__(self, path: str | Path, mode: str = "W4A16", cost_table: str | Path | None = None,
+                 gemm: str = "codes", accum: str = "fp32", **options):
         self._table = load_cost_table(cost_table)
         super().__init__(path, **options)
         self.mixpe_mode = mode.upper()
         self.name = "mixpe"
-        self._counter = install(self.model, path, self.mixpe_mode)
+        self.gemm, self.accum = gemm, accum
+        self._counter = install(self.model, path, self.mixpe_mode, gemm=gemm, accum=accum)
+        self._shapes = layer_shapes(self.model)
         self._tokens = 0
 
     def _forward(self, ids: list[int], cache, past: int):
@@ -314,9 +647,10 @@ class MixPEBackend(TorchBackend):
         return super()._forward(ids, cache, past)
 
     def accounting(self) -> dict:
-        """Per-token op counts and modelled energy/time of everything run so far (MixPE, dequant-loop, FP16)."""
-        return summarize(self._counter, self._tokens, self.mixpe_mode, self._table)
+        """Per-token op counts of everything run so far, and the simulator model at batch 1 and 64 (:func:`summarize`)."""
+        return summarize(self._counter, self._tokens, self.mixpe_mode, self._table, self._shapes)
 
     def engine_settings(self) -> dict:
-        """threads, context and the MixPE mode."""
-        return {**super().engine_settings(), "mixpe_mode": self.mixpe_mode}
+        """threads, context, the MixPE mode, GEMM path and A16 accumulation."""
+        return {**super().engine_settings(), "mixpe_mode": self.mixpe_mode, "mixpe_gemm": self.gemm,
+                "mixpe_accum": self.accum if self.mixpe_mode.endswith("A16") else "int"}
