@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edgerun.atomic import atomic_file
+from edgerun.errors import ModelFileError
 
 TOOLS = ("edgerun", "llama-cpp-python", "gguf", "transformers", "torch", "safetensors", "onnxruntime",
          "onnxruntime-genai", "numpy")
@@ -57,6 +58,13 @@ def read(output: str | Path) -> dict:
     """The manifest of ``output``.
 
     Raises:
-        OSError: no manifest. json.JSONDecodeError: a corrupted one.
+        ModelFileError: no manifest, or one that is not a JSON object (unreadable or corrupted).
     """
-    return json.loads(manifest_path(output).read_text(encoding="utf-8"))
+    path = manifest_path(output)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"cannot read the manifest {path} ({type(e).__name__}); export again to rewrite it") from None
+    if not isinstance(record, dict):
+        raise ModelFileError(f"the manifest {path} is not a JSON object; export again to rewrite it")
+    return record

@@ -59,15 +59,23 @@ def _check_external_data(model_file: Path) -> None:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in init.external_data}
-        loc = model_file.parent / info.get("location", "")
-        if loc.name not in sizes:
+        location = info.get("location", "")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except (TypeError, ValueError):
+            offset = length = -1
+        if not isinstance(location, str) or not location or offset < 0 or length < 0:
+            raise ModelFileError(f"{model_file} is corrupted (external data of tensor {init.name!r}: "
+                                 f"location {location!r}, offset/length not non-negative integers); export it again")
+        loc = model_file.parent / location
+        if str(loc) not in sizes:
             if not loc.is_file():
                 raise ModelFileError(f"{loc} (weights of {model_file.name}) is missing")
-            sizes[loc.name] = loc.stat().st_size
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > sizes[loc.name]:
-            raise ModelFileError(f"{loc} is truncated: {init.name} needs bytes up to {end}, "
-                                 f"the file has {sizes[loc.name]}")
+            sizes[str(loc)] = loc.stat().st_size
+        end = offset + length
+        if end > sizes[str(loc)]:
+            raise ModelFileError(f"{loc} is truncated: {init.name!r} needs bytes up to {end}, "
+                                 f"the file has {sizes[str(loc)]}")
 
 
 class OnnxBackend(Backend):

@@ -52,7 +52,7 @@ def validate_file(path: str | Path) -> dict[str, SafetensorsTensor]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ModelFileError(f"{bad}: corrupted header ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{bad}: header is not a JSON object")
@@ -62,18 +62,20 @@ def validate_file(path: str | Path) -> dict[str, SafetensorsTensor]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
+            dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise ModelFileError(f"{bad}: malformed entry for tensor {name}") from None
-        if dtype not in DTYPE_BYTES:
-            raise ModelFileError(f"{bad}: tensor {name} has unknown dtype {dtype}")
+            raise ModelFileError(f"{bad}: malformed entry for tensor {name!r}") from None
+        if not all(type(v) is int for v in (*shape, begin, end)):   # JSON floats, strings, bools
+            raise ModelFileError(f"{bad}: tensor {name!r} has a shape or data offsets that are not integers")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise ModelFileError(f"{bad}: tensor {name!r} has unknown dtype {dtype!r}")
         numel = 1
         for d in shape:
             if d < 0:
-                raise ModelFileError(f"{bad}: tensor {name} has a negative dimension")
+                raise ModelFileError(f"{bad}: tensor {name!r} has a negative dimension")
             numel *= d
         if not (0 <= begin <= end <= data_size) or end - begin != numel * DTYPE_BYTES[dtype]:
-            raise ModelFileError(f"{path} is truncated or corrupted: tensor {name} needs bytes {begin}..{end} "
+            raise ModelFileError(f"{path} is truncated or corrupted: tensor {name!r} needs bytes {begin}..{end} "
                                  f"of a {data_size}-byte data section")
         tensors[name] = SafetensorsTensor(name, dtype, shape, int(begin), int(end))
     return tensors
@@ -111,8 +113,8 @@ def read_config(directory: str | Path) -> dict:
     p = Path(directory) / "config.json"
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"cannot read {p}: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelFileError(f"cannot read {p}: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, dict):
         raise ModelFileError(f"{p} is not a JSON object")
     return cfg

@@ -28,19 +28,36 @@ class Field:
     default: Any = None
 
 
-def _lines(node, prefix="") -> dict[str, int]:
-    """Map of dotted field path -> 1-based line, from a composed YAML node."""
+_MAX_NODES = 100_000  # nodes visited through aliases: a "billion laughs" file is refused, not expanded
+
+
+def _lines(node, prefix="", seen=None, budget=None) -> dict[str, int]:
+    """Map of dotted field path -> 1-based line, from a composed YAML node.
+
+    Raises:
+        ValueError: a recursive alias (a node inside itself) or more than ``_MAX_NODES`` nodes once
+            aliases are expanded.
+    """
+    seen = () if seen is None else seen
+    budget = budget if budget is not None else [_MAX_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"more than {_MAX_NODES} values once aliases are expanded")
+    if id(node) in seen:
+        raise ValueError("a recursive alias (a value that contains itself)")
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
+        inner = seen + (id(node),)
         for k, v in node.value:
             key = f"{prefix}{k.value}"
             out[key] = k.start_mark.line + 1
-            out.update(_lines(v, key + "."))
+            out.update(_lines(v, key + ".", inner, budget))
     elif isinstance(node, yaml.SequenceNode):
+        inner = seen + (id(node),)
         for i, v in enumerate(node.value):
             key = f"{prefix.rstrip('.')}[{i}]"
             out[key] = v.start_mark.line + 1
-            out.update(_lines(v, key + "."))
+            out.update(_lines(v, key + ".", inner, budget))
     return out
 
 
@@ -63,9 +80,14 @@ def read(path: str | Path) -> tuple[dict, dict[str, int]]:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise YamlError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise YamlError(f"{path}: malformed YAML: values nested too deeply") from None
     if not isinstance(data, dict):
         raise YamlError(f"{path}: expected a mapping of fields at the top level")
-    return data, _lines(node)
+    try:
+        return data, _lines(node)
+    except ValueError as e:
+        raise YamlError(f"{path}: malformed YAML: {e}") from None
 
 
 def check(path: Path, data: dict, lines: dict[str, int], schema: dict[str, Field], prefix: str = "") -> dict:
@@ -85,9 +107,9 @@ def check(path: Path, data: dict, lines: dict[str, int], schema: dict[str, Field
         problem = spec.check(data[name])
         if problem:
             raise YamlError(f"{path}, line {lines.get(key, '?')}: field '{key}' {problem}")
-    unknown = sorted(set(data) - set(schema))
+    unknown = sorted(set(data) - set(schema), key=str)   # keys may mix types (1: and a:)
     if unknown:
-        key = prefix + unknown[0]
+        key = f"{prefix}{unknown[0]}"
         raise YamlError(f"{path}, line {lines.get(key, '?')}: unknown field '{key}'; known: {', '.join(schema)}")
     return out
 

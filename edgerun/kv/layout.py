@@ -209,15 +209,23 @@ def model_kv_shape(path: str | Path) -> KVShape:
             cfg = st_format.read_config(path)
             cfg = cfg.get("text_config") or cfg
             heads = int(cfg["num_attention_heads"])
-            return KVShape(int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or heads),
-                           int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
-        info = gguf_format.validate(path)
-        md, arch = info.metadata, info.architecture
-        heads = int(md[f"{arch}.attention.head_count"])
-        return KVShape(int(md[f"{arch}.block_count"]), int(md.get(f"{arch}.attention.head_count_kv") or heads),
-                       int(md.get(f"{arch}.attention.key_length") or int(md[f"{arch}.embedding_length"]) // heads))
-    except (KeyError, TypeError, ValueError) as e:
+            shape = KVShape(int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads") or heads),
+                            int(cfg.get("head_dim") or cfg["hidden_size"] // heads))
+        else:
+            info = gguf_format.validate(path)
+            md, arch = info.metadata, info.architecture
+            heads = int(md[f"{arch}.attention.head_count"])
+            shape = KVShape(int(md[f"{arch}.block_count"]), int(md.get(f"{arch}.attention.head_count_kv") or heads),
+                            int(md.get(f"{arch}.attention.key_length") or int(md[f"{arch}.embedding_length"]) // heads))
+    except KeyError as e:
         raise ModelFileError(f"{path} does not say its KV shape (layers, KV heads, head dimension): missing {e}") from None
+    except (TypeError, ValueError, ArithmeticError) as e:   # a string, a list, a zero head count, inf
+        raise ModelFileError(f"{path} has an unusable KV shape (layers, KV heads, head dimension): "
+                             f"{type(e).__name__}: {e}") from None
+    if min(shape.layers, shape.kv_heads, shape.head_dim) <= 0:
+        raise ModelFileError(f"{path} has an unusable KV shape {shape.layers} layers x {shape.kv_heads} KV heads x "
+                             f"{shape.head_dim} head dimension (each must be positive)")
+    return shape
 
 
 # our bits -> the llama.cpp type (edgerun.kv.types) not less precise: q4_1 for 4 bits is asymmetric

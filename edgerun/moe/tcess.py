@@ -174,11 +174,17 @@ def load(path: str | Path) -> Pattern:
         stats = [LayerStats(**s) for s in d["stats"]]
         p = Pattern(task=d["task"], tokens=int(d["tokens"]), model=dict(d["model"]), score=d["score"],
                     key_layer=int(d["key_layer"]), stats=stats, version=int(d.get("version", 1)))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ModelFileError(f"{path} is not a valid expert pattern ({type(e).__name__}: {e}); "
                              "calibrate it again with 'edgerun experts calibrate'") from None
     if p.score not in SCORES or not 0 <= p.key_layer < len(stats):
-        raise ModelFileError(f"{path} is not a valid expert pattern (score '{p.score}', key layer {p.key_layer})")
+        raise ModelFileError(f"{path} is not a valid expert pattern (score {p.score!r}, key layer {p.key_layer})")
+    widths = {len(v) if isinstance(v, list) else -1 for s in stats for v in asdict(s).values()}
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for s in stats for v in asdict(s).values()
+                  for x in (v if isinstance(v, list) else [None]))
+    if len(widths) != 1 or widths == {0} or not numbers:
+        raise ModelFileError(f"{path} is not a valid expert pattern (per-layer statistics are not equal-length "
+                             "lists of numbers); calibrate it again with 'edgerun experts calibrate'")
     return p
 
 
