@@ -18,6 +18,7 @@ import onnx
 import onnxruntime_genai as og
 import psutil
 
+from edgerun import isolate
 from edgerun.backends.base import (Backend, GenerationStats, MemoryInfo, SamplingParams, physical_cores,
                                    reply_budget)
 from edgerun.errors import BackendError, ModelFileError
@@ -100,6 +101,7 @@ class OnnxBackend(Backend):
         self._text_tokenizer = None
         self._allocated_tokens = 0
         self.genai_config = validate_model_dir(self.path)
+        isolate.first_open("onnx", self.path)   # a graph that crashes onnxruntime: a one-line error
         self.threads = int(threads) if threads else physical_cores()
         self._og = og
         try:
