@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import signal
 import sys
 from pathlib import Path
 
@@ -648,7 +649,10 @@ def _plot_pattern(pat, score: str, path: str) -> str:
     ax.set_title(f"TCESS ({score}) for task {pat.task}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from edgerun.atomic import atomic_file
+
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -702,12 +706,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)     # unwinds like Ctrl-C: atomic writers remove their temporaries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    signal.signal(signal.SIGTERM, _terminate)   # SIGTERM cleans up like Ctrl-C: no partial output left
     try:
         return args.func(args) or 0
     except EdgerunError as e:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgerun.atomic import atomic_file
 from edgerun.errors import UsageError
 
 METRICS = {
@@ -192,12 +193,15 @@ def render(directory: str | Path) -> Path:
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{mlabel} vs effective BPW")
         fig.tight_layout()
-        fig.savefig(directory / f"{metric}_vs_bpw.png", dpi=110)
+        with atomic_file(directory / f"{metric}_vs_bpw.png", force=True) as tmp:   # complete or the old one
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
     summary = directory / "summary.md"
-    summary.write_text(_markdown(rows, ratios, fits, quality, other), encoding="utf-8")
-    (directory / "summary.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "fits": fits,
-                                                        "quality": quality}, indent=1, default=str))
+    with atomic_file(summary, force=True) as tmp:
+        tmp.write_text(_markdown(rows, ratios, fits, quality, other), encoding="utf-8")
+    with atomic_file(directory / "summary.json", force=True) as tmp:
+        tmp.write_text(json.dumps({"rows": rows, "ratios": ratios, "fits": fits, "quality": quality}, indent=1,
+                                  default=str))
     return summary
 
 

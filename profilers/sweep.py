@@ -62,6 +62,7 @@ from converters import manifest as manifest_mod
 from converters.bpw import gguf_bpw, onnx_bpw
 from converters.onnx import PRECISIONS
 from edgerun import catalog
+from edgerun.atomic import atomic_file
 from edgerun.backends import open_backend
 from edgerun.data import TASKS
 from edgerun.device import cpu_model
@@ -475,12 +476,17 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / "sweep.json"
     if marker.exists():
-        prev = json.loads(marker.read_text())
-        if prev.get("digest") != sweep.digest and not force:
-            raise UsageError(f"{out_dir} holds results of a different sweep ('{prev.get('name')}'); "
+        try:
+            prev = json.loads(marker.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            prev = {}                                       # unreadable: a different sweep unless --force
+        if not isinstance(prev, dict) or prev.get("digest") != sweep.digest and not force:
+            name = prev.get("name") if isinstance(prev, dict) else None
+            raise UsageError(f"{out_dir} holds results of a different sweep ('{name}'); "
                              "pass --force to add to it, or choose another --out")
-    marker.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest, "file": str(sweep.path),
-                                  "device": device.as_dict() if device else None}, indent=2))
+    with atomic_file(marker, force=True) as tmp:
+        tmp.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest, "file": str(sweep.path),
+                                   "device": device.as_dict() if device else None}, indent=2))
     jsonl = out_dir / "runs.jsonl"
     done = set()
     if jsonl.exists():
