@@ -64,6 +64,8 @@ class GenerationStats:
         kv_cache_bytes: bytes the KV cache holds after the reply when the engine can tell (torch:
             the packed quantized cache's real bytes, or the unquantized cache's), else 0.
         kv_layout: name of the KV precision layout in use (torch with a layout), else "".
+        kv_working_bytes: bytes a packed KV cache holds on top of ``kv_cache_bytes`` as its dequantized
+            working copy (torch with a layout, ``kv_working_copy``), else 0.
     """
 
     prompt_tokens: int = 0
@@ -78,6 +80,7 @@ class GenerationStats:
     context_size: int = 0
     kv_cache_bytes: int = 0
     kv_layout: str = ""
+    kv_working_bytes: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
@@ -104,11 +107,14 @@ class MemoryInfo:
         model_bytes: bytes of the weights as loaded by the engine.
         kv_cache_bytes: bytes allocated for the KV cache at the current context size.
         rss_bytes: resident set size of this process now.
+        kv_working_bytes: bytes held on top of ``kv_cache_bytes`` by a packed KV cache's dequantized
+            working copy (torch with a layout), else 0.
     """
 
     model_bytes: int
     kv_cache_bytes: int
     rss_bytes: int
+    kv_working_bytes: int = 0
 
 
 class Backend(ABC):

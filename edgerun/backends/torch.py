@@ -26,7 +26,7 @@ from edgerun.errors import BackendError
 from edgerun.formats import safetensors as st_format
 from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
 from edgerun.kv import layout as kv_layout
-from edgerun.kv.cache import QuantizedKVCache
+from edgerun.kv.cache import DEFAULT_WORKING_COPY, WORKING_COPIES, QuantizedKVCache
 from edgerun.moe import store
 
 DEFAULT_CTX = 4096
@@ -45,6 +45,12 @@ class TorchBackend(Backend):
             packed layer-wise quantized cache of :mod:`edgerun.kv` (KVTuner), also for :meth:`logits`
             (teacher-forced, the simulated quantization of the layout search); None: transformers'
             ``DynamicCache`` at the model's dtype.
+        kv_working_copy: with a layout, what the packed cache keeps dequantized for attention
+            (:class:`edgerun.kv.cache.QuantizedKVLayer`): ``"model"`` (default: each token dequantized once,
+            decode near the unquantized cache's speed, but a full-width copy is held on top of the packed
+            bytes), ``"float16"``/``"bfloat16"`` (a 2-byte copy), ``"none"`` (packed bytes only; the whole
+            history is dequantized at every step). ``memory().kv_cache_bytes`` is always the packed bytes,
+            ``memory().kv_working_bytes`` the copy.
 
     Raises:
         ModelFileError: not a checkpoint directory, pickled weights, corrupted safetensors.
@@ -55,7 +61,7 @@ class TorchBackend(Backend):
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None,
-                 kv_layout=None, **_ignored):
+                 kv_layout=None, kv_working_copy: str = DEFAULT_WORKING_COPY, **_ignored):
         hf_logging.set_verbosity_error()  # deprecation chatter from generate() is not for our users
         self.path = Path(path)
         st_format.checkpoint_files(self.path)
@@ -73,6 +79,9 @@ class TorchBackend(Backend):
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, int(cfg.get("max_position_embeddings", DEFAULT_CTX)))
         self.seed = seed
+        if kv_working_copy not in WORKING_COPIES:
+            raise BackendError(f"kv_working_copy {kv_working_copy!r} is not one of {', '.join(WORKING_COPIES)}")
+        self.kv_working_copy = kv_working_copy
         self.kv_layout = None
         self._cache = None
         self._cached_tokens: list[int] = []
@@ -133,7 +142,7 @@ class TorchBackend(Backend):
 
     def _new_cache(self):
         if self.kv_layout is not None:
-            return QuantizedKVCache(self.kv_layout.specs())
+            return QuantizedKVCache(self.kv_layout.specs(), self.kv_working_copy)
         return DynamicCache(config=self.model.config)
 
     def _tokenizer_adds_bos(self) -> bool:
@@ -184,7 +193,12 @@ class TorchBackend(Backend):
         return logits.float().numpy()
 
     def _prefix_cache(self, prompt: list[int]):
-        """Reuse the cached KV of the previous call up to the longest common prefix (leaving >= 1 token)."""
+        """Reuse the cached KV of the previous call up to the longest common prefix (leaving >= 1 token).
+
+        A packed cache is cropped where it can be cut exactly (:meth:`QuantizedKVCache.exact_prefix`: any
+        token in per-token mode; in KIVI mode the block boundary where a fresh prefill's packed part ends
+        when the cut would reach into packed tokens), so the tokens after it are prefilled again.
+        """
         n = 0
         for a, b in zip(self._cached_tokens, prompt):
             if a != b:
@@ -193,9 +207,11 @@ class TorchBackend(Backend):
         n = min(n, len(prompt) - 1)
         if self._cache is None or n == 0:
             return None, 0
+        if self.kv_layout is not None:
+            n = self._cache.exact_prefix(n)           # KIVI may back off to a block boundary
+            if n == 0:
+                return None, 0
         extra = self._cache.get_seq_length() - n
-        if extra > 0 and self.kv_layout is not None:
-            return None, 0  # packed quantized chunks are not cropped: prefill again
         if extra > 0:
             self._cache.crop(-extra)  # transformers 5: a negative count removes that many newest tokens
         return self._cache, n
@@ -260,7 +276,8 @@ class TorchBackend(Backend):
             stats.finish_reason = finish
             stats.context_used = len(self._cached_tokens)
             self.last_stats = stats
-            stats.kv_cache_bytes = self.memory().kv_cache_bytes
+            mem = self.memory()
+            stats.kv_cache_bytes, stats.kv_working_bytes = mem.kv_cache_bytes, mem.kv_working_bytes
             stats.kv_layout = self.kv_layout.name if self.kv_layout is not None else ""
 
     def complete(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> str:
@@ -288,6 +305,7 @@ class TorchBackend(Backend):
                                           context_used=len(prompt) + len(new), context_size=self.n_ctx)
         if self.kv_layout is not None:
             self.last_stats.kv_cache_bytes, self.last_stats.kv_layout = cache.nbytes(), self.kv_layout.name
+            self.last_stats.kv_working_bytes = cache.working_nbytes()
         return self.detokenize(new)
 
     def memory(self) -> MemoryInfo:
@@ -295,14 +313,16 @@ class TorchBackend(Backend):
         cfg = self.model.config
         n_head = cfg.num_attention_heads
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+        working = 0
         if self._cache is not None and hasattr(self._cache, "nbytes"):
-            kv = self._cache.nbytes()                        # the packed cache: what it really holds
+            kv = self._cache.nbytes()                        # the packed cache: what it must hold
+            working = self._cache.working_nbytes()           # its dequantized working copy, held on top
         else:
             per_token = 2 * cfg.num_hidden_layers * getattr(cfg, "num_key_value_heads", n_head) * hd * \
                 next(self.model.parameters()).element_size()
             kv = per_token * len(self._cached_tokens)
         return MemoryInfo(model_bytes=int(model_bytes), kv_cache_bytes=int(kv),
-                          rss_bytes=psutil.Process().memory_info().rss)
+                          rss_bytes=psutil.Process().memory_info().rss, kv_working_bytes=int(working))
 
     def close(self) -> None:
         self.model = None
