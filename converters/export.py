@@ -19,6 +19,8 @@ converters do not import profilers).
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,34 +204,52 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
                             "algorithm": onnx_algo,
                             "tool": "onnxruntime-genai model builder" if onnx_algo == "builder"
                             else "onnxruntime.quantization.MatMulNBitsQuantizer"})
-    export_seconds = time.perf_counter() - t0
+    # the output is in place; until its manifest is too, an interrupt or error removes it: an export
+    # is the output with its manifest, or nothing at the destination
+    with _removed_on_failure(out):
+        export_seconds = time.perf_counter() - t0
 
-    bpw = {"gguf": gguf_bpw, "onnx": onnx_bpw, "hf": checkpoint_bpw}[to](out)
-    record = {
-        "format": to,
-        "type": quant,
-        "source": source.as_dict(),
-        "passes": records,
-        "output": _output_record(out),
-        "bpw": bpw.as_dict(),
-        "export_seconds": round(export_seconds, 2),
-    }
-    if to == "gguf":   # what the file really holds: tied embeddings, per-tensor types, fallbacks, vocab padding
-        record.update(gguf_writer.type_record(out, quant))
-        record["vocab_padding"] = gguf_writer.vocab_padding(model_path)
-        if record["warning"]:
-            log(f"warning: {record['warning']}")
-    log(f"wrote {out} ({bpw.file_bytes / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
-        f"linear BPW {bpw.linear_bpw:.3f}")
-    if verify:
-        source_f32 = f32_cache(source, progress=passes_mod.bar("writing F32 GGUF", progress))
-        record["verification"] = verify_export(out, to, source_f32, source, verify, threads=threads,
-                                               progress=progress, log=log)
-    else:
-        record["verification"] = {"skipped": True}
-    record["wall_seconds"] = round(time.perf_counter() - t0, 2)
-    path = manifest_mod.write(out, record)
+        bpw = {"gguf": gguf_bpw, "onnx": onnx_bpw, "hf": checkpoint_bpw}[to](out)
+        record = {
+            "format": to,
+            "type": quant,
+            "source": source.as_dict(),
+            "passes": records,
+            "output": _output_record(out),
+            "bpw": bpw.as_dict(),
+            "export_seconds": round(export_seconds, 2),
+        }
+        if to == "gguf":   # what the file really holds: tied embeddings, per-tensor types, fallbacks, vocab padding
+            record.update(gguf_writer.type_record(out, quant))
+            record["vocab_padding"] = gguf_writer.vocab_padding(model_path)
+            if record["warning"]:
+                log(f"warning: {record['warning']}")
+        log(f"wrote {out} ({bpw.file_bytes / 2**20:.1f} MiB): file BPW {bpw.file_bpw:.3f}, "
+            f"linear BPW {bpw.linear_bpw:.3f}")
+        if verify:
+            source_f32 = f32_cache(source, progress=passes_mod.bar("writing F32 GGUF", progress))
+            record["verification"] = verify_export(out, to, source_f32, source, verify, threads=threads,
+                                                   progress=progress, log=log)
+        else:
+            record["verification"] = {"skipped": True}
+        record["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        path = manifest_mod.write(out, record)
     return ExportResult(output=out, manifest=path, record=record)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path):
+    """Remove ``out`` (file or directory) and its manifest if the block does not complete (Ctrl-C included)."""
+    try:
+        yield
+    except BaseException:
+        manifest = manifest_mod.manifest_path(out)
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+        raise
 
 
 def _chain(src: str, passes, flags: dict) -> list[passes_mod.Pass]:

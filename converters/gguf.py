@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +44,7 @@ from safetensors import safe_open
 from converters.source import architecture_of, read_tokenizer_sidecar
 from edgerun.atomic import atomic_file
 from edgerun.backends.base import physical_cores
-from edgerun.errors import BackendError, ModelFileError, UsageError
+from edgerun.errors import BackendError, EdgerunError, ModelFileError, UsageError
 from edgerun.formats import gguf as gguf_format
 from edgerun.formats import safetensors as st_format
 
@@ -457,6 +458,10 @@ def quantize(f32_gguf: str | Path, out: str | Path, out_type: str, token_embeddi
         rc = llama_cpp.llama_model_quantize(str(f32_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             last = [ln for ln in captured.read().splitlines() if ln.strip()][-1:] or ["no message"]
+            free = shutil.disk_usage(tmp.parent).free
+            if free < 1 << 20:   # llama.cpp says only "iostream error" when the disk fills
+                raise EdgerunError(f"no space left on the device while writing {out} ({free // 1024} KiB free); "
+                                   "nothing was written there")
             raise BackendError(f"llama.cpp failed to quantize {f32_gguf} to {out_type} (code {rc}): {last[0]}")
         if not tmp.exists() or os.path.getsize(tmp) == 0:
             raise BackendError(f"llama.cpp wrote nothing when quantizing to {out_type}")
