@@ -47,6 +47,28 @@ class Turn:
                 "history": self.history, "accounting": self.accounting}
 
 
+def check_text(text, what: str = "message") -> None:
+    """Refuse text that cannot reach a tokenizer: not a ``str``, or not encodable as UTF-8.
+
+    Lone surrogates come from bytes that are not UTF-8 (Python decodes stdin, files and arguments with
+    ``surrogateescape``: byte 0xff becomes U+DCFF) or from a caller's string; every engine's tokenizer
+    takes UTF-8 and would fail deep inside with a traceback. Other text (NUL, control and bidi
+    characters, a BOM) is valid and is tokenized as it is.
+
+    Raises:
+        UsageError: naming the first offending character's position and, for escaped bytes, the byte.
+    """
+    if not isinstance(text, str):
+        raise UsageError(f"the {what} must be text (str), not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what_char = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"lone surrogate U+{ch:04X}"
+        raise UsageError(f"the {what} is not valid UTF-8 text: {what_char} at character {e.start}; "
+                         "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 class Session:
     """A multi-turn chat with one loaded model, planned per message.
 
@@ -70,6 +92,8 @@ class Session:
     def __init__(self, backend: Backend, template: ChatTemplate, system: str | None = None,
                  sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None,
                  planner: Planner | None = None, open_model: Callable[[Plan], Backend] | None = None):
+        if system is not None:
+            check_text(system, "system prompt")
         self.backend, self.template = backend, template
         self.planner = planner or Planner(backend.name, 0, settings=backend.engine_settings())
         self._open_model = open_model
@@ -79,6 +103,7 @@ class Session:
         self.notices: list[str] = []
         self._notify = notify or self.notices.append
         self._told_trim = False
+        self._told_clamp = False
         self.messages: list[dict] = []
         self.last_prompt = ""
         self.clear()
@@ -86,9 +111,10 @@ class Session:
     # --- conversation ---------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Forget every turn and its record (the system prompt stays)."""
+        """Forget every turn, its record and the engine's KV cache (the system prompt stays)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.turns = []
+        self.backend.reset()
         self._told_trim = False
         self.backend.last_stats = GenerationStats(context_size=self.backend.n_ctx)
 
@@ -118,18 +144,23 @@ class Session:
         ``finish_reason="error"``.
 
         Raises:
-            UsageError: an empty message, a system prompt that alone does not fit the context, or a
+            UsageError: an empty message, text that is not valid Unicode (:func:`check_text`), a system prompt that alone does not fit the context, or a
                 plan that does not fit the device's memory budget.
             ChatTemplateError: the template cannot format the conversation.
             BackendError, ModelFileError: the engine fails, or the plan's model cannot be opened (the
                 session then runs the model it had, or says it must be reloaded).
         """
-        if not message or not message.strip():
+        check_text(message, "message")
+        if not message.strip():
             raise UsageError("empty message")
         messages, tokens = self._fit(message)
         previous = self.turns[-1].plan if self.turns else None
-        plan = self.planner.plan(message, len(tokens),
-                                 reply_budget(self.backend.n_ctx, len(tokens), self.sampling.max_tokens),
+        budget = reply_budget(self.backend.n_ctx, len(tokens), self.sampling.max_tokens)
+        if self.sampling.max_tokens is not None and budget < self.sampling.max_tokens and not self._told_clamp:
+            self._notify(f"max_tokens {self.sampling.max_tokens} is more than the context leaves: this reply may "
+                         f"take at most {budget} tokens (context {self.backend.n_ctx}, prompt {len(tokens)})")
+            self._told_clamp = True
+        plan = self.planner.plan(message, len(tokens), budget,
                                  loaded=(self.backend.path, self.backend.memory().model_bytes), previous=previous)
         turn = self._apply(plan)
         self.turns.append(turn)
@@ -228,6 +259,9 @@ class Session:
     def _encode(self, messages: list[dict]) -> list[int]:
         """Prompt tokens of ``messages``: the template's markup as control tokens, every message's content
         as text (a user typing a special-token text gets those characters, not a control token)."""
+        for m in messages:     # a history set through the API: the same check as a new message
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                check_text(m["content"], f"{m.get('role')} message")
         parts = self.template.render_parts(messages, add_generation_prompt=True)
         self.last_prompt = "".join(text for text, _ in parts)
         return self.backend.encode_chat(parts)

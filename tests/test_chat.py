@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from edgerun.backends.base import SamplingParams
 from edgerun.errors import UsageError
+
+from conftest import cli_env, edgerun_cmd
 
 
 @pytest.mark.model_dependent
@@ -119,6 +123,18 @@ def test_message_longer_than_the_context_is_cut_not_crashed(default_model_path):
         assert session.stats.context_used <= 128
     finally:
         session.backend.close()
+
+
+def test_a_max_tokens_beyond_the_context_is_clamped_with_a_notice(greedy_session):
+    greedy_session.sampling.max_tokens = 1_000_000
+    n_ctx = greedy_session.backend.n_ctx
+    stream = greedy_session.chat("Say hi.")
+    next(stream)
+    stream.close()
+    prompt = greedy_session.stats.prompt_tokens
+    assert greedy_session.notices == [f"max_tokens 1000000 is more than the context leaves: this reply may take at "
+                                      f"most {n_ctx - prompt} tokens (context {n_ctx}, prompt {prompt})"]
+    assert greedy_session.last_turn.plan.kv is None or greedy_session.last_turn.plan.kv.tokens <= n_ctx
 
 
 @pytest.mark.model_dependent
@@ -351,3 +367,40 @@ def test_a_message_interrupted_before_its_first_token_leaves_no_trace(greedy_ses
     with pytest.raises(KeyboardInterrupt):
         "".join(s.chat("A very long message " * 50))
     assert s.messages == before and s.last_turn.stats.finish_reason == "interrupted"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a\udcffb", "byte 0xff at character 1"),            # a byte that is not UTF-8, as Python escapes it
+    ("ok \ud800", "lone surrogate U\\+D800 at character 3"),
+    (b"bytes", "must be text \\(str\\), not bytes"),
+    (None, "must be text \\(str\\), not NoneType"),
+])
+def test_text_that_cannot_reach_a_tokenizer_is_refused_in_one_line(text, message):
+    from edgerun.session import check_text
+
+    with pytest.raises(UsageError, match=message):
+        check_text(text)
+
+
+@pytest.mark.parametrize("text", ["nul\x00byte", "\u202eright-to-left", "\ufeffBOM", "tab\tcr\r\n", "emoji \U0001F600"])
+def test_unusual_but_valid_text_passes_the_check(text):
+    from edgerun.session import check_text
+
+    check_text(text)
+
+
+def test_invalid_utf8_reaches_no_engine_on_any_path(greedy_session, tmp_path):
+    with pytest.raises(UsageError, match="byte 0xe9"):
+        greedy_session.chat("caf\udce9")
+    assert greedy_session.messages == [] and greedy_session.turns == []
+    greedy_session.messages = [{"role": "user", "content": "x\udcff"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(UsageError, match="user message is not valid UTF-8"):
+        greedy_session.chat("hi")
+    (tmp_path / "in.txt").write_bytes(b"caf\xe9 au lait?\n")
+    with open(tmp_path / "in.txt", "rb") as stdin:
+        r = subprocess.run(edgerun_cmd("chat", "--max-tokens", "4"), stdin=stdin, capture_output=True, text=True,
+                           env=cli_env(), timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == ("error: the message is not valid UTF-8 text: byte 0xe9 at character "
+                                                 "3; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    assert "Traceback" not in r.stderr

@@ -104,8 +104,8 @@ def test_gemma3_onnx_export_is_refused_with_a_clear_error(tmp_path, smollm2_sour
     assert not (tmp_path / "onnx").exists()
 
 
-def test_onnx_kv_bytes_are_what_the_request_allocated(onnx_exported):
-    """Not context x bytes per token: the last request's prompt + reply budget (onnxruntime-genai's max_length)."""
+def test_onnx_kv_bytes_are_what_the_generator_allocated(onnx_exported):
+    """Not context x bytes per token: the kept generator's capacity (onnxruntime-genai's max_length)."""
     from edgerun.backends.base import SamplingParams
     from edgerun.backends.onnx import OnnxBackend
 
@@ -115,6 +115,36 @@ def test_onnx_kv_bytes_are_what_the_request_allocated(onnx_exported):
         prompt = b.tokenize("The capital of France is")
         b.complete(prompt, SamplingParams(temperature=0.0, max_tokens=8))
         per_token = 2 * 30 * 3 * 64 * 4                      # SmolLM2: layers x KV heads x head dim, float32
-        assert b.memory().kv_cache_bytes == per_token * (len(prompt) + 8)
+        assert b.memory().kv_cache_bytes == per_token * 512  # the smallest capacity, far below 4096
+        b.complete(prompt, SamplingParams(temperature=0.0, max_tokens=1000))
+        assert b.memory().kv_cache_bytes == per_token * ((len(prompt) + 1000) * 3 // 2)
+        b.reset()
+        assert b.memory().kv_cache_bytes == 0
     finally:
         b.close()
+
+
+def test_onnx_reuses_the_kv_cache_across_turns_with_the_same_replies(onnx_exported):
+    """Turn 2 prefills only the new tokens and replies as a fresh generator does; a history cut at the head
+    and /clear prefill everything again."""
+    import edgerun
+
+    path = onnx_exported("int4").output
+    s = edgerun.load(str(path), temperature=0.0, max_tokens=24, n_ctx=1024)
+    fresh = edgerun.load(str(path), temperature=0.0, max_tokens=24, n_ctx=1024)
+    try:
+        first = s.chat("What is the capital of France?", stream=False)
+        assert s.stats.prefill_tokens == s.stats.prompt_tokens
+        second = "".join(s.chat("And of Italy?"))
+        st = s.stats
+        assert 0 < st.prefill_tokens < st.prompt_tokens // 2, st
+        fresh.messages = list(s.messages[:-2])
+        again = fresh.chat("And of Italy?", stream=False)
+        assert fresh.stats.prefill_tokens == fresh.stats.prompt_tokens == st.prompt_tokens
+        assert again == second and first
+        s.clear()
+        s.chat("Hello", stream=False)
+        assert s.stats.prefill_tokens == s.stats.prompt_tokens
+    finally:
+        s.backend.close()
+        fresh.backend.close()

@@ -3,7 +3,12 @@
 A model directory is what ``edgerun export --to onnx`` (onnxruntime-genai's builder) writes:
 ``model.onnx`` (+ ``model.onnx.data``), ``genai_config.json`` and the tokenizer files. The chat
 template comes from ``chat_template.jinja`` or ``tokenizer_config.json`` in that directory.
-Each call prefills the whole prompt in a fresh generator (no prefix reuse across turns yet).
+Across turns the backend keeps its generator and reuses the KV cache of the longest prefix the new
+prompt shares with what the generator holds (``rewind_to`` the prefix, append the rest), as the
+llama.cpp backend does; a history cut at the head, ``/clear`` (:meth:`OnnxBackend.reset`), other
+sampling settings or a prompt that outgrows the generator's capacity build a new generator. Greedy
+replies are the same as a fresh generator's; a sampled reply continues the generator's random stream
+(a seeded conversation replays exactly, but turn 2 is not the reply a fresh generator would sample).
 """
 
 from __future__ import annotations
@@ -99,7 +104,9 @@ class OnnxBackend(Backend):
                  seed: int | None = None, **_ignored):
         self.path = Path(path)
         self._text_tokenizer = None
-        self._allocated_tokens = 0
+        self._gen = None               # the generator kept across calls (its KV cache), see _generator_for
+        self._gen_key: tuple = ()
+        self._gen_capacity = 0         # tokens its KV cache holds (its max_length): what memory() reports
         self.genai_config = validate_model_dir(self.path)
         isolate.first_open("onnx", self.path)   # a graph that crashes onnxruntime: a one-line error
         self.threads = int(threads) if threads else physical_cores()
@@ -181,31 +188,63 @@ class OnnxBackend(Backend):
 
     # --- generation ---------------------------------------------------------------------------
 
-    def _generator(self, prompt: list[int], max_new: int, sampling: SamplingParams):
+    def _generator(self, max_length: int, sampling: SamplingParams):
+        """A new onnxruntime-genai generator whose KV cache holds ``max_length`` tokens (allocated up front)."""
         og = self._og
         params = og.GeneratorParams(self.model)
-        opts = dict(max_length=len(prompt) + max_new,
-                    min_length=len(prompt) + max_new if sampling.ignore_eos else 0)
+        opts = dict(max_length=max_length, min_length=max_length if sampling.ignore_eos else 0)
         if sampling.temperature > 0:
             opts.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                         random_seed=sampling.seed if sampling.seed is not None else (self.seed or 0))
         else:
             opts.update(do_sample=False)
         params.set_search_options(**opts)
-        self._allocated_tokens = len(prompt) + max_new
         return og.Generator(self.model, params)
+
+    def _generator_for(self, prompt: list[int], max_new: int, sampling: SamplingParams) -> tuple[object, int]:
+        """The generator for this call and how many leading prompt tokens its KV cache already holds.
+
+        The kept generator is rewound to the longest prefix it shares with ``prompt`` (at least one prompt
+        token is left to evaluate, for the next-token logits) when its sampling settings are the same and
+        its capacity holds the prompt and the reply budget; otherwise a new one is built, with room for
+        half as much again (at most the context) so that the next turns fit.
+        """
+        key = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed, sampling.ignore_eos)
+        need = len(prompt) + max_new
+        gen = self._gen
+        if gen is not None and key == self._gen_key and need <= self._gen_capacity:
+            held = [int(t) for t in gen.get_sequence(0)]
+            k = 0
+            limit = min(len(held), len(prompt) - 1)
+            while k < limit and held[k] == prompt[k]:
+                k += 1
+            if k > 0:
+                try:
+                    gen.rewind_to(k)
+                    return gen, k
+                except Exception:  # an engine that cannot rewind this generator: build a new one
+                    pass
+        self._gen = None  # free the old cache before allocating the new one
+        capacity = min(self.n_ctx, max(need, need + need // 2, 512))
+        self._gen, self._gen_key, self._gen_capacity = self._generator(capacity, sampling), key, capacity
+        return self._gen, 0
+
+    def reset(self) -> None:
+        """Drop the kept generator and its KV cache: the next call prefills every prompt token."""
+        self._gen, self._gen_key, self._gen_capacity = None, (), 0
 
     def _run(self, prompt_tokens: Sequence[int], sampling: SamplingParams, stream: bool) -> Iterator[str]:
         prompt = [int(t) for t in prompt_tokens]
         max_new = reply_budget(self.n_ctx, len(prompt), sampling.max_tokens)
-        stats = GenerationStats(prompt_tokens=len(prompt), prefill_tokens=len(prompt), context_size=self.n_ctx)
-        gen = self._generator(prompt, max_new, sampling)
+        gen, cached = self._generator_for(prompt, max_new, sampling)
+        stats = GenerationStats(prompt_tokens=len(prompt), prefill_tokens=len(prompt) - cached,
+                                context_size=self.n_ctx)
         decoder = self.tokenizer.create_stream() if stream else None
         generated: list[int] = []
         finish = "interrupted"
         t0 = time.perf_counter()
         try:
-            gen.append_tokens(np.asarray([prompt], dtype=np.int32))
+            gen.append_tokens(np.asarray([prompt[cached:]], dtype=np.int32))
             stats.prefill_ms = (time.perf_counter() - t0) * 1e3
             while True:
                 t1 = time.perf_counter()
@@ -224,7 +263,7 @@ class OnnxBackend(Backend):
                     piece = decoder.decode(tok)
                     if piece:
                         yield piece
-                if len(generated) >= max_new or gen.is_done():
+                if len(generated) >= max_new:
                     finish = "length"
                     break
             if decoder is None:
@@ -246,22 +285,23 @@ class OnnxBackend(Backend):
         tokens = [int(t) for t in tokens]
         if not tokens or len(tokens) > self.n_ctx:
             raise BackendError(f"logits need 1..{self.n_ctx} tokens, got {len(tokens)}")
-        gen = self._generator(tokens, 1, SamplingParams(temperature=0.0))
+        gen = self._generator(len(tokens) + 1, SamplingParams(temperature=0.0))  # its own: the kept one stays
         gen.append_tokens(np.asarray([tokens], dtype=np.int32))
         out = np.asarray(gen.get_output("logits"), dtype=np.float32)
         return out.reshape(-1, out.shape[-1])[-len(tokens):]
 
     def memory(self) -> MemoryInfo:
-        """Weights (the model files' bytes) and the KV cache the last request allocated: onnxruntime-genai
-        sizes it for that request's prompt + reply budget (its ``max_length``), float32, not for the whole
-        context; 0 before the first request."""
+        """Weights (the model files' bytes) and the KV cache the kept generator allocated: onnxruntime-genai
+        sizes it up front for the generator's ``max_length`` (float32), which is the first request's prompt +
+        reply budget and half as much again, at most the context; 0 before the first request."""
         weights = sum(f.stat().st_size for f in self.path.iterdir() if f.name.startswith("model.onnx"))
         d = self.genai_config["model"]["decoder"]
         per_token = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4
-        return MemoryInfo(model_bytes=int(weights), kv_cache_bytes=int(per_token * self._allocated_tokens),
+        return MemoryInfo(model_bytes=int(weights), kv_cache_bytes=int(per_token * self._gen_capacity),
                           rss_bytes=psutil.Process().memory_info().rss)
 
     def close(self) -> None:
+        self._gen = None
         self.model = None
         self.tokenizer = None
 
