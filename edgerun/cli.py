@@ -227,6 +227,97 @@ def _repl(session, args) -> int:
             print(f"error: {e}", file=sys.stderr)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (loopback by default)",
+                       description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models, /health, /metrics), one request at a time, each planned like a "
+                                   "chat message. See docs/serve.md.")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"catalog name or path to a model (default: {catalog.DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback (with a warning)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request (default: $EDGERUN_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait while one runs; more get 503 + Retry-After (default 16)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the catalog name or file name)")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on a reply's tokens (default: the request's)")
+    p.add_argument("--temperature", type=float, default=0.8, help="default temperature of requests (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="default top_p of requests (default 0.95)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default 40)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of requests that give none (default: one drawn per request, returned in 'edgerun')")
+    for flag, kw in (("--threads", dict(type=int, help="CPU threads (default: physical cores)")),
+                     ("--ctx-size", dict(type=int, help="context window in tokens (default 4096 or less)")),
+                     ("--kv-type", dict(metavar="TYPE", help="llama.cpp KV cache type of K and V (as edgerun chat)")),
+                     ("--kv-type-k", dict(metavar="TYPE", help="llama.cpp KV cache type of K")),
+                     ("--kv-type-v", dict(metavar="TYPE", help="llama.cpp KV cache type of V")),
+                     ("--chat-template", dict(help="chatml, llama3, gemma or a Jinja file instead of the model's")),
+                     ("--keep", dict(default="2/4", metavar="a/b", help="adaptive experts: top-a of the top-b")),
+                     ("--patterns", dict(help="adaptive experts: expert patterns directory")),
+                     ("--quant", dict(help="adaptive experts on llama.cpp: GGUF type of the assembled models")),
+                     ("--kv-layout", dict(metavar="LAYOUT", help="KVTuner layout YAML or directory (as edgerun chat)")),
+                     ("--device", dict(help="device config YAML bounding weights + KV cache")),
+                     ("--backend", dict(choices=["llama.cpp", "onnx", "torch", "mixpe"], help="engine (default: "
+                                        "from the path)"))):
+        p.add_argument(flag, **{"default": None, **kw})
+    p.add_argument("--adaptive-experts", action="store_true", help="per request, the retrieved task's experts (PreMoe)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from edgerun import server  # fastapi, uvicorn: only for serve
+
+    _check_sampling(args)
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be in 0..65535")
+    if args.max_queue < 0:
+        raise UsageError("--max-queue must be >= 0")
+    warning = server.check_host(args.host, args.allow_remote)
+    if not args.adaptive_experts and (args.patterns or args.keep != "2/4" or args.quant):
+        raise UsageError("--patterns, --keep and --quant apply to --adaptive-experts")
+
+    def notify(msg: str) -> None:
+        print(f"[{msg}]", file=sys.stderr, flush=True)
+
+    if warning:
+        print(warning, file=sys.stderr)
+    sock = server.bind(args.host, args.port)  # before the model loads: a port in use is said at once
+    try:
+        assembler = None
+        if args.adaptive_experts and args.backend in (None, "llama.cpp"):
+            from converters.assemble import GGUFAssembler  # the writers: only adaptive experts on llama.cpp
+
+            assembler = GGUFAssembler(args.quant or "Q8_0", log=notify)
+        session = edgerun.load(args.model, backend=args.backend, chat_template=args.chat_template, n_ctx=args.ctx_size,
+                               threads=args.threads, max_tokens=args.max_tokens, temperature=args.temperature,
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, notify=notify,
+                               adaptive_experts=args.adaptive_experts, keep=args.keep, patterns=args.patterns,
+                               assembler=assembler, kv_layout=args.kv_layout, device=args.device,
+                               kv_type=args.kv_type, kv_type_k=args.kv_type_k, kv_type_v=args.kv_type_v)
+    except BaseException:
+        sock.close()
+        raise
+    name = args.model_name or (Path(args.model).name if args.model and Path(args.model).exists()
+                               else args.model or catalog.DEFAULT_MODEL)
+    b = session.backend
+    key = args.api_key or os.environ.get(server.API_KEY_ENV) or None
+
+    def ready(url: str) -> None:
+        print(f"edgerun serve: {name} ({b.name}, {b.threads} threads, context {b.n_ctx} tokens) on {url}/v1"
+              + (" (API key required)" if key else "") + ". Ctrl-C to stop.", file=sys.stderr, flush=True)
+
+    try:
+        server.serve(session, name, sock=sock, api_key=key, max_queue=args.max_queue, default_seed=args.seed,
+                     ready=ready)
+    finally:
+        session.backend.close()
+    return 0
+
+
 def _old_spelling(p, flag: str, dest: str) -> None:
     """A hidden alias of a renamed integer option (accepted for one release): ``flag`` sets ``dest``."""
     p.add_argument(flag, dest=dest, type=_positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -687,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_chat(sub)
+    _add_serve(sub)
     _add_export(sub)
     _add_carve(sub)
     _add_merge(sub)
