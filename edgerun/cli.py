@@ -817,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        # Ctrl-C or SIGTERM while a native module initializes (onnxruntime) surfaces as an ImportError
+        if isinstance(e.__cause__ or e.__context__, (KeyboardInterrupt, SystemExit)):
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        raise
     except OSError as e:
         if e.errno == errno.ENOSPC:
             print(f"error: no space left on the device ({e.filename or 'disk full'}); free some space "
