@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgerun.backends.base import SamplingParams, reply_budget
 from edgerun.errors import EdgerunError, UsageError
-from edgerun.session import Session, Turn
+from edgerun.session import Session, Turn, check_text
 
 API_KEY_ENV = "EDGERUN_API_KEY"
 """Environment variable read for the API key when ``--api-key`` is not given."""
@@ -72,6 +72,7 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
+        """The error as a JSON response with its status and headers."""
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
                                        "code": self.code}}, status_code=self.status, headers=self.headers)
 
@@ -511,6 +512,10 @@ class Server:
                 raise APIError(400, f"messages[{i}].content is missing", param=f"messages[{i}].content")
             else:
                 content = m.content
+            try:
+                check_text(content, f"messages[{i}].content")
+            except UsageError as e:
+                raise APIError(400, str(e), param=f"messages[{i}].content") from None
             out.append({"role": role, "content": content})
         if out[-1]["role"] != "user":
             raise APIError(400, f"the last message must be from the user, not the {out[-1]['role']}",
@@ -731,6 +736,10 @@ class Server:
                 raise APIError(400, "send one prompt per request", param="prompt")
             if not prompts[0]:
                 raise APIError(400, "the prompt is empty", param="prompt")
+            try:
+                check_text(prompts[0], "prompt")
+            except UsageError as e:
+                raise APIError(400, str(e), param="prompt") from None
             if body.echo or (body.best_of or 1) != 1:
                 raise APIError(400, "echo and best_of are not supported", param="echo" if body.echo else "best_of")
             sampling = server._sampling(body, body.max_tokens)
@@ -882,9 +891,10 @@ class _UvicornServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def make_server(server: Server, sock: socket.socket | None = None, host: str = "127.0.0.1", port: int = 8080,
-                log_level: str = "warning") -> uvicorn.Server:
-    """A uvicorn server for ``server.app`` (run it with ``.run(sockets=[sock])`` or in a thread)."""
+def make_server(server: Server, host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning") -> uvicorn.Server:
+    """A uvicorn server for ``server.app``: run it with ``.run(sockets=[sock])`` (a :func:`bind` socket), in the
+    main thread for signal handling or in another thread (tests). SIGINT/SIGTERM stop the running generation
+    at once, then wait up to 10 s for open responses to end."""
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=10, lifespan="off")
     return _UvicornServer(config, server.cancel_all)

@@ -290,6 +290,7 @@ def test_models_health_and_metrics(scripted):
     (chat_body(logprobs=True), 400, "logprobs"),
     (chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     (chat_body(model="gpt-4o"), 404, "model"),
+    (b'{"model": "scripted", "messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400, "messages[0].content"),
 ])
 def test_bad_requests_get_an_openai_error(scripted, body, status, param):
     client, _, _ = scripted
