@@ -48,7 +48,7 @@ def trial_atomic(kind: str, sig: int, rng: random.Random, work: Path) -> str:
 def trial_report(sig: int, rng: random.Random, work: Path) -> str:
     shutil.copy(ROOT / "benchmarks" / "results" / "bpw_sweep" / "runs.jsonl", work / "runs.jsonl")
     (work / "summary.md").write_text("old summary\n")
-    code, err = interrupt(edgerun_cmd("bench", "report", str(work)), rng.uniform(0.3, 3.0), sig, env=cli_env())
+    code, err = interrupt(edgerun_cmd("bench", "report", str(work)), rng.uniform(0.3, 25.0), sig, env=cli_env())
     if not no_traceback(err):
         return "traceback"
     if leftovers(work):

@@ -79,20 +79,104 @@ def run(turns: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8, clear_ev
         if log and turn % 100 == 0:
             log(f"turn {turn}: rss {mem.rss / 2**20:.1f} MiB, fds {samples[-1]['fds']}, "
                 f"threads {samples[-1]['threads']}, {samples[-1]['t']:.0f} s")
+    summary = _summary(samples, warmup, turns, n_ctx, max_tokens, counts, threads, t0)
+    return {"summary": summary, "samples": samples}
+
+
+def run_server(requests: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8, cancel_every: int = 7,
+               threads: int | None = None, max_seconds: float | None = None, log=print) -> dict:
+    """The soak through ``edgerun serve`` (a child process): OpenAI chat requests over HTTP, streamed and not.
+
+    A conversation grows by one exchange per request (the client resends the history, as OpenAI clients do)
+    (a sliding window of its last 3 exchanges is sent, so the prompt's head keeps changing) and restarts every 50 requests; every 7th request is
+    streamed and abandoned after its first event (the connection closed: the server stops that generation).
+    The server process's RSS, descriptors and threads are sampled after every request.
+    """
+    import re
+    import subprocess
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "edgerun.cli", "serve", "--port", "0", "--ctx-size", str(n_ctx),
+           "--max-tokens", str(max_tokens), "--seed", "0"] + (["--threads", str(threads)] if threads else [])
+    srv = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = None
+    for line in srv.stderr:
+        m = re.search(r"on (http://\S+)/v1", line)
+        if m:
+            url = m.group(1)
+            break
+    if url is None:
+        raise RuntimeError("edgerun serve did not start")
+    proc = psutil.Process(srv.pid)
+    with urllib.request.urlopen(url + "/v1/models", timeout=60) as r:
+        model_id = json.loads(r.read())["data"][0]["id"]
+    samples, counts = [], {"full": 0, "cancelled": 0, "restarts": 0, "errors": 0}
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    try:
+        for i in range(requests):
+            if max_seconds and time.perf_counter() - t0 > max_seconds and i > warmup + 10:
+                log(f"stopped at request {i}: the --max-seconds budget is spent")
+                break
+            if i and i % 50 == 0:
+                history = []
+                counts["restarts"] += 1
+            history.append({"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (request {i})"})
+            stream = i % cancel_every == cancel_every - 1
+            # a sliding window of the last 3 exchanges: the server refuses (400) what overflows its context,
+            # so the client rolls the context over, as OpenAI clients do
+            body = json.dumps({"model": model_id, "messages": history[-7:], "max_tokens": max_tokens,
+                               "temperature": 0.7, "stream": stream}).encode()
+            req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    if stream:
+                        r.readline()                     # the first event, then the client leaves
+                        counts["cancelled"] += 1
+                        history.pop()
+                    else:
+                        reply = json.loads(r.read())["choices"][0]["message"]["content"]
+                        history.append({"role": "assistant", "content": reply})
+                        counts["full"] += 1
+            except Exception as e:  # noqa: BLE001 - counted, the soak goes on
+                counts["errors"] += 1
+                history.pop()
+                if counts["errors"] <= 5:
+                    detail = e.read()[:300] if hasattr(e, "read") else b""
+                    log(f"request {i}: {type(e).__name__}: {e} {detail!r}")
+                if counts["errors"] > 20 and counts["errors"] > i // 2:
+                    raise RuntimeError(f"most requests fail ({counts['errors']} of {i + 1}); the soak stops") from e
+            mem = proc.memory_info()
+            samples.append({"turn": i, "rss": mem.rss, "fds": proc.num_fds(), "threads": proc.num_threads(),
+                            "t": round(time.perf_counter() - t0, 3)})
+            if log and i % 100 == 0:
+                log(f"request {i}: server rss {mem.rss / 2**20:.1f} MiB, fds {samples[-1]['fds']}, "
+                    f"threads {samples[-1]['threads']}, {samples[-1]['t']:.0f} s")
+    finally:
+        srv.send_signal(2)
+        try:
+            srv.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+    return {"summary": _summary(samples, warmup, requests, n_ctx, max_tokens, counts, threads, t0), "samples": samples}
+
+
+def _summary(samples, warmup, asked, n_ctx, max_tokens, counts, threads, t0) -> dict:
     after = samples[warmup:]
     base = after[0]["rss"]
-    summary = {
-        "turns": len(samples), "turns_asked": turns, "threads": threads, "warmup": warmup, "n_ctx": n_ctx, "max_tokens": max_tokens, "counts": counts,
-        "seconds": round(time.perf_counter() - t0, 1),
+    return {
+        "turns": len(samples), "turns_asked": asked, "threads": threads, "warmup": warmup, "n_ctx": n_ctx,
+        "max_tokens": max_tokens, "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
         "rss_start_mib": round(samples[0]["rss"] / 2**20, 2), "rss_after_warmup_mib": round(base / 2**20, 2),
         "rss_max_after_warmup_mib": round(max(x["rss"] for x in after) / 2**20, 2),
         "rss_end_mib": round(samples[-1]["rss"] / 2**20, 2),
         "rss_growth_after_warmup_mib": round((max(x["rss"] for x in after) - base) / 2**20, 2),
         "rss_slope_kib_per_turn": round(slope([x["turn"] for x in after], [x["rss"] for x in after]) / 1024, 3),
+        "rss_slope_second_half_kib_per_turn": round(slope([x["turn"] for x in after[len(after) // 2:]],
+                                                          [x["rss"] for x in after[len(after) // 2:]]) / 1024, 3),
         "fds_after_warmup": sorted({x["fds"] for x in after}),
         "threads_after_warmup": sorted({x["threads"] for x in after}),
     }
-    return {"summary": summary, "samples": samples}
 
 
 def main() -> int:
@@ -104,11 +188,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop early after this long (reported)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak")
+    ap.add_argument("--server", action="store_true", help="requests through 'edgerun serve' instead of the API")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/soak (soak_server with --server)")
     args = ap.parse_args()
     load0 = os.getloadavg()
-    r = run(args.turns, args.warmup, n_ctx=args.n_ctx, max_tokens=args.max_tokens, threads=args.threads,
-            max_seconds=args.max_seconds)
+    args.out = args.out or ROOT / "benchmarks" / "results" / ("soak_server" if args.server else "soak")
+    r = (run_server if args.server else run)(args.turns, args.warmup, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
+                                             threads=args.threads, max_seconds=args.max_seconds)
     s = r["summary"]
     s["bound_mib"] = args.bound
     s["within_bound"] = s["rss_growth_after_warmup_mib"] <= args.bound
@@ -119,12 +205,20 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(r, indent=0) + "\n")
     c = s["counts"]
-    md = f"""# Soak: {s['turns']} chat turns through the Python API
-
-`python benchmarks/soak.py --turns {s['turns_asked']}`: `edgerun.load()` (SmolLM2-135M-Instruct, llama.cpp), n_ctx
-{s['n_ctx']}, max_tokens {s['max_tokens']}, threads {s['threads'] or 'default'}; {s['turns']} of {s['turns_asked']} turns run; {c['full']} full replies, {c['cancelled']} cancelled after the
-first piece (stream closed), {c['clear']} `clear()`, the history trimmed by the context on {c['trimmed_turns']}
-turns. {s['seconds']:.0f} s on {os.cpu_count()} CPUs, load average {load0[0]:.2f} at the start and
+    if args.server:
+        head = (f"# Soak: {s['turns']} requests through `edgerun serve`\n\n`python benchmarks/soak.py --server --turns "
+                f"{s['turns_asked']}`: `edgerun serve` (default model, llama.cpp) in a child process, --ctx-size "
+                f"{s['n_ctx']}, max_tokens {s['max_tokens']}, threads {s['threads'] or 'default'}; {s['turns']} of "
+                f"{s['turns_asked']} requests run; {c['full']} complete (non-streamed) replies, {c['cancelled']} streamed "
+                f"and abandoned after the first event, the conversation restarted {c['restarts']} times, "
+                f"{c['errors']} errors. RSS, descriptors and threads are the server process's.")
+    else:
+        head = (f"# Soak: {s['turns']} chat turns through the Python API\n\n`python benchmarks/soak.py --turns "
+                f"{s['turns_asked']}`: `edgerun.load()` (SmolLM2-135M-Instruct, llama.cpp), n_ctx {s['n_ctx']}, "
+                f"max_tokens {s['max_tokens']}, threads {s['threads'] or 'default'}; {s['turns']} of {s['turns_asked']} "
+                f"turns run; {c['full']} full replies, {c['cancelled']} cancelled after the first piece (stream "
+                f"closed), {c['clear']} `clear()`, the history trimmed by the context on {c['trimmed_turns']} turns.")
+    md = head + f""" {s['seconds']:.0f} s on {os.cpu_count()} CPUs, load average {load0[0]:.2f} at the start and
 {os.getloadavg()[0]:.2f} at the end (other work shared the machine).
 
 | measure | value |
@@ -135,11 +229,12 @@ turns. {s['seconds']:.0f} s on {os.cpu_count()} CPUs, load average {load0[0]:.2f
 | RSS at the end | {s['rss_end_mib']} MiB |
 | growth after warm-up (bound {args.bound:g} MiB) | {s['rss_growth_after_warmup_mib']} MiB ({'within' if s['within_bound'] else 'OVER'} the bound) |
 | RSS slope after warm-up | {s['rss_slope_kib_per_turn']} KiB/turn |
+| RSS slope over the second half of that | {s['rss_slope_second_half_kib_per_turn']} KiB/turn |
 | open file descriptors after warm-up | {s['fds_after_warmup']} |
 | threads after warm-up | {s['threads_after_warmup']} |
 
 Adaptive-expert switches are not in this soak (they need the carved MoE on the torch engine, seconds per
-turn); the server soak is left until `edgerun serve` is committed.
+turn).
 """
     args.out.with_suffix(".md").write_text(md)
     print(md)
