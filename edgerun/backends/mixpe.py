@@ -493,7 +493,8 @@ class MixPELinear(nn.Module):
         if accum not in ACCUMULATIONS:
             raise ValueError(f"unknown accumulation '{accum}'; use one of {', '.join(ACCUMULATIONS)}")
         q_signed, self.z_signed = signed_codes(q, zeros, bits)
-        self.q_signed = q_signed.to(torch.int8 if bits <= 8 else torch.int16)   # the oracle's codes, compact
+        # the oracle's codes: int64 as it computes with them; compact int8 when it is not the path in use
+        self.q_signed = q_signed if gemm == "bitplane" else q_signed.to(torch.int8)
         self.scales = scales.float()
         self.group_size, self.bits, self.mode, self.name, self.gemm = group_size, bits, mode, name, gemm
         self.integer = mode.endswith("A8")
