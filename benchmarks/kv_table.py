@@ -1,33 +1,41 @@
-"""KVTuner on SmolLM2-135M-Instruct: layout search, cache bytes, decode speed, llama.cpp's uniform types.
+"""KVTuner on SmolLM2-135M-Instruct: layout search against uniform layouts at equal bits, cache bytes, llama.cpp types.
 
-1. ``edgerun kv tune`` in per-token and KIVI mode (group 32, KIVI window 32): sensitivity on 2 x 512
-   calibration tokens, 4 layer groups, NSGA-II with 36 trials (3 generations) and population 12, budget 6.0 average
-   bits (to reach above the nearly-lossless point), quality = KL to KV16 and perplexity on 2 x 2048
-   held-out wiki tokens (documents concatenated), teacher-forced; uniform KV8 ... KV2 on the same
-   contexts; ARC-Easy (100 items, log-likelihood) on each Pareto front. The nearly-lossless point
-   is the lowest-bit layout with perplexity within 1% of KV16.
-2. KV-cache bytes measured on the packed cache (filled at 2048 and 8192 tokens with SmolLM2's
-   shape, 30 layers x 3 KV heads x 64) vs the codes-only bytes average bits imply: the overhead
-   of the float16 scales, int16 zero points and the KIVI window; and vs KV16 (fp16) and the fp32
-   DynamicCache the torch backend uses unquantized.
-3. Decode tokens/s in the torch backend (prompt 512 tokens, 64 greedy tokens, median of 3) of
-   each uniform layout and the best front layouts vs the unquantized DynamicCache in the same run.
+1. ``edgerun kv tune --search dp`` in per-token and KIVI mode (group 32, KIVI window 32): end-to-end KL
+   sensitivity of each layer at each pair on 2 x 512 calibration tokens, the exact per-layer DP front
+   under the additive KL model, 24 of its layouts up to the budget (6.0 average bits) verified by
+   the real evaluator: KL to KV16 and perplexity on 2 x 2048 held-out wiki tokens (documents
+   concatenated), teacher-forced; uniform KV8 ... KV2 on the same contexts. Each front point is set
+   beside the uniform layouts at equal bits (interpolated between the neighbouring uniform layouts:
+   KL log-linearly, perplexity linearly), and beside the previous NSGA-II front (4 groups, attention
+   error sensitivity; ``kv/<mode>/trials.json`` from the earlier run) where it exists.
+2. A downstream task longer than the KIVI window: pass-key retrieval (a 5-digit key planted once in
+   ~600 tokens of held-out text, greedy generation through the packed cache; ``passkey_accuracy``)
+   for KV16, the uniform layouts and the front points nearest to 3, 4 and 5 bits, with Wilson 95%
+   intervals.
+3. KV-cache bytes measured on the packed cache (filled at 2048 and 8192 tokens with SmolLM2's
+   shape, 30 layers x 3 KV heads x 64) vs the codes-only bytes average bits imply.
 4. llama.cpp's uniform KV types on the float32 GGUF of the same model: perplexity on the same
    2 x 2048 tokens and decode tokens/s (flash attention on for every type, so speeds compare).
 
-Usage: python benchmarks/kv_table.py [--trials 36] [--quick]
-Writes benchmarks/results/kv_table.json, kv_table.md and kv/<mode>/ (layouts, trials.json, front.png).
+Decode speed of the packed cache in the torch backend is ``benchmarks/kv_decode.py``. Sections 3 and
+4 do not depend on the search: they are kept from the previous run unless ``--all``.
+
+Usage: python benchmarks/kv_table.py [--points 24] [--passkey 40] [--all] [--quick]
+Writes benchmarks/results/kv_table.json, kv_table.md and kv/<mode>-dp/ (layouts, trials.json, front.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
-from profilers.accuracy import kv_front_accuracy
+from profilers.accuracy import passkey_accuracy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q5_1", "q5_1"), ("q4_1", "q4_1"),
@@ -44,26 +52,41 @@ def windows_nll(logprob_fn, windows) -> float:
     return total / n
 
 
-def decode_speed(backend, prompt, n=64, repeats=3) -> float:
-    from edgerun.backends.base import SamplingParams
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (scipy) of predicted and measured KL, or None under 3 points."""
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
 
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    rates = []
-    for _ in range(repeats):
-        backend._cache, backend._cached_tokens = None, []     # no prefix reuse between repeats
-        "".join(backend.stream(prompt, params))
-        rates.append(backend.last_stats.decode_tokens_per_s)
-    return statistics.median(rates)
+    return float(spearmanr(a, b).statistic)
+
+
+def interpolate_uniform(uniform: dict, bits: float) -> dict:
+    """KL (log-linear) and perplexity (linear) of the uniform layouts at ``bits``, between the two nearest."""
+    pts = sorted((v["avg_bits"], v["kl"], v["ppl"]) for u, v in uniform.items() if u != "KV16")
+    if bits <= pts[0][0]:
+        return {"kl": pts[0][1], "ppl": pts[0][2]}
+    for (b0, k0, p0), (b1, k1, p1) in zip(pts, pts[1:]):
+        if b0 <= bits <= b1:
+            t = (bits - b0) / (b1 - b0)
+            kl = math.exp(math.log(max(k0, 1e-12)) * (1 - t) + math.log(max(k1, 1e-12)) * t)
+            return {"kl": kl, "ppl": p0 * (1 - t) + p1 * t}
+    return {"kl": pts[-1][1], "ppl": pts[-1][2]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=36)
+    ap.add_argument("--points", type=int, default=24)
     ap.add_argument("--budget", type=float, default=6.0)
+    ap.add_argument("--passkey", type=int, default=40, help="pass-key items per layout")
+    ap.add_argument("--calib-windows", type=int, default=2, help="512-token windows of the sensitivity")
+    ap.add_argument("--all", action="store_true", help="also re-measure the cache bytes and llama.cpp types")
     ap.add_argument("--quick", action="store_true", help="small settings to check the script")
     args = ap.parse_args()
-
-    import math
+    global RESULTS
+    if args.quick:                      # a check of the script: its own directory, the real results untouched
+        RESULTS = Path(tempfile.mkdtemp(prefix="kv_table_quick_"))
+        print(f"--quick: writing to {RESULTS}")
 
     import torch
 
@@ -79,37 +102,83 @@ def main() -> int:
 
     source = open_source("smollm2-135m-instruct", progress=False)
     ctx, n_ctx_windows = (512, 1) if args.quick else (2048, 2)
-    trials = 8 if args.quick else args.trials
+    points = 6 if args.quick else args.points
+    previous = json.loads((RESULTS / "kv_table.json").read_text()) if (RESULTS / "kv_table.json").is_file() else {}
     result = {"benchmark": "kv_table", "source": source.label, "date": time.strftime("%Y-%m-%d"), "budget": args.budget,
-              "trials": trials, "context": ctx, "contexts": n_ctx_windows, "modes": {}}
+              "points": points, "calib_windows": args.calib_windows, "passkey_items": args.passkey, "context": ctx, "contexts": n_ctx_windows, "search": "dp", "modes": {},
+              "load_before": os.getloadavg()}
 
-    # 1. the search, per mode
+    # 1. the search, per mode, against uniform at equal bits and the earlier NSGA-II front
     for mode in ("per-token", "kivi"):
-        out = RESULTS / "kv" / mode
+        out = RESULTS / "kv" / f"{mode}-dp"
         t0 = time.perf_counter()
-        r = kvt.tune(source.path, out, budget=args.budget, trials=trials, population=12, mode=mode, groups=4,
-                     context=ctx, contexts=n_ctx_windows, calib_windows=2, calib_len=512, progress=True, log=print)
+        r = kvt.tune(source.path, out, budget=args.budget, search="dp", points=points, mode=mode,
+                     context=ctx, contexts=n_ctx_windows, calib_windows=args.calib_windows, calib_len=512,
+                     progress=True, log=print)
         search_s = time.perf_counter() - t0
-        acc = kv_front_accuracy(source.path, r.front, out, "arc-easy", 20 if args.quick else 100, progress=True)
         kv16 = r.kv16["ppl"]
-        lossless = [lay for lay in r.front if lay.meta["ppl"] <= kv16 * 1.01]
+        record = json.loads((out / "trials.json").read_text())
+        verified = []
+        for row in sorted(record["trials"], key=lambda x: x["avg_bits"]):
+            if "predicted_kl" not in row:
+                continue
+            u = interpolate_uniform(r.uniform, row["avg_bits"])
+            lay = Layout([kvt.PAIRS[p] for p in row["choice"]])
+            verified.append({"avg_bits": row["avg_bits"], "kl": row["kl"], "predicted_kl": row["predicted_kl"],
+                             "ppl": row["ppl"], "ppl_vs_kv16_pct": (row["ppl"] / kv16 - 1) * 100,
+                             "uniform_kl": u["kl"], "uniform_ppl": u["ppl"], "kl_vs_uniform": row["kl"] / u["kl"],
+                             "ppl_vs_uniform_pct": (row["ppl"] / u["ppl"] - 1) * 100, "layout": lay.describe(),
+                             "choice": row["choice"]})
+        nsga = None
+        old = RESULTS / "kv" / mode / "trials.json"
+        if old.is_file():
+            o = json.loads(old.read_text())
+            nsga = [{"avg_bits": t["avg_bits"], "kl": t["kl"], "ppl": t["ppl"]}
+                    for t in o["trials"] if t["number"] in o["front"]]
+        lossless = [v for v in verified if v["ppl"] <= kv16 * 1.01]
         uniform_lossless = [u for u, v in r.uniform.items() if u != "KV16" and v["ppl"] <= kv16 * 1.01]
-        result["modes"][mode] = {
-            "search_seconds": search_s, "kv16_ppl": kv16, "uniform": r.uniform, "groups": r.groups,
-            "candidates": r.candidates,
-            "front": [{"name": lay.name, "avg_bits": lay.average_bits, "kl": lay.meta["kl"], "ppl": lay.meta["ppl"],
-                       "ppl_vs_kv16_pct": (lay.meta["ppl"] / kv16 - 1) * 100, "layout": lay.describe()}
-                      for lay in r.front],
-            "accuracy": acc,
-            "nearly_lossless": (min(lossless, key=lambda x: x.average_bits).name if lossless else None),
-            "nearly_lossless_bits": (min(x.average_bits for x in lossless) if lossless else None),
-            "uniform_nearly_lossless_min_bits": (min(r.uniform[u]["avg_bits"] for u in uniform_lossless)
-                                                 if uniform_lossless else None),
-        }
-        print(json.dumps(result["modes"][mode]["front"], indent=1))
+        m = {"search_seconds": search_s, "kv16_ppl": kv16, "uniform": r.uniform,
+             "sensitivity_kl": record["sensitivity_kl"], "verified": verified, "nsga2_front_before": nsga,
+             "front": [{"name": lay.name, "avg_bits": lay.average_bits, "kl": lay.meta["kl"], "ppl": lay.meta["ppl"],
+                        "layout": lay.describe()} for lay in r.front],
+             "nearly_lossless_bits": min((v["avg_bits"] for v in lossless), default=None),
+             "uniform_nearly_lossless_min_bits": min((r.uniform[u]["avg_bits"] for u in uniform_lossless), default=None),
+             "predicted_vs_measured_kl_spearman": _spearman([v["predicted_kl"] for v in verified],
+                                                            [v["kl"] for v in verified])}
+        result["modes"][mode] = m
         save(result)
 
-    # 2. bytes measured vs theoretical at 2k and 8k
+        # 2. pass-key retrieval through the packed cache: uniform layouts and front points at 3, 4, 5 bits
+        engine = TorchBackend(source.path, n_ctx=1024)
+        layouts = [Layout.uniform(u, 30, mode) for u in ("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2")]
+        for target in (3.0, 4.0, 5.0):
+            under = [v for v in verified if v["avg_bits"] <= target + 1e-9]
+            if under:
+                v = under[-1]
+                lay = Layout([kvt.PAIRS[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits")
+                if all(lay.pairs != x.pairs for x in layouts):
+                    layouts.append(lay)
+        acc = []
+        for lay in layouts:
+            engine.set_kv_layout(lay)
+            a = passkey_accuracy(engine, 10 if args.quick else args.passkey, progress=True)
+            acc.append({"name": lay.name, "avg_bits": lay.average_bits, **a})
+            print(acc[-1])
+        engine.close()
+        m["passkey"] = acc
+        save(result)
+
+    if not args.all:
+        for key in ("bytes", "llama_cpp"):
+            if key in previous:
+                result[key] = previous[key]
+        result["kept_from"] = previous.get("date")
+        result["load_after"] = os.getloadavg()
+        save(result)
+        print(render(result))
+        return 0
+
+    # 3. bytes measured vs theoretical at 2k and 8k
     rows = []
     shape = (1, 3)
     for tokens in (2048, 8192):
@@ -131,25 +200,11 @@ def main() -> int:
     result["bytes"] = rows
     save(result)
 
-    # 3. decode speed in the torch backend
-    engine = TorchBackend(source.path, n_ctx=1024)
-    prompt = engine.tokenize(data.text("wiki", "heldout"))[:512]
-    speed = {"DynamicCache (fp32)": decode_speed(engine, prompt)}
-    for mode in ("per-token", "kivi"):
-        for u in ("KV16", "KV8", "KV4", "KV2"):
-            engine.set_kv_layout(Layout.uniform(u, 30, mode))
-            speed[f"{u} {mode}"] = decode_speed(engine, prompt)
-        engine.set_kv_layout(None)
-    base = speed["DynamicCache (fp32)"]
-    result["decode_tokens_per_s"] = {k: {"tokens_per_s": v, "vs_dynamic_cache": v / base} for k, v in speed.items()}
-    print(json.dumps(result["decode_tokens_per_s"], indent=1))
-    del engine
-    save(result)
-
     # 4. llama.cpp uniform KV types on the F32 GGUF
     gguf = f32_cache(source)
     tok_engine = TorchBackend(source.path, n_ctx=ctx)
     win = data.token_windows(tok_engine.tokenizer, "wiki", "heldout", ctx, n_ctx_windows)
+    prompt = tok_engine.tokenize(data.text("wiki", "heldout"))[:512]
     del tok_engine
     llama_rows = []
     for tk, tv in LLAMA_TYPES:
@@ -167,7 +222,7 @@ def main() -> int:
         r["ppl_vs_f16_pct"] = (r["ppl"] / f16["ppl"] - 1) * 100
         r["speed_vs_f16"] = r["decode_tokens_per_s"] / f16["decode_tokens_per_s"]
     result["llama_cpp"] = llama_rows
-
+    result["load_after"] = os.getloadavg()
     save(result)
     print(render(result))
     return 0
@@ -182,26 +237,43 @@ def save(result: dict) -> None:
 
 def render(r: dict) -> str:
     lines = [f"# KVTuner on {r['source']} ({r['date']})", "",
-             f"Search: budget {r['budget']} average bits, {r['trials']} NSGA-II trials (population 12), 4 layer "
-             f"groups; quality teacher-forced on {r['contexts']} x {r['context']} held-out wiki tokens.", ""]
+             f"Search: exact per-layer DP over the end-to-end KL sensitivities ({r.get('calib_windows', 2)} x 512 "
+             f"calibration tokens; additive model), {r['points']} "
+             f"layouts up to {r['budget']} average bits verified teacher-forced on {r['contexts']} x {r['context']} "
+             f"held-out wiki tokens; uniform layouts on the same tokens. Load average before "
+             f"{', '.join(f'{x:.1f}' for x in r.get('load_before', []))} (2 cores; quality numbers do not depend on it).", ""]
     for mode, m in r["modes"].items():
         lines += [f"## {mode}: KV16 perplexity {m['kv16_ppl']:.3f}, search {m['search_seconds'] / 60:.1f} min", "",
                   "| layout | avg bits | KL (nats/token) | perplexity | vs KV16 |", "|---|---:|---:|---:|---:|"]
         for u, v in m["uniform"].items():
             lines.append(f"| uniform {u} | {v['avg_bits']:.2f} | {v['kl']:.2e} | {v['ppl']:.3f} | "
                          f"{(v['ppl'] / m['kv16_ppl'] - 1) * 100:+.2f}% |")
-        for f in m["front"]:
-            lines.append(f"| {f['name']} ({f['layout']}) | {f['avg_bits']:.2f} | {f['kl']:.2e} | {f['ppl']:.3f} | "
-                         f"{f['ppl_vs_kv16_pct']:+.2f}% |")
-        lines += ["", f"Nearly lossless (perplexity within 1% of KV16): searched front "
-                      f"{m['nearly_lossless_bits'] if m['nearly_lossless_bits'] is not None else 'none'} average bits "
-                      f"({m['nearly_lossless']}); best uniform {m['uniform_nearly_lossless_min_bits']} bits.", "",
-                  "ARC-Easy (log-likelihood, n items, 95% Wilson CI):", "",
-                  "| layout | avg bits | accuracy | 95% CI |", "|---|---:|---:|---|"]
-        for a in m["accuracy"]:
-            lines.append(f"| {a['name']} | {a['avg_bits']:.2f} | {a['accuracy']:.3f} (n={a['n']}) | "
-                         f"{a['ci95'][0]:.3f}-{a['ci95'][1]:.3f} |")
-        lines.append("")
+        lines += ["", "Verified DP layouts against the uniform layouts at equal bits (interpolated: KL log-linearly, "
+                      "perplexity linearly between the neighbouring uniform layouts):", "",
+                  "| avg bits | KL | uniform KL at equal bits | KL ratio | perplexity | vs KV16 | vs uniform at equal bits | predicted KL (sum) | layout |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for v in m["verified"]:
+            lines.append(f"| {v['avg_bits']:.2f} | {v['kl']:.2e} | {v['uniform_kl']:.2e} | {v['kl_vs_uniform']:.2f} | "
+                         f"{v['ppl']:.3f} | {v['ppl_vs_kv16_pct']:+.2f}% | {v['ppl_vs_uniform_pct']:+.2f}% | "
+                         f"{v['predicted_kl']:.2e} | {v['layout']} |")
+        rho = m.get("predicted_vs_measured_kl_spearman")
+        lines += ["", f"Predicted (sum of one-layer KLs) vs measured KL over the verified layouts: Spearman "
+                      f"{rho:.3f}." if rho is not None else "",
+                  f"Nearly lossless (perplexity within 1% of KV16): DP {m['nearly_lossless_bits']} average bits; best "
+                  f"uniform {m['uniform_nearly_lossless_min_bits']} bits.", ""]
+        if m.get("nsga2_front_before"):
+            lines += ["Previous NSGA-II front (4 groups, attention-error sensitivity), same evaluator, for reference:", "",
+                      "| avg bits | KL | perplexity |", "|---:|---:|---:|"]
+            for f in sorted(m["nsga2_front_before"], key=lambda x: x["avg_bits"]):
+                lines.append(f"| {f['avg_bits']:.2f} | {f['kl']:.2e} | {f['ppl']:.3f} |")
+            lines.append("")
+        if m.get("passkey"):
+            lines += ["Pass-key retrieval (5-digit key in ~600 tokens of held-out text, greedy through the packed "
+                      "cache; Wilson 95%):", "", "| layout | avg bits | accuracy | 95% CI | n |", "|---|---:|---:|---|---:|"]
+            for a in m["passkey"]:
+                lines.append(f"| {a['name']} | {a['avg_bits']:.2f} | {a['accuracy']:.3f} | "
+                             f"{a['ci95'][0]:.3f}-{a['ci95'][1]:.3f} | {a['n']} |")
+            lines.append("")
     lines += ["## KV-cache bytes: measured on the packed cache vs codes only", "",
               "| tokens | mode | layout | avg bits | measured MiB | codes-only MiB | overhead | vs fp16 cache |",
               "|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -209,11 +281,11 @@ def render(r: dict) -> str:
         lines.append(f"| {b['tokens']} | {b['mode']} | {b['layout']} | {b['avg_bits']:.1f} | "
                      f"{b['measured_bytes'] / 2**20:.2f} | {b['codes_only_bytes'] / 2**20:.2f} | {b['overhead_pct']:+.1f}% | "
                      f"{b['vs_fp16_cache']:.3f} |")
-    lines += ["", "## Decode speed, torch backend (512-token prompt, 64 tokens, median of 3)", "",
-              "| cache | tokens/s | vs DynamicCache |", "|---|---:|---:|"]
-    for k, v in r.get("decode_tokens_per_s", {}).items():
-        lines.append(f"| {k} | {v['tokens_per_s']:.1f} | {v['vs_dynamic_cache']:.2f} |")
-    lines += ["", "## llama.cpp uniform KV types (F32 weights, flash attention on)", "",
+    if r.get("kept_from"):
+        lines += ["", f"(Cache bytes and llama.cpp types below are from the run of {r['kept_from']}; they do not "
+                      "depend on the search.)"]
+    lines += ["", "Decode speed of the packed cache in the torch backend: [kv_decode.md](kv_decode.md).", "",
+              "## llama.cpp uniform KV types (F32 weights, flash attention on)", "",
               "| type_k | type_v | perplexity | vs f16 | decode tokens/s | vs f16 |", "|---|---|---:|---:|---:|---:|"]
     for x in r.get("llama_cpp", []):
         lines.append(f"| {x['type_k']} | {x['type_v']} | {x['ppl']:.3f} | {x['ppl_vs_f16_pct']:+.2f}% | "

@@ -47,6 +47,9 @@ def _add_chat(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: physical cores; capped at the CPUs this process may use)")
     p.add_argument("--ctx-size", type=int, default=None, help="context window in tokens (default 4096 or less)")
+    p.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
+                   help="llama.cpp: prompt tokens per evaluation call (default 64 in the interactive chat, so "
+                        "Ctrl-C stops a long prefill at once; 512 otherwise)")
     p.add_argument("--kv-type", default=None, metavar="TYPE",
                    help="llama.cpp KV cache type of K and V: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, "
                         "q4_0, iq4_nl (a quantized V turns flash attention on)")
@@ -65,6 +68,9 @@ def _add_chat(sub) -> None:
     p.add_argument("--kv-layout", default=None, metavar="LAYOUT",
                    help="KVTuner KV-cache layout YAML, or a directory of them ('edgerun kv tune' output) to choose "
                         "per message within the device budget (torch; llama.cpp maps one file to a uniform type)")
+    p.add_argument("--kv-working-copy", default=None, choices=["none", "model", "float16", "bfloat16"],
+                   help="torch with --kv-layout: what the packed cache keeps dequantized for attention: none "
+                        "(default; packed bytes only), model, float16, bfloat16 (faster decode, more memory)")
     p.add_argument("--device", default=None, help="device config YAML bounding weights + KV cache "
                                                   "(default: this machine, 75%% of RAM)")
     p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch", "mixpe"],
@@ -74,6 +80,8 @@ def _add_chat(sub) -> None:
 
 
 def _check_sampling(args) -> None:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     if args.temperature < 0:
@@ -92,7 +100,10 @@ def format_stats(stats) -> str:
         return f"{v:.1f} tokens/s" if v else "n/a"
     if not stats.finish_reason:
         return "no reply yet"
-    return (f"TTFT {stats.ttft_ms:.1f} ms | prefill {stats.prefill_tokens} tokens, {rate(stats.prefill_tokens_per_s)}"
+    reused = stats.prompt_tokens - stats.prefill_tokens
+    return (f"TTFT {stats.ttft_ms:.1f} ms | prefill {stats.prefill_tokens} tokens"
+            + (f" ({reused} of {stats.prompt_tokens} from the KV cache)" if reused > 0 else "")
+            + f", {rate(stats.prefill_tokens_per_s)}"
             f" | decode {stats.generated_tokens} tokens, {rate(stats.decode_tokens_per_s)}"
             f" | context {stats.context_used}/{stats.context_size} tokens | finish: {stats.finish_reason}"
             + (f" | KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB" if stats.kv_cache_bytes else "")
@@ -163,8 +174,18 @@ def cmd_chat(args) -> int:
     # while a person waits, llama.cpp prefills in batches of 64 tokens: Python gets control back between
     # batches, so Ctrl-C stops a long prefill within a fraction of a second (prefill speed is the same:
     # 1,800 tokens at 64 vs 512 per batch measured within 5% on this VM)
-    engine = {"n_batch": 64} if interactive and args.backend in (None, "llama.cpp") and not args.adaptive_experts \
-        else {}
+    if args.batch_size is not None and not (args.backend in (None, "llama.cpp") and not args.adaptive_experts):
+        raise UsageError("--batch-size applies to llama.cpp models (not with --adaptive-experts)")
+    engine = {}
+    if args.backend in (None, "llama.cpp") and not args.adaptive_experts:
+        if args.batch_size is not None:
+            engine = {"n_batch": args.batch_size}
+        elif interactive:
+            engine = {"n_batch": 64}
+    if args.kv_working_copy is not None:
+        if not args.kv_layout:
+            raise UsageError("--kv-working-copy applies to a packed KV cache: give --kv-layout")
+        engine["kv_working_copy"] = args.kv_working_copy
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -556,16 +577,20 @@ def _add_kv(sub) -> None:
                         "true bits and KV-cache bytes per token; without it, bits per value only")
     s.add_argument("--context", type=_positive_int, default=2048, help="context for KIVI's window share (default 2048)")
     s.set_defaults(func=cmd_kv_show)
-    t = kv.add_parser("tune", help="search layer-wise KV layouts under an average-bits budget (Optuna NSGA-II)",
-                      description="Sensitivity per layer and pair, Pareto pruning, clustering, then NSGA-II over group "
-                                  "assignments scored by KL to the unquantized cache on held-out long contexts. "
-                                  "Resumable: run again with the same output directory.")
+    t = kv.add_parser("tune", help="search layer-wise KV layouts under an average-bits budget (KVTuner)",
+                      description="End-to-end KL sensitivity per layer and pair, then an exact per-layer choice by "
+                                  "dynamic programming (--search dp, default) or KVTuner's grouped NSGA-II "
+                                  "(--search nsga2), each layout scored by KL to the unquantized cache on held-out "
+                                  "long contexts. Resumable: run again with the same output directory.")
     t.add_argument("model", help="catalog name, .gguf or HF checkpoint (dense or carved MoE)")
     t.add_argument("--budget", type=float, default=4.0, help="average bits cap (default 4.0)")
+    t.add_argument("--search", default="dp", choices=["dp", "nsga2"],
+                   help="dp: per-layer choice under the additive KL model, verified (default); nsga2: grouped NSGA-II")
+    t.add_argument("--points", type=_positive_int, default=24, help="dp: layouts verified on held-out text (default 24)")
     t.add_argument("--trials", type=_positive_int, default=60, help="distinct layouts evaluated by NSGA-II (default 60)")
     t.add_argument("--population", type=_positive_int, default=12, help="NSGA-II population (default 12)")
     t.add_argument("--mode", default="per-token", choices=["per-token", "kivi"], help="quantization mode")
-    t.add_argument("--groups", type=_positive_int, default=4, help="layer groups after clustering (default 4)")
+    t.add_argument("--groups", type=_positive_int, default=4, help="nsga2: layer groups after clustering (default 4)")
     t.add_argument("--group-size", type=_positive_int, default=32, help="quantization group (default 32)")
     t.add_argument("--window", type=_nonnegative_int, default=32, help="KIVI full-precision window (default 32)")
     t.add_argument("--context", type=_positive_int, default=2048, help="held-out context length (default 2048)")
@@ -631,7 +656,7 @@ def cmd_kv_tune(args) -> int:
     result = kvt.tune(model_dir, args.output, budget=args.budget, trials=args.trials, population=args.population,
                       mode=args.mode, groups=args.groups, group_size=args.group_size, window=args.window,
                       context=args.context, contexts=args.contexts, calib_windows=-(-args.calib_tokens // 512),
-                      log=log)
+                      search=args.search, points=args.points, log=log)
     if args.task != "none" and result.front:
         from profilers.accuracy import kv_front_accuracy  # torch backend for the front's task accuracy
 

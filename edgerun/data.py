@@ -103,6 +103,51 @@ def text(name: str, split: str = "heldout", progress: bool = False) -> str:
     return "\n\n".join(documents(name, split, progress))
 
 
+@dataclass(frozen=True)
+class PasskeyItem:
+    """A long-context retrieval item: a 5-digit pass key planted once in held-out text.
+
+    Attributes:
+        context: instruction, filler text with the key sentence at ``depth``, then the question
+            ending in "The pass key is" (the answer is generated after it).
+        key: the 5-digit key as text. depth: where the key sentence sits in the filler, 0..1.
+    """
+
+    context: str
+    key: str
+    depth: float
+
+
+def passkey_items(n: int, chars: int = 2400, seed: int = 0, dataset: str = "wiki") -> list[PasskeyItem]:
+    """``n`` pass-key retrieval items (Mohtashami and Jaggi 2023, "Landmark Attention", Sec. 4.2 format).
+
+    Each hides "The pass key is NNNNN." once, at a uniform random depth, in ``chars`` characters of
+    the dataset's held-out text (about 600 tokens at 2400 characters with SmolLM2's tokenizer), so the
+    key sits far outside a KIVI full-precision window and retrieving it needs the whole KV cache.
+    Deterministic for a seed.
+
+    Raises:
+        UsageError: held-out text shorter than ``chars``.
+    """
+    import random
+
+    filler = text(dataset, "heldout")
+    if len(filler) <= chars + 1:
+        raise UsageError(f"the held-out text of {dataset} has {len(filler)} characters, fewer than {chars}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        start = rng.randrange(0, len(filler) - chars)
+        chunk = filler[start:start + chars]
+        depth = rng.random()
+        cut = int(len(chunk) * depth)
+        key = str(rng.randrange(10000, 100000))
+        context = ("There is a pass key hidden in the text below. Remember it.\n\n" + chunk[:cut]
+                   + f" The pass key is {key}. " + chunk[cut:] + "\n\nWhat is the pass key? The pass key is")
+        out.append(PasskeyItem(context, key, depth))
+    return out
+
+
 # --- token windows: the one splitter and BOS rule of every consumer ---
 
 def bos_prefix(tokenizer) -> list[int]:

@@ -177,6 +177,37 @@ def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool =
                       ci95_norm=wilson_interval(hits_norm, len(items)), chance=chance / len(items))
 
 
+def passkey_accuracy(backend, n: int = 40, chars: int = 2400, seed: int = 0, progress: bool = False) -> dict:
+    """Pass-key retrieval accuracy (:func:`edgerun.data.passkey_items`): greedy generation of up to 8 tokens
+    after each item's question; a hit when the first number generated is the key.
+
+    Unlike a log-likelihood task, the answer is decoded token by token through the engine's own cache
+    (e.g. a packed KV layout, KIVI's window included), and the key sits hundreds of tokens back.
+
+    Returns:
+        {"task": "passkey", "n", "accuracy", "ci95" (Wilson 95%), "prompt_tokens" (median)}.
+    """
+    import re
+    import statistics
+
+    from edgerun.backends.base import SamplingParams
+
+    items = data.passkey_items(n, chars, seed)
+    bos = data.bos_prefix(backend)
+    hits, lengths = 0, []
+    iterator = tqdm(items, desc="passkey", unit="item", leave=False) if progress else items
+    for item in iterator:
+        tokens = bos + list(backend.tokenize(item.context))
+        if hasattr(backend, "reset"):
+            backend.reset()                # no prefix reuse between items: each is its own prefill
+        out = backend.complete(tokens, SamplingParams(temperature=0.0, max_tokens=8))
+        m = re.search(r"\d+", out)
+        hits += int(bool(m) and m.group(0) == item.key)
+        lengths.append(len(tokens))
+    return {"task": "passkey", "n": len(items), "accuracy": hits / len(items),
+            "ci95": list(wilson_interval(hits, len(items))), "prompt_tokens": statistics.median(lengths)}
+
+
 def kv_front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Path, task: str = "arc-easy",
                    n: int = 100, progress: bool = False) -> list[dict]:
     """Zero-shot log-likelihood accuracy of ``task`` for each KVTuner Pareto layout (and KV16), saved into the YAMLs.

@@ -222,6 +222,14 @@ def test_architecture_llama_cpp_does_not_know(tmp_path):
     _one_line_error(run("chat", str(p), "-p", "hi"), 1, "llama.cpp could not load", "alien")
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--batch-size", "0"), "--batch-size must be at least 1"),
+    (("--kv-working-copy", "model"), "--kv-working-copy applies to a packed KV cache: give --kv-layout"),
+])
+def test_engine_options_out_of_place_are_refused(args, message):
+    _one_line_error(run("chat", "-p", "hi", *args), 2, message)
+
+
 @pytest.mark.parametrize("seed", ["-1", "4294967295"])
 def test_a_seed_that_would_not_reproduce_is_refused(seed):
     _one_line_error(run("chat", "-p", "hi", "--seed", seed), 2, "--seed must be in 0..4294967294")

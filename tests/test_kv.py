@@ -215,7 +215,7 @@ def test_search_writes_a_pareto_front_and_resumes(tiny, tmp_path):
     out = tmp_path / "layouts"
     logs = []
     kw = dict(budget=4.0, population=4, groups=2, context=256, contexts=1, calib_windows=1, calib_len=128,
-              progress=False, log=logs.append)
+              search="nsga2", progress=False, log=logs.append)
     first = kvt.tune(tiny, out, trials=4, **kw)               # "interrupted" after 4 trials
     second = kvt.tune(tiny, out, trials=9, **kw)              # resumed to 9
     assert any("resuming: 4 of 9" in m for m in logs) and any("sensitivity: reusing" in m for m in logs)
@@ -238,6 +238,82 @@ def test_search_writes_a_pareto_front_and_resumes(tiny, tmp_path):
     assert ev(front[0])["kl"] == pytest.approx(front[0].meta["kl"], rel=1e-4)
     with pytest.raises(UsageError, match="below the cheapest layout"):
         kvt.tune(tiny, tmp_path / "x", budget=1.5, progress=False, log=logs.append)
+
+
+def test_dp_search_verifies_its_front_and_resumes(tiny, tmp_path):
+    from edgerun.kv import tune as kvt
+
+    out = tmp_path / "dp"
+    logs = []
+    kw = dict(budget=6.0, context=256, contexts=1, calib_windows=1, calib_len=128, progress=False, log=logs.append)
+    first = kvt.tune(tiny, out, points=3, **kw)
+    memo = json.loads((out / "dp.json").read_text())
+    second = kvt.tune(tiny, out, points=3, **kw)               # everything reused: nothing evaluated again
+    assert any("sensitivity: reusing" in m for m in logs) and any("resuming: 3 done" in m for m in logs)
+    assert json.loads((out / "dp.json").read_text()) == memo and len(memo) <= 3
+    record = json.loads((out / "trials.json").read_text())
+    assert np.array(record["sensitivity_kl"]).shape == (2, len(kvt.QUANT_PAIRS))
+    verified = [r for r in record["trials"] if "predicted_kl" in r]
+    assert len(verified) == 3 and all(r["avg_bits"] <= 6.0 for r in verified)
+    for r in verified:                                   # each layer its own pair (no groups)
+        assert r["kl"] == memo[",".join(r["choice"])]["kl"]
+    assert [lay.meta["kl"] for lay in second.front] == [lay.meta["kl"] for lay in first.front]
+    for a in second.front:
+        assert not any(b.average_bits <= a.average_bits and b.meta["kl"] < a.meta["kl"] for b in second.front
+                       if b is not a)
+
+
+def test_dp_front_equals_exhaustive_search_on_four_layers():
+    import itertools
+
+    from edgerun.kv.cache import PAIRS
+    from edgerun.kv.tune import QUANT_PAIRS, dp_front
+
+    rng = np.random.default_rng(0)
+    kl = rng.random((4, len(QUANT_PAIRS))) * np.array([2.0 ** -b for b in (8, 6, 6, 4, 3, 3, 2)])[None] * 100
+    names = ["KV16"] + list(QUANT_PAIRS)
+    best: dict[int, float] = {}
+    for combo in itertools.product(range(len(names)), repeat=4):
+        bits = sum(sum(PAIRS[names[c]]) for c in combo)
+        value = sum(0.0 if c == 0 else kl[i, c - 1] for i, c in enumerate(combo))
+        best[bits] = min(best.get(bits, np.inf), value)
+    front, last = [], np.inf                              # the exhaustive Pareto front over total bits
+    for bits in sorted(best):
+        if best[bits] < last - 1e-15:
+            front.append((bits, best[bits]))
+            last = best[bits]
+    dp = dp_front(kl)
+    assert [(sum(sum(PAIRS[p]) for p in choice), pytest.approx(value)) for choice, value in dp] == front
+    for choice, value in dp:                              # the choice really costs what is predicted
+        assert value == pytest.approx(sum(0.0 if p == "KV16" else kl[i, QUANT_PAIRS.index(p)]
+                                          for i, p in enumerate(choice)))
+
+
+def test_kl_sensitivity_equals_a_brute_force_forward(tiny):
+    """One layer quantized, the others KV16: the KL of the model's next-token distributions, computed here
+    by hand from two forwards."""
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.calibration import calibration_windows
+    from edgerun.kv import tune as kvt
+    from edgerun.kv.cache import PAIRS, QuantizedKVCache
+    from edgerun.kv.layout import Layout
+
+    engine = TorchBackend(tiny)
+    windows = calibration_windows(engine.tokenizer, 1, 128)
+    sens = kvt.kl_sensitivity(engine.model, windows)
+    n = engine.model.config.num_hidden_layers
+    kw = kvt._cache_kwarg(engine.model)
+    for i, pair in ((0, "KV2"), (n - 1, "KV4")):
+        pairs = [PAIRS["KV16"]] * n
+        pairs[i] = PAIRS[pair]
+        with torch.inference_mode():
+            ref = torch.log_softmax(engine.model(input_ids=windows[0]).logits[0].float(), -1)
+            cache = QuantizedKVCache(Layout(pairs).specs())
+            got = torch.log_softmax(engine.model(input_ids=windows[0], use_cache=True, **{kw: cache}).logits[0].float(), -1)
+        brute = float((ref.exp() * (ref - got)).sum(-1).mean())
+        assert sens[i, kvt.QUANT_PAIRS.index(pair)] == pytest.approx(max(0.0, brute), rel=1e-5, abs=1e-9)
+    for layer in sens:                                    # fewer bits, more KL (2-layer tiny model)
+        assert layer[kvt.QUANT_PAIRS.index("KV8")] < layer[kvt.QUANT_PAIRS.index("KV2")]
 
 
 def test_non_dominated_keeps_what_no_other_point_beats_on_every_objective():

@@ -214,7 +214,7 @@ def test_chat_reuses_the_prefix_of_a_packed_cache(tiny_checkpoint, tmp_path, mod
     layout = Layout.uniform("KV4", 2, mode=mode)
     path = layout.save(tmp_path / f"kv4-{mode}.yaml")
     s = edgerun.load(str(tiny_checkpoint), backend="torch", kv_layout=str(path), n_ctx=512, max_tokens=40,
-                     temperature=0.0, seed=0, progress=False)
+                     temperature=0.0, seed=0, progress=False, kv_working_copy="model")
     try:
         "".join(s.chat("The history of the city begins with a small fishing village on the river, where traders "
                "from the north met the boats that came up from the sea every spring, and stayed."))  # streamed: the decode loop
@@ -235,3 +235,10 @@ def test_chat_reuses_the_prefix_of_a_packed_cache(tiny_checkpoint, tmp_path, mod
         assert b.memory().kv_working_bytes == second.kv_working_bytes
     finally:
         s.backend.close()
+    default = edgerun.load(str(tiny_checkpoint), backend="torch", kv_layout=str(path), n_ctx=512, max_tokens=4,
+                           temperature=0.0, progress=False)
+    try:                                # chat's default holds the packed bytes only: what the planner budgets
+        default.chat("Hello there.", stream=False)
+        assert default.backend.kv_working_copy == "none" and default.backend.memory().kv_working_bytes == 0
+    finally:
+        default.backend.close()

@@ -26,7 +26,7 @@ from edgerun.errors import BackendError
 from edgerun.formats import safetensors as st_format
 from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
 from edgerun.kv import layout as kv_layout
-from edgerun.kv.cache import DEFAULT_WORKING_COPY, WORKING_COPIES, QuantizedKVCache
+from edgerun.kv.cache import WORKING_COPIES, QuantizedKVCache
 from edgerun.moe import store
 
 DEFAULT_CTX = 4096
@@ -46,10 +46,10 @@ class TorchBackend(Backend):
             (teacher-forced, the simulated quantization of the layout search); None: transformers'
             ``DynamicCache`` at the model's dtype.
         kv_working_copy: with a layout, what the packed cache keeps dequantized for attention
-            (:class:`edgerun.kv.cache.QuantizedKVLayer`): ``"model"`` (default: each token dequantized once,
-            decode near the unquantized cache's speed, but a full-width copy is held on top of the packed
-            bytes), ``"float16"``/``"bfloat16"`` (a 2-byte copy), ``"none"`` (packed bytes only; the whole
-            history is dequantized at every step). ``memory().kv_cache_bytes`` is always the packed bytes,
+            (:class:`edgerun.kv.cache.QuantizedKVLayer`): ``"none"`` (default: packed bytes only, what the
+            planner budgets; the whole history is dequantized at every step), ``"model"`` (each token
+            dequantized once, decode near the unquantized cache's speed, but a full-width copy is held on
+            top of the packed bytes), ``"float16"``/``"bfloat16"`` (a 2-byte copy). ``memory().kv_cache_bytes`` is always the packed bytes,
             ``memory().kv_working_bytes`` the copy.
 
     Raises:
@@ -61,7 +61,7 @@ class TorchBackend(Backend):
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  dtype: str = "float32", seed: int | None = None, batch_threads: int | None = None,
-                 kv_layout=None, kv_working_copy: str = DEFAULT_WORKING_COPY, **_ignored):
+                 kv_layout=None, kv_working_copy: str = "none", **_ignored):
         hf_logging.set_verbosity_error()  # deprecation chatter from generate() is not for our users
         self.path = Path(path)
         st_format.checkpoint_files(self.path)

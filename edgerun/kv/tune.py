@@ -2,29 +2,39 @@
 
 Steps, each saved in the output directory so an interrupted search resumes:
 
-1. **Sensitivity** (Sec. 4.2): for every decoder layer and every quantized pair (KV8 ... KV2), the
-   relative error ``||o^ - o||_F / ||o||_F`` of the layer's attention output when only that layer's
-   K/V go through the quantized cache, on calibration windows (:func:`edgerun.calibration.calibration_windows`;
-   the layer's clean inputs are reused, so errors do not compound across layers).
-2. **Intra-layer Pareto pruning** (Sec. 4.3): per layer keep only the pairs that no other pair
-   dominates on average bits and error (:func:`non_dominated`; KV16, error 0, always stays).
-3. **Inter-layer clustering** (Sec. 4.3): layers with similar log-sensitivity profiles form
-   ``groups`` groups (k-means, scikit-learn); a group's candidates are the union of its layers'
-   Pareto pairs, and one pair is chosen per group.
-4. **Multi-objective search** (Sec. 4.4): Optuna NSGA-II over group assignments, minimizing the KL
-   divergence of next-token distributions to the unquantized cache on long held-out contexts
-   (windows of ``context`` held-out tokens, :func:`edgerun.data.token_windows`: documents
-   concatenated, BOS first when the model uses one) and the average bits, with the
-   constraint average bits <= budget. Uniform layouts that fit the budget seed the first
-   generation. Trials are teacher-forced: the whole context runs through the packed quantized
-   cache in one forward, which in per-token mode is exactly what incremental decoding computes; in
-   KIVI mode the prefill quantizes every token outside the last window at once, so early query
-   positions see quantized keys that decoding would still hold in full precision (a slightly
-   pessimistic approximation).
+1. **Sensitivity**: for every decoder layer i and every quantized pair p (KV8 ... KV2), the
+   end-to-end KL divergence ``KL(P_KV16 || P_{layer i at p})`` of the next-token distributions,
+   nats/token, with only that layer's K/V quantized (:func:`kl_sensitivity`; layers x pairs short
+   teacher-forced forwards on calibration windows, :func:`edgerun.calibration.calibration_windows`).
+   KVTuner's Sec. 4.2 measures a layer's attention-output error instead (kept as :func:`sensitivity`);
+   on SmolLM2-135M that ranks layers 0 and 24 as the least sensitive while end to end they cost about
+   twice as much KL per bit as the rest, so the end-to-end measure is the one the search uses.
+2. **Search**, one of:
 
-Outputs: ``sensitivity.json``, ``study.journal`` (Optuna journal storage), ``trials.json``, one
-layout YAML per Pareto point (``pareto-XX-<bits>b.yaml``), ``front.png`` (KL and perplexity vs
-average bits, with the uniform layouts) and, if asked, the front's task accuracy.
+   - ``dp`` (default): an exact per-layer choice. With the layers' KLs taken as additive (a first-order
+     model of small, independent perturbations), dynamic programming over layers gives, for every
+     total of bits, the layout with the least summed KL (:func:`dp_front`), so each layer gets its own
+     pair and layer 0 can stay precise. ``points`` of these layouts, spread over the average bits up
+     to the budget, are then verified by the real evaluator (step 3), which is what the front reports.
+   - ``nsga2``: KVTuner's own search (Sec. 4.3-4.4): intra-layer Pareto pruning of the pairs
+     (:func:`non_dominated`), k-means clustering of the layers' log-sensitivity profiles into
+     ``groups`` (scikit-learn), then Optuna NSGA-II over group assignments with the real evaluator as
+     the objective; it makes no additivity assumption, so it is the check of the DP's model.
+
+3. **Evaluation** of a layout: the KL divergence of next-token distributions to the unquantized
+   cache on long held-out contexts (windows of ``context`` held-out tokens,
+   :func:`edgerun.data.token_windows`: documents concatenated, BOS first when the model uses one) and
+   the perplexity, with the constraint average bits <= budget; the uniform layouts are evaluated on
+   the same contexts as the baselines. Evaluations are teacher-forced: the whole context runs through
+   the packed quantized cache in one forward, which in per-token mode is exactly what incremental
+   decoding computes; in KIVI mode the prefill quantizes every token outside the last window at once,
+   so early query positions see quantized keys that decoding would still hold in full precision (a
+   slightly pessimistic approximation).
+
+Outputs: ``sensitivity.json``, ``dp.json`` (verified DP layouts) or ``study.journal`` (Optuna
+journal storage), ``trials.json``, one layout YAML per Pareto point (``pareto-XX-<bits>b.yaml``),
+``front.png`` (KL and perplexity vs average bits, with the uniform layouts) and, if asked, the
+front's task accuracy.
 """
 
 from __future__ import annotations
@@ -174,6 +184,83 @@ def pareto_pairs(errors: np.ndarray) -> list[str]:
     return ["KV16"] + non_dominated(QUANT_PAIRS, lambda p: (pair_bits(p), error[p]))
 
 
+def kl_sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", group_size: int = 32,
+                   window: int = 32, progress: bool = False) -> np.ndarray:
+    """End-to-end sensitivity: KL(P_KV16 || P) in nats/token with only layer i's K/V at pair j.
+
+    Returns float64 (layers, len(QUANT_PAIRS)): the mean over the windows' positions of the KL divergence
+    between the next-token distributions of the unquantized cache and of a layout that is KV16 except
+    layer i at ``QUANT_PAIRS[j]`` (layers x pairs teacher-forced forwards of every window). ``windows``:
+    (1, T) int64 token tensors; ``mode``, ``group_size`` and ``window`` are the cache's.
+    """
+    n = model.config.num_hidden_layers
+    evaluator = Evaluator(model, windows)
+    out = np.zeros((n, len(QUANT_PAIRS)))
+    steps = [(i, j) for i in range(n) for j in range(len(QUANT_PAIRS))]
+    if progress:
+        steps = tqdm(steps, desc="KV sensitivity (KL)", unit="forward", leave=False)
+    for i, j in steps:
+        pairs = [PAIRS["KV16"]] * n
+        pairs[i] = PAIRS[QUANT_PAIRS[j]]
+        out[i, j] = max(0.0, evaluator(Layout(pairs, mode, group_size, window))["kl"])
+    return out
+
+
+def dp_front(kl: np.ndarray, pairs: Sequence[str] | None = None) -> list[tuple[list[str], float]]:
+    """Per-layer pairs minimizing the summed KL for every total of bits (additive model; exact DP).
+
+    Args:
+        kl: float (layers, len(pairs)) cost of each layer at each pair (e.g. :func:`kl_sensitivity`);
+            KV16 is always available at cost 0.
+        pairs: names of ``kl``'s columns (default :data:`QUANT_PAIRS`).
+
+    Returns:
+        The additive Pareto front: ``(per-layer pair names, predicted summed KL)`` for increasing average
+        bits, each with strictly less predicted KL than the one before. Costs are counted in K + V bits
+        per layer (integers), so the DP is over at most 32 x layers totals; ties keep the first
+        (cheapest, then lexically first) choice.
+    """
+    pairs = list(QUANT_PAIRS if pairs is None else pairs)
+    options = [("KV16", 32, 0.0)]
+    n = kl.shape[0]
+    best = {0: (0.0, [])}                          # total K+V bits -> (summed KL, choice so far)
+    for i in range(n):
+        layer = options + [(p, sum(PAIRS[p]), float(kl[i, j])) for j, p in enumerate(pairs)]
+        nxt: dict[int, tuple[float, list[str]]] = {}
+        for total, (cost, choice) in best.items():
+            for name, bits, c in layer:
+                key, value = total + bits, cost + c
+                if key not in nxt or value < nxt[key][0] - 1e-15:
+                    nxt[key] = (value, choice + [name])
+        best = nxt
+    front, last = [], math.inf
+    for total in sorted(best):
+        cost, choice = best[total]
+        if cost < last - 1e-15:
+            front.append((choice, cost))
+            last = cost
+    return front
+
+
+def pick_points(front: list[tuple[list[str], float]], budget: float, points: int) -> list[tuple[list[str], float]]:
+    """``points`` layouts of a DP front spread over average bits 2 .. ``budget``: for each of ``points``
+    evenly spaced targets the layout with the most bits not above it (distinct layouts, cheapest first)."""
+    def avg(choice):
+        return sum(sum(PAIRS[p]) for p in choice) / (2 * len(choice))
+
+    usable = [f for f in front if avg(f[0]) <= budget + 1e-9]
+    if not usable:
+        return []
+    lo = avg(usable[0][0])
+    targets = [lo + (budget - lo) * k / max(1, points - 1) for k in range(points)]
+    picked: dict[tuple, tuple[list[str], float]] = {}
+    for t in targets:
+        under = [f for f in usable if avg(f[0]) <= t + 1e-9]
+        if under:
+            picked.setdefault(tuple(under[-1][0]), under[-1])
+    return sorted(picked.values(), key=lambda f: avg(f[0]))
+
+
 def cluster_layers(errors: np.ndarray, groups: int, seed: int = 0) -> np.ndarray:
     """Group labels int (layers,): k-means over the layers' log10 sensitivity profiles (scikit-learn)."""
     from sklearn.cluster import KMeans  # heavy; only the search clusters
@@ -218,40 +305,42 @@ def _fingerprint(model_dir: Path, settings: dict) -> str:
 def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials: int = 60, population: int = 12,
          mode: str = "per-token", groups: int = 4, group_size: int = 32, window: int = 32, context: int = 2048,
          contexts: int = 2, calib_windows: int = 2, calib_len: int = 512, dataset: str = "wiki", seed: int = 0,
-         progress: bool = True, log=print) -> TuneResult:
+         search: str = "dp", points: int = 24, progress: bool = True, log=print) -> TuneResult:
     """Search layer-wise KV layouts for a checkpoint under an average-bits budget (see the module doc).
 
     Args:
         model_dir: HF checkpoint (dense or a carved MoE). out_dir: results directory (resumable).
         budget: average bits cap, e.g. 4.0 (a resumed search may change it: layouts above the new cap
-            leave the front). trials: distinct layouts to evaluate (including the seeded uniform
-            layouts; samples over the budget or repeated are not evaluated and not counted).
-            population: NSGA-II population. mode: ``per-token`` or ``kivi``.
-        group_size, window: quantization group and KIVI full-precision window (tokens); seed: sampler
-            and clustering seed; dataset: catalog text for calibration and evaluation.
-        groups: layer groups after clustering. context, contexts: held-out evaluation windows.
-        calib_windows, calib_len: calibration windows for the sensitivity.
+            leave the front). search: ``dp`` (exact per-layer choice under the additive KL model, then
+            ``points`` layouts verified) or ``nsga2`` (KVTuner's grouped NSGA-II).
+        trials: NSGA-II: distinct layouts to evaluate (including the seeded uniform layouts; samples over
+            the budget or repeated are not evaluated and not counted). population: NSGA-II population.
+        groups: NSGA-II: layer groups after clustering. points: DP: layouts verified by the evaluator.
+        mode: ``per-token`` or ``kivi``. group_size, window: quantization group and KIVI full-precision
+            window (tokens); seed: sampler and clustering seed; dataset: catalog text for calibration
+            and evaluation. context, contexts: held-out evaluation windows.
+        calib_windows, calib_len: calibration windows of the sensitivity.
 
     Raises:
-        UsageError: a budget below the cheapest layout (KV2 = 2.0 bits), bad mode, or a result
+        UsageError: a budget below the cheapest layout (KV2 = 2.0 bits), bad mode or search, or a result
             directory made for another model or other settings.
     """
-    import optuna  # heavy, like transformers below: only the search needs them
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    from edgerun.backends.torch import TorchBackend
+    from edgerun.backends.torch import TorchBackend  # heavy: only the search needs transformers
 
     if mode not in MODES:
         raise UsageError(f"unknown KV mode '{mode}'; use one of {', '.join(MODES)}")
+    if search not in SEARCHES:
+        raise UsageError(f"unknown search '{search}'; use one of {', '.join(SEARCHES)}")
     cheapest = min(pair_bits(p) for p in QUANT_PAIRS)
     if budget < cheapest:
         raise UsageError(f"budget {budget} bits is below the cheapest layout (KV2, {cheapest:.1f} average bits)")
     model_dir, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"mode": mode, "groups": groups, "group_size": group_size, "window": window, "context": context,
+    settings = {"mode": mode, "group_size": group_size, "window": window, "context": context,
                 "contexts": contexts, "calib_windows": calib_windows, "calib_len": calib_len, "dataset": dataset,
-                "seed": seed}
+                "sensitivity": "kl"}
+    if search == "nsga2":
+        settings.update(search="nsga2", groups=groups, seed=seed)
     fp = _fingerprint(model_dir, settings)
     engine = TorchBackend(model_dir, n_ctx=max(context, calib_len), threads=None)
     model, tok = engine.model, engine.tokenizer
@@ -260,30 +349,18 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
     sens_path = out / "sensitivity.json"
     if sens_path.is_file() and json.loads(sens_path.read_text()).get("fingerprint") == fp:
         record = json.loads(sens_path.read_text())
-        errors = np.array(record["errors"])
+        errors = np.array(record["kl"])
         log(f"sensitivity: reusing {sens_path}")
     else:
-        if (out / "study.journal").exists():
+        if (out / "study.journal").exists() or (out / "dp.json").exists():
             raise UsageError(f"{out} holds a search made for another model or other settings; use a new directory")
-        log(f"sensitivity of {n_layers} layers x {len(QUANT_PAIRS)} pairs on {calib_windows} x {calib_len} tokens")
+        log(f"sensitivity (KL, one layer quantized at a time) of {n_layers} layers x {len(QUANT_PAIRS)} pairs on "
+            f"{calib_windows} x {calib_len} tokens")
         calib = calibration_windows(tok, calib_windows, calib_len, dataset)
-        errors = sensitivity(model, calib, mode, group_size, window, progress=progress)
+        errors = kl_sensitivity(model, calib, mode, group_size, window, progress=progress)
         with atomic_file(sens_path, force=True) as tmp:
             tmp.write_text(json.dumps({"fingerprint": fp, "settings": settings, "pairs": QUANT_PAIRS,
-                                       "errors": errors.tolist()}, indent=1))
-    pareto = [pareto_pairs(errors[i]) for i in range(n_layers)]
-    labels = cluster_layers(errors, groups, seed)
-    n_groups = int(labels.max()) + 1
-    candidates = []
-    for g in range(n_groups):
-        members = [i for i in range(n_layers) if labels[i] == g]
-        names = {p for i in members for p in pareto[i]}
-        candidates.append(sorted(names, key=lambda p: (pair_bits(p), p)))
-    log("groups: " + "; ".join(f"{g}: layers {[i for i in range(n_layers) if labels[i] == g]} -> "
-                               f"{'/'.join(candidates[g])}" for g in range(n_groups)))
-
-    def layout_of(choice: list[str], name: str = "") -> Layout:
-        return Layout([PAIRS[choice[labels[i]]] for i in range(n_layers)], mode, group_size, window, name=name)
+                                       "kl": errors.tolist()}, indent=1))
 
     log(f"reference (KV16) on {contexts} x {context} held-out tokens")
     evaluator = Evaluator(model, [torch.tensor([w]) for w in data.token_windows(tok, dataset, "heldout", context,
@@ -300,11 +377,84 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
                 tmp.write_text(json.dumps(uniform, indent=1))
     log("uniform: " + ", ".join(f"{u} KL {r['kl']:.2e} PPL {r['ppl']:.3f}" for u, r in uniform["layouts"].items()))
 
+    def layout_of(choice: list[str], name: str = "") -> Layout:
+        return Layout([PAIRS[p] for p in choice], mode, group_size, window, name=name)
+
+    if search == "dp":
+        rows = _dp_search(errors, evaluator, layout_of, uniform["layouts"], budget, points, out, progress, log)
+        seen = {tuple(r["choice"]) for r in rows}
+        for k, u in enumerate(UNIFORM):        # the uniform layouts compete for the front too
+            choice = [u] * n_layers
+            if tuple(choice) not in seen:
+                q = uniform["layouts"][u]
+                rows.append({"number": len(rows) + k, "choice": choice, "avg_bits": q["avg_bits"], "kl": q["kl"],
+                             "ppl": q["ppl"], "uniform": u})
+        labels, candidates = np.arange(n_layers), [["KV16"] + list(QUANT_PAIRS)] * n_layers
+    else:
+        rows, labels, candidates = _nsga2_search(errors, evaluator, layout_of, uniform["layouts"], budget, trials,
+                                                 population, groups, seed, fp, out, progress, log)
+    return _write_results(rows, out, candidates, labels, layout_of, uniform["layouts"], budget, mode, errors)
+
+
+SEARCHES = ("dp", "nsga2")
+
+
+def _dp_search(errors, evaluator, layout_of, uniform: dict, budget: float, points: int, out: Path,
+               progress: bool, log) -> list[dict]:
+    """The DP front's ``points`` layouts under the budget, each verified by ``evaluator`` (memoized in
+    ``dp.json``, so an interrupted search resumes); rows as :func:`_write_results` takes them."""
+    front = dp_front(errors)
+    picked = pick_points(front, budget, points)
+    memo_path = out / "dp.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    log(f"DP front: {len(front)} layouts, {len(picked)} verified up to {budget} bits"
+        + (f" (resuming: {sum(1 for c, _ in picked if ','.join(c) in memo)} done)" if memo else ""))
+    steps = tqdm(picked, desc="KV layouts (DP, verified)", unit="layout") if progress else picked
+    rows = []
+    for number, (choice, predicted) in enumerate(steps):
+        key = ",".join(choice)
+        if key not in memo:
+            same = [u for u in UNIFORM if all(c == u for c in choice)]
+            q = uniform[same[0]] if same else evaluator(layout_of(choice))
+            memo[key] = {"kl": q["kl"], "ppl": q["ppl"]}
+            with atomic_file(memo_path, force=True) as tmp:
+                tmp.write_text(json.dumps(memo, indent=1))
+        lay = layout_of(choice)
+        same = [u for u in UNIFORM if all(c == u for c in choice)]
+        rows.append({"number": number, "choice": choice, "avg_bits": lay.average_bits, "kl": memo[key]["kl"],
+                     "ppl": memo[key]["ppl"], "predicted_kl": predicted, "uniform": same[0] if same else None})
+    return rows
+
+
+def _nsga2_search(errors, evaluator, layout_of, uniform: dict, budget: float, trials: int, population: int,
+                  groups: int, seed: int, fp: str, out: Path, progress: bool, log):
+    """KVTuner's grouped search: Pareto pairs per layer, k-means groups, Optuna NSGA-II (journal storage,
+    resumable). Returns (rows with per-layer choices, group labels, per-group candidates)."""
+    import optuna  # heavy: only this search needs it
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    n_layers = errors.shape[0]
+    pareto = [pareto_pairs(errors[i]) for i in range(n_layers)]
+    labels = cluster_layers(errors, groups, seed)
+    n_groups = int(labels.max()) + 1
+    candidates = []
+    for g in range(n_groups):
+        members = [i for i in range(n_layers) if labels[i] == g]
+        names = {p for i in members for p in pareto[i]}
+        candidates.append(sorted(names, key=lambda p: (pair_bits(p), p)))
+    log("groups: " + "; ".join(f"{g}: layers {[i for i in range(n_layers) if labels[i] == g]} -> "
+                               f"{'/'.join(candidates[g])}" for g in range(n_groups)))
+
+    def per_layer(choice: list[str]) -> list[str]:
+        return [choice[labels[i]] for i in range(n_layers)]
+
     storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
     sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=f"kvtuner-{fp}", storage=storage, sampler=sampler,
                                 directions=["minimize", "minimize"], load_if_exists=True)
+
     def evaluated() -> dict:
         """Quality of each distinct layout evaluated so far (choice tuple -> (kl, ppl))."""
         return {tuple(t.params[f"g{g}"] for g in range(n_groups)): (t.values[0], t.user_attrs["ppl"])
@@ -319,7 +469,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
 
     def objective(trial):
         choice = [trial.suggest_categorical(f"g{g}", candidates[g]) for g in range(n_groups)]
-        lay = layout_of(choice)
+        lay = layout_of(per_layer(choice))
         trial.set_user_attr("avg_bits", lay.average_bits)
         trial.set_constraint("avg_bits", lay.average_bits - budget)   # feasible when <= 0
         if lay.average_bits > budget:          # infeasible: not evaluated (the constraint ranks it last)
@@ -328,7 +478,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
         key = tuple(choice)
         if key not in memo:                    # a repeated choice costs nothing: its quality is known
             same = [u for u in UNIFORM if all(c == u for c in choice)]
-            q = uniform["layouts"][same[0]] if same else evaluator(lay)
+            q = uniform[same[0]] if same else evaluator(lay)
             memo[key] = (q["kl"], q["ppl"])
         trial.set_user_attr("evaluated", True)
         trial.set_user_attr("ppl", memo[key][1])
@@ -341,7 +491,7 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
     if len(memo) < trials:
         bar = None
         if progress:
-            bar = tqdm(total=trials, initial=len(memo), desc=f"KV search ({mode})", unit="trial")
+            bar = tqdm(total=trials, initial=len(memo), desc="KV search (NSGA-II)", unit="trial")
 
         def callback(study_, trial_):
             if bar:
@@ -355,24 +505,21 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
         finally:
             if bar:
                 bar.close()
-    return _write_results(study, out, candidates, labels, layout_of, uniform["layouts"], budget, mode)
-
-
-def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dict, budget: float,
-                   mode: str) -> TuneResult:
-    import optuna  # heavy; only the search needs it
-
-    n_groups = len(candidates)
-    kv16 = uniform["KV16"]
     rows = []
     for t in study.trials:
         if t.state != optuna.trial.TrialState.COMPLETE or not t.user_attrs.get("evaluated"):
             continue
-        if t.user_attrs["avg_bits"] > budget:      # evaluated under a larger budget by an earlier run
-            continue
         choice = [t.params[f"g{g}"] for g in range(n_groups)]
-        rows.append({"number": t.number, "choice": choice, "avg_bits": t.user_attrs["avg_bits"], "kl": t.values[0],
-                     "ppl": t.user_attrs["ppl"], "uniform": t.user_attrs.get("uniform")})
+        rows.append({"number": t.number, "choice": per_layer(choice), "avg_bits": t.user_attrs["avg_bits"],
+                     "kl": t.values[0], "ppl": t.user_attrs["ppl"], "uniform": t.user_attrs.get("uniform")})
+    return rows, labels, candidates
+
+
+def _write_results(rows: list[dict], out: Path, candidates, labels, layout_of, uniform: dict, budget: float,
+                   mode: str, errors: np.ndarray) -> TuneResult:
+    """Keep the evaluated layouts under the budget, write the front's YAMLs, trials.json and front.png."""
+    kv16 = uniform["KV16"]
+    rows = [r for r in rows if r["avg_bits"] <= budget]   # evaluated under a larger budget by an earlier run
     front_rows = non_dominated(rows, lambda r: (r["avg_bits"], r["kl"]))
     unique = {}
     for r in sorted(front_rows, key=lambda r: (r["avg_bits"], r["kl"], r["number"])):
@@ -385,11 +532,14 @@ def _write_results(study, out: Path, candidates, labels, layout_of, uniform: dic
         lay = layout_of(r["choice"], name=f"{mode}-pareto-{i:02d}")
         lay.meta = {"kl": r["kl"], "ppl": r["ppl"], "kv16_ppl": kv16["ppl"], "trial": r["number"], "budget": budget,
                     "groups": [int(x) for x in labels]}
+        if "predicted_kl" in r:
+            lay.meta["predicted_kl"] = r["predicted_kl"]
         path = lay.save(out / f"pareto-{i:02d}-{lay.average_bits:.2f}b.yaml")
         front.append(lay)
         paths.append(path)
     record = {"mode": mode, "budget": budget, "kv16": kv16, "groups": [int(x) for x in labels],
-              "candidates": candidates, "trials": rows, "front": [r["number"] for r in front_rows], "uniform": uniform}
+              "candidates": candidates, "sensitivity_kl": errors.tolist(), "trials": rows,
+              "front": [r["number"] for r in front_rows], "uniform": uniform}
     with atomic_file(out / "trials.json", force=True) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
     paths.append(out / "trials.json")
