@@ -249,7 +249,7 @@ class Server:
         model_id: the model name clients pass as ``model`` (others get 404).
         api_key: when set, every request needs ``Authorization: Bearer <key>`` (401 otherwise).
         max_queue: requests allowed to wait while one runs; the next gets 503 with ``Retry-After``.
-        max_body: largest request body, bytes (413 above it).
+        max_body: largest request body, bytes (400 ``body_too_large`` above it, naming the limit).
         default_seed: seed of a request that gives none; None draws one per request (shown in the
             ``edgerun`` field), so unseeded requests differ as with OpenAI.
     """
@@ -467,16 +467,22 @@ class Server:
             raise APIError(404, f"model '{name}' is not served here; this server serves '{self.model_id}' "
                            "(GET /v1/models)", param="model", code="model_not_found")
 
+    def _too_large(self, size: int | None = None) -> APIError:
+        """The 400 ``body_too_large`` error naming the limit; ``size``: the body's declared length, bytes."""
+        mib = self.max_body // 2**20
+        limit = f"{self.max_body} bytes" + (f" ({mib} MiB)" if mib and self.max_body == mib * 2**20 else "")
+        seen = f"is {size} bytes, over" if size is not None else "exceeds"
+        return APIError(400, f"the request body {seen} the limit of {limit}", code="body_too_large")
+
     async def _body(self, request: Request, model: type[BaseModel]) -> BaseModel:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > self.max_body:
-            raise APIError(413, f"the request body is {int(size)} bytes; at most {self.max_body} are accepted",
-                           code="body_too_large")
+            raise self._too_large(int(size))
         chunks, n = [], 0
         async for chunk in request.stream():
             n += len(chunk)
             if n > self.max_body:
-                raise APIError(413, f"the request body is over {self.max_body} bytes", code="body_too_large")
+                raise self._too_large()
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:

@@ -315,7 +315,15 @@ def test_oversized_body_and_unknown_routes(scripted):
     client, server, _ = scripted
     server.max_body = 1000
     r = client.post("/v1/chat/completions", json=chat_body("x" * 2000))
-    assert r.status_code == 413 and "1000" in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "body_too_large" and err["type"] == "invalid_request_error"
+    assert "limit of 1000 bytes" in err["message"] and "\n" not in err["message"]
+    chunked = client.post("/v1/completions", content=iter([b"x" * 600, b"x" * 600]))   # no Content-Length
+    assert chunked.status_code == 400 and "exceeds the limit of 1000 bytes" in chunked.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json=chat_body()).status_code == 200    # still serving
+    server.max_body = 4 * 2**20
+    r = client.post("/v1/chat/completions", content=b"x" * (4 * 2**20 + 1))
+    assert r.status_code == 400 and "limit of 4194304 bytes (4 MiB)" in r.json()["error"]["message"]
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["message"]
     assert client.get("/v1/chat/completions").status_code == 405
