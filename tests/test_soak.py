@@ -16,7 +16,7 @@ def test_soak_50_turns(default_model_path):
     import edgerun
     from soak import run
 
-    s = edgerun.load(str(default_model_path), n_ctx=256, max_tokens=6, temperature=0.7, seed=0)
+    s = edgerun.load(str(default_model_path), n_ctx=256, max_tokens=6, temperature=0.7, seed=0, threads=1)
     r = run(50, 20, clear_every=20, session=s, log=None)["summary"]
     assert r["counts"]["cancelled"] == 7 and r["counts"]["clear"] == 2
     assert r["counts"]["trimmed_turns"] > 0                     # the context did roll over
