@@ -7,11 +7,12 @@ fp16 and bf16 accumulation. Per-token operation counts; the MixPE simulator's ti
 (edgerun.backends.mixpe.model_design) on the model's linear layers at batch 1 and batch 64,
 normalized to FP16 = 1.00, after reproducing the simulator's published OPT-6.7B row (its batch-64
 workloads). Emulator speed: the batched-codes path against the bit-plane path (the oracle) in the
-same run, interleaved, per token at 1 token per forward (greedy decode after an 8-token prompt) and at 64 tokens per forward
-(a 64-token prefill): median [IQR] n of ms/token and of the per-pair ratio. Machine load (uptime)
-recorded before and after: other work may share the 2 cores.
+same run, interleaved, per token of a model forward of 1 token (the decode shape) and of 64 tokens:
+median [IQR] n of wall and CPU ms/token and of the per-pair ratios. Machine load (os.getloadavg, as
+uptime) recorded before and after: other work may share the 2 cores. Quality and speed can run as
+separate processes (--part), each writing its JSON part; the last one (or --part report) merges.
 
-Usage: python benchmarks/mixpe_table.py [--pairs N]
+Usage: python benchmarks/mixpe_table.py [--pairs N] [--part all|quality|speed|report]
 Writes benchmarks/results/mixpe_table.json and .md.
 """
 
@@ -44,17 +45,6 @@ def decode_ms_per_token(backend, prompt, tokens: int) -> float:
     return s.decode_ms / max(s.decode_steps, 1)
 
 
-def prefill_ms_per_token(backend, prompt64) -> float:
-    """Engine ms per token of one cold 64-token forward (a prefill of 64 tokens, one token sampled)."""
-    from edgerun.backends.base import SamplingParams
-
-    backend.reset()
-    "".join(backend.stream(prompt64, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)))
-    s = backend.last_stats
-    assert s.prefill_tokens == len(prompt64), "prefill reused a cache"
-    return s.prefill_ms / s.prefill_tokens
-
-
 def summary(xs: list[float]) -> dict:
     from profilers.report import quartiles
 
@@ -64,9 +54,32 @@ def summary(xs: list[float]) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=3, help="interleaved codes/bit-plane pairs per speed cell")
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved codes/bit-plane pairs per speed cell")
+    ap.add_argument("--part", choices=("all", "quality", "speed", "report"), default="all",
+                    help="quality and speed run as separate processes (each writes its JSON part); report merges")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the speed part (1 is robust when other work oversubscribes the cores)")
+    ap.add_argument("--checkpoint", default=None, help="speed part: an existing RTN 4-bit g64 checkpoint to reuse")
     args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.part in ("all", "quality"):
+        quality()
+    if args.part in ("all", "speed"):
+        speed_part(args.pairs, args.threads, args.checkpoint)
+    r = json.loads((RESULTS / "mixpe_table.quality.json").read_text())
+    r["speed"] = json.loads((RESULTS / "mixpe_table.speed.json").read_text())
+    (RESULTS / "mixpe_table.json").write_text(json.dumps(r, indent=2) + "\n")
+    (RESULTS / "mixpe_table.md").write_text(_markdown(r))
+    print(_markdown(r))
+    return 0
 
+
+def _write(name: str, data: dict) -> None:
+    (RESULTS / f"mixpe_table.{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def quality() -> None:
+    """Perplexities, op counts and the model (RTN, GPTQ), written after every measurement."""
     from converters.ptq import quantize_checkpoint
     from converters.source import open_source
     from edgerun.backends import mixpe
@@ -74,7 +87,6 @@ def main() -> int:
     from edgerun.backends.torch import TorchBackend
     from profilers.accuracy import perplexity
 
-    load_before = load_average()
     t_start = time.perf_counter()
     source = open_source("smollm2-135m-instruct", progress=False)
 
@@ -83,60 +95,100 @@ def main() -> int:
 
     fp32 = TorchBackend(source.path, n_ctx=520)
     prompt = fp32.encode_prompt(PROMPT)
-    prompt64 = (prompt * 4)[:64]
     table = mixpe.load_cost_table()
-    result = {"benchmark": "mixpe_table", "source": source.label, "fp32_perplexity": ppl(fp32, "fp32"),
+    result = {"benchmark": "mixpe_table", "source": source.label, "date": time.strftime("%Y-%m-%d"),
+              "load_average_before": load_average(), "fp32_perplexity": ppl(fp32, "fp32"),
               "fp32_decode_ms_per_token": decode_ms_per_token(fp32, prompt, 32), "methods": {},
               "simulator_rows": {m: mixpe.reproduce_simulator_row(m, table) for m in mixpe.SIMULATOR_MODELS},
-              "calibration_row": mixpe.CALIBRATION_ROW, "date": time.strftime("%Y-%m-%d"),
-              "torch_threads": __import__("torch").get_num_threads(), "load_average_before": load_before}
+              "calibration_row": mixpe.CALIBRATION_ROW}
     del fp32
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("rtn", "gptq"):
             ckpt = quantize_checkpoint(source.path, Path(tmp) / method, method=method, bits=4, group_size=64,
                                        n_samples=16)
-            row = {"dequantized_torch_perplexity": ppl(TorchBackend(ckpt, n_ctx=520), method)}
+            row = result["methods"][method] = {}
+            row["dequantized_torch_perplexity"] = ppl(TorchBackend(ckpt, n_ctx=520), method)
             for mode in ("W4A16", "W4A8"):
                 emu = MixPEBackend(ckpt, mode, n_ctx=520)
-                t0 = time.perf_counter()
                 row[f"{mode}_perplexity"] = ppl(emu, f"{method} {mode}")
-                row[f"{mode}_perplexity_seconds"] = time.perf_counter() - t0
                 row[f"{mode}_accounting"] = emu.accounting()
+                _write("quality", result)
+                print(method, mode, row[f"{mode}_perplexity"], flush=True)
             if method == "rtn":
                 for accum in ("fp16", "bf16"):
                     row[f"W4A16_{accum}_perplexity"] = ppl(MixPEBackend(ckpt, "W4A16", n_ctx=520, accum=accum),
                                                           f"{method} W4A16 {accum}")
-                row["speed"] = speed(ckpt, prompt, prompt64, args.pairs)
-            result["methods"][method] = row
-            print(method, {k: v for k, v in row.items() if not k.endswith("accounting")}, flush=True)
+                    _write("quality", result)
+                    print(method, accum, row[f"W4A16_{accum}_perplexity"], flush=True)
     result["load_average_after"] = load_average()
     result["seconds"] = time.perf_counter() - t_start
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mixpe_table.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "mixpe_table.md").write_text(_markdown(result))
-    print(_markdown(result))
-    return 0
+    _write("quality", result)
 
 
-def speed(ckpt, prompt, prompt64, pairs: int) -> dict:
+def speed_part(pairs: int, threads: int | None = None, checkpoint: str | None = None) -> None:
+    """The speed cells on RTN weights, written to mixpe_table.speed.json."""
+    from converters.ptq import quantize_checkpoint
+    from converters.source import open_source
+    from edgerun.backends.torch import TorchBackend
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    before, t0 = load_average(), time.perf_counter()
+    source = open_source("smollm2-135m-instruct", progress=False)
+    prompt = TorchBackend(source.path, n_ctx=64).encode_prompt(PROMPT)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint or quantize_checkpoint(source.path, Path(tmp) / "rtn", method="rtn", bits=4, group_size=64,
+                                                 n_samples=16)
+        out = speed(ckpt, prompt, (prompt * 4)[:64], pairs, threads)
+    out.update(load_average_before=before, load_average_after=load_average(), seconds=time.perf_counter() - t0,
+               torch_threads=threads or torch.get_num_threads())
+    _write("speed", out)
+
+
+def forward_ms_per_token(backend, ids: list[int], reps: int) -> tuple[float, float]:
+    """(wall ms, CPU ms) per token of ``reps`` forwards of ``ids`` through the model, no KV cache.
+
+    CPU time is this thread's (time.thread_time): with one torch thread it is the work itself, robust to
+    other processes sharing the cores, while wall time also holds the waits for a time slice.
+    """
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        w0, c0 = time.perf_counter(), time.thread_time()
+        for _ in range(reps):
+            backend.model(x)
+        w1, c1 = time.perf_counter(), time.thread_time()
+    n = reps * len(ids)
+    return (w1 - w0) * 1e3 / n, (c1 - c0) * 1e3 / n
+
+
+def speed(ckpt, prompt, prompt64, pairs: int, threads: int | None = None) -> dict:
     """Batched codes vs bit-planes, interleaved A B B A ..., per mode: ms/token at 1 and 64 tokens per forward."""
     from edgerun.backends.mixpe import MixPEBackend
 
+    extra = {"threads": threads} if threads else {}
     out = {}
     for mode in ("W4A8", "W4A16"):
-        backends = {g: MixPEBackend(ckpt, mode, n_ctx=256, gemm=g) for g in ("codes", "bitplane")}
+        backends = {g: MixPEBackend(ckpt, mode, n_ctx=256, gemm=g, **extra) for g in ("codes", "bitplane")}
         cells = {}
-        for label, fn in (("decode", lambda b, g: decode_ms_per_token(b, prompt[:8], 16 if g == "codes" else 3)),
-                          ("forward64", lambda b, g: prefill_ms_per_token(b, prompt64))):
-            fn(backends["codes"], "codes")                                   # warm-up
-            ms = {"codes": [], "bitplane": []}
+        for label, ids in (("decode", prompt[:1]), ("forward64", prompt64)):
+            reps = {"codes": 20 if len(ids) == 1 else 3, "bitplane": 2 if len(ids) == 1 else 1}
+            forward_ms_per_token(backends["codes"], ids, 2)                   # warm-up
+            wall = {"codes": [], "bitplane": []}
+            cpu = {"codes": [], "bitplane": []}
             for i in range(pairs):
                 order = ("codes", "bitplane") if i % 2 == 0 else ("bitplane", "codes")
                 for g in order:
-                    ms[g].append(fn(backends[g], g))
-            ratios = [b / c for b, c in zip(ms["bitplane"], ms["codes"])]
-            cells[label] = {"codes_ms_per_token": summary(ms["codes"]), "bitplane_ms_per_token": summary(ms["bitplane"]),
-                            "speedup": summary(ratios)}
+                    w, c = forward_ms_per_token(backends[g], ids, reps[g])
+                    wall[g].append(w)
+                    cpu[g].append(c)
+            cells[label] = {"codes_ms_per_token": summary(wall["codes"]), "bitplane_ms_per_token": summary(wall["bitplane"]),
+                            "speedup": summary([b / c for b, c in zip(wall["bitplane"], wall["codes"])]),
+                            "codes_cpu_ms_per_token": summary(cpu["codes"]),
+                            "bitplane_cpu_ms_per_token": summary(cpu["bitplane"]),
+                            "cpu_speedup": summary([b / c for b, c in zip(cpu["bitplane"], cpu["codes"])])}
             print(mode, label, {k: round(v["median"], 2) for k, v in cells[label].items()}, flush=True)
         out[mode] = cells
         del backends
@@ -152,25 +204,35 @@ def _markdown(r: dict) -> str:
     lines = ["# MixPE emulation on SmolLM2-135M-Instruct", "",
              f"{r['date']}. Source {r['source']}: fp32 perplexity {r['fp32_perplexity']:.3f} (2 x 512 held-out wiki "
              f"tokens), fp32 torch decode {r['fp32_decode_ms_per_token']:.1f} ms/token. 4-bit weights, groups of 64. "
-             f"Emulation on the batched-codes path. Machine load average (1/5/15 min) {r['load_average_before']} before, "
-             f"{r['load_average_after']} after (2 cores; other engineers' work ran concurrently); "
-             f"torch threads {r['torch_threads']}; whole run {r['seconds'] / 60:.1f} min.", "",
+             f"Emulation on the batched-codes path. Machine load average (1/5/15 min, 2 cores; other engineers' work ran "
+             f"concurrently): quality part {r['load_average_before']} before, {r.get('load_average_after')} after "
+             f"({r.get('seconds', 0) / 60:.0f} min); speed part {r['speed']['load_average_before']} before, "
+             f"{r['speed']['load_average_after']} after ({r['speed']['seconds'] / 60:.0f} min, torch threads "
+             f"{r['speed']['torch_threads']}). The two parts ran as separate processes at the same time.", "",
              "## Quality", "",
              "| weights | dequantized (torch) | W4A16 emulated (fp32 accumulation) | W4A8 emulated |", "|---|---|---|---|"]
     for m, v in r["methods"].items():
-        lines.append(f"| {m} | {v['dequantized_torch_perplexity']:.3f} | {v['W4A16_perplexity']:.3f} | "
-                     f"{v['W4A8_perplexity']:.3f} |")
-    lines += ["", f"W4A16 accumulation precision (RTN): fp32 {rtn['W4A16_perplexity']:.3f}, fp16 "
-              f"{rtn['W4A16_fp16_perplexity']:.3f}, bf16 (bf16 activations) {rtn['W4A16_bf16_perplexity']:.3f}.", "",
+        cells = [f"{v[k]:.3f}" if k in v else "not run" for k in
+                 ("dequantized_torch_perplexity", "W4A16_perplexity", "W4A8_perplexity")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if "W4A16_bf16_perplexity" in rtn:
+        lines += ["", f"W4A16 accumulation precision (RTN): fp32 {rtn['W4A16_perplexity']:.3f}, fp16 "
+                  f"{rtn['W4A16_fp16_perplexity']:.3f}, bf16 (bf16 activations) {rtn['W4A16_bf16_perplexity']:.3f}."]
+    lines += ["",
               "## Emulator speed: batched codes vs bit-planes (same run, interleaved pairs, RTN)", "",
-              "ms per token, median [IQR] n; speedup = bit-plane / codes per pair. 1 token per forward: greedy "
-              "decode after an 8-token prompt (16 tokens codes, 3 tokens bit-plane per repetition); 64 tokens per forward: one 64-token prefill.", "",
-              "| mode | tokens per forward | codes ms/token | bit-plane ms/token | speedup |", "|---|---|---|---|---|"]
-    for mode, cells in rtn["speed"].items():
+              "Per token, median [IQR] n over interleaved repetitions; speedup = bit-plane / codes per pair. One model "
+              "forward without KV cache of 1 token (the decode shape) or of 64 tokens. Wall ms holds the waits for a "
+              "time slice when other processes share the cores; CPU ms (this thread's, torch threads "
+              f"{r['speed']['torch_threads']}) is the work itself.", "",
+              "| mode | tokens per forward | codes wall ms | bit-plane wall ms | wall speedup | codes CPU ms | "
+              "bit-plane CPU ms | CPU speedup |", "|---|---|---|---|---|---|---|---|"]
+    sp = r["speed"]
+    for mode in ("W4A8", "W4A16"):
         for label, name in (("decode", "1"), ("forward64", "64")):
-            c = cells[label]
+            c = sp[mode][label]
             lines.append(f"| {mode} | {name} | {_fmt(c['codes_ms_per_token'])} | {_fmt(c['bitplane_ms_per_token'], 0)} | "
-                         f"{_fmt(c['speedup'])}x |")
+                         f"{_fmt(c['speedup'])}x | {_fmt(c['codes_cpu_ms_per_token'])} | "
+                         f"{_fmt(c['bitplane_cpu_ms_per_token'], 0)} | {_fmt(c['cpu_speedup'])}x |")
     cal = r["calibration_row"]
     lines += ["", "## Time and energy model", "",
               "The MixPE simulator's model (edgerun.backends.mixpe.model_design): per GEMM, cycles = max(compute, DRAM "
