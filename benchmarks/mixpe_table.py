@@ -208,7 +208,8 @@ def _markdown(r: dict) -> str:
              f"concurrently): quality part {r['load_average_before']} before, {r.get('load_average_after')} after "
              f"({r.get('seconds', 0) / 60:.0f} min); speed part {r['speed']['load_average_before']} before, "
              f"{r['speed']['load_average_after']} after ({r['speed']['seconds'] / 60:.0f} min, torch threads "
-             f"{r['speed']['torch_threads']}). The two parts ran as separate processes at the same time.", "",
+             f"{r['speed']['torch_threads']}). The parts ran as separate processes; the fp32 decode figure is from the "
+             f"quality part, under that load.", "",
              "## Quality", "",
              "| weights | dequantized (torch) | W4A16 emulated (fp32 accumulation) | W4A8 emulated |", "|---|---|---|---|"]
     for m, v in r["methods"].items():
