@@ -34,6 +34,17 @@ PROMPTS = ["What is the capital of France?", "Name a prime number.", "Say hello 
            "Describe a chair in one sentence."]
 
 
+
+def _sample(samples: list[dict], proc, turn: int, t0: float, log, label: str, whose: str = "") -> None:
+    """Append one sample of ``proc`` (psutil.Process): RSS bytes, open fds, threads, seconds since ``t0``;
+    log it every 100 turns."""
+    mem = proc.memory_info()
+    samples.append({"turn": turn, "rss": mem.rss, "fds": proc.num_fds(), "threads": proc.num_threads(),
+                    "t": round(time.perf_counter() - t0, 3)})
+    if log and turn % 100 == 0:
+        log(f"{label} {turn}: {whose}rss {mem.rss / 2**20:.1f} MiB, fds {samples[-1]['fds']}, "
+            f"threads {samples[-1]['threads']}, {samples[-1]['t']:.0f} s")
+
 def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of ys over xs."""
     n = len(xs)
@@ -73,12 +84,7 @@ def run(turns: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8, clear_ev
             counts["trimmed_turns"] += 1               # the history did not grow: its oldest turns were dropped
         if turn % 25 == 0:
             gc.collect()
-        mem = proc.memory_info()
-        samples.append({"turn": turn, "rss": mem.rss, "fds": proc.num_fds(), "threads": proc.num_threads(),
-                        "t": round(time.perf_counter() - t0, 3)})
-        if log and turn % 100 == 0:
-            log(f"turn {turn}: rss {mem.rss / 2**20:.1f} MiB, fds {samples[-1]['fds']}, "
-                f"threads {samples[-1]['threads']}, {samples[-1]['t']:.0f} s")
+        _sample(samples, proc, turn, t0, log, "turn")
     summary = _summary(samples, warmup, turns, n_ctx, max_tokens, counts, threads, t0)
     return {"summary": summary, "samples": samples}
 
@@ -146,12 +152,7 @@ def run_server(requests: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8
                     log(f"request {i}: {type(e).__name__}: {e} {detail!r}")
                 if counts["errors"] > 20 and counts["errors"] > i // 2:
                     raise RuntimeError(f"most requests fail ({counts['errors']} of {i + 1}); the soak stops") from e
-            mem = proc.memory_info()
-            samples.append({"turn": i, "rss": mem.rss, "fds": proc.num_fds(), "threads": proc.num_threads(),
-                            "t": round(time.perf_counter() - t0, 3)})
-            if log and i % 100 == 0:
-                log(f"request {i}: server rss {mem.rss / 2**20:.1f} MiB, fds {samples[-1]['fds']}, "
-                    f"threads {samples[-1]['threads']}, {samples[-1]['t']:.0f} s")
+            _sample(samples, proc, i, t0, log, "request", "server ")
     finally:
         srv.send_signal(2)
         try:
