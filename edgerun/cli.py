@@ -798,6 +798,101 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def _add_certify(sub) -> None:
+    p = sub.add_parser("certify", help="certified robustness of a classifier to backdoor triggers (FRS)",
+                       description="Certify a text classifier's predictions against backdoor triggers with fuzzed "
+                                   "randomized smoothing (FRS): per input the smoothed label, a lower bound on its "
+                                   "probability, the certified radius in word edits and the vulnerable spans found.")
+    p.add_argument("model", help="classifier checkpoint directory (with a head for --task); with --prompted, a "
+                                 "catalog model or HF checkpoint directory")
+    p.add_argument("--task", default="sst2", help="classification task (default sst2)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="an input text (repeat for more)")
+    src.add_argument("--file", help="a UTF-8 file with one input text per line (blank lines skipped)")
+    p.add_argument("--prompted", action="store_true",
+                   help="no trained head: the zero-shot classifier (label-word likelihood after the task prompt)")
+    p.add_argument("--uniform", action="store_true",
+                   help="the uniform baseline: no span search, every word randomized with --omega-m")
+    p.add_argument("-k", "--k", type=int, default=20, help="noisy copies / randomized passes K (default 20)")
+    p.add_argument("--sigma", type=float, default=0.01, help="parameter noise std, 0 = off (default 0.01)")
+    p.add_argument("--top-layers", type=int, default=10, help="noised top layers H (default 10)")
+    p.add_argument("--omega-h", type=float, default=0.8, help="randomization inside the vulnerable area (default 0.8)")
+    p.add_argument("--omega-l", type=float, default=0.1, help="randomization outside it (default 0.1)")
+    p.add_argument("--omega-m", type=float, default=0.5, help="randomization of the uniform baseline (default 0.5)")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the bound (default 0.05)")
+    p.add_argument("--budget", type=int, default=48, help="span-search simulations per input (default 48)")
+    p.add_argument("--seed", type=int, default=0, help="noise, randomization and search seed (default 0)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model dtype (default bfloat16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the certificates as JSON")
+    p.add_argument("-o", "--output", default=None, help="also write the certificates as JSON to this file")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=cmd_certify)
+
+
+def cmd_certify(args) -> int:
+    import json
+
+    if args.file is not None:
+        try:
+            texts = [line.strip() for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read {args.file}: {e}") from None
+        if not texts:
+            raise UsageError(f"{args.file} has no input text")
+    else:
+        texts = args.text
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    from edgerun.robustness import FRSConfig, TextClassifier, certify, get_task  # heavy: torch, transformers
+
+    get_task(args.task)
+    config = FRSConfig(k=args.k, sigma=args.sigma, top_layers=args.top_layers, fuzz=not args.uniform,
+                       omega_h=args.omega_h, omega_l=args.omega_l, omega_m=args.omega_m, alpha=args.alpha,
+                       budget=args.budget, seed=args.seed).validate()
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise UsageError(f"input {i + 1} is empty")
+    if args.output and Path(args.output).exists() and not args.force:
+        from edgerun.atomic import OutputExistsError
+
+        raise OutputExistsError(f"{args.output} already exists; pass --force to overwrite it")
+    if args.prompted:
+        from converters.source import open_source  # heavy: gguf, and torch to dequantize a GGUF once
+
+        clf = TextClassifier.prompted(open_source(args.model, progress=True).path, args.task, dtype=args.dtype,
+                                      threads=args.threads)
+    else:
+        if not Path(args.model).is_dir():
+            raise UsageError(f"{args.model} is not a classifier checkpoint directory with a head for "
+                             f"'{args.task}'; use --prompted for the zero-shot classifier of a model")
+        clf = TextClassifier.load(args.model, args.task, dtype=args.dtype, threads=args.threads)
+    certs = certify(clf, texts, config, notify=lambda m: print(f"notice: {m}", file=sys.stderr))
+    report = [c.as_dict() for c in certs]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        omega = "omega_H" if config.fuzz else "omega_M"
+        for i, c in enumerate(certs, 1):
+            head = f"[{i}] {c.label_name}  votes {c.votes}  p_A >= {c.p_a_lower:.3f}"
+            if c.certified:
+                head += (f"  radius {c.radius_edits} word edits ({100 * c.radius:.1f}% of {c.n_words} words, {omega}"
+                         + (f"; {c.radius_unconditional_edits} if the trigger is outside the area" if config.fuzz else "")
+                         + ")")
+            else:
+                head += "  not certified (p_A lower bound <= 1/2)"
+            print(head)
+            if config.fuzz:
+                print("    vulnerable area: " + (" | ".join(repr(w) for w in c.area_words) or "none"))
+            print(f"    time {c.total_ms:.0f} ms (span search {c.mcts_ms:.0f}, {config.k} passes {c.passes_ms:.0f})")
+    if args.output:
+        from edgerun.atomic import atomic_file
+
+        with atomic_file(args.output, force=args.force) as tmp:
+            tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgerun", description="On-device LLM runtime and compression toolchain.")
     parser.add_argument("--version", action="version", version=f"edgerun {__version__}")
@@ -811,6 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_device(sub)
     _add_kv(sub)
+    _add_certify(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")
     p.add_argument("name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
