@@ -16,7 +16,8 @@ tokenized, so words are its tokens); edit distances count word edits.
    words inside it are randomized with probability omega_H, words outside with omega_L (Eqs. 11/13).
    [reconstructed]: the children of a span (two halves and, for 4+ words, the middle half), the
    reward squashing ``1 - exp(-KL)`` for UCT, the batched search with virtual visits, the area rule
-   (non-overlapping spans by mean KL, at most ``top_spans`` and ``max_area`` of the words), and the
+   (the union of the spans whose mean KL is at least ``keep`` times the best, up to ``max_area`` of the
+   words), and the
    randomization operation (deletion, or masking with ``"_"``); the paper's linguistically guided
    expansion is not reproduced.
 2. **Parameter smoothing (BMPS, Sec. 4.2, Eq. 5).** K copies ``theta_k = theta + eps_k`` with
@@ -53,6 +54,7 @@ import torch
 from edgerun.errors import UsageError
 
 MASK_WORD = "_"
+MIN_KL = 1e-4            # nats: a span whose mutations move the prediction less is not vulnerable
 RANDOMIZE_OPS = ("delete", "mask")
 
 
@@ -109,19 +111,27 @@ def radius_ratio(omega_m: float, omega_h: float) -> float:
 # --- Damerau-Levenshtein edits over words ---
 
 def damerau_levenshtein(a: Sequence[str], b: Sequence[str]) -> int:
-    """Optimal-string-alignment Damerau-Levenshtein distance between two word sequences."""
-    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    """Damerau-Levenshtein distance between two word sequences: the fewest insertions, deletions,
+    substitutions and transpositions of adjacent words turning ``a`` into ``b`` (the unrestricted
+    distance, a metric, computed with Lowrance and Wagner's algorithm)."""
+    inf = len(a) + len(b)
+    last_row: dict[str, int] = {}
+    d = [[inf] * (len(b) + 2) for _ in range(len(a) + 2)]
     for i in range(len(a) + 1):
-        d[i][0] = i
+        d[i + 1][1] = i
     for j in range(len(b) + 1):
-        d[0][j] = j
+        d[1][j + 1] = j
     for i in range(1, len(a) + 1):
+        last_col = 0
         for j in range(1, len(b) + 1):
+            k, l = last_row.get(b[j - 1], 0), last_col
             cost = 0 if a[i - 1] == b[j - 1] else 1
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]
+            if cost == 0:
+                last_col = j
+            d[i + 1][j + 1] = min(d[i][j] + cost, d[i + 1][j] + 1, d[i][j + 1] + 1,
+                                  d[k][l] + (i - k - 1) + 1 + (j - l - 1))
+        last_row[a[i - 1]] = i
+    return d[len(a) + 1][len(b) + 1]
 
 
 def mutate_span(words: Sequence[str], start: int, end: int, max_edits: int, rng: np.random.Generator) -> list[str]:
@@ -191,7 +201,7 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def find_vulnerable_spans(words: Sequence[str], probs: Callable[[list[list[str]]], torch.Tensor],
-                          budget: int = 48, c: float = 1.0, max_edits: int = 3, top_spans: int = 2,
+                          budget: int = 48, c: float = 1.0, max_edits: int = 3, keep: float = 0.8,
                           max_area: float = 0.3, batch: int = 8, seed: int = 0,
                           base: torch.Tensor | None = None) -> tuple[list[Span], int]:
     """Monte-Carlo tree search for the spans whose mutation moves the class distribution most (Sec. 4.3.1).
@@ -200,13 +210,15 @@ def find_vulnerable_spans(words: Sequence[str], probs: Callable[[list[list[str]]
         words: the input's words (L >= 1).
         probs: maps a list of word lists to class probabilities, float ``[n, C]`` (the unsmoothed classifier).
         budget: simulations. c: UCT exploration constant. max_edits: Damerau-Levenshtein threshold Lambda
-            of a mutation (word edits). top_spans, max_area: at most this many spans covering at most
-            this share of the words (at least one word). batch: simulations evaluated per forward (leaves
+            of a mutation (word edits). keep, max_area: the area is the union of the visited spans whose
+            mean KL is at least ``keep`` times the best one's, best first, up to ``max_area`` of the words
+            (at least one word); none when no mutation moved the prediction. batch: simulations evaluated per forward (leaves
             chosen with virtual visits). seed: the search's random generator. base: ``probs([words])[0]``
             if already known.
 
     Returns:
-        ``(spans, n_queries)``: the vulnerable area as non-overlapping :class:`Span` s sorted by position,
+        ``(spans, n_queries)``: the vulnerable area as maximal runs of words (:class:`Span`, sorted by position,
+        scored by the best node inside),
         and the number of classifier queries made (``budget``, plus one without ``base``).
     """
     n = len(words)
@@ -251,16 +263,26 @@ def find_vulnerable_spans(words: Sequence[str], probs: Callable[[list[list[str]]
     cap = max(1, int(max_area * n))
     ranked = sorted((nd for nd in nodes if nd.visits > 0 and nd.end - nd.start <= cap),
                     key=lambda nd: (-nd.kl / nd.visits, nd.end - nd.start, nd.start))
-    chosen, covered = [], set()
+    if not ranked or ranked[0].kl / ranked[0].visits <= MIN_KL:
+        return [], queries                       # nothing moves the prediction: no vulnerable area
+    best = ranked[0].kl / ranked[0].visits
+    covered: set[int] = set()
     for nd in ranked:
-        span = set(range(nd.start, nd.end))
-        if span & covered or len(covered) + len(span) > cap:
-            continue
-        chosen.append(Span(nd.start, nd.end, nd.kl / nd.visits, nd.visits))
-        covered |= span
-        if len(chosen) == top_spans:
+        if nd.kl / nd.visits < keep * best:
             break
-    return sorted(chosen, key=lambda s: s.start), queries
+        if len(covered | set(range(nd.start, nd.end))) <= cap:
+            covered |= set(range(nd.start, nd.end))
+    # the area as maximal runs of covered words, each scored by the best node inside it
+    spans, run = [], []
+    for i in range(n + 1):
+        if i < n and i in covered:
+            run.append(i)
+        elif run:
+            inner = [nd for nd in ranked if run[0] <= nd.start and nd.end <= run[-1] + 1]
+            top = max(inner, key=lambda nd: nd.kl / nd.visits)
+            spans.append(Span(run[0], run[-1] + 1, top.kl / top.visits, sum(nd.visits for nd in inner)))
+            run = []
+    return spans, queries
 
 
 # --- text randomization ---
@@ -327,7 +349,7 @@ class FRSConfig:
             smoothing off). top_layers: H. fuzz: run the MCTS (False: the uniform baseline, omega_M
             everywhere). omega_h, omega_l, omega_m: randomization probabilities inside / outside the
             vulnerable area, and of the uniform baseline. alpha: 1 - confidence of the bound. beta:
-            the certificate's constant. budget, c, max_edits, top_spans, max_area: the MCTS
+            the certificate's constant. budget, c, max_edits, keep, max_area: the MCTS
             (:func:`find_vulnerable_spans`). op: ``"delete"`` or ``"mask"``. seed: noise, randomization
             and search seeds derive from it.
     """
@@ -344,7 +366,7 @@ class FRSConfig:
     budget: int = 48
     c: float = 1.0
     max_edits: int = 3
-    top_spans: int = 2
+    keep: float = 0.8
     max_area: float = 0.3
     op: str = "delete"
     seed: int = 0
@@ -362,8 +384,8 @@ class FRSConfig:
              f"need omega_l <= omega_m <= omega_h, got {self.omega_l}, {self.omega_m}, {self.omega_h}"),
             (0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
-            (self.budget >= 1 and self.max_edits >= 1 and self.top_spans >= 1,
-             "MCTS budget, max edits and top spans must be at least 1"),
+            (self.budget >= 1 and self.max_edits >= 1, "MCTS budget and max edits must be at least 1"),
+            (0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}"),
             (0 < self.max_area <= 1, f"max area must be in (0, 1], got {self.max_area}"),
             (self.c >= 0, f"UCT constant must be >= 0, got {self.c}"),
             (self.op in RANDOMIZE_OPS, f"randomization op must be one of {', '.join(RANDOMIZE_OPS)}, got {self.op}"),
@@ -472,7 +494,7 @@ def certify(classifier, texts: Sequence[str], config: FRSConfig = FRSConfig(), *
             t0 = time.perf_counter()
             found, queries[i] = find_vulnerable_spans(
                 words, lambda ws: classifier.probs(ws, batch), budget=config.budget, c=config.c,
-                max_edits=config.max_edits, top_spans=config.top_spans, max_area=config.max_area,
+                max_edits=config.max_edits, keep=config.keep, max_area=config.max_area,
                 seed=_text_seed(config.seed, words), base=base_probs[i])
             areas.append(found)
             mcts_ms[i] = (time.perf_counter() - t0) * 1e3
@@ -511,7 +533,9 @@ def certify(classifier, texts: Sequence[str], config: FRSConfig = FRSConfig(), *
     for i, words in enumerate(word_lists):
         label = int(votes[i].argmax())
         p_low = clopper_pearson_lower(int(votes[i, label]), config.k, config.alpha)
-        r, r_edits = certified_radius(p_low, len(words), omega_cond, config.beta)
+        # no vulnerable area found: nothing is randomized with omega_H, so only the omega_L bound holds
+        r, r_edits = certified_radius(p_low, len(words), omega_cond if areas[i] or not config.fuzz else omega_uncond,
+                                      config.beta)
         ru, ru_edits = certified_radius(p_low, len(words), omega_uncond, config.beta)
         out.append(Certificate(
             text=" ".join(words), label=label, label_name=classifier.task.labels[label], votes=votes[i].tolist(),
