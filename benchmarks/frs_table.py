@@ -13,8 +13,9 @@ Input sets, from the first ``--n`` of the 500 evaluation sentences: ``clean`` (a
 Certifiers (``edgerun.robustness.frs``; K = 20 on every one): ``uniform`` (no search, omega_M = 0.5 on
 every word, no parameter noise: RanMASK/TextGuard-style), ``frs`` (span search + omega_H = 0.8 / omega_L = 0.1,
 sigma = 0.01 on the top 10 layers), and the ablations ``no_bmps`` (FRS without parameter noise, same
-vulnerable areas) and ``no_ftr`` (parameter noise with uniform omega_M). Ablations run on the backdoored
-model only.
+vulnerable areas) and ``no_ftr`` (parameter noise with uniform omega_M). ``uniform`` and ``no_ftr``, and
+``frs`` and ``no_bmps``, are computed together on the same randomized inputs (``certify_sigmas``); each
+certificate's time counts the whole lower-layer pass, as a run of that certifier alone would.
 
 Metrics: clean accuracy (CA) of the smoothed prediction; attack success rate (ASR: share of triggered
 negative sentences classified positive) and poisoned accuracy (PA: share still classified negative,
@@ -23,7 +24,7 @@ radius (ACR: the radius in word edits, and as a share of the words, of correctly
 sentences, 0 for the others); how often FRS's vulnerable area covers the inserted trigger; time per input
 (span search and K passes).
 
-Resumable: every certified input is appended to ``benchmarks/results/frs_table.journal.jsonl`` and skipped
+Resumable: every certified input is appended to ``benchmarks/results/frs_table.journal.<method>.jsonl`` and skipped
 when the script runs again; inputs go in chunks across all cells, so a stopped run leaves every cell with
 about the same n. Several processes may append to the journal at once (e.g. one per model).
 
@@ -47,7 +48,8 @@ import frs_backdoor  # noqa: E402
 from edgerun import catalog, data  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-JOURNAL = RESULTS / "frs_table.journal.jsonl"
+JOURNAL_PATTERN = "frs_table.journal.{method}.jsonl"   # one journal per training method
+JOURNAL = RESULTS / JOURNAL_PATTERN.format(method="head")
 CERTIFIERS = ("uniform", "frs", "no_bmps", "no_ftr")
 SETS = ("clean", "word", "sentence")
 KEEP = ("label", "votes", "p_a_lower", "certified", "radius", "radius_edits", "radius_unconditional",
@@ -109,7 +111,7 @@ def train(method: str, log) -> dict:
     for name, examples in (("clean", train_set), ("backdoor", frs_backdoor.poison(train_set, 0.1, 0.1, seed=0))):
         path = model_dir(name, method)
         if not (path / "classifier.json").is_file():
-            train_classifier(source, examples, path, method=method, log=log, force=True)
+            train_classifier(source, examples, path, method=method, epochs=2, log=log, force=True)
         out[name] = json.loads((path / "classifier.json").read_text())
     return out
 
@@ -142,42 +144,43 @@ def plain(n: int, method: str, log) -> None:
         log(f"no defence: {name} done")
 
 
+GROUPS = (("uniform", "no_ftr"), ("frs", "no_bmps"))   # each pair shares its randomized inputs: sigma 0 / 0.01
+
+
 def certify_part(n: int, method: str, models: list[str], certifiers: list[str], chunk: int, log) -> None:
-    from edgerun.robustness import FRSConfig, TextClassifier, ablation, certify
-    from edgerun.robustness.frs import Span
+    """Certify every input set with every certifier, chunk by chunk; each pair of :data:`GROUPS` runs as one
+    :func:`certify_sigmas` call (same search, randomized inputs and lower-layer pass; its own K top-layer passes)."""
+    from edgerun.robustness import FRSConfig, TextClassifier, ablation
+    from edgerun.robustness.frs import certify_sigmas
 
     sets = inputs(n)
-    journal = read_journal()
-    done = {(r["model"], r["certifier"], r["set"], r["index"]) for r in journal if r["kind"] == "cert"}
-    areas = {(r["model"], r["set"], r["index"]): r["spans"] for r in journal
-             if r["kind"] == "cert" and r["certifier"] == "frs"}
+    done = {(r["model"], r["certifier"], r["set"], r["index"]) for r in read_journal() if r["kind"] == "cert"}
     base = FRSConfig()
     for name in models:
         clf = TextClassifier.load(model_dir(name, method))
-        cells = [c for c in certifiers if name == "backdoor" or c in ("uniform", "frs")]
         for start in range(0, n, chunk):
-            for cert_name in cells:
+            for group in GROUPS:
+                wanted = [c for c in group if c in certifiers]
                 rows = [(s, r) for s in SETS for r in sets[s] if start <= r["index"] < start + chunk
-                        and (name, cert_name, s, r["index"]) not in done]
+                        and any((name, c, s, r["index"]) not in done for c in wanted)]
                 if not rows:
                     continue
-                config = ablation(base, cert_name)
-                known = None
-                if cert_name == "no_bmps" and all((name, s, r["index"]) in areas for s, r in rows):
-                    known = [[Span(**sp) for sp in areas[(name, s, r["index"])]] for s, r in rows]
+                configs = {c: ablation(base, c) for c in wanted}
                 load = os.getloadavg()[0]
-                certs = certify(clf, [r["text"] for _, r in rows], config, spans=known, batch=32)
+                by_sigma = certify_sigmas(clf, [r["text"] for _, r in rows], configs[wanted[0]],
+                                          [configs[c].sigma for c in wanted], batch=32)
                 records = []
-                for (s, r), c in zip(rows, certs):
-                    rec = {"kind": "cert", "model": name, "certifier": cert_name, "set": s, "index": r["index"],
-                           "gold": r["label"], "trigger": r["trigger"], "load": load, "reused_spans": known is not None}
-                    rec.update({k: getattr(c, k) for k in KEEP})
-                    records.append(rec)
-                    if cert_name == "frs":
-                        areas[(name, s, r["index"])] = c.spans
+                for j, c in enumerate(wanted):
+                    for (s, r), cert in zip(rows, by_sigma[configs[c].sigma]):
+                        rec = {"kind": "cert", "model": name, "certifier": c, "set": s, "index": r["index"],
+                               "gold": r["label"], "trigger": r["trigger"], "load": load,
+                               "reused_spans": j > 0 and configs[c].fuzz}
+                        rec.update({k: getattr(cert, k) for k in KEEP})
+                        records.append(rec)
                 append(records)
-                log(f"{name} {cert_name} items {start}..{start + chunk - 1}: {len(rows)} inputs, "
-                    f"{statistics.mean(c.total_ms for c in certs):.0f} ms/input, load {load:.1f}")
+                log(f"{name} {'+'.join(wanted)} items {start}..{start + chunk - 1}: {len(rows)} inputs, "
+                    + ", ".join(f"{c} {statistics.mean(x.total_ms for x in by_sigma[configs[c].sigma]):.0f} ms/input"
+                                for c in wanted) + f", load {load:.1f}")
 
 
 def _mean(xs):
@@ -200,7 +203,10 @@ def covers(spans: list[dict], trigger: list[int]) -> tuple[bool, bool]:
 
 
 def report(n: int, method: str, trained: dict | None) -> dict:
-    journal = read_journal()
+    latest = {}                                   # a re-run input counts once: its last record
+    for r in read_journal():
+        latest[(r["kind"], r["model"], r.get("certifier"), r["set"], r["index"])] = r
+    journal = list(latest.values())
     out: dict = {"n_requested": n, "method": method, "dtype": "bfloat16", "torch_threads": 1,
                  "k": 20, "sigma": 0.01, "top_layers": 10, "omega_h": 0.8, "omega_l": 0.1, "omega_m": 0.5,
                  "alpha": 0.05, "mcts_budget": 48, "training": trained, "plain": {}, "certified": {}}
@@ -311,6 +317,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     import torch
+
+    global JOURNAL
+    JOURNAL = RESULTS / JOURNAL_PATTERN.format(method=args.method)
 
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(exist_ok=True)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -361,3 +362,13 @@ def test_certify_runs_on_the_backdoored_classifier(frs_backdoored, tmp_path):
     assert sum(cert["votes"]) == 20 and cert["label_name"] in ("negative", "positive")
     assert cert["n_words"] == len(text.split()) and cert["spans"]
     assert backdoor.SENTENCE_TRIGGER.split()[0] in text.split()
+
+
+def test_certifying_several_sigmas_at_once_equals_one_at_a_time(tiny_classifier):
+    texts = ["the movie is not worth watching", "a b c d e f"]
+    config = FRSConfig(k=6, top_layers=2, budget=6)
+    both = frs.certify_sigmas(tiny_classifier, texts, config, [0.0, 0.05])
+    for sigma in (0.0, 0.05):
+        alone = frs.certify(tiny_classifier, texts, replace(config, sigma=sigma))
+        assert [c.votes for c in alone] == [c.votes for c in both[sigma]]
+        assert [c.spans for c in alone] == [c.spans for c in both[sigma]]

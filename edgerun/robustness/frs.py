@@ -463,6 +463,26 @@ def certify(classifier, texts: Sequence[str], config: FRSConfig = FRSConfig(), *
     Raises:
         UsageError: an empty text, settings out of range, ``top_layers`` above the model's layers.
     """
+    return certify_sigmas(classifier, texts, config, [config.sigma], spans=spans, notify=notify,
+                          batch=batch)[config.sigma]
+
+
+def certify_sigmas(classifier, texts: Sequence[str], config: FRSConfig, sigmas: Sequence[float], *,
+                   spans: Sequence[list[Span]] | None = None, notify: Callable[[str], None] | None = None,
+                   batch: int = 32) -> dict[float, list[Certificate]]:
+    """:func:`certify` with ``config`` at each parameter-noise level in ``sigmas`` (``config.sigma`` is
+    ignored), sharing the search, the randomized inputs and their lower-layer activations: what differs
+    is only the K top-layer passes. Each certificate's ``passes_ms`` counts the whole lower pass, as a
+    run of that sigma alone would.
+
+    Returns:
+        ``{sigma: [Certificate per text, in order]}``.
+
+    Raises:
+        UsageError: as :func:`certify`, or a sigma out of range.
+    """
+    for sigma in sigmas:
+        replace(config, sigma=sigma).validate()
     config.validate()
     if config.top_layers > classifier.n_layers:
         raise UsageError(f"top layers H must be at most the model's {classifier.n_layers} layers, got {config.top_layers}")
@@ -499,9 +519,7 @@ def certify(classifier, texts: Sequence[str], config: FRSConfig = FRSConfig(), *
             areas.append(found)
             mcts_ms[i] = (time.perf_counter() - t0) * 1e3
 
-    t_passes = time.perf_counter()
-    smoother = ParameterSmoother(classifier, config.top_layers, config.sigma, config.seed)
-    seeds = noise_seeds(config.seed, config.k)
+    t_lower = time.perf_counter()
     randomized: list[list[list[str]]] = []          # [text][copy] -> words
     for i, words in enumerate(word_lists):
         in_area = [False] * len(words)
@@ -511,41 +529,48 @@ def certify(classifier, texts: Sequence[str], config: FRSConfig = FRSConfig(), *
         rng = np.random.default_rng([_text_seed(config.seed, words), 1])
         hi, lo = (config.omega_h, config.omega_l) if config.fuzz else (config.omega_m, config.omega_m)
         randomized.append([randomize(words, in_area, hi, lo, rng, config.op) for _ in range(config.k)])
-    # shared lower layers: one pass per distinct randomized prompt, reused by every copy that needs it
-    prompts = {}
+    # shared lower layers: one pass per distinct randomized prompt, reused by every copy (and every sigma)
+    prompts: dict[tuple[str, ...], int] = {}
     for per_text in randomized:
         for words in per_text:
             prompts.setdefault(tuple(words), len(prompts))
-    unique = list(prompts)
-    hidden = classifier.lower(classifier.encode([list(w) for w in unique]), smoother.n_lower, batch)
-    votes = np.zeros((n, len(classifier.task.labels)), dtype=np.int64)
-    for k, k_seed in enumerate(seeds):
-        layers = smoother.layers(k_seed)
-        h_k = [hidden[prompts[tuple(randomized[i][k])]] for i in range(n)]
-        preds = classifier.upper(h_k, layers=layers, batch=batch).argmax(-1).tolist()
-        for i, p in enumerate(preds):
-            votes[i, p] += 1
-    passes_ms = (time.perf_counter() - t_passes) * 1e3 / n
+    n_lower = classifier.n_layers - config.top_layers
+    hidden = classifier.lower(classifier.encode([list(w) for w in prompts]), n_lower, batch)
+    lower_ms = (time.perf_counter() - t_lower) * 1e3 / n
 
-    out = []
+    results: dict[float, list[Certificate]] = {}
     omega_cond = config.omega_h if config.fuzz else config.omega_m
     omega_uncond = config.omega_l if config.fuzz else config.omega_m
-    for i, words in enumerate(word_lists):
-        label = int(votes[i].argmax())
-        p_low = clopper_pearson_lower(int(votes[i, label]), config.k, config.alpha)
-        # no vulnerable area found: nothing is randomized with omega_H, so only the omega_L bound holds
-        r, r_edits = certified_radius(p_low, len(words), omega_cond if areas[i] or not config.fuzz else omega_uncond,
-                                      config.beta)
-        ru, ru_edits = certified_radius(p_low, len(words), omega_uncond, config.beta)
-        out.append(Certificate(
-            text=" ".join(words), label=label, label_name=classifier.task.labels[label], votes=votes[i].tolist(),
-            p_a_lower=p_low, certified=p_low > 0.5, radius=r, radius_edits=r_edits,
-            radius_unconditional=ru, radius_unconditional_edits=ru_edits,
-            spans=[asdict(s) for s in areas[i]],
-            area_words=[" ".join(words[s.start:s.end]) for s in areas[i]], n_words=len(words),
-            truncated=cut[i], base_label=int(base_probs[i].argmax()), mcts_ms=mcts_ms[i], passes_ms=passes_ms,
-            total_ms=mcts_ms[i] + passes_ms, queries=queries[i]))
-    return out
+    for sigma in sigmas:
+        t_upper = time.perf_counter()
+        smoother = ParameterSmoother(classifier, config.top_layers, sigma, config.seed)
+        votes = np.zeros((n, len(classifier.task.labels)), dtype=np.int64)
+        for k, k_seed in enumerate(noise_seeds(config.seed, config.k)):
+            layers = smoother.layers(k_seed)
+            h_k = [hidden[prompts[tuple(randomized[i][k])]] for i in range(n)]
+            preds = classifier.upper(h_k, layers=layers, batch=batch).argmax(-1).tolist()
+            for i, p in enumerate(preds):
+                votes[i, p] += 1
+        del smoother
+        passes_ms = lower_ms + (time.perf_counter() - t_upper) * 1e3 / n
+        out = []
+        for i, words in enumerate(word_lists):
+            label = int(votes[i].argmax())
+            p_low = clopper_pearson_lower(int(votes[i, label]), config.k, config.alpha)
+            # no vulnerable area found: nothing is randomized with omega_H, so only the omega_L bound holds
+            r, r_edits = certified_radius(p_low, len(words), omega_cond if areas[i] or not config.fuzz else omega_uncond,
+                                          config.beta)
+            ru, ru_edits = certified_radius(p_low, len(words), omega_uncond, config.beta)
+            out.append(Certificate(
+                text=" ".join(words), label=label, label_name=classifier.task.labels[label], votes=votes[i].tolist(),
+                p_a_lower=p_low, certified=p_low > 0.5, radius=r, radius_edits=r_edits,
+                radius_unconditional=ru, radius_unconditional_edits=ru_edits,
+                spans=[asdict(s) for s in areas[i]],
+                area_words=[" ".join(words[s.start:s.end]) for s in areas[i]], n_words=len(words),
+                truncated=cut[i], base_label=int(base_probs[i].argmax()), mcts_ms=mcts_ms[i], passes_ms=passes_ms,
+                total_ms=mcts_ms[i] + passes_ms, queries=queries[i]))
+        results[sigma] = out
+    return results
 
 
 def ablation(config: FRSConfig, name: str) -> FRSConfig:
