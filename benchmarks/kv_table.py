@@ -9,9 +9,11 @@
    KL log-linearly, perplexity linearly), and beside the previous NSGA-II front (4 groups, attention
    error sensitivity; ``kv/<mode>/trials.json`` from the earlier run) where it exists.
 2. A downstream task longer than the KIVI window: pass-key retrieval (a 5-digit key planted once in
-   ~600 tokens of held-out text, greedy generation through the packed cache; ``passkey_accuracy``)
-   for KV16, the uniform layouts and the front points nearest to 3, 4 and 5 bits, with Wilson 95%
-   intervals.
+   ~600 tokens of held-out text; ``profilers.accuracy.passkey_retrieval``, teacher-forced through the
+   packed cache, so in KIVI mode the key is read from quantized K/V) for KV16, every uniform layout and
+   every verified DP layout on the same items: the key's NLL (nats) per item, compared item by item
+   (paired bootstrap 95% intervals) with KV16 and with the uniform layouts at equal bits (per item,
+   linearly between the two neighbouring uniform layouts), and digit / whole-key accuracy (Wilson).
 3. KV-cache bytes measured on the packed cache (filled at 2048 and 8192 tokens with SmolLM2's
    shape, 30 layers x 3 KV heads x 64) vs the codes-only bytes average bits imply.
 4. llama.cpp's uniform KV types on the float32 GGUF of the same model: perplexity on the same
@@ -20,7 +22,9 @@
 Decode speed of the packed cache in the torch backend is ``benchmarks/kv_decode.py``. Sections 3 and
 4 do not depend on the search: they are kept from the previous run unless ``--all``.
 
-Usage: python benchmarks/kv_table.py [--points 24] [--passkey 40] [--all] [--quick]
+Usage: python benchmarks/kv_table.py [--points 24] [--passkey 40] [--modes per-token,kivi] [--all] [--quick]
+A mode left out keeps its previous results; the search resumes from kv/<mode>-dp/ (same settings), and
+the pass-key scores resume per layout from kv/<mode>-dp/passkey.json.
 Writes benchmarks/results/kv_table.json, kv_table.md and kv/<mode>-dp/ (layouts, trials.json, front.png).
 """
 
@@ -35,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from profilers.accuracy import passkey_accuracy
+from profilers.accuracy import paired_difference, passkey_retrieval
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q5_1", "q5_1"), ("q4_1", "q4_1"),
@@ -80,6 +84,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=6.0)
     ap.add_argument("--passkey", type=int, default=40, help="pass-key items per layout")
     ap.add_argument("--calib-windows", type=int, default=2, help="512-token windows of the sensitivity")
+    ap.add_argument("--modes", default="per-token,kivi", help="KV modes to (re)run, comma-separated")
     ap.add_argument("--all", action="store_true", help="also re-measure the cache bytes and llama.cpp types")
     ap.add_argument("--quick", action="store_true", help="small settings to check the script")
     args = ap.parse_args()
@@ -107,9 +112,13 @@ def main() -> int:
     result = {"benchmark": "kv_table", "source": source.label, "date": time.strftime("%Y-%m-%d"), "budget": args.budget,
               "points": points, "calib_windows": args.calib_windows, "passkey_items": args.passkey, "context": ctx, "contexts": n_ctx_windows, "search": "dp", "modes": {},
               "load_before": os.getloadavg()}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode, m in previous.get("modes", {}).items():
+        if mode not in modes:
+            result["modes"][mode] = m                  # kept from the previous run
 
     # 1. the search, per mode, against uniform at equal bits and the earlier NSGA-II front
-    for mode in ("per-token", "kivi"):
+    for mode in modes:
         out = RESULTS / "kv" / f"{mode}-dp"
         t0 = time.perf_counter()
         r = kvt.tune(source.path, out, budget=args.budget, search="dp", points=points, mode=mode,
@@ -148,24 +157,9 @@ def main() -> int:
         result["modes"][mode] = m
         save(result)
 
-        # 2. pass-key retrieval through the packed cache: uniform layouts and front points at 3, 4, 5 bits
-        engine = TorchBackend(source.path, n_ctx=1024)
-        layouts = [Layout.uniform(u, 30, mode) for u in ("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2")]
-        for target in (3.0, 4.0, 5.0):
-            under = [v for v in verified if v["avg_bits"] <= target + 1e-9]
-            if under:
-                v = under[-1]
-                lay = Layout([kvt.PAIRS[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits")
-                if all(lay.pairs != x.pairs for x in layouts):
-                    layouts.append(lay)
-        acc = []
-        for lay in layouts:
-            engine.set_kv_layout(lay)
-            a = passkey_accuracy(engine, 10 if args.quick else args.passkey, progress=True)
-            acc.append({"name": lay.name, "avg_bits": lay.average_bits, **a})
-            print(acc[-1])
-        engine.close()
-        m["passkey"] = acc
+        # 2. pass-key retrieval through the packed cache: KV16, the uniform layouts and every verified DP layout
+        m["passkey"] = passkey_table(source.path, out, mode, verified, 10 if args.quick else args.passkey,
+                                     Layout, kvt.PAIRS)
         save(result)
 
     if not args.all:
@@ -228,6 +222,50 @@ def main() -> int:
     return 0
 
 
+def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int, Layout, pairs) -> dict:
+    """Teacher-forced pass-key scores of KV16, the uniform layouts and the verified DP layouts on the same
+    ``n`` items (resumable per layout in ``out/passkey.json``), with paired comparisons per DP layout."""
+    from edgerun.atomic import atomic_file
+    from edgerun.backends.torch import TorchBackend
+
+    uniform_names = ("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2")
+    layouts = [Layout.uniform(u, 30, mode) for u in uniform_names]
+    for v in verified:
+        if not any(v["choice"] == [u] * 30 for u in uniform_names):
+            layouts.append(Layout([pairs[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits"))
+    memo_path = out / "passkey.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    if memo.get("n") != n:
+        memo = {"n": n, "layouts": {}}
+    engine = TorchBackend(model_dir, n_ctx=1024)
+    for lay in layouts:
+        key = ",".join(f"K{k}V{v}" for k, v in lay.pairs)
+        if key in memo["layouts"]:
+            continue
+        engine.set_kv_layout(lay)
+        t0 = time.perf_counter()
+        a = passkey_retrieval(engine, n, progress=True)
+        memo["layouts"][key] = {"name": lay.name, "avg_bits": lay.average_bits, "seconds": time.perf_counter() - t0, **a}
+        print({k: v for k, v in memo["layouts"][key].items() if k != "key_nll_items"}, flush=True)
+        with atomic_file(memo_path, force=True) as tmp:
+            tmp.write_text(json.dumps(memo, indent=1))
+    engine.close()
+    rows = [memo["layouts"][",".join(f"K{k}V{v}" for k, v in lay.pairs)] for lay in layouts]
+    base = rows[0]["key_nll_items"]
+    uni = sorted((r for r in rows[1:len(uniform_names)]), key=lambda r: r["avg_bits"])
+    for r in rows:
+        r["vs_kv16"] = paired_difference(r["key_nll_items"], base)
+        if r["name"].startswith("DP"):
+            b = r["avg_bits"]
+            lo = max((u for u in uni if u["avg_bits"] <= b), key=lambda u: u["avg_bits"])
+            hi = min((u for u in uni if u["avg_bits"] >= b), key=lambda u: u["avg_bits"])
+            t = 0.0 if hi is lo else (b - lo["avg_bits"]) / (hi["avg_bits"] - lo["avg_bits"])
+            ref = [(1 - t) * x + t * y for x, y in zip(lo["key_nll_items"], hi["key_nll_items"])]
+            r["uniform_key_nll"] = float(sum(ref) / len(ref))
+            r["vs_uniform"] = paired_difference(r["key_nll_items"], ref)
+    return {"n": n, "rows": rows}
+
+
 def save(result: dict) -> None:
     """Write what is measured so far (a later section failing loses nothing before it)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -267,12 +305,25 @@ def render(r: dict) -> str:
             for f in sorted(m["nsga2_front_before"], key=lambda x: x["avg_bits"]):
                 lines.append(f"| {f['avg_bits']:.2f} | {f['kl']:.2e} | {f['ppl']:.3f} |")
             lines.append("")
-        if m.get("passkey"):
-            lines += ["Pass-key retrieval (5-digit key in ~600 tokens of held-out text, greedy through the packed "
-                      "cache; Wilson 95%):", "", "| layout | avg bits | accuracy | 95% CI | n |", "|---|---:|---:|---|---:|"]
-            for a in m["passkey"]:
-                lines.append(f"| {a['name']} | {a['avg_bits']:.2f} | {a['accuracy']:.3f} | "
-                             f"{a['ci95'][0]:.3f}-{a['ci95'][1]:.3f} | {a['n']} |")
+        pk = m.get("passkey")
+        if isinstance(pk, dict) and pk.get("rows"):
+            lines += [f"Pass-key retrieval, teacher-forced ({pk['n']} items of ~{pk['rows'][0]['prompt_tokens']:.0f} tokens, "
+                      "a 5-digit key once at a random depth in held-out text; the same items for every layout): the "
+                      "key's NLL in nats (lower is better) with paired bootstrap 95% intervals of the per-item "
+                      "difference against KV16 and against the uniform layouts at equal bits (per item, linear "
+                      "between the neighbouring uniform layouts; negative = the DP layout retrieves better); digit "
+                      "accuracy (true digit first among the ten digit tokens, chance 0.1) and whole-key accuracy, "
+                      "Wilson 95%.", "",
+                      "| layout | avg bits | key NLL | vs KV16 | vs uniform at equal bits | digit acc. | key acc. |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            for a in pk["rows"]:
+                d = a["vs_kv16"]
+                u = a.get("vs_uniform")
+                us = (f"{u['mean']:+.3f} [{u['ci95'][0]:+.3f}, {u['ci95'][1]:+.3f}]" if u else "")
+                lines.append(f"| {a['name']} | {a['avg_bits']:.2f} | {a['key_nll']:.3f} | {d['mean']:+.3f} "
+                             f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {us} | {a['digit_accuracy']:.3f} "
+                             f"({a['digit_ci95'][0]:.2f}-{a['digit_ci95'][1]:.2f}) | {a['key_accuracy']:.2f} "
+                             f"({a['key_ci95'][0]:.2f}-{a['key_ci95'][1]:.2f}) |")
             lines.append("")
     lines += ["## KV-cache bytes: measured on the packed cache vs codes only", "",
               "| tokens | mode | layout | avg bits | measured MiB | codes-only MiB | overhead | vs fp16 cache |",

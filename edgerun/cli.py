@@ -65,6 +65,12 @@ def _add_chat(sub) -> None:
                                                   "(default Q8_0)")
     p.add_argument("--mixpe", default=None, help="MixPE mode with --backend mixpe: W4A8, W4A16 (default), W8A8, W8A16")
     p.add_argument("--cost-table", default=None, help="MixPE: energy cost table YAML (default: the simulator's)")
+    p.add_argument("--mixpe-gemm", default=None, choices=["codes", "bitplane"],
+                   help="MixPE GEMM path: codes (default; one batched matmul of the packed codes per layer) or "
+                        "bitplane (shift-and-add over bit-planes in float64: the slow reference)")
+    p.add_argument("--mixpe-accum", default=None, choices=["fp32", "fp16", "bf16", "fp64"],
+                   help="MixPE W4A16/W8A16: precision of the per-group accumulation (default fp32; A8 modes "
+                        "accumulate integers exactly)")
     p.add_argument("--kv-layout", default=None, metavar="LAYOUT",
                    help="KVTuner KV-cache layout YAML, or a directory of them ('edgerun kv tune' output) to choose "
                         "per message within the device budget (torch; llama.cpp maps one file to a uniform type)")
@@ -158,14 +164,17 @@ def cmd_chat(args) -> int:
     def notify(msg: str) -> None:
         print(f"[{msg}]", file=sys.stderr, flush=True)
 
-    if args.backend != "mixpe" and (args.mixpe or args.cost_table):
-        raise UsageError("--mixpe and --cost-table apply to --backend mixpe")
+    if args.backend != "mixpe" and (args.mixpe or args.cost_table or args.mixpe_gemm or args.mixpe_accum):
+        raise UsageError("--mixpe, --mixpe-gemm, --mixpe-accum and --cost-table apply to --backend mixpe")
     if args.quant and not (args.adaptive_experts and args.backend in (None, "llama.cpp")):
         raise UsageError("--quant applies to --adaptive-experts on llama.cpp (the GGUFs assembled per task); "
                          "to quantize a model use 'edgerun export --quant'")
     if not args.adaptive_experts and (args.patterns or args.keep != "2/4"):
         raise UsageError("--patterns and --keep apply to --adaptive-experts")
-    mixpe = {"mode": args.mixpe or "W4A16", "cost_table": args.cost_table} if args.backend == "mixpe" else {}
+    mixpe = {}
+    if args.backend == "mixpe":
+        mixpe = {"mode": args.mixpe or "W4A16", "cost_table": args.cost_table, "gemm": args.mixpe_gemm or "codes",
+                 "accum": args.mixpe_accum or "fp32"}
     assembler = None
     if args.adaptive_experts and args.backend in (None, "llama.cpp"):
         from converters.assemble import GGUFAssembler  # the writers: only adaptive experts on llama.cpp
@@ -533,18 +542,24 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark sweep (latency, memory, energy, quality vs effective BPW), "
                                      "or 'bench report DIR'",
                        description="edgerun bench --sweep FILE.yaml --device FILE.yaml --out DIR runs (or resumes) a "
-                                   "sweep; edgerun bench report DIR renders its plots and summary.")
+                                   "sweep (also: edgerun bench FILE.yaml ...); --cluster ADDRESS runs its cells on the "
+                                   "nodes of a Ray cluster that have their devices; edgerun bench report DIR renders "
+                                   "its plots and summary.")
     p.add_argument("report", nargs="*", metavar="report DIR", help="render PNG plots and summary.md of DIR")
     p.add_argument("--sweep", help="sweep definition (YAML), e.g. benchmarks/bpw_sweep.yaml")
-    p.add_argument("--device", help="device config (YAML), e.g. device_configs/this-machine.yaml")
+    p.add_argument("--device", help="device config (YAML), e.g. device_configs/this-machine.yaml; with --cluster, "
+                                    "the device (NAME or its YAML) of a sweep that names none")
     p.add_argument("--out", help="results directory (JSONL, resumable)")
     p.add_argument("--force", action="store_true", help="add to a directory that holds a different sweep")
+    p.add_argument("--cluster", metavar="ADDRESS", help="run on a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (docs/cluster.md)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
     from profilers import report, sweep  # llama.cpp, onnx and matplotlib: only for bench
 
+    if len(args.report) == 1 and args.report[0].endswith((".yaml", ".yml")) and not args.sweep:
+        args.sweep, args.report = args.report[0], []            # edgerun bench SWEEP.yaml ...
     if args.report:
         if args.report[0] != "report" or len(args.report) != 2:
             raise UsageError("usage: edgerun bench report DIR")
@@ -554,12 +569,19 @@ def cmd_bench(args) -> int:
     if not args.sweep or not args.out:
         raise UsageError("edgerun bench needs --sweep FILE and --out DIR (and usually --device FILE)")
     sw = sweep.load(args.sweep)
-    dev = load_device(args.device) if args.device else None
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    jsonl = sweep.run(sw, args.out, device=dev, force=args.force, log=log)
+    if args.cluster:
+        from profilers import cluster  # Ray: only with --cluster
+
+        name = cluster.find_config(args.device)[0] if args.device and not sw.devices else None
+        jsonl = cluster.run_sweep(sw, args.out, args.cluster, device_name=name, force=args.force, log=log)
+    else:
+        dev = load_device(args.device) if args.device else None
+        jsonl = sweep.run(sw, args.out, device=dev, force=args.force, log=log,
+                          device_name=sweep.local_device_name(sw, args.device))
     summary = report.render(args.out)
     print(jsonl)
     log(f"summary: {summary}")
@@ -600,6 +622,11 @@ def _add_kv(sub) -> None:
     t.add_argument("--task", default="arc-easy", help="task scored on the Pareto front (default arc-easy; 'none')")
     t.add_argument("--task-items", type=int, default=100, help="task items (default 100)")
     t.add_argument("-o", "--output", required=True, help="output directory (layouts, journal, plot)")
+    t.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per evaluation (default: the physical cores here, 1 per evaluator on a cluster)")
+    t.add_argument("--cluster", metavar="ADDRESS",
+                   help="evaluate layouts on a Ray cluster (one evaluator per CPU, each on its node's copy of the "
+                        "model): auto, HOST:PORT or ray://HOST:PORT (docs/cluster.md)")
     t.set_defaults(func=cmd_kv_tune)
 
 
@@ -653,10 +680,16 @@ def cmd_kv_tune(args) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    result = kvt.tune(model_dir, args.output, budget=args.budget, trials=args.trials, population=args.population,
-                      mode=args.mode, groups=args.groups, group_size=args.group_size, window=args.window,
-                      context=args.context, contexts=args.contexts, calib_windows=-(-args.calib_tokens // 512),
-                      search=args.search, points=args.points, log=log)
+    kw = dict(budget=args.budget, trials=args.trials, population=args.population, mode=args.mode, groups=args.groups,
+              group_size=args.group_size, window=args.window, context=args.context, contexts=args.contexts,
+              calib_windows=-(-args.calib_tokens // 512), search=args.search, points=args.points, log=log)
+    if args.cluster:
+        from profilers import cluster  # Ray: only with --cluster
+
+        with cluster.LayoutPool(args.cluster, args.model, model_dir, threads=args.threads or 1) as pool:
+            result = kvt.tune(model_dir, args.output, evaluate=pool, **kw)
+    else:
+        result = kvt.tune(model_dir, args.output, threads=args.threads, **kw)
     if args.task != "none" and result.front:
         from profilers.accuracy import kv_front_accuracy  # torch backend for the front's task accuracy
 
@@ -709,6 +742,9 @@ def _add_experts(sub) -> None:
     p.add_argument("--key-layer", type=int, default=0, help="MoE layer whose scores are the retrieval key (default 0)")
     p.add_argument("--score", default=None, help="raw-logit, frequency, probability or softplus")
     p.add_argument("--plot", default=None, help="show: write a PNG heat map of layer x expert scores here")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="calibrate: one Ray task per task, each on its node's copy of the model: auto, HOST:PORT or "
+                        "ray://HOST:PORT (docs/cluster.md)")
     p.set_defaults(func=cmd_experts)
 
 
@@ -719,9 +755,17 @@ def cmd_experts(args) -> int:
     score = args.score or tcess.DEFAULT_SCORE
     if args.action == "calibrate":
         tasks = [cal.parse_task(t) for t in (args.task or cal.DEFAULT_TASKS)]
-        model, tokenizer = cal.load_model(catalog.resolve(args.target))
-        patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.calib_tokens, key_layer=args.key_layer, score=score,
-                                 name=str(args.target), progress=True)
+        if score not in tcess.SCORES:
+            raise UsageError(f"unknown score function '{score}'; valid: {', '.join(tcess.SCORES)}")
+        if args.cluster:
+            from profilers import cluster  # Ray: only with --cluster
+
+            patterns = cluster.calibrate_tasks(args.cluster, str(args.target), tasks, tokens=args.calib_tokens,
+                                               key_layer=args.key_layer, score=score, name=str(args.target))
+        else:
+            model, tokenizer = cal.load_model(catalog.resolve(args.target))
+            patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.calib_tokens, key_layer=args.key_layer,
+                                     score=score, name=str(args.target), progress=True)
         for pat in patterns:
             print(tcess.save(pat, args.output))
         return 0
@@ -796,6 +840,48 @@ def cmd_rm(args) -> int:
         catalog.remove(name)
         print(f"removed {name}")
     return 0
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="join (or start) a Ray cluster as a node offering this machine's device",
+                       description="Runs Ray's own 'ray start' in the foreground with the custom resource "
+                                   "device:NAME (amount 1: one sweep cell at a time) from this machine's device config, "
+                                   "kept in $EDGERUN_HOME/devices/NAME.yaml for the tasks. Stop it with Ctrl-C.")
+    p.add_argument("--address", metavar="HOST:PORT", help="the cluster's head (its GCS port, default 6379)")
+    p.add_argument("--head", action="store_true", help="start a new cluster with this machine as its head")
+    p.add_argument("--port", type=_positive_int, default=6379, help="--head: GCS port (default 6379)")
+    p.add_argument("--client-port", type=_positive_int, default=10001,
+                   help="--head: Ray Client port, for ray://HOST:PORT (default 10001)")
+    p.add_argument("--device", help="device config: NAME (device_configs/NAME.yaml) or a YAML path (default: the config "
+                                    "in device_configs/ that describes this machine, else one detected now)")
+    p.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs this node offers (default: all)")
+    p.add_argument("--object-store-memory", type=_positive_int, default=None, metavar="BYTES",
+                   help="Ray object store size (edgerun sends only small records through it)")
+    p.add_argument("--node-ip-address", default=None, help="this node's address as the others reach it")
+    p.add_argument("--dry-run", action="store_true", help="print the ray start command instead of running it")
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args) -> int:
+    import os
+    import shlex
+
+    from profilers import cluster  # device detection; Ray itself runs in the exec'd process
+
+    if args.device:
+        name, path = cluster.find_config(args.device)
+        config, how = load_device(path), f"from {path}"
+    else:
+        name, config, how = cluster.detect_config()
+    cmd = cluster.worker_command(name, address=args.address, head=args.head, port=args.port,
+                                 client_port=args.client_port, num_cpus=args.num_cpus,
+                                 object_store_bytes=args.object_store_memory, node_ip=args.node_ip_address)
+    print(f"device {name} ({how}); resource {cluster.device_resource(name)}", file=sys.stderr)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    print(f"device config kept in {cluster.install_config(name, config)}", file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)       # Ray's own start, in the foreground; this process becomes it
 
 
 def _add_certify(sub) -> None:
@@ -907,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(sub)
     _add_kv(sub)
     _add_certify(sub)
+    _add_worker(sub)
     p = sub.add_parser("pull", help="download a catalog model or dataset into the cache")
     p.add_argument("name")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

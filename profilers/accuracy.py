@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -177,35 +177,88 @@ def task_accuracy(backend, model: str, task: str, n: int = 100, progress: bool =
                       ci95_norm=wilson_interval(hits_norm, len(items)), chance=chance / len(items))
 
 
-def passkey_accuracy(backend, n: int = 40, chars: int = 2400, seed: int = 0, progress: bool = False) -> dict:
-    """Pass-key retrieval accuracy (:func:`edgerun.data.passkey_items`): greedy generation of up to 8 tokens
-    after each item's question; a hit when the first number generated is the key.
+def passkey_retrieval(backend, n: int = 40, chars: int = 2400, seed: int = 0, progress: bool = False) -> dict:
+    """Pass-key retrieval (:func:`edgerun.data.passkey_items`), teacher-forced: one forward per item.
 
-    Unlike a log-likelihood task, the answer is decoded token by token through the engine's own cache
-    (e.g. a packed KV layout, KIVI's window included), and the key sits hundreds of tokens back.
+    Each item hides a 5-digit key once in ``chars`` characters of held-out text (~600 tokens at 2,400
+    characters) and ends with "What is the pass key? The pass key is"; the key (" NNNNN", one token per
+    digit with SmolLM2's tokenizer) is appended and the model's next-token distributions are read at
+    its positions, through the engine's own cache path (a packed KV layout quantizes the context in
+    that forward; in KIVI mode only the last ``window`` tokens stay in full precision, so the key,
+    hundreds of tokens back, is read from quantized K/V). Two scores:
+
+    - ``key_nll``: -log p(key | context), nats, summed over the key's tokens (lower is better): a
+      continuous score, compared between layouts item by item (:func:`paired_difference`);
+    - ``digit_accuracy``: per digit position, whether the true digit has the highest probability of
+      the ten digit tokens given the true digits before it (chance 0.1); ``key_accuracy``: all five.
+
+    Generation is not scored: the default model answers "The pass key is" with " a ..." before any
+    digits (measured: the first token is " a" on 19 of 20 items), so greedy exact match measures the
+    phrasing, not retrieval (it scored 3/30 even with the unquantized cache).
+
+    Args:
+        backend: an engine with ``logits(tokens)`` (float32 (len(tokens), vocab)) and ``tokenize``.
+        n: items; chars: characters of held-out text per item; seed: item seed (same items for a seed).
 
     Returns:
-        {"task": "passkey", "n", "accuracy", "ci95" (Wilson 95%), "prompt_tokens" (median)}.
-    """
-    import re
-    import statistics
+        {"task": "passkey", "n", "key_nll" (mean, nats), "key_nll_items" (list, per item),
+        "digit_accuracy", "digit_ci95" (Wilson over n x digits), "key_accuracy", "key_ci95" (Wilson),
+        "prompt_tokens" (median)}.
 
-    from edgerun.backends.base import SamplingParams
+    Raises:
+        UsageError: held-out text shorter than ``chars`` (from :func:`edgerun.data.passkey_items`).
+    """
+    import statistics
 
     items = data.passkey_items(n, chars, seed)
     bos = data.bos_prefix(backend)
-    hits, lengths = 0, []
+    digit_ids = {backend.tokenize(str(d))[-1]: d for d in range(10)}
+    order = sorted(digit_ids)
+    nll, digit_hits, digits, key_hits, lengths = [], 0, 0, 0, []
     iterator = tqdm(items, desc="passkey", unit="item", leave=False) if progress else items
     for item in iterator:
-        tokens = bos + list(backend.tokenize(item.context))
-        if hasattr(backend, "reset"):
-            backend.reset()                # no prefix reuse between items: each is its own prefill
-        out = backend.complete(tokens, SamplingParams(temperature=0.0, max_tokens=8))
-        m = re.search(r"\d+", out)
-        hits += int(bool(m) and m.group(0) == item.key)
-        lengths.append(len(tokens))
-    return {"task": "passkey", "n": len(items), "accuracy": hits / len(items),
-            "ci95": list(wilson_interval(hits, len(items))), "prompt_tokens": statistics.median(lengths)}
+        ctx = bos + list(backend.tokenize(item.context))
+        key = list(backend.tokenize(" " + item.key))
+        logits = np.asarray(backend.logits(ctx + key), dtype=np.float64)[len(ctx) - 1:len(ctx) + len(key) - 1]
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll.append(-float(sum(logp[i, t] for i, t in enumerate(key))))
+        hits = [order[int(np.argmax(logp[i, order]))] == t for i, t in enumerate(key) if t in digit_ids]
+        digit_hits += sum(hits)
+        digits += len(hits)
+        key_hits += int(bool(hits) and all(hits))
+        lengths.append(len(ctx) + len(key))
+    return {"task": "passkey", "n": len(items), "key_nll": float(np.mean(nll)), "key_nll_items": nll,
+            "digit_accuracy": digit_hits / max(1, digits), "digit_ci95": list(wilson_interval(digit_hits, digits)),
+            "key_accuracy": key_hits / len(items), "key_ci95": list(wilson_interval(key_hits, len(items))),
+            "prompt_tokens": statistics.median(lengths)}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0, resamples: int = 9999) -> dict:
+    """Mean of ``a[i] - b[i]`` over paired items with a 95% bootstrap interval (scipy BCa, paired resampling).
+
+    Used to compare two configurations on the same items (e.g. a KV layout's per-item pass-key NLL
+    against KV16's, or against a uniform layout at equal bits): the interval excludes 0 when the
+    difference is beyond item-to-item noise.
+
+    Returns:
+        {"mean", "ci95" [low, high], "n"}.
+
+    Raises:
+        UsageError: different lengths, or fewer than 2 pairs.
+    """
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise UsageError(f"paired difference needs two equal-length series of 2+ items, got {a.shape} and {b.shape}")
+    d = a - b
+    if np.all(d == d[0]):
+        return {"mean": float(d[0]), "ci95": [float(d[0]), float(d[0])], "n": len(d)}
+    res = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=resamples, method="BCa",
+                    random_state=np.random.default_rng(seed))
+    return {"mean": float(d.mean()), "ci95": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
+            "n": len(d)}
 
 
 def kv_front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Path, task: str = "arc-easy",

@@ -261,3 +261,26 @@ def test_mode_must_match_the_checkpoint_bits(w4_checkpoint):
         MixPEBackend(w4_checkpoint, "W8A8", n_ctx=64)
     with pytest.raises(UsageError, match="unknown MixPE mode 'W3A8'"):
         MixPEBackend(w4_checkpoint, "W3A8", n_ctx=64)
+
+
+def test_chat_cli_selects_the_gemm_path_and_accumulation(w4_checkpoint):
+    """`edgerun chat --backend mixpe --mixpe-gemm/--mixpe-accum`: W4A8 integer partial sums are exact on both
+    paths, so the greedy replies agree; the flags are refused without --backend mixpe."""
+    import subprocess
+
+    from conftest import cli_env, edgerun_cmd
+
+    def chat(*extra):
+        r = subprocess.run(edgerun_cmd("chat", str(w4_checkpoint), "-p", "Name a colour.", "--temperature", "0",
+                                       "--max-tokens", "6", "--ctx-size", "128", *extra),
+                           capture_output=True, text=True, env=cli_env(), timeout=600)
+        return r
+
+    codes = chat("--backend", "mixpe", "--mixpe", "W4A8", "--mixpe-gemm", "codes")
+    planes = chat("--backend", "mixpe", "--mixpe", "W4A8", "--mixpe-gemm", "bitplane")
+    assert codes.returncode == 0 and planes.returncode == 0, codes.stderr + planes.stderr
+    assert codes.stdout == planes.stdout and codes.stdout.strip()
+    half = chat("--backend", "mixpe", "--mixpe-accum", "fp16")
+    assert half.returncode == 0, half.stderr
+    bad = chat("--backend", "torch", "--mixpe-gemm", "codes")
+    assert bad.returncode != 0 and "apply to --backend mixpe" in bad.stderr
