@@ -286,3 +286,58 @@ def test_detect_describes_this_machine():
     assert d.tdp_watts is None  # never guessed
     text = device.to_yaml(d)
     assert "cpu_model" in text
+
+
+class _CharEngine:
+    """A scripted engine over characters (token = code point): ``oracle`` puts all probability on the
+    true next character; otherwise every logit is equal."""
+
+    V = 256
+
+    def __init__(self, oracle: bool):
+        self.oracle = oracle
+
+    def encode_prompt(self, text):
+        return []
+
+    def tokenize(self, text):
+        return [min(ord(c), self.V - 1) for c in text]
+
+    def logits(self, tokens):
+        import numpy as np
+
+        out = np.zeros((len(tokens), self.V), dtype=np.float32)
+        if self.oracle:
+            for i, t in enumerate(tokens[1:]):
+                out[i, t] = 50.0
+        return out
+
+
+def test_passkey_retrieval_scores_a_perfect_and_a_blind_engine():
+    import math
+
+    from profilers.accuracy import passkey_retrieval
+
+    good = passkey_retrieval(_CharEngine(True), n=6, chars=300)
+    assert good["digit_accuracy"] == 1.0 and good["key_accuracy"] == 1.0
+    assert good["key_nll"] < 1e-6 and len(good["key_nll_items"]) == 6
+    blind = passkey_retrieval(_CharEngine(False), n=6, chars=300)
+    assert blind["key_nll"] == pytest.approx(6 * math.log(256))           # " " + 5 digits, uniform over 256
+    assert blind["key_accuracy"] < 1.0                                     # ties pick the digit 0
+
+
+def test_paired_difference_separates_a_shift_from_noise():
+    import numpy as np
+
+    from edgerun.errors import UsageError
+    from profilers.accuracy import paired_difference
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(5, 2, 40)
+    shifted = paired_difference(base + 0.5 + rng.normal(0, 0.1, 40), base)
+    assert shifted["ci95"][0] > 0.3 and shifted["ci95"][1] < 0.7 and shifted["n"] == 40
+    noise = paired_difference(base + rng.normal(0, 1, 40), base)
+    assert noise["ci95"][0] < 0 < noise["ci95"][1]                       # zero-mean noise: 0 inside
+    assert paired_difference([2.0, 3.0], [1.0, 2.0]) == {"mean": 1.0, "ci95": [1.0, 1.0], "n": 2}
+    with pytest.raises(UsageError, match="equal-length"):
+        paired_difference([1.0, 2.0], [1.0])
