@@ -47,6 +47,9 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 def load_runs(directory: str | Path) -> tuple[list[dict], list[dict], list[dict]]:
     """(ok cell records, quality records, other records) from ``DIR/runs.jsonl``.
 
+    The last record of a key counts: a cell recorded as lost with its cluster node and run again on
+    resume has two records, the second supersedes the first.
+
     Raises:
         UsageError: no runs.jsonl in ``directory``.
     """
@@ -54,11 +57,15 @@ def load_runs(directory: str | Path) -> tuple[list[dict], list[dict], list[dict]
     if not path.is_file():
         raise UsageError(f"{directory} has no runs.jsonl; run 'edgerun bench --sweep FILE --out {directory}' first")
     cells, quality, other = [], [], []
-    for line in path.read_text().splitlines():
+    last: dict = {}
+    for i, line in enumerate(path.read_text().splitlines()):
         try:
             rec = json.loads(line)
         except ValueError:
             continue
+        if isinstance(rec, dict):
+            last[rec.get("key", i)] = rec
+    for rec in last.values():
         if rec.get("kind") == "quality":
             (quality if rec.get("status") == "ok" else other).append(rec)
         elif rec.get("status") == "ok":
@@ -145,7 +152,7 @@ def _series(rows: list[dict], metric: str, measure: str) -> dict[str, tuple[list
     for r in rows:
         if r.get(metric) is None or r.get(measure) is None:
             continue
-        label = f"{r['model']} / {r['backend']}"
+        label = f"{_model(r)} / {r['backend']}"
         if len({(x['threads'], x['kv_cache_type'], x['prompt_tokens'], x['gen_tokens']) for x in rows}) > 1:
             label += f" / t{r['threads']} {r['kv_cache_type']} p{r['prompt_tokens']} g{r['gen_tokens']}"
         x = r[measure] / 2**20 if measure == "bytes_per_token" else r[measure]
@@ -205,6 +212,11 @@ def render(directory: str | Path) -> Path:
     return summary
 
 
+def _model(r: dict) -> str:
+    """The model column: the model, and the device it was measured on when the sweep names devices."""
+    return f"{r['model']} @ {r['device']}" if r.get("device") else r["model"]
+
+
 def _fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
@@ -235,7 +247,7 @@ def _markdown(rows, ratios, fits, quality, other) -> str:
         n = f"{r['n']}" + (f", {r['flagged']} flagged" if r.get("flagged") else "") + \
             (f", {r['rejected']} re-run" if r.get("rejected") else "")
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['backend']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
+            f"| {_model(r)} | {r['variant']} | {r['backend']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
             f"{r['prompt_tokens']}/{r['gen_tokens']} | {r['file_bpw']:.2f} | {_fmt(r.get('tensor_bpw'), '.2f')} | "
             f"{r['linear_bpw']:.2f} | {r['bytes_per_token'] / 2**20:.1f} | {_spread(r, 'ttft_ms')} | "
             f"{_spread(r, 'prefill_tokens_per_s')} | {_spread(r, 'decode_tokens_per_s')} | {n} | "
@@ -253,7 +265,7 @@ def _markdown(rows, ratios, fits, quality, other) -> str:
         for r in sorted(ratios, key=lambda r: (r["model"], r["variant"])):
             cells = [f"{q[1]:.3f} [{q[0]:.3f}-{q[2]:.3f}]" if q else "-"
                      for q in (r.get("decode_tokens_per_s"), r.get("ttft_ms"), r.get("prefill_tokens_per_s"))]
-            lines.append(f"| {r['model']} | {r['variant']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
+            lines.append(f"| {_model(r)} | {r['variant']} | {r['threads'] or 'auto'} | {r['kv_cache_type']} | "
                          f"{r['prompt_tokens']}/{r['gen_tokens']} | " + " | ".join(cells) +
                          f" | {r.get('pairs', 0)} | {_fmt(r.get('peak_rss_bytes'), '.3f')} |")
     buffers = [r for r in rows if r.get("engine_buffers_mib")]
@@ -262,7 +274,7 @@ def _markdown(rows, ratios, fits, quality, other) -> str:
         lines += ["", "## llama.cpp's buffers (MiB, from its load log)", "",
                   "| model | variant | backend | " + " | ".join(kinds) + " |", "|---|---|---|" + "---|" * len(kinds)]
         for r in sorted(buffers, key=lambda r: (r["model"], -r["file_bpw"], r["backend"])):
-            lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | "
+            lines.append(f"| {_model(r)} | {r['variant']} | {r['backend']} | "
                          + " | ".join(_fmt(r["engine_buffers_mib"].get(k)) for k in kinds) + " |")
     lines += ["", "## Linear fits (R^2)", "", "| metric | vs | series | points | slope | R^2 |", "|---|---|---|---|---|---|"]
     for f in fits:

@@ -44,6 +44,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import select
 import signal
 import subprocess
@@ -78,6 +79,7 @@ LOST_CPU_SHARE = 0.9    # a repetition whose CPU share falls below this fraction
 OTHER_CPU_SHARE = 0.1   # ... or while which other processes used more than this share of one core
 COMMAND_TIMEOUT_S = 900.0  # a cell's child that answers no command within this is killed and recorded
 FORMATS = ("gguf", "onnx")
+DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # a device config's file stem: device_configs/NAME.yaml
 
 VARIANT_SCHEMA = {
     "format": yf.Field(yf.one_of(FORMATS)),
@@ -96,6 +98,9 @@ ACCURACY_SCHEMA = {
 SCHEMA = {
     "name": yf.Field(yf.is_str),
     "models": yf.Field(yf.list_of(yf.is_str)),
+    "devices": yf.Field(yf.list_of(lambda v: None if isinstance(v, str) and DEVICE_NAME.match(v)
+                                   else f"must name a device config (device_configs/NAME.yaml: letters, digits, "
+                                        f"'.', '_', '-'), got {v!r}"), required=False, default=[]),
     "variants": yf.Field(lambda v: None if isinstance(v, list) and v else "must be a non-empty list"),
     "backends": yf.Field(yf.list_of(yf.one_of(BACKENDS)), required=False, default=["edgerun"]),
     "threads": yf.Field(yf.list_of(yf.positive_int), required=False, default=[0]),
@@ -140,15 +145,23 @@ class Sweep:
     ctx_size: int
     accuracy: dict = field(default_factory=dict)
     digest: str = ""
+    devices: list[str] = field(default_factory=list)
 
     def cells(self) -> list[dict]:
-        """Every combination, in run order (model-major so each model's exports are reused)."""
+        """Every combination, in run order (device-major, then model-major so each model's exports are reused).
+
+        A sweep that names ``devices`` gives each cell a ``device`` field (the device config's name,
+        ``device_configs/NAME.yaml``): the device it is measured on. Without it cells have no such field.
+        """
         out = []
-        for model, v, backend, threads, kv, p, g in itertools.product(
-                self.models, self.variants, self.backends, self.threads, self.kv_cache_types,
-                self.prompt_tokens, self.gen_tokens):
-            out.append({"model": model, "variant": v.name, "format": v.format, "backend": backend,
-                        "threads": threads, "kv_cache_type": kv, "prompt_tokens": p, "gen_tokens": g})
+        for device, model, v, backend, threads, kv, p, g in itertools.product(
+                self.devices or [None], self.models, self.variants, self.backends, self.threads,
+                self.kv_cache_types, self.prompt_tokens, self.gen_tokens):
+            cell = {"model": model, "variant": v.name, "format": v.format, "backend": backend,
+                    "threads": threads, "kv_cache_type": kv, "prompt_tokens": p, "gen_tokens": g}
+            if device is not None:
+                cell["device"] = device
+            out.append(cell)
         return out
 
 
@@ -197,11 +210,15 @@ def load(path: str | Path) -> Sweep:
         if task not in TASKS:
             raise yf.YamlError(f"{path}, line {lines.get('accuracy.tasks.' + task, '?')}: unknown task '{task}'; "
                                f"known: {', '.join(TASKS)}")
-    digest = hashlib.sha256(json.dumps({k: v for k, v in data.items()}, sort_keys=True, default=str).encode()).hexdigest()
+    if len(set(data["devices"])) != len(data["devices"]):
+        raise yf.YamlError(f"{path}, line {lines.get('devices', '?')}: a device is named twice")
+    # a sweep without devices keeps the digest it had before the field existed (its results stay resumable)
+    digested = {k: v for k, v in data.items() if k != "devices" or v}
+    digest = hashlib.sha256(json.dumps(digested, sort_keys=True, default=str).encode()).hexdigest()
     return Sweep(path=path, name=data["name"], models=data["models"], variants=variants, backends=data["backends"],
                  threads=data["threads"], kv_cache_types=data["kv_cache_types"], prompt_tokens=data["prompt_tokens"],
                  gen_tokens=data["gen_tokens"], repetitions=data["repetitions"], warmup=data["warmup"],
-                 ctx_size=data["ctx_size"], accuracy=accuracy, digest=digest[:16])
+                 ctx_size=data["ctx_size"], accuracy=accuracy, digest=digest[:16], devices=data["devices"])
 
 
 def _groups(cells: list[dict]) -> list[list[dict]]:
@@ -224,16 +241,25 @@ def not_applicable(cell: dict) -> str | None:
 # --- running ------------------------------------------------------------------------------------
 
 def export_variant(model: str, v: Variant, log: Callable[[str], None]) -> tuple[Path, dict]:
-    """The cached export of ``model`` as variant ``v``; returns (path, its BPW record measured from the file)."""
+    """The cached export of ``model`` as variant ``v``; returns (path, its BPW record measured from the file).
+
+    Processes sharing a cache (two cluster nodes on one machine, or two sweeps) export a variant one at a
+    time: the first writes it under an exclusive lock, the others wait and reuse it.
+    """
+    import fcntl
+
     from converters.export import export  # torch: only an export not yet cached needs it
 
     safe = model.replace("/", "_")
     out = catalog.home() / "cache" / "exports" / safe / (f"{v.name}.gguf" if v.format == "gguf" else v.name)
-    if not (out.exists() and manifest_mod.manifest_path(out).is_file()):
-        log(f"exporting {model} as {v.name} (cached for later sweeps)")
-        export(model, to=v.format, quant=v.quant, out=out, force=True, verify=False, progress=False,
-               token_embedding_type=v.token_embedding_type, output_tensor_type=v.output_tensor_type,
-               block_size=v.block_size, log=lambda m: None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)           # released when the file closes (also if this process dies)
+        if not (out.exists() and manifest_mod.manifest_path(out).is_file()):
+            log(f"exporting {model} as {v.name} (cached for later sweeps)")
+            export(model, to=v.format, quant=v.quant, out=out, force=True, verify=False, progress=False,
+                   token_embedding_type=v.token_embedding_type, output_tensor_type=v.output_tensor_type,
+                   block_size=v.block_size, log=lambda m: None)
     # measured again from the file (a fraction of a second): an older cached manifest may lack newer fields
     return out, (gguf_bpw(out) if v.format == "gguf" else onnx_bpw(out)).as_dict()
 
@@ -462,9 +488,21 @@ def machine_info() -> dict:
             "versions": manifest_mod.tool_versions()}
 
 
-def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, progress: bool = True,
-        log: Callable[[str], None] = print, bandwidth_gbps: float | None = None) -> Path:
-    """Run (or resume) ``sweep`` into ``out_dir``; returns the JSONL path.
+def node_info() -> dict:
+    """Where a record was measured: this host's name and, inside a Ray task, the Ray node's id (else None)."""
+    node_id = None
+    ray = sys.modules.get("ray")        # never imported here: only a cluster run has it loaded
+    if ray is not None and ray.is_initialized():
+        node_id = ray.get_runtime_context().get_node_id()
+    return {"host": platform.node(), "ray_node_id": node_id}
+
+
+def open_results(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False) -> tuple[Path, set[str]]:
+    """Prepare ``out_dir`` for ``sweep`` and read what is done; returns (``runs.jsonl`` path, keys done).
+
+    A key is done when its last record is not marked ``rerun_on_resume`` (a cell whose cluster node was
+    lost, or that no node could take): those run again when the sweep is resumed, and their new record
+    supersedes the old one (the report reads the last record of each key).
 
     Raises:
         UsageError: ``out_dir`` holds a different sweep and ``force`` is false; not Linux.
@@ -488,77 +526,145 @@ def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, pro
         tmp.write_text(json.dumps({"name": sweep.name, "digest": sweep.digest, "file": str(sweep.path),
                                    "device": device.as_dict() if device else None}, indent=2))
     jsonl = out_dir / "runs.jsonl"
-    done = set()
+    last: dict[str, dict] = {}
     if jsonl.exists():
         for line in jsonl.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by an interrupt: that cell runs again
-            done.add(rec.get("key"))
+            if isinstance(rec, dict):
+                last[rec.get("key")] = rec
+        if jsonl.stat().st_size and not jsonl.read_bytes().endswith(b"\n"):
+            with open(jsonl, "a", encoding="utf-8") as f:
+                f.write("\n")  # close a line an interrupt cut short; it is skipped when read
+    return jsonl, {k for k, rec in last.items() if not rec.get("rerun_on_resume")}
+
+
+def group_records(group: list[dict], sweep: Sweep, exports: dict, device, machine: dict, idle,
+                  bandwidth: tuple[float | None, str], log: Callable[[str], None],
+                  emit: Callable[..., None]) -> None:
+    """Run one group (cells that differ only in backend) on this machine, handing its records to ``emit``.
+
+    Cells that do not apply are emitted first, as such; then the variant is exported (cached in
+    ``exports`` and on disk) and the measured records are emitted together when the group ends (an
+    interrupted group emits none of them); an export or harness failure is every runnable cell's error.
+    ``device`` is this machine's config (or None), ``bandwidth`` (GB/s, its source) the roofline's figure.
+    """
+    bases = [{"sweep": sweep.name, "key": cell_key(c), "cell": c, "device": device.name if device else None,
+              "machine": machine, "node": node_info(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+             for c in group]
+    runnable, skipped = [], []
+    for i, base in enumerate(bases):
+        why = not_applicable(base["cell"])
+        if why:
+            skipped.append({**base, "status": "not applicable", "reason": why})
+        else:
+            runnable.append(i)
+    if skipped:
+        emit(*skipped)
+    if runnable:
+        cell = bases[runnable[0]]["cell"]
+        variants = {v.name: v for v in sweep.variants}
+        try:
+            k = (cell["model"], cell["variant"])
+            if k not in exports:
+                exports[k] = export_variant(cell["model"], variants[cell["variant"]], log)
+            path, bpw = exports[k]
+            bodies = run_group([bases[i]["cell"] for i in runnable], sweep, path, bpw, bandwidth, device, idle)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a failing export or harness error is recorded, the sweep goes on
+            bodies = [{"status": "error", "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc(limit=3)}] * len(runnable)
+        emit(*({**bases[i], **body} for i, body in zip(runnable, bodies)))   # the whole group, once done
+
+
+def quality_record(sweep: Sweep, model: str, v: Variant, exports: dict, log: Callable[[str], None]) -> dict:
+    """The ``quality`` record of one model variant (perplexity, task accuracy), measured on this machine."""
+    key = f"quality|{model}|{v.name}"
+    base = {"sweep": sweep.name, "key": key, "kind": "quality", "model": model, "variant": v.name,
+            "node": node_info()}
+    try:
+        if (model, v.name) not in exports:
+            exports[(model, v.name)] = export_variant(model, v, log)
+        path, bpw = exports[(model, v.name)]
+        return {**base, "status": "ok", "bpw": bpw, "quality": measure_quality(model, v, path, sweep, log)}
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        return {**base, "status": "error", "error": f"{type(e).__name__}: {e}"}
+
+
+def todo(sweep: Sweep, done: set[str], device_name: str | None = None) -> tuple[list[list[dict]], list[tuple]]:
+    """What is left to run: (groups of cells, in run order; (model, variant) pairs whose quality is not measured).
+
+    ``device_name``: only that device's cells (a local run of a sweep that names devices).
+    """
+    cells = [c for c in sweep.cells() if cell_key(c) not in done
+             and (device_name is None or c.get("device") in (None, device_name))]
+    quality = [(m, v) for m in sweep.models for v in sweep.variants if f"quality|{m}|{v.name}" not in done]
+    return _groups(cells), quality
+
+
+def local_device_name(sweep: Sweep, device_path: str | Path | None) -> str | None:
+    """The device whose cells a local run of ``sweep`` measures: the ``--device`` file's name (its stem).
+
+    Raises:
+        UsageError: the sweep names devices and ``--device`` names none of them (or is missing).
+    """
+    if not sweep.devices:
+        return None
+    name = Path(device_path).stem if device_path else None
+    if name not in sweep.devices:
+        raise UsageError(f"sweep '{sweep.name}' is measured on devices {', '.join(sweep.devices)}: run it on a cluster "
+                         "(--cluster, docs/cluster.md), or here with --device device_configs/NAME.yaml for one of "
+                         "them (only that device's cells run)" + (f"; '{name}' is not one of them" if name else ""))
+    return name
+
+
+def run(sweep: Sweep, out_dir: str | Path, device=None, force: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print, bandwidth_gbps: float | None = None,
+        device_name: str | None = None) -> Path:
+    """Run (or resume) ``sweep`` into ``out_dir`` on this machine; returns the JSONL path.
+
+    ``device_name``: for a sweep that names ``devices``, the one this machine is (only its cells run
+    here; see :func:`local_device_name`); the others are left for a cluster run.
+
+    Raises:
+        UsageError: ``out_dir`` holds a different sweep and ``force`` is false; not Linux; a sweep that
+            names devices without ``device_name`` among them.
+    """
+    if sweep.devices and device_name not in sweep.devices:
+        raise UsageError(f"sweep '{sweep.name}' names devices {', '.join(sweep.devices)}; say which one this machine "
+                         "is (--device device_configs/NAME.yaml), or run it on a cluster (--cluster)")
+    jsonl, done = open_results(sweep, out_dir, device, force)
     machine = machine_info()
     bandwidth_source = "given to the sweep"
     if bandwidth_gbps is None and device is not None:
         bandwidth_gbps = device.memory_bandwidth_gbps
         bandwidth_source = f"device config {device.name}"
     idle = power.measure_idle(2.0, tdp_watts=device.tdp_watts if device else None)
+    groups, quality_todo = todo(sweep, done, device_name)
+    n_todo = sum(len(g) for g in groups)
     cells = sweep.cells()
-    todo = [c for c in cells if cell_key(c) not in done]
-    quality_todo = [(m, v) for m in sweep.models for v in sweep.variants if f"quality|{m}|{v.name}" not in done]
-    log(f"sweep '{sweep.name}': {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
-    bar = None
-    if progress:
-        bar = tqdm(total=len(todo) + len(quality_todo), desc="bench", unit="cell")
-    variants = {v.name: v for v in sweep.variants}
-    if jsonl.exists() and jsonl.stat().st_size and not jsonl.read_bytes().endswith(b"\n"):
-        with open(jsonl, "a", encoding="utf-8") as f:
-            f.write("\n")  # close a line an interrupt cut short; it is skipped when read
+    others = sum(1 for c in cells if c.get("device") not in (None, device_name) and cell_key(c) not in done)
+    log(f"sweep '{sweep.name}': {len(cells)} cells, {sum(cell_key(c) in done for c in cells)} already done, "
+        f"{n_todo} to run"
+        + (f" ({others} for other devices left for a cluster run)" if others else ""))
+    bar = tqdm(total=n_todo + len(quality_todo), desc="bench", unit="cell") if progress else None
     with open(jsonl, "a", encoding="utf-8") as f:
         def write(*recs):
             f.write("".join(json.dumps(rec, default=str) + "\n" for rec in recs))    # one write per group
             f.flush()
 
         exports: dict[tuple[str, str], tuple[Path, dict]] = {}
-        for group in _groups(todo):
-            bases = [{"sweep": sweep.name, "key": cell_key(c), "cell": c, "device": device.name if device else None,
-                      "machine": machine, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                     for c in group]
-            runnable = []
-            for base in bases:
-                why = not_applicable(base["cell"])
-                if why:
-                    write({**base, "status": "not applicable", "reason": why})
-                else:
-                    runnable.append(base)
-            if runnable:
-                cell = runnable[0]["cell"]
-                try:
-                    k = (cell["model"], cell["variant"])
-                    if k not in exports:
-                        exports[k] = export_variant(cell["model"], variants[cell["variant"]], log)
-                    path, bpw = exports[k]
-                    bodies = run_group([b["cell"] for b in runnable], sweep, path, bpw,
-                                       (bandwidth_gbps, bandwidth_source), device, idle)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # a failing export or harness error is recorded, the sweep goes on
-                    bodies = [{"status": "error", "error": f"{type(e).__name__}: {e}",
-                               "traceback": traceback.format_exc(limit=3)}] * len(runnable)
-                write(*({**base, **body} for base, body in zip(runnable, bodies)))  # whole group, once done
+        for group in groups:
+            group_records(group, sweep, exports, device, machine, idle, (bandwidth_gbps, bandwidth_source), log, write)
             if bar:
                 bar.update(len(group))
         for model, v in quality_todo:
-            key = f"quality|{model}|{v.name}"
-            base = {"sweep": sweep.name, "key": key, "kind": "quality", "model": model, "variant": v.name}
-            try:
-                if (model, v.name) not in exports:
-                    exports[(model, v.name)] = export_variant(model, v, log)
-                path, bpw = exports[(model, v.name)]
-                write({**base, "status": "ok", "bpw": bpw, "quality": measure_quality(model, v, path, sweep, log)})
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:
-                write({**base, "status": "error", "error": f"{type(e).__name__}: {e}"})
+            write(quality_record(sweep, model, v, exports, log))
             if bar:
                 bar.update(1)
     if bar:

@@ -31,6 +31,17 @@ Steps, each saved in the output directory so an interrupted search resumes:
    so early query positions see quantized keys that decoding would still hold in full precision (a
    slightly pessimistic approximation).
 
+Parallel evaluation: every evaluation of a layout (the sensitivity's forwards, the uniform baselines,
+the DP's verified layouts, each NSGA-II generation) goes through one function,
+``evaluate(spec, layouts) -> results in order``. By default it runs here, one layout after the other
+(:class:`LocalEvaluations`); ``edgerun kv tune --cluster`` passes one that spreads the layouts over a
+Ray cluster (``profilers/cluster.py``), which rebuilds the same evaluator on each node from an
+:class:`EvaluationSpec` (which text, split and windows) and its own copy of the checkpoint. NSGA-II
+runs as Optuna's ask/tell, a generation at a time: the trials of a generation are asked in order,
+the new layouts among them evaluated together, and the trials told in order, which proposes the same
+trials as asking and telling one at a time (the sampler's generation and parents depend only on the
+completed trials of earlier generations), so a cluster run gives the local run's front for a seed.
+
 Outputs: ``sensitivity.json``, ``dp.json`` (verified DP layouts) or ``study.journal`` (Optuna
 journal storage), ``trials.json``, one layout YAML per Pareto point (``pareto-XX-<bits>b.yaml``),
 ``front.png`` (KL and perplexity vs average bits, with the uniform layouts) and, if asked, the
@@ -45,7 +56,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -53,7 +64,7 @@ from tqdm import tqdm
 
 from edgerun import data
 from edgerun.atomic import atomic_file
-from edgerun.calibration import calibration_windows, forward_windows
+from edgerun.calibration import forward_windows
 from edgerun.errors import UsageError
 from edgerun.kv.cache import MODES, PAIRS, KVSpec, QuantizedKVCache
 from edgerun.kv.layout import Layout
@@ -124,6 +135,51 @@ class Evaluator:
         return {"kl": kl_sum / n_kl, "ppl": math.exp(nll), "nll": nll}
 
 
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """Which token windows an evaluator scores layouts on: all another process needs, with the checkpoint,
+    to rebuild the same :class:`Evaluator` (:func:`edgerun.data.token_windows` of ``dataset``'s ``split``:
+    ``count`` windows of ``length`` text tokens, BOS first when the model uses one)."""
+
+    dataset: str
+    split: str
+    length: int
+    count: int
+
+    def windows(self, tokenizer) -> list[torch.Tensor]:
+        """The spec's windows as (1, T) int64 tensors, cut by ``tokenizer``."""
+        return [torch.tensor([w]) for w in data.token_windows(tokenizer, self.dataset, self.split, self.length,
+                                                               self.count)]
+
+
+Evaluate = Callable[[EvaluationSpec, Sequence[Layout]], Iterable[dict]]
+"""``evaluate(spec, layouts)``: each layout's :meth:`Evaluator.__call__` result, in the layouts' order."""
+
+
+class LocalEvaluations:
+    """The default :data:`Evaluate`: one evaluator per spec on a model in this process, layouts one by one.
+
+    Args:
+        model: a transformers causal LM (float32). tokenizer: its tokenizer.
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self._evaluators: dict[EvaluationSpec, Evaluator] = {}
+
+    def evaluator(self, spec: EvaluationSpec) -> Evaluator:
+        """The evaluator of ``spec`` (built once: its reference forward runs then)."""
+        if spec not in self._evaluators:
+            self._evaluators[spec] = Evaluator(self.model, spec.windows(self.tokenizer))
+        return self._evaluators[spec]
+
+    def __call__(self, spec: EvaluationSpec, layouts: Sequence[Layout]) -> Iterator[dict]:
+        """Yield each layout's quality as it is computed (so a caller can save progress between layouts)."""
+        evaluator = self.evaluator(spec)
+        for lay in layouts:
+            yield evaluator(lay)
+
+
 # --- sensitivity --------------------------------------------------------------------------------
 
 def sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", group_size: int = 32,
@@ -184,25 +240,35 @@ def pareto_pairs(errors: np.ndarray) -> list[str]:
     return ["KV16"] + non_dominated(QUANT_PAIRS, lambda p: (pair_bits(p), error[p]))
 
 
-def kl_sensitivity(model, windows: list[torch.Tensor], mode: str = "per-token", group_size: int = 32,
-                   window: int = 32, progress: bool = False) -> np.ndarray:
+def kl_sensitivity(model, windows: list[torch.Tensor] | EvaluationSpec, mode: str = "per-token", group_size: int = 32,
+                   window: int = 32, progress: bool = False, evaluate: Evaluate | None = None,
+                   n_layers: int | None = None) -> np.ndarray:
     """End-to-end sensitivity: KL(P_KV16 || P) in nats/token with only layer i's K/V at pair j.
 
     Returns float64 (layers, len(QUANT_PAIRS)): the mean over the windows' positions of the KL divergence
     between the next-token distributions of the unquantized cache and of a layout that is KV16 except
     layer i at ``QUANT_PAIRS[j]`` (layers x pairs teacher-forced forwards of every window). ``windows``:
-    (1, T) int64 token tensors; ``mode``, ``group_size`` and ``window`` are the cache's.
+    (1, T) int64 token tensors, or the :class:`EvaluationSpec` of them when ``evaluate`` (an
+    :data:`Evaluate`, e.g. a cluster's) computes the layouts; ``mode``, ``group_size`` and ``window`` are
+    the cache's. ``model`` may be None with ``evaluate`` and ``n_layers``.
     """
-    n = model.config.num_hidden_layers
-    evaluator = Evaluator(model, windows)
-    out = np.zeros((n, len(QUANT_PAIRS)))
+    n = n_layers if n_layers is not None else model.config.num_hidden_layers
     steps = [(i, j) for i in range(n) for j in range(len(QUANT_PAIRS))]
-    if progress:
-        steps = tqdm(steps, desc="KV sensitivity (KL)", unit="forward", leave=False)
+    layouts = []
     for i, j in steps:
         pairs = [PAIRS["KV16"]] * n
         pairs[i] = PAIRS[QUANT_PAIRS[j]]
-        out[i, j] = max(0.0, evaluator(Layout(pairs, mode, group_size, window))["kl"])
+        layouts.append(Layout(pairs, mode, group_size, window))
+    if evaluate is None:
+        evaluator = Evaluator(model, windows)
+        results: Iterable[dict] = (evaluator(lay) for lay in layouts)
+    else:
+        results = evaluate(windows, layouts)
+    if progress:
+        results = tqdm(results, total=len(layouts), desc="KV sensitivity (KL)", unit="forward", leave=False)
+    out = np.zeros((n, len(QUANT_PAIRS)))
+    for (i, j), q in zip(steps, results):
+        out[i, j] = max(0.0, q["kl"])
     return out
 
 
@@ -305,7 +371,8 @@ def _fingerprint(model_dir: Path, settings: dict) -> str:
 def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials: int = 60, population: int = 12,
          mode: str = "per-token", groups: int = 4, group_size: int = 32, window: int = 32, context: int = 2048,
          contexts: int = 2, calib_windows: int = 2, calib_len: int = 512, dataset: str = "wiki", seed: int = 0,
-         search: str = "dp", points: int = 24, progress: bool = True, log=print) -> TuneResult:
+         search: str = "dp", points: int = 24, progress: bool = True, log=print,
+         evaluate: Evaluate | None = None, threads: int | None = None) -> TuneResult:
     """Search layer-wise KV layouts for a checkpoint under an average-bits budget (see the module doc).
 
     Args:
@@ -320,6 +387,12 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
             window (tokens); seed: sampler and clustering seed; dataset: catalog text for calibration
             and evaluation. context, contexts: held-out evaluation windows.
         calib_windows, calib_len: calibration windows of the sensitivity.
+        evaluate: computes layouts' quality (an :data:`Evaluate`); None: here, on the model loaded from
+            ``model_dir`` (:class:`LocalEvaluations`). With another one (a cluster's), this process loads
+            no model: it reads the layer count from ``config.json`` and only runs the search.
+        threads: torch threads of the local evaluations (default: the physical cores). Float sums depend
+            on how a matmul is split over threads (1 vs 2 threads differ at ~1e-7 relative), so runs
+            compare exactly only at the same thread count (a cluster's evaluators use 1 each).
 
     Raises:
         UsageError: a budget below the cheapest layout (KV2 = 2.0 bits), bad mode or search, or a result
@@ -342,9 +415,15 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
     if search == "nsga2":
         settings.update(search="nsga2", groups=groups, seed=seed)
     fp = _fingerprint(model_dir, settings)
-    engine = TorchBackend(model_dir, n_ctx=max(context, calib_len), threads=None)
-    model, tok = engine.model, engine.tokenizer
-    n_layers = model.config.num_hidden_layers
+    if evaluate is None:
+        engine = TorchBackend(model_dir, n_ctx=max(context, calib_len), threads=threads)
+        evaluate = LocalEvaluations(engine.model, engine.tokenizer)
+        n_layers = engine.model.config.num_hidden_layers
+    else:
+        from edgerun.kv.layout import model_kv_shape
+
+        n_layers = model_kv_shape(model_dir).layers
+    heldout = EvaluationSpec(dataset, "heldout", context, contexts)
 
     sens_path = out / "sensitivity.json"
     if sens_path.is_file() and json.loads(sens_path.read_text()).get("fingerprint") == fp:
@@ -356,32 +435,32 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
             raise UsageError(f"{out} holds a search made for another model or other settings; use a new directory")
         log(f"sensitivity (KL, one layer quantized at a time) of {n_layers} layers x {len(QUANT_PAIRS)} pairs on "
             f"{calib_windows} x {calib_len} tokens")
-        calib = calibration_windows(tok, calib_windows, calib_len, dataset)
-        errors = kl_sensitivity(model, calib, mode, group_size, window, progress=progress)
+        calib = EvaluationSpec(dataset, "calibration", calib_len, calib_windows)   # = calibration_windows(...)
+        errors = kl_sensitivity(None, calib, mode, group_size, window, progress=progress, evaluate=evaluate,
+                                n_layers=n_layers)
         with atomic_file(sens_path, force=True) as tmp:
             tmp.write_text(json.dumps({"fingerprint": fp, "settings": settings, "pairs": QUANT_PAIRS,
                                        "kl": errors.tolist()}, indent=1))
 
     log(f"reference (KV16) on {contexts} x {context} held-out tokens")
-    evaluator = Evaluator(model, [torch.tensor([w]) for w in data.token_windows(tok, dataset, "heldout", context,
-                                                                                   contexts)])
     uniform_path = out / "uniform.json"
     uniform = json.loads(uniform_path.read_text()) if uniform_path.is_file() else {}
     if uniform.get("fingerprint") != fp:
         uniform = {"fingerprint": fp, "layouts": {}}
-    for u in ("KV16",) + UNIFORM:                      # the uniform baselines, whatever the budget
-        if u not in uniform["layouts"]:
-            lay = Layout.uniform(u, n_layers, mode, group_size, window)
-            uniform["layouts"][u] = {"avg_bits": lay.average_bits, **evaluator(lay)}
-            with atomic_file(uniform_path, force=True) as tmp:
-                tmp.write_text(json.dumps(uniform, indent=1))
+    missing = [u for u in ("KV16",) + UNIFORM if u not in uniform["layouts"]]   # the baselines, whatever the budget
+    lays = [Layout.uniform(u, n_layers, mode, group_size, window) for u in missing]
+    for u, lay, q in zip(missing, lays, evaluate(heldout, lays)):
+        uniform["layouts"][u] = {"avg_bits": lay.average_bits, **q}
+        with atomic_file(uniform_path, force=True) as tmp:
+            tmp.write_text(json.dumps(uniform, indent=1))
     log("uniform: " + ", ".join(f"{u} KL {r['kl']:.2e} PPL {r['ppl']:.3f}" for u, r in uniform["layouts"].items()))
 
     def layout_of(choice: list[str], name: str = "") -> Layout:
         return Layout([PAIRS[p] for p in choice], mode, group_size, window, name=name)
 
     if search == "dp":
-        rows = _dp_search(errors, evaluator, layout_of, uniform["layouts"], budget, points, out, progress, log)
+        rows = _dp_search(errors, lambda lays: evaluate(heldout, lays), layout_of, uniform["layouts"], budget,
+                          points, out, progress, log)
         seen = {tuple(r["choice"]) for r in rows}
         for k, u in enumerate(UNIFORM):        # the uniform layouts compete for the front too
             choice = [u] * n_layers
@@ -391,34 +470,51 @@ def tune(model_dir: str | Path, out_dir: str | Path, budget: float = 4.0, trials
                              "ppl": q["ppl"], "uniform": u})
         labels, candidates = np.arange(n_layers), [["KV16"] + list(QUANT_PAIRS)] * n_layers
     else:
-        rows, labels, candidates = _nsga2_search(errors, evaluator, layout_of, uniform["layouts"], budget, trials,
-                                                 population, groups, seed, fp, out, progress, log)
+        rows, labels, candidates = _nsga2_search(errors, lambda lays: evaluate(heldout, lays), layout_of,
+                                                 uniform["layouts"], budget, trials, population, groups, seed, fp,
+                                                 out, progress, log)
     return _write_results(rows, out, candidates, labels, layout_of, uniform["layouts"], budget, mode, errors)
 
 
 SEARCHES = ("dp", "nsga2")
 
 
-def _dp_search(errors, evaluator, layout_of, uniform: dict, budget: float, points: int, out: Path,
+def _dp_search(errors, evaluate_many, layout_of, uniform: dict, budget: float, points: int, out: Path,
                progress: bool, log) -> list[dict]:
-    """The DP front's ``points`` layouts under the budget, each verified by ``evaluator`` (memoized in
-    ``dp.json``, so an interrupted search resumes); rows as :func:`_write_results` takes them."""
+    """The DP front's ``points`` layouts under the budget, each verified by ``evaluate_many`` (layouts ->
+    their qualities in order; memoized in ``dp.json`` as they arrive, so an interrupted search resumes);
+    rows as :func:`_write_results` takes them."""
     front = dp_front(errors)
     picked = pick_points(front, budget, points)
     memo_path = out / "dp.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
     log(f"DP front: {len(front)} layouts, {len(picked)} verified up to {budget} bits"
         + (f" (resuming: {sum(1 for c, _ in picked if ','.join(c) in memo)} done)" if memo else ""))
-    steps = tqdm(picked, desc="KV layouts (DP, verified)", unit="layout") if progress else picked
-    rows = []
-    for number, (choice, predicted) in enumerate(steps):
+
+    def save():
+        with atomic_file(memo_path, force=True) as tmp:
+            tmp.write_text(json.dumps(memo, indent=1))
+
+    todo = []
+    for choice, _ in picked:
         key = ",".join(choice)
-        if key not in memo:
-            same = [u for u in UNIFORM if all(c == u for c in choice)]
-            q = uniform[same[0]] if same else evaluator(layout_of(choice))
-            memo[key] = {"kl": q["kl"], "ppl": q["ppl"]}
-            with atomic_file(memo_path, force=True) as tmp:
-                tmp.write_text(json.dumps(memo, indent=1))
+        same = [u for u in UNIFORM if all(c == u for c in choice)]
+        if key in memo or key in todo:
+            continue
+        if same:                               # a uniform layout: evaluated already
+            memo[key] = {"kl": uniform[same[0]]["kl"], "ppl": uniform[same[0]]["ppl"]}
+            save()
+        else:
+            todo.append(key)
+    results = evaluate_many([layout_of(key.split(",")) for key in todo])
+    if progress:
+        results = tqdm(results, total=len(todo), desc="KV layouts (DP, verified)", unit="layout")
+    for key, q in zip(todo, results):
+        memo[key] = {"kl": q["kl"], "ppl": q["ppl"]}
+        save()
+    rows = []
+    for number, (choice, predicted) in enumerate(picked):
+        key = ",".join(choice)
         lay = layout_of(choice)
         same = [u for u in UNIFORM if all(c == u for c in choice)]
         rows.append({"number": number, "choice": choice, "avg_bits": lay.average_bits, "kl": memo[key]["kl"],
@@ -426,10 +522,28 @@ def _dp_search(errors, evaluator, layout_of, uniform: dict, budget: float, point
     return rows
 
 
-def _nsga2_search(errors, evaluator, layout_of, uniform: dict, budget: float, trials: int, population: int,
+def generation_slots(study, sampler, population: int) -> int:
+    """Trials left to ask in the NSGA-II generation the next trial joins (a generation holds ``population``).
+
+    Optuna's GA samplers place a new trial in the generation of the latest completed trials while it
+    has fewer than ``population`` completed members, else in the next one; trials asked together before
+    any is told all join the same generation, so a batch must stop at this count to propose what asking
+    and telling one at a time would.
+    """
+    generation = 0                             # the latest generation with completed trials (enqueued ones have none)
+    while sampler.get_population(study, generation + 1):
+        generation += 1
+    members = len(sampler.get_population(study, generation))
+    return population - members if members < population else population
+
+
+def _nsga2_search(errors, evaluate_many, layout_of, uniform: dict, budget: float, trials: int, population: int,
                   groups: int, seed: int, fp: str, out: Path, progress: bool, log):
     """KVTuner's grouped search: Pareto pairs per layer, k-means groups, Optuna NSGA-II (journal storage,
-    resumable). Returns (rows with per-layer choices, group labels, per-group candidates)."""
+    resumable), asked and told a generation at a time: the generation's trials are asked in order, its
+    new layouts evaluated together by ``evaluate_many`` (layouts -> qualities in order), the trials told
+    in order as their results arrive. Returns (rows with per-layer choices, group labels, per-group
+    candidates)."""
     import optuna  # heavy: only this search needs it
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -467,44 +581,56 @@ def _nsga2_search(errors, evaluator, layout_of, uniform: dict, budget: float, tr
             if pair_bits(u) <= budget and all(u in c for c in candidates):
                 study.enqueue_trial({f"g{g}": u for g in range(n_groups)}, user_attrs={"uniform": u})
 
-    def objective(trial):
-        choice = [trial.suggest_categorical(f"g{g}", candidates[g]) for g in range(n_groups)]
-        lay = layout_of(per_layer(choice))
-        trial.set_user_attr("avg_bits", lay.average_bits)
-        trial.set_constraint("avg_bits", lay.average_bits - budget)   # feasible when <= 0
-        if lay.average_bits > budget:          # infeasible: not evaluated (the constraint ranks it last)
-            trial.set_user_attr("evaluated", False)
-            return 1e3, lay.average_bits
-        key = tuple(choice)
-        if key not in memo:                    # a repeated choice costs nothing: its quality is known
-            same = [u for u in UNIFORM if all(c == u for c in choice)]
-            q = uniform[same[0]] if same else evaluator(lay)
-            memo[key] = (q["kl"], q["ppl"])
-        trial.set_user_attr("evaluated", True)
-        trial.set_user_attr("ppl", memo[key][1])
-        return memo[key][0], lay.average_bits
+    # trials an interrupted run asked but never told: failed, so the sampler leaves them out
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
     # --trials counts distinct layouts evaluated: infeasible and repeated samples are free, so they do
     # not use it up (bounded at 10 x trials samples in all, for small search spaces)
     if memo:
         log(f"resuming: {len(memo)} of {trials} trials done")
-    if len(memo) < trials:
-        bar = None
-        if progress:
-            bar = tqdm(total=trials, initial=len(memo), desc="KV search (NSGA-II)", unit="trial")
-
-        def callback(study_, trial_):
-            if bar:
-                bar.n = min(len(memo), trials)
-                bar.refresh()
-            if len(memo) >= trials:
-                study_.stop()
-
-        try:
-            study.optimize(objective, n_trials=max(10 * trials - len(study.trials), 1), callbacks=[callback], catch=())
-        finally:
-            if bar:
-                bar.close()
+    asks_left = max(10 * trials - len(study.trials), 1)
+    bar = tqdm(total=trials, initial=len(memo), desc="KV search (NSGA-II)", unit="trial") \
+        if progress and len(memo) < trials else None
+    try:
+        while len(memo) < trials and asks_left > 0:
+            # ask the generation's trials in order, until it is full or they reach --trials new layouts
+            batch, new = [], {}                # new: choice -> index among the layouts to evaluate
+            slots = generation_slots(study, sampler, population)
+            while len(batch) < slots and asks_left > 0 and len(memo) + len(new) < trials:
+                trial = study.ask()
+                asks_left -= 1
+                choice = tuple(trial.suggest_categorical(f"g{g}", candidates[g]) for g in range(n_groups))
+                lay = layout_of(per_layer(list(choice)))
+                batch.append((trial, choice, lay))
+                if lay.average_bits > budget or choice in memo or choice in new:
+                    continue                   # infeasible, or its quality is (or will be) known
+                same = [u for u in UNIFORM if all(c == u for c in choice)]
+                if same:
+                    memo[choice] = (uniform[same[0]]["kl"], uniform[same[0]]["ppl"])
+                else:
+                    new[choice] = lay
+            results = iter(evaluate_many(list(new.values())))
+            pending = list(new)                # choices whose results are still to come, in order
+            for trial, choice, lay in batch:   # told in order, each as soon as its quality is known
+                trial.set_user_attr("avg_bits", lay.average_bits)
+                trial.set_constraint("avg_bits", lay.average_bits - budget)   # feasible when <= 0
+                if lay.average_bits > budget:  # infeasible: not evaluated (the constraint ranks it last)
+                    trial.set_user_attr("evaluated", False)
+                    study.tell(trial, (1e3, lay.average_bits))
+                    continue
+                while choice not in memo:
+                    q = next(results)
+                    memo[pending.pop(0)] = (q["kl"], q["ppl"])
+                trial.set_user_attr("evaluated", True)
+                trial.set_user_attr("ppl", memo[choice][1])
+                study.tell(trial, (memo[choice][0], lay.average_bits))
+                if bar:
+                    bar.n = min(len(memo), trials)
+                    bar.refresh()
+    finally:
+        if bar:
+            bar.close()
     rows = []
     for t in study.trials:
         if t.state != optuna.trial.TrialState.COMPLETE or not t.user_attrs.get("evaluated"):

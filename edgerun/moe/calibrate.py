@@ -25,14 +25,15 @@ from edgerun.moe import adapters, tcess
 DEFAULT_TASKS = ("wiki", "c4", "tiny", "code", "multilingual", "technical", "math")
 
 
-def load_model(path: str | Path):
-    """(model, tokenizer) of an MoE checkpoint in float32 for calibration and pruning (torch).
+def load_model(path: str | Path, threads: int | None = None):
+    """(model, tokenizer) of an MoE checkpoint in float32 for calibration and pruning (torch; ``threads``
+    torch threads, default the physical cores).
 
     Raises:
         ModelFileError, BackendError: as the torch backend.
         UsageError: a dense model.
     """
-    backend = TorchBackend(path, n_ctx=4096)
+    backend = TorchBackend(path, n_ctx=4096, threads=threads)
     adapters.moe_layers(backend.model)  # refuse dense models early
     return backend.model, backend.tokenizer
 
