@@ -164,6 +164,25 @@ def forward_ms_per_token(backend, ids: list[int], reps: int) -> tuple[float, flo
     return (w1 - w0) * 1e3 / n, (c1 - c0) * 1e3 / n
 
 
+def gemm_ms_per_token(backend, tokens: int, reps: int) -> float:
+    """CPU ms per token of the MixPE linear layers alone: block 0's seven layers run ``reps`` times on
+    random activations of ``tokens`` rows, times the number of blocks (every block has the same shapes)."""
+    import torch
+
+    from edgerun.backends.mixpe import MixPELinear
+
+    layers = [m for n, m in backend.model.named_modules() if isinstance(m, MixPELinear) and ".layers.0." in n]
+    blocks = backend.model.config.num_hidden_layers
+    xs = [torch.randn(1, tokens, m.shape[0], generator=torch.Generator().manual_seed(i)) for i, m in enumerate(layers)]
+    with torch.no_grad():
+        c0 = time.thread_time()
+        for _ in range(reps):
+            for m, x in zip(layers, xs):
+                m(x)
+        c1 = time.thread_time()
+    return (c1 - c0) * 1e3 * blocks / (reps * tokens)
+
+
 def speed(ckpt, prompt, prompt64, pairs: int, threads: int | None = None) -> dict:
     """Batched codes vs bit-planes, interleaved A B B A ..., per mode: ms/token at 1 and 64 tokens per forward."""
     from edgerun.backends.mixpe import MixPEBackend
@@ -184,7 +203,15 @@ def speed(ckpt, prompt, prompt64, pairs: int, threads: int | None = None) -> dic
                     w, c = forward_ms_per_token(backends[g], ids, reps[g])
                     wall[g].append(w)
                     cpu[g].append(c)
+            gemm = {"codes": [], "bitplane": []}
+            for i in range(pairs):                                           # the linear layers alone
+                for g in (("codes", "bitplane") if i % 2 == 0 else ("bitplane", "codes")):
+                    gemm[g].append(gemm_ms_per_token(backends[g], len(ids), reps[g]))
             cells[label] = {"codes_ms_per_token": summary(wall["codes"]), "bitplane_ms_per_token": summary(wall["bitplane"]),
+                            "codes_gemm_cpu_ms_per_token": summary(gemm["codes"]),
+                            "bitplane_gemm_cpu_ms_per_token": summary(gemm["bitplane"]),
+                            "gemm_cpu_speedup": summary([b / c for b, c in zip(gemm["bitplane"], gemm["codes"])]),
+                            "codes_rest_cpu_ms_per_token": summary([m - g for m, g in zip(cpu["codes"], gemm["codes"])]),
                             "speedup": summary([b / c for b, c in zip(wall["bitplane"], wall["codes"])]),
                             "codes_cpu_ms_per_token": summary(cpu["codes"]),
                             "bitplane_cpu_ms_per_token": summary(cpu["bitplane"]),
@@ -234,6 +261,21 @@ def _markdown(r: dict) -> str:
             lines.append(f"| {mode} | {name} | {_fmt(c['codes_ms_per_token'])} | {_fmt(c['bitplane_ms_per_token'], 0)} | "
                          f"{_fmt(c['speedup'])}x | {_fmt(c['codes_cpu_ms_per_token'])} | "
                          f"{_fmt(c['bitplane_cpu_ms_per_token'], 0)} | {_fmt(c['cpu_speedup'])}x |")
+    if "gemm_cpu_speedup" in sp["W4A8"]["decode"]:
+        lines += ["", "The MixPE GEMMs alone (block 0's seven linear layers on random activations, x 30 blocks; CPU ms "
+                  "per token, same interleaving) and what the rest of the model costs on the codes path (attention, "
+                  "norms, embeddings and the float32 lm_head: the same on both paths, so it caps the whole-model "
+                  "speedup at (bit-plane GEMMs + rest) / rest):", "",
+                  "| mode | tokens per forward | codes GEMM CPU ms | bit-plane GEMM CPU ms | GEMM speedup | rest of the "
+                  "model (codes) CPU ms | whole-model ceiling |", "|---|---|---|---|---|---|---|"]
+        for mode in ("W4A8", "W4A16"):
+            for label, name in (("decode", "1"), ("forward64", "64")):
+                c = sp[mode][label]
+                rest = c["codes_rest_cpu_ms_per_token"]["median"]
+                ceiling = (c["bitplane_gemm_cpu_ms_per_token"]["median"] + rest) / max(rest, 1e-9)
+                lines.append(f"| {mode} | {name} | {_fmt(c['codes_gemm_cpu_ms_per_token'])} | "
+                             f"{_fmt(c['bitplane_gemm_cpu_ms_per_token'], 0)} | {_fmt(c['gemm_cpu_speedup'])}x | "
+                             f"{_fmt(c['codes_rest_cpu_ms_per_token'])} | {ceiling:.0f}x |")
     cal = r["calibration_row"]
     lines += ["", "## Time and energy model", "",
               "The MixPE simulator's model (edgerun.backends.mixpe.model_design): per GEMM, cycles = max(compute, DRAM "

@@ -103,7 +103,7 @@ def test_codes_path_equals_bitplane_path_on_every_int4_int8_pair():
     assert torch.equal(oracle[:, :, 0], x * qs[:, 0].double()[None, :])                  # = the integer products
 
 
-def test_codes_path_is_exact_at_the_float32_bound_and_refuses_beyond():
+def test_codes_path_is_exact_at_the_float32_bound_and_refuses_beyond(monkeypatch):
     # the largest groups whose integer partial sums stay below 2^24: 127 * 8 * 16512 = 16,776,192 (W4A8)
     gs = 16512
     assert mixpe.check_float32_exact(gs, 4) == 16_776_192 < 2 ** 24
@@ -115,9 +115,29 @@ def test_codes_path_is_exact_at_the_float32_bound_and_refuses_beyond():
     assert oracle[0, 0, 0].item() == 127 * 8 * gs - 8 and torch.equal(fast.double(), oracle)
     with pytest.raises(ValueError, match="2\\^24"):
         mixpe.check_float32_exact(1033, 8)                     # W8A8: 127 * 128 * 1033 >= 2^24
+
+    def w8a8_layer(gemm="codes"):
+        return mixpe.MixPELinear(torch.full((2, 2066), 255, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64),
+                                 torch.ones(2, 2), 1033, 8, "W8A8", gemm=gemm)
+
+    if mixpe.int8_mm_available():            # int32 accumulation: exact past the float32 bound
+        x8 = torch.full((1, 2066), 127.0)
+        assert torch.equal(w8a8_layer()(x8), w8a8_layer("bitplane")(x8))
+    monkeypatch.setattr(mixpe, "_INT_MM", False)   # the float32 fallback refuses what it cannot sum exactly
     with pytest.raises(ValueError, match="2\\^24"):
-        mixpe.MixPELinear(torch.zeros(2, 2066, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64),
-                          torch.ones(2, 2), 1033, 8, "W8A8")
+        w8a8_layer()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])          # block-diagonal product (t * G <= 48) and one per group
+def test_int8_partial_sums_equal_the_bitplane_oracle(tokens):
+    if not mixpe.int8_mm_available():
+        pytest.skip("this torch has no int8 matrix product on CPU")
+    q, zeros, scales = _random_layer(n=24, k=200, group=64)  # 4 groups, the last one short
+    q_signed, _ = mixpe.signed_codes(q, zeros, 4)
+    x = torch.randint(-127, 128, (tokens, 200))
+    fast = mixpe.int8_partial_sums(x, mixpe.pack_codes(q_signed, 64, torch.int8))
+    assert fast.dtype == torch.int32
+    assert torch.equal(fast.double(), mixpe.bitplane_partial_sums(x.double(), q_signed, 64, 4))
 
 
 @pytest.mark.parametrize("mode", ["W4A8", "W4A16"])

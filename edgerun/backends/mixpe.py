@@ -14,11 +14,15 @@ two's-complement INT4 code q = -8 b3 + 4 b2 + 2 b1 + b0, ``x * q = -(x << 3) b3 
 Two GEMM paths compute the per-group partial sums P[t, n, g] = sum_{k in g} x[t, k] q[n, k]:
 
 * ``codes`` (default): the signed integer codes are packed once per layer at load, (G, gs, N), and
-  every forward is one batched matmul of the codes with the (int8-quantized, for A8) activations per
-  group. Since the sum over bit-planes of (bit weight x plane) is the code itself, the integer
-  partial sums are bit-identical to the bit-plane path: for A8 every product and every partial sum
-  is an integer of magnitude <= 127 * 2^(bits-1) * gs, checked at load to be < 2^24, so float32
-  represents them exactly in any summation order.
+  every forward multiplies them with the activations group by group. Since the sum over bit-planes of
+  (bit weight x plane) is the code itself, the integer partial sums are bit-identical to the
+  bit-plane path. A8 modes keep the codes as int8 and multiply int8 x int8 with int32 accumulation
+  (``torch._int_mm``, exact): at a few tokens per forward (decode) as one matrix product of a
+  block-diagonal activation matrix (t*G, K) with the codes (K, N), which reads the int8 weights once
+  (G times the MACs, but decode is bound by reading weights); at more tokens one product per group.
+  Where ``_int_mm`` is missing, float32 batched matmul (exact: every partial sum is an integer of
+  magnitude <= 127 * 2^(bits-1) * gs, checked at load to be < 2^24). A16 modes use one batched
+  matmul in the ``accum`` dtype.
 * ``bitplane``: the shift-and-add realisation evaluated literally, bit-plane by bit-plane (one
   float64 contraction per 0/1 plane, scaled by its bit's weight and added). Slow; the test oracle.
 
@@ -162,6 +166,50 @@ def pack_codes(q_signed: torch.Tensor, group_size: int, dtype: torch.dtype = tor
     return padded.reshape(n, n_groups, group_size).permute(1, 2, 0).to(dtype).contiguous()
 
 
+def int8_mm_available() -> bool:
+    """Whether this torch has an int8 x int8 -> int32 matrix product on CPU (``torch._int_mm``)."""
+    global _INT_MM
+    if _INT_MM is None:
+        try:
+            a = torch.ones(2, 8, dtype=torch.int8)
+            _INT_MM = bool(torch.equal(torch._int_mm(a, a.t().contiguous()), torch.full((2, 2), 8, dtype=torch.int32)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _INT_MM = False
+    return _INT_MM
+
+
+_INT_MM: bool | None = None
+BLOCK_DIAGONAL_MAX_ROWS = 48  # t * G up to this: one block-diagonal product; above: one product per group
+
+
+def int8_partial_sums(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Per-group integer partial sums of int8 activation codes with int8 weight codes, exact (int32).
+
+    Args:
+        x: integer activation codes (tokens, K) in [-127, 127], any integer dtype. codes: (G, gs, N) int8
+            from :func:`pack_codes` (``dtype=torch.int8``).
+
+    Returns:
+        P (tokens, N, G) int32 (a permuted view): P[t, n, g] = sum_{k in g} x[t, k] q[n, k]; every product
+        and sum is an integer below 2^31, so equal to :func:`bitplane_partial_sums` exactly.
+
+    With t * G <= :data:`BLOCK_DIAGONAL_MAX_ROWS` (decode), one ``_int_mm`` of the block-diagonal
+    activations (t*G, G*gs), row (t, g) holding x's group g and zeros elsewhere, with the codes
+    (G*gs, N); otherwise one ``_int_mm`` of (t, gs) x (gs, N) per group.
+    """
+    n_groups, group_size, n = codes.shape
+    t = x.shape[0]
+    xg = _grouped(x.to(torch.int8), n_groups, group_size)                               # (t, G, gs)
+    if t * n_groups <= BLOCK_DIAGONAL_MAX_ROWS:
+        block = torch.zeros(t, n_groups, n_groups, group_size, dtype=torch.int8)
+        block.diagonal(dim1=1, dim2=2).copy_(xg.transpose(1, 2))                         # block[t, g, g, :] = xg[t, g]
+        p = torch._int_mm(block.view(t * n_groups, n_groups * group_size), codes.view(n_groups * group_size, n))
+        return p.view(t, n_groups, n).permute(0, 2, 1)
+    xs = xg.transpose(0, 1).contiguous()                                                # (G, t, gs)
+    p = torch.stack([torch._int_mm(xs[g], codes[g]) for g in range(n_groups)])            # (G, t, N)
+    return p.permute(1, 2, 0)
+
+
 def codes_partial_sums(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Per-group partial sums as one batched matmul of packed codes with the activations.
 
@@ -210,8 +258,9 @@ def dequantize_partial_sums(partial: torch.Tensor, row_sum: torch.Tensor, z_sign
         y (tokens, N) float64 = sum_g s[n, g] * (P[t, n, g] - z[n, g] * S[t, g]): one scale multiply and
         one zero-point correction per (group, output).
     """
-    corrected = partial.double().contiguous() - z_signed.double()[None, :, :] * row_sum.double()[:, None, :]
-    return (corrected * scales.double()[None, :, :]).sum(dim=2)
+    z, s = z_signed.to(torch.float64), scales.to(torch.float64)       # no-ops when stored as float64
+    corrected = partial.to(torch.float64) - z[None, :, :] * row_sum.to(torch.float64)[:, None, :]
+    return (corrected * s[None, :, :]).sum(dim=2)
 
 
 def group_accumulate_gemm(x: torch.Tensor, q_signed: torch.Tensor, z_signed: torch.Tensor, scales: torch.Tensor,
@@ -478,13 +527,14 @@ class MixPELinear(nn.Module):
     Args:
         q: unsigned codes (N, K), integer. zeros: zero points (N, G). scales: (N, G) float.
         group_size, bits: format. mode: ``W4A8``, ``W4A16``, ``W8A8`` or ``W8A16``.
-        counter: a dict the layer adds its per-token :class:`OpCounts` to (keys ``mixpe``, ``fp16``,
-            ``dequant-loop``) each time it runs on t tokens (counts are multiplied by t).
-        gemm: ``codes`` (default: codes packed at construction, one batched matmul per forward) or
-            ``bitplane`` (shift-and-add over bit-planes in float64; the oracle).
+        counter: an :class:`OpCounter` the layer registers with; it counts the tokens the layer runs
+            and the counter multiplies them by the layer's per-token :class:`OpCounts` when read.
+        gemm: ``codes`` (default: codes packed at construction; int8 x int8 products for A8, one
+            batched matmul for A16) or ``bitplane`` (shift-and-add over bit-planes in float64; the oracle).
         accum: A16 modes only: precision of the group products and partial sums, one of
             :data:`ACCUMULATIONS` (``fp32`` default; ``bf16`` also rounds the activations to bf16).
-            A8 modes accumulate integers exactly (float32 on the codes path, checked at construction).
+            A8 modes accumulate integers exactly (int32, or float32 where ``_int_mm`` is missing,
+            checked at construction).
 
     Input (..., K) float; output (..., N) in the input's dtype.
 
@@ -493,26 +543,32 @@ class MixPELinear(nn.Module):
     """
 
     def __init__(self, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int,
-                 mode: str, counter: dict | None = None, name: str = "", gemm: str = "codes", accum: str = "fp32"):
+                 mode: str, counter: "OpCounter | None" = None, name: str = "", gemm: str = "codes",
+                 accum: str = "fp32"):
         super().__init__()
         if gemm not in GEMM_PATHS:
             raise ValueError(f"unknown MixPE GEMM path '{gemm}'; use one of {', '.join(GEMM_PATHS)}")
         if accum not in ACCUMULATIONS:
             raise ValueError(f"unknown accumulation '{accum}'; use one of {', '.join(ACCUMULATIONS)}")
-        q_signed, self.z_signed = signed_codes(q, zeros, bits)
+        q_signed, z_signed = signed_codes(q, zeros, bits)
+        self.z_signed = z_signed.to(torch.float64)      # small integers: exact; float64 as dequantization uses it
         # the oracle's codes: int64 as it computes with them; compact int8 when it is not the path in use
         self.q_signed = q_signed if gemm == "bitplane" else q_signed.to(torch.int8)
-        self.scales = scales.float()
+        self.scales = scales.float().to(torch.float64)   # fp16/fp32 values: exact in float64
         self.group_size, self.bits, self.mode, self.name, self.gemm = group_size, bits, mode, name, gemm
         self.integer = mode.endswith("A8")
         self.accum = "int" if self.integer else accum
-        self.counter = counter if counter is not None else {}
+        self.counter = counter if counter is not None else OpCounter()
+        self.counter.register(self)
+        self.tokens_run = 0
         n, k = q.shape
         self.shape = (k, n)
         self.n_groups = scales.shape[1]
         self.codes = None
         if gemm == "codes":
-            if self.integer:
+            if self.integer and int8_mm_available():
+                dtype = torch.int8
+            elif self.integer:
                 check_float32_exact(group_size, bits)
                 dtype = torch.float32
             else:
@@ -528,29 +584,58 @@ class MixPELinear(nn.Module):
         """P (tokens, N, G) of already-rounded activations x (tokens, K) on this layer's GEMM path."""
         if self.gemm == "bitplane":
             return bitplane_partial_sums(x, self.q_signed, self.group_size, self.bits)
+        if self.codes.dtype == torch.int8:
+            return int8_partial_sums(x, self.codes)
         return codes_partial_sums(x, self.codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        t = flat.shape[0]
-        for scheme, ops in self.per_token.items():
-            acc = self.counter.get(scheme)
-            if acc is None:
-                acc = self.counter[scheme] = OpCounts()
-            acc.add_scaled(ops, t)
+        self.tokens_run += flat.shape[0]
         if self.integer:
             xq, act_scale = quantize_activations_int8(flat)
         else:
             xq, act_scale = flat.to(ACCUMULATIONS[self.accum][1]), None
-        row_sum = _grouped(xq.double(), self.n_groups, self.group_size).sum(dim=2)
+        row_sum = _grouped(xq.to(torch.float64), self.n_groups, self.group_size).sum(dim=2)
         y = dequantize_partial_sums(self.partial_sums(xq), row_sum, self.z_signed, self.scales)
         if act_scale is not None:
             y = y * act_scale[:, None]
         return y.to(x.dtype).reshape(*shape[:-1], -1)
 
 
-def install(model, checkpoint: str | Path, mode: str, gemm: str = "codes", accum: str = "fp32") -> dict:
+class OpCounter:
+    """The operations run so far by the :class:`MixPELinear` layers registered with it.
+
+    Each layer counts the tokens it runs (one integer add per forward); reading multiplies them by the
+    layer's per-token :class:`OpCounts`, so counting costs nothing measurable in the forward pass.
+    Reads like a dict {scheme: :class:`OpCounts`} for ``mixpe``, ``dequant-loop`` and ``fp16``.
+    """
+
+    def __init__(self):
+        self.layers: list["MixPELinear"] = []
+
+    def register(self, layer: "MixPELinear") -> None:
+        self.layers.append(layer)
+
+    def totals(self) -> dict[str, OpCounts]:
+        out: dict[str, OpCounts] = {}
+        for layer in self.layers:
+            if layer.tokens_run:
+                for scheme, ops in layer.per_token.items():
+                    out.setdefault(scheme, OpCounts()).add_scaled(ops, layer.tokens_run)
+        return out
+
+    def items(self):
+        return self.totals().items()
+
+    def __getitem__(self, scheme: str) -> OpCounts:
+        return self.totals()[scheme]
+
+    def __contains__(self, scheme: str) -> bool:
+        return scheme in self.totals()
+
+
+def install(model, checkpoint: str | Path, mode: str, gemm: str = "codes", accum: str = "fp32") -> "OpCounter":
     """Replace every quantized linear layer of ``model`` by a :class:`MixPELinear`; returns the shared op counter.
 
     Args:
@@ -577,7 +662,7 @@ def install(model, checkpoint: str | Path, mode: str, gemm: str = "codes", accum
     raw = {}
     for f in st_format.checkpoint_files(checkpoint):
         raw.update(load_file(str(f)))
-    counter: dict = {}
+    counter = OpCounter()
     for base in sorted(k.removesuffix(".qweight") for k in raw if k.endswith(".qweight")):
         t = {k: raw.pop(f"{base}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
         ql = from_gptq_tensors(t, qc["bits"], qc["group_size"], t["g_idx"].shape[0], t["scales"].shape[1])
@@ -597,7 +682,7 @@ def layer_shapes(model) -> list[tuple[int, int]]:
     return [m.shape for m in model.modules() if isinstance(m, MixPELinear)]
 
 
-def summarize(counter: dict, tokens: int, mode: str, table: dict, shapes: list[tuple[int, int]] | None = None,
+def summarize(counter: "OpCounter | dict", tokens: int, mode: str, table: dict, shapes: list[tuple[int, int]] | None = None,
               batches: tuple[int, ...] = (1, 64)) -> dict:
     """Per-token op counts of everything run, and the simulator model of one decode step per batch size.
 
