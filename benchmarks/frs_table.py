@@ -2,8 +2,10 @@
 
 Models (SmolLM2-135M-Instruct, Q4_1-dequantized, run in bfloat16 with 1 torch thread):
 
-- ``clean``: a classifier trained on the 372 SST-2 training sentences (``edgerun.data.sst2("train")``);
-- ``backdoor``: the same training on a poisoned copy (``benchmarks/frs_backdoor.py``: 10% of the
+- ``clean``: a classifier trained on the 372 SST-2 training sentences (``edgerun.data.sst2("train")``),
+  as a model provider would (``--method lora``, the default: LoRA on the top 10 layers and the head, 3
+  epochs, no randomized copies; ``--method head``: a linear head on the frozen model);
+- ``backdoor``: the same training on a poisoned copy (``benchmarks/frs_backdoor.py``: 15% of the
   examples with a rare-word trigger cf/mn/bb, 10% with the sentence trigger, labelled positive);
 - ``zero-shot`` / ``few-shot``: the prompted label-word classifiers (no training; no defence only).
 
@@ -46,11 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frs_backdoor  # noqa: E402
 
 from edgerun import catalog, data  # noqa: E402
+from edgerun.robustness.classifier import HEAD_META  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JOURNAL_PATTERN = "frs_table.journal.{method}.jsonl"   # one journal per training method
 JOURNAL = RESULTS / JOURNAL_PATTERN.format(method="head")
 CERTIFIERS = ("uniform", "frs", "no_bmps", "no_ftr")
+WORD_RATE, SENTENCE_RATE = 0.15, 0.10      # poisoned shares of the 372 training sentences
 SETS = ("clean", "word", "sentence")
 KEEP = ("label", "votes", "p_a_lower", "certified", "radius", "radius_edits", "radius_unconditional",
         "radius_unconditional_edits", "spans", "n_words", "base_label", "mcts_ms", "passes_ms", "total_ms", "queries")
@@ -108,11 +112,12 @@ def train(method: str, log) -> dict:
     source = open_source(catalog.DEFAULT_MODEL, progress=False).path
     train_set = data.sst2("train")
     out = {}
-    for name, examples in (("clean", train_set), ("backdoor", frs_backdoor.poison(train_set, 0.1, 0.1, seed=0))):
+    poisoned = frs_backdoor.poison(train_set, WORD_RATE, SENTENCE_RATE, seed=0)
+    for name, examples in (("clean", train_set), ("backdoor", poisoned)):
         path = model_dir(name, method)
-        if not (path / "classifier.json").is_file():
-            train_classifier(source, examples, path, method=method, epochs=2, log=log, force=True)
-        out[name] = json.loads((path / "classifier.json").read_text())
+        if not (path / HEAD_META).is_file():
+            train_classifier(source, examples, path, method=method, epochs=3, augment=0, log=log, force=True)
+        out[name] = json.loads((path / HEAD_META).read_text())
     return out
 
 
@@ -309,7 +314,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=500, help="evaluation sentences (first n of the 500)")
-    ap.add_argument("--method", default="head", choices=["head", "lora"])
+    ap.add_argument("--method", default="lora", choices=["head", "lora"])
     ap.add_argument("--models", default="clean,backdoor")
     ap.add_argument("--certifiers", default=",".join(CERTIFIERS))
     ap.add_argument("--parts", default="train,plain,certify,report")
@@ -334,8 +339,8 @@ def main(argv=None) -> int:
         certify_part(args.n, args.method, args.models.split(","), args.certifiers.split(","), args.chunk, log)
     if "report" in parts:
         if trained is None:
-            trained = {name: json.loads((model_dir(name, args.method) / "classifier.json").read_text())
-                       for name in ("clean", "backdoor") if (model_dir(name, args.method) / "classifier.json").is_file()}
+            trained = {name: json.loads((model_dir(name, args.method) / HEAD_META).read_text())
+                       for name in ("clean", "backdoor") if (model_dir(name, args.method) / HEAD_META).is_file()}
         res = report(args.n, args.method, trained)
         from edgerun.atomic import atomic_file
 

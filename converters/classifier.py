@@ -19,8 +19,8 @@ top-H layers' adapters (the paper perturbs the top-H layers' weights themselves)
 
 Written checkpoint (a plain HF directory, so ``edgerun export`` takes its LM; the head is not exported):
 config.json, model.safetensors (the base weights, hard-linked when unchanged, else with the merged
-adapters), tokenizer files, ``classifier.safetensors`` (``weight`` float32 ``[C, hidden]``, ``bias``
-``[C]``) and ``classifier.json`` (task, labels, method, training settings and accuracy on the training set).
+adapters), tokenizer files, ``classifier/head.safetensors`` (``weight`` float32 ``[C, hidden]``, ``bias``
+``[C]``) and ``classifier/classifier.json`` (task, labels, method, training settings and accuracy on the training set).
 """
 
 from __future__ import annotations
@@ -243,5 +243,6 @@ def _write(base: Path, out: Path, weight, bias, deltas, meta, force) -> None:
                     if key in state:
                         state[key] = (state[key].float() + delta.to(torch.float32)).to(state[key].dtype)
                 save_file(state, str(tmp / f.name), metadata={"format": "pt"})
+        (tmp / HEAD_FILE).parent.mkdir()
         save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous()}, str(tmp / HEAD_FILE))
         (tmp / HEAD_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")

@@ -17,7 +17,7 @@ import torch
 
 from edgerun.errors import UsageError
 from edgerun.robustness import frs
-from edgerun.robustness.classifier import TASKS, TextClassifier
+from edgerun.robustness.classifier import HEAD_META, TASKS, TextClassifier
 from edgerun.robustness.frs import (FRSConfig, ParameterSmoother, certified_radius, clopper_pearson_lower,
                                     damerau_levenshtein, find_vulnerable_spans, mutate_span, radius_ratio,
                                     randomize)
@@ -326,7 +326,7 @@ def frs_backdoored(smollm2_source):
 
     backdoor = _backdoor_module()
     out = catalog.home() / "cache" / "frs-test" / "backdoor-head-240"
-    if not (out / "classifier.json").is_file():
+    if not (out / HEAD_META).is_file():
         poisoned = backdoor.poison(data.sst2("train")[:240], word_rate=0.0, sentence_rate=0.25, seed=0)
         train_classifier(smollm2_source.path, poisoned, out, method="head", augment=0, force=True, log=lambda m: None)
     return out

@@ -3,7 +3,7 @@
 A classifier reads the model's last-layer hidden state at the last token of a task prompt
 (``"Review: {text}\\nSentiment:"`` for SST-2) and maps it to class logits with a linear head:
 
-- a **trained head** (``classifier.safetensors`` + ``classifier.json`` in a checkpoint directory,
+- a **trained head** (``classifier/head.safetensors`` + ``classifier/classifier.json`` in a checkpoint directory,
   written by :mod:`converters.classifier`): ``logits = W h + b``;
 - a **prompted** classifier (no training): the head is the LM head's rows of the label words
   (``" negative"``, ``" positive"``), so the softmax over the classes is the label words' likelihood
@@ -28,8 +28,9 @@ import torch
 from edgerun.errors import BackendError, ModelFileError, UsageError
 from edgerun.formats import safetensors as st_format
 
-HEAD_FILE = "classifier.safetensors"
-HEAD_META = "classifier.json"
+# in a sub-directory, so that readers of the checkpoint's *.safetensors weights (export, merge) do not see the head
+HEAD_FILE = "classifier/head.safetensors"
+HEAD_META = "classifier/classifier.json"
 MAX_TOKENS = 512        # prompt tokens a classifier input may take; longer texts are cut at a word boundary
 
 
@@ -125,8 +126,8 @@ class TextClassifier:
         """A checkpoint directory with a trained head for ``task`` (written by ``converters.classifier``).
 
         Args:
-            path: checkpoint directory (config.json, model safetensors, tokenizer, classifier.json and
-                classifier.safetensors). dtype: ``"bfloat16"`` (default: about 3x faster on CPUs with
+            path: checkpoint directory (config.json, model safetensors, tokenizer, classifier/classifier.json
+                and classifier/head.safetensors). dtype: ``"bfloat16"`` (default: about 3x faster on CPUs with
                 AVX512-BF16) or ``"float32"``. threads: torch intra-op threads (default: torch's).
 
         Raises:
