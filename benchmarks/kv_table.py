@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=6.0)
     ap.add_argument("--passkey", type=int, default=40, help="pass-key items per layout")
     ap.add_argument("--calib-windows", type=int, default=2, help="512-token windows of the sensitivity")
+    ap.add_argument("--passkey-chars", type=int, default=2400, help="held-out characters per pass-key item")
     ap.add_argument("--modes", default="per-token,kivi", help="KV modes to (re)run, comma-separated")
     ap.add_argument("--all", action="store_true", help="also re-measure the cache bytes and llama.cpp types")
     ap.add_argument("--quick", action="store_true", help="small settings to check the script")
@@ -159,7 +160,7 @@ def main() -> int:
 
         # 2. pass-key retrieval through the packed cache: KV16, the uniform layouts and every verified DP layout
         m["passkey"] = passkey_table(source.path, out, mode, verified, 10 if args.quick else args.passkey,
-                                     Layout, kvt.PAIRS)
+                                     Layout, kvt.PAIRS, args.passkey_chars)
         save(result)
 
     if not args.all:
@@ -222,7 +223,8 @@ def main() -> int:
     return 0
 
 
-def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int, Layout, pairs) -> dict:
+def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int, Layout, pairs,
+                  chars: int = 2400) -> dict:
     """Teacher-forced pass-key scores of KV16, the uniform layouts and the verified DP layouts on the same
     ``n`` items (resumable per layout in ``out/passkey.json``), with paired comparisons per DP layout."""
     from edgerun.atomic import atomic_file
@@ -235,16 +237,16 @@ def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int,
             layouts.append(Layout([pairs[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits"))
     memo_path = out / "passkey.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-    if memo.get("n") != n:
-        memo = {"n": n, "layouts": {}}
-    engine = TorchBackend(model_dir, n_ctx=1024)
+    if memo.get("n") != n or memo.get("chars") != chars:
+        memo = {"n": n, "chars": chars, "layouts": {}}
+    engine = TorchBackend(model_dir, n_ctx=1024, threads=1)   # 1 thread: robust when other work shares the cores
     for lay in layouts:
         key = ",".join(f"K{k}V{v}" for k, v in lay.pairs)
         if key in memo["layouts"]:
             continue
         engine.set_kv_layout(lay)
         t0 = time.perf_counter()
-        a = passkey_retrieval(engine, n, progress=True)
+        a = passkey_retrieval(engine, n, chars=chars, progress=True)
         memo["layouts"][key] = {"name": lay.name, "avg_bits": lay.average_bits, "seconds": time.perf_counter() - t0, **a}
         print({k: v for k, v in memo["layouts"][key].items() if k != "key_nll_items"}, flush=True)
         with atomic_file(memo_path, force=True) as tmp:
@@ -263,7 +265,7 @@ def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int,
             ref = [(1 - t) * x + t * y for x, y in zip(lo["key_nll_items"], hi["key_nll_items"])]
             r["uniform_key_nll"] = float(sum(ref) / len(ref))
             r["vs_uniform"] = paired_difference(r["key_nll_items"], ref)
-    return {"n": n, "rows": rows}
+    return {"n": n, "chars": chars, "rows": rows}
 
 
 def save(result: dict) -> None:
@@ -307,7 +309,8 @@ def render(r: dict) -> str:
             lines.append("")
         pk = m.get("passkey")
         if isinstance(pk, dict) and pk.get("rows"):
-            lines += [f"Pass-key retrieval, teacher-forced ({pk['n']} items of ~{pk['rows'][0]['prompt_tokens']:.0f} tokens, "
+            lines += [f"Pass-key retrieval, teacher-forced ({pk['n']} items of ~{pk['rows'][0]['prompt_tokens']:.0f} tokens "
+                      f"({pk.get('chars', 2400)} characters of held-out text), "
                       "a 5-digit key once at a random depth in held-out text; the same items for every layout): the "
                       "key's NLL in nats (lower is better) with paired bootstrap 95% intervals of the per-item "
                       "difference against KV16 and against the uniform layouts at equal bits (per item, linear "
