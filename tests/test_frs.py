@@ -372,3 +372,23 @@ def test_certifying_several_sigmas_at_once_equals_one_at_a_time(tiny_classifier)
         alone = frs.certify(tiny_classifier, texts, replace(config, sigma=sigma))
         assert [c.votes for c in alone] == [c.votes for c in both[sigma]]
         assert [c.spans for c in alone] == [c.spans for c in both[sigma]]
+
+
+def test_fine_tuning_phase_clips_then_adds_noise():
+    from converters.classifier import _phase1
+
+    big = torch.nn.Parameter(torch.full((100, 100), 1.0))          # norm 100
+    small = torch.nn.Parameter(torch.zeros(100, 100))
+    _phase1([big, small], clip=10.0, sigma=0.0, gen=torch.Generator().manual_seed(0))
+    assert big.norm().item() == pytest.approx(10.0) and small.abs().sum().item() == 0
+    _phase1([small], clip=None, sigma=0.02, gen=torch.Generator().manual_seed(0))
+    assert small.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_training_inputs_get_randomized_copies():
+    from converters.classifier import augmented
+
+    data = augmented([("a b c d e f g h", 1), ("x", 0)], copies=3, omegas=(0.5,), seed=0)
+    assert len(data) == 8 and [y for _, y in data] == [1] * 4 + [0] * 4
+    assert data[0][0] == "a b c d e f g h".split() and all(1 <= len(w) <= 8 for w, _ in data)
+    assert any(len(w) < 8 for w, _ in data[1:4])
