@@ -380,7 +380,7 @@ def test_fine_tuning_phase_clips_then_adds_noise():
     big = torch.nn.Parameter(torch.full((100, 100), 1.0))          # norm 100
     small = torch.nn.Parameter(torch.zeros(100, 100))
     _phase1([big, small], clip=10.0, sigma=0.0, gen=torch.Generator().manual_seed(0))
-    assert big.norm().item() == pytest.approx(10.0) and small.abs().sum().item() == 0
+    assert big.norm().item() == pytest.approx(10.0, rel=1e-5) and small.abs().sum().item() == 0
     _phase1([small], clip=None, sigma=0.02, gen=torch.Generator().manual_seed(0))
     assert small.std().item() == pytest.approx(0.02, rel=0.05)
 
