@@ -84,6 +84,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=6.0)
     ap.add_argument("--passkey", type=int, default=40, help="pass-key items per layout")
     ap.add_argument("--calib-windows", type=int, default=2, help="512-token windows of the sensitivity")
+    ap.add_argument("--passkey-uniform", default="KV16,KV8,K8V4,KV4,K4V2,KV2",
+                    help="uniform layouts scored on the pass-key task (KV16 first: the reference)")
+    ap.add_argument("--passkey-dp-bits", default="0,99", help="LOW,HIGH: DP layouts scored on the pass-key task")
     ap.add_argument("--passkey-chars", type=int, default=2400, help="held-out characters per pass-key item")
     ap.add_argument("--modes", default="per-token,kivi", help="KV modes to (re)run, comma-separated")
     ap.add_argument("--all", action="store_true", help="also re-measure the cache bytes and llama.cpp types")
@@ -160,7 +163,9 @@ def main() -> int:
 
         # 2. pass-key retrieval through the packed cache: KV16, the uniform layouts and every verified DP layout
         m["passkey"] = passkey_table(source.path, out, mode, verified, 10 if args.quick else args.passkey,
-                                     Layout, kvt.PAIRS, args.passkey_chars)
+                                     Layout, kvt.PAIRS, args.passkey_chars,
+                                     tuple(args.passkey_uniform.split(",")),
+                                     tuple(float(x) for x in args.passkey_dp_bits.split(",")))
         save(result)
 
     if not args.all:
@@ -224,16 +229,17 @@ def main() -> int:
 
 
 def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int, Layout, pairs,
-                  chars: int = 2400) -> dict:
-    """Teacher-forced pass-key scores of KV16, the uniform layouts and the verified DP layouts on the same
-    ``n`` items (resumable per layout in ``out/passkey.json``), with paired comparisons per DP layout."""
+                  chars: int = 2400, uniform_names=("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2"),
+                  dp_range: tuple[float, float] = (0.0, 99.0)) -> dict:
+    """Teacher-forced pass-key scores of KV16, the uniform layouts and the verified DP layouts with average
+    bits in ``dp_range`` on the same ``n`` items (resumable per layout in ``out/passkey.json``), with
+    paired comparisons per DP layout (against the uniform layouts scored, interpolated at equal bits)."""
     from edgerun.atomic import atomic_file
     from edgerun.backends.torch import TorchBackend
 
-    uniform_names = ("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2")
     layouts = [Layout.uniform(u, 30, mode) for u in uniform_names]
     for v in verified:
-        if not any(v["choice"] == [u] * 30 for u in uniform_names):
+        if dp_range[0] <= v["avg_bits"] <= dp_range[1] and not any(v["choice"] == [u] * 30 for u in PAIR_NAMES):
             layouts.append(Layout([pairs[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits"))
     memo_path = out / "passkey.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
@@ -266,6 +272,9 @@ def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int,
             r["uniform_key_nll"] = float(sum(ref) / len(ref))
             r["vs_uniform"] = paired_difference(r["key_nll_items"], ref)
     return {"n": n, "chars": chars, "rows": rows}
+
+
+PAIR_NAMES = ("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2")
 
 
 def save(result: dict) -> None:
