@@ -299,11 +299,31 @@ def _commands(base: Path, tuned: Path, carved: Path, out: Path) -> dict:
         "experts calibrate": (edgerun_cmd("experts", "calibrate", str(carved), "--task", "code", "--calib-tokens",
                                           "512", "-o", str(out)),
                               lambda: all(json.loads(p.read_text())["stats"] for p in out.glob("*.json"))),
+        # resumable: a partial run leaves finished steps (each file whole), and the next run completes
+        "kv tune": (edgerun_cmd("kv", "tune", str(base), "--points", "3", "--context", "128", "--contexts", "1",
+                                "--calib-tokens", "512", "--task", "none", "--budget", "6", "-o", str(out)),
+                    lambda: _kv_tune_files_whole(out)),
     }
 
 
+def _kv_tune_files_whole(out: Path) -> bool:
+    """Every file a (possibly interrupted) kv tune left parses: JSON, layout YAML, PNG."""
+    import json
+
+    import yaml
+
+    for f in out.iterdir():
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".yaml":
+            assert isinstance(yaml.safe_load(f.read_text()), dict), f
+        elif f.suffix == ".png":
+            assert f.read_bytes()[-8:-4] == b"IEND", f
+    return True
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["merge", "carve", "experts calibrate"])
+@pytest.mark.parametrize("command", ["merge", "carve", "experts calibrate", "kv tune"])
 def test_command_interrupted(tiny_models, tmp_path, command):
     """The command killed by SIGINT or SIGTERM at a random moment: its output complete, or nothing there."""
     rng = random.Random(command)
@@ -319,3 +339,7 @@ def test_command_interrupted(tiny_models, tmp_path, command):
             assert complete(), (command, code, err[-2000:])
         else:
             assert code != 0
+        if command == "kv tune":                  # resumes to a full result from whatever the kill left
+            again = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
+            assert again.returncode == 0, again.stderr[-2000:]
+            assert list(out.glob("pareto-*.yaml")) and complete()
