@@ -286,3 +286,36 @@ def test_bench_cli_reports_a_missing_directory(tmp_path):
     r = subprocess.run(edgerun_cmd("bench", "report", str(tmp_path / "nothing")), capture_output=True, text=True,
                        env=cli_env(), timeout=120)
     assert r.returncode == 2 and "has no runs.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_bench_cli_killed_by_a_signal_resumes_to_the_same_records(tmp_path, swept, sig):
+    """`edgerun bench` killed by a real SIGINT/SIGTERM at a random moment: no traceback, no temporary left,
+    runs.jsonl holds whole records only, and running it again finishes the sweep without duplicates."""
+    import random
+    import signal as signals
+    import time
+    from pathlib import Path
+
+    from test_interrupt import leftovers, no_traceback
+
+    root = Path(__file__).resolve().parents[1]
+    sweep_file = _write(tmp_path)
+    out = tmp_path / "results"
+    cmd = edgerun_cmd("bench", "--sweep", str(sweep_file), "--device",
+                      str(root / "device_configs" / "this-machine.yaml"), "--out", str(out))
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env())
+    time.sleep(random.Random(sig).uniform(2.0, 12.0))
+    if p.poll() is None:
+        p.send_signal(getattr(signals, sig))
+    _, err = p.communicate(timeout=600)
+    assert no_traceback(err), err[-2000:]
+    assert leftovers(tmp_path) == [], err[-2000:]
+    if (out / "runs.jsonl").exists():
+        for line in (out / "runs.jsonl").read_text().splitlines():
+            json.loads(line)                                       # whole records only
+    again = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    keys = [json.loads(line)["key"] for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4 + 2                  # as the uninterrupted sweep
