@@ -368,93 +368,105 @@ def run_sweep(sweep, out_dir: str | Path, address: str, device_name: str | None 
     if not sweep.devices and not device_name:
         raise UsageError(f"sweep '{sweep.name}' names no devices: add 'devices: [NAME, ...]' (device_configs/NAME.yaml) "
                          "or pass --device NAME, so each cell has a node to run on")
-    jsonl, done = sweep_mod.open_results(sweep, out_dir, None, force)
-    groups, quality = sweep_mod.todo(sweep, done)
     digests = model_digests(sweep.models)
-    n_cells = sum(len(g) for g in groups)
-    log(f"sweep '{sweep.name}' on the cluster at {address}: {len(sweep.cells())} cells, {n_cells} to run "
-        f"in {len(groups)} tasks, {len(quality)} quality records")
-    with connected(address) as ray, open(jsonl, "a", encoding="utf-8") as f:
-        lost_errors = _lost_errors(ray)
-        group_task, quality_task = ray.remote(run_group_here), ray.remote(quality_here)
-        bar = tqdm(total=n_cells + len(quality), desc="bench (cluster)", unit="cell") if progress else None
-
-        def write(recs: list[dict]) -> None:
-            f.write("".join(json.dumps(rec, default=str) + "\n" for rec in recs))
-            f.flush()
-            if bar:
-                bar.update(len(recs))
-
-        def failed(job: dict, why: str, rerun: bool) -> list[dict]:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            extra = {"rerun_on_resume": True} if rerun else {}
-            if job["kind"] == "quality":
-                model, variant = job["payload"]
-                return [{"sweep": sweep.name, "key": f"quality|{model}|{variant}", "kind": "quality", "model": model,
-                         "variant": variant, "node": None, "status": "error", "error": why, **extra}]
-            return [{"sweep": sweep.name, "key": sweep_mod.cell_key(c), "cell": c, "device": job["device"],
-                     "machine": None, "node": None, "time_utc": stamp, "status": "error", "error": why, **extra}
-                    for c in job["payload"]]
-
-        pending: dict = {}
-
-        def submit(job: dict, alive: dict[str, list[str]]) -> None:
-            if job["kind"] == "quality":
-                job["device"] = next((d for d in (sweep.devices or [device_name]) if alive.get(d)), None)
-            if not job["device"] or not alive.get(job["device"]):
-                what = job["device"] or " or ".join(sweep.devices or [device_name])
-                write(failed(job, f"no node in the cluster offers device {what}", rerun=True))
-                return
-            job["attempts"] += 1
-            # num_cpus=0: the device resource (amount 1 per node) is what keeps two measurements off one node
-            options = {"resources": {device_resource(job["device"]): 1}, "num_cpus": 0, "max_retries": 0}
-            if job["kind"] == "quality":
-                ref = quality_task.options(**options).remote(sweep, *job["payload"], digests)
-            else:
-                ref = group_task.options(**options).remote(job["payload"], sweep, job["device"], digests)
-            pending[ref] = job
-
-        alive = alive_devices(ray)
-        log("devices in the cluster: " + (", ".join(f"{d} ({len(n)} node{'s' * (len(n) > 1)})"
-                                                    for d, n in sorted(alive.items())) or "none"))
-        for g in groups:
-            submit({"kind": "group", "payload": g, "device": g[0].get("device", device_name), "attempts": 0}, alive)
-        for model, v in quality:
-            submit({"kind": "quality", "payload": (model, v.name), "device": None, "attempts": 0}, alive)
-        try:
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
-                for ref in ready:
-                    job = pending.pop(ref)
-                    try:
-                        recs = ray.get(ref)
-                        write(recs if isinstance(recs, list) else [recs])
-                    except lost_errors as e:
-                        alive = alive_devices(ray)
-                        if job["attempts"] <= retries and (alive.get(job["device"]) or job["kind"] == "quality"):
-                            log(f"the node running a {job['device']} task was lost ({type(e).__name__}); "
-                                "running it again on another node with that device")
-                            submit(job, alive)
-                        else:
-                            write(failed(job, f"lost: the node running it ({job['device']}) left the cluster "
-                                              f"({type(e).__name__}) and no other node has device {job['device']}",
-                                         rerun=True))
-                    except Exception as e:   # the task itself failed: recorded, the sweep goes on
-                        write(failed(job, _cause(e), rerun=False))
-                if not ready:                # a task whose device left the cluster would wait forever
-                    alive = alive_devices(ray)
-                    for ref, job in list(pending.items()):
-                        if not alive.get(job["device"]):
-                            ray.cancel(ref)
-                            pending.pop(ref)
-                            write(failed(job, f"lost: no node in the cluster offers device {job['device']} any more",
-                                         rerun=True))
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
-            if bar:
-                bar.close()
+    with connected(address) as ray:                 # reached (or refused) before anything is written
+        jsonl, done = sweep_mod.open_results(sweep, out_dir, None, force)
+        groups, quality = sweep_mod.todo(sweep, done)
+        n_cells = sum(len(g) for g in groups)
+        log(f"sweep '{sweep.name}' on the cluster at {address}: {len(sweep.cells())} cells, {n_cells} to run "
+            f"in {len(groups)} tasks, {len(quality)} quality records")
+        with open(jsonl, "a", encoding="utf-8") as f:
+            _drive(ray, sweep, groups, quality, f, device_name, digests, progress, log, retries, poll_s)
     return jsonl
+
+
+def _drive(ray, sweep, groups, quality, f, device_name, digests, progress, log, retries, poll_s) -> None:
+    """Submit the groups and quality records, write their records to ``f`` as they finish (see :func:`run_sweep`)."""
+    from profilers import sweep as sweep_mod
+
+    lost_errors = _lost_errors(ray)
+    n_cells = sum(len(g) for g in groups)
+    group_task, quality_task = ray.remote(run_group_here), ray.remote(quality_here)
+    alive = alive_devices(ray)
+    log("devices in the cluster: " + (", ".join(f"{d} ({len(n)} node{'s' * (len(n) > 1)})"
+                                                for d, n in sorted(alive.items())) or "none"))
+    bar = tqdm(total=n_cells + len(quality), desc="bench (cluster)", unit="cell") if progress else None
+
+    def write(recs: list[dict]) -> None:
+        f.write("".join(json.dumps(rec, default=str) + "\n" for rec in recs))
+        f.flush()
+        if bar:
+            bar.update(len(recs))
+
+    def failed(job: dict, why: str, rerun: bool) -> list[dict]:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        extra = {"rerun_on_resume": True} if rerun else {}
+        if job["kind"] == "quality":
+            model, variant = job["payload"]
+            return [{"sweep": sweep.name, "key": f"quality|{model}|{variant}", "kind": "quality", "model": model,
+                     "variant": variant, "node": None, "status": "error", "error": why, **extra}]
+        return [{"sweep": sweep.name, "key": sweep_mod.cell_key(c), "cell": c, "device": job["device"],
+                 "machine": None, "node": None, "time_utc": stamp, "status": "error", "error": why, **extra}
+                for c in job["payload"]]
+
+    pending: dict = {}
+
+    def submit(job: dict, alive: dict[str, list[str]]) -> None:
+        if job["kind"] == "quality":
+            job["device"] = next((d for d in (sweep.devices or [device_name]) if alive.get(d)), None)
+        if not job["device"] or not alive.get(job["device"]):
+            what = job["device"] or " or ".join(sweep.devices or [device_name])
+            write(failed(job, f"no node in the cluster offers device {what}", rerun=True))
+            return
+        job["attempts"] += 1
+        # num_cpus=0: the device resource (amount 1 per node) is what keeps two measurements off one node
+        options = {"resources": {device_resource(job["device"]): 1}, "num_cpus": 0, "max_retries": 0}
+        if job["kind"] == "quality":
+            ref = quality_task.options(**options).remote(sweep, *job["payload"], digests)
+        else:
+            ref = group_task.options(**options).remote(job["payload"], sweep, job["device"], digests)
+        pending[ref] = job
+
+    for g in groups:
+        submit({"kind": "group", "payload": g, "device": g[0].get("device", device_name), "attempts": 0}, alive)
+    for model, v in quality:
+        submit({"kind": "quality", "payload": (model, v.name), "device": None, "attempts": 0}, alive)
+    checked = time.monotonic()
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    recs = ray.get(ref)
+                    write(recs if isinstance(recs, list) else [recs])
+                except lost_errors as e:
+                    alive = alive_devices(ray)
+                    if job["attempts"] <= retries and (alive.get(job["device"]) or job["kind"] == "quality"):
+                        log(f"the node running a {job['device']} task was lost ({type(e).__name__}); "
+                            "running it again on another node with that device")
+                        submit(job, alive)
+                    else:
+                        why = (f"and no other node has device {job['device']}" if not alive.get(job["device"])
+                               else f"{job['attempts']} times")
+                        write(failed(job, f"lost: the node running it ({job['device']}) left the cluster "
+                                          f"({type(e).__name__}) {why}", rerun=True))
+                except Exception as e:   # the task itself failed: recorded, the sweep goes on
+                    write(failed(job, _cause(e), rerun=False))
+            if time.monotonic() - checked >= poll_s:     # a task whose device left would wait forever
+                checked = time.monotonic()
+                alive = alive_devices(ray)
+                for ref, job in list(pending.items()):
+                    if not alive.get(job["device"]):
+                        ray.cancel(ref)
+                        pending.pop(ref)
+                        write(failed(job, f"lost: no node in the cluster offers device {job['device']} any more",
+                                     rerun=True))
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        if bar:
+            bar.close()
 
 
 # --- KV layout searches ------------------------------------------------------------------------

@@ -342,7 +342,7 @@ def test_a_kv_search_on_the_cluster_finds_the_local_front(fleet, tiny_dense, tmp
     kw = dict(budget=4.0, trials=4, population=4, groups=2, context=256, contexts=1, calib_windows=1, calib_len=128,
               search="nsga2", seed=0, progress=False, log=lambda m: None)
     local = kvt.tune(tiny_dense, tmp_path / "local", threads=1, **kw)
-    with cluster.LayoutPool(lc.address, str(tiny_dense), tiny_dense) as pool:
+    with cluster.LayoutPool(f"ray://127.0.0.1:{lc.client_port}", str(tiny_dense), tiny_dense) as pool:   # Ray Client
         assert len(pool.actors) == 2                              # one evaluator per CPU of the cluster
         remote = kvt.tune(tiny_dense, tmp_path / "cluster", evaluate=pool, **kw)
     a, b = (json.loads((tmp_path / d / "trials.json").read_text()) for d in ("local", "cluster"))
@@ -381,7 +381,23 @@ def test_ray_is_imported_only_by_cluster_runs():
     import subprocess
     import sys
 
-    code = ("import sys, edgerun.cli, profilers.sweep, profilers.cluster, edgerun.kv.tune\n"
+    code = ("import sys, edgerun.cli, profilers.cluster\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_cli_worker_prints_the_ray_start_of_a_device_and_bench_refuses_a_bad_address(tmp_path):
+    import subprocess
+
+    from conftest import cli_env, edgerun_cmd
+
+    configs = _device_configs(tmp_path)
+    r = subprocess.run(edgerun_cmd("worker", "--head", "--device", str(configs["test-a"]), "--dry-run"),
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 0 and "'{\"device:test-a\": 1}'" in r.stdout and "--head" in r.stdout
+    assert "device test-a (from" in r.stderr
+    r = subprocess.run(edgerun_cmd("bench", str(_sweep_file(tmp_path)), "--out", str(tmp_path / "o"),
+                                   "--cluster", "nowhere"), capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 2 and "bad --cluster address 'nowhere'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()                        # nothing written before the cluster is reached
