@@ -150,6 +150,9 @@ def main() -> int:
                     for t in o["trials"] if t["number"] in o["front"]]
         lossless = [v for v in verified if v["ppl"] <= kv16 * 1.01]
         uniform_lossless = [u for u, v in r.uniform.items() if u != "KV16" and v["ppl"] <= kv16 * 1.01]
+        before = previous.get("modes", {}).get(mode, {}).get("search_seconds", 0)
+        if search_s < before:                       # resumed from kv/<mode>-dp: the search's time is the first run's
+            search_s = before
         m = {"search_seconds": search_s, "kv16_ppl": kv16, "uniform": r.uniform,
              "sensitivity_kl": record["sensitivity_kl"], "verified": verified, "nsga2_front_before": nsga,
              "front": [{"name": lay.name, "avg_bits": lay.average_bits, "kl": lay.meta["kl"], "ppl": lay.meta["ppl"],
