@@ -55,6 +55,7 @@ JOURNAL_PATTERN = "frs_table.journal.{method}.jsonl"   # one journal per trainin
 JOURNAL = RESULTS / JOURNAL_PATTERN.format(method="head")
 CERTIFIERS = ("uniform", "frs", "no_bmps", "no_ftr")
 WORD_RATE, SENTENCE_RATE = 0.15, 0.10      # poisoned shares of the 372 training sentences
+QUIET_LOAD = 4.0                            # load average (2 cores) below which a chunk's times are also shown apart
 SETS = ("clean", "word", "sentence")
 KEEP = ("label", "votes", "p_a_lower", "certified", "radius", "radius_edits", "radius_unconditional",
         "radius_unconditional_edits", "spans", "n_words", "base_label", "mcts_ms", "passes_ms", "total_ms", "queries")
@@ -266,6 +267,11 @@ def report(n: int, method: str, trained: dict | None) -> dict:
                                                        and r["mcts_ms"] > 0]),
                                "k_passes": _spread([r["passes_ms"] for r in rows])}
             cell["load_average"] = _spread([r["load"] for r in rows])
+            quiet = [r for r in rows if r["load"] < QUIET_LOAD]       # chunks run while the machine was quieter
+            cell["time_ms_quiet"] = {"total": _spread([r["total_ms"] for r in quiet]),
+                                     "span_search": _spread([r["mcts_ms"] for r in quiet if not r["reused_spans"]
+                                                             and r["mcts_ms"] > 0]),
+                                     "k_passes": _spread([r["passes_ms"] for r in quiet])}
             out["certified"].setdefault(name, {})[cert] = cell
     return out
 
@@ -280,7 +286,10 @@ def markdown(res: dict) -> str:
              f"sentences, bfloat16, 1 torch thread. K = {res['k']}, sigma = {res['sigma']} on the top {res['top_layers']} "
              f"layers, omega_H = {res['omega_h']}, omega_L = {res['omega_l']}, omega_M = {res['omega_m']}, "
              f"alpha = {res['alpha']}, span-search budget {res['mcts_budget']}. Percentages with Wilson 95% intervals; "
-             "ASR on negative sentences with the trigger inserted (PA = 100 - ASR).", "",
+             "ASR on negative sentences with the trigger inserted (PA = 100 - ASR). ACR: mean radius over the clean "
+             "sentences, 0 for a wrong or uncertified vote; FRS's is conditional on the trigger lying in the vulnerable "
+             "area (omega_H), the next column is the omega_L bound. Trigger in area: all its words inside FRS's area "
+             "(touched: at least one).", "",
              "## No defence", "", "| classifier | CA | ASR word trigger | ASR sentence trigger | ms/input |", "|---|---|---|---|---|"]
     for name, cell in res["plain"].items():
         lines.append(f"| {name} | {_pct(cell.get('ca'))} | {_pct(cell.get('asr_word'))} | {_pct(cell.get('asr_sentence'))} "
@@ -290,7 +299,8 @@ def markdown(res: dict) -> str:
               "certified | trigger in area (word / sentence) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, cells in res["certified"].items():
         for cert, c in cells.items():
-            cov = (f"{100 * c['trigger_covered_word']:.0f}% / {100 * c['trigger_covered_sentence']:.0f}%"
+            cov = (f"{100 * c['trigger_covered_word']:.0f}% / {100 * c['trigger_covered_sentence']:.0f}% "
+                   f"(touched {100 * c['trigger_touched_word']:.0f}% / {100 * c['trigger_touched_sentence']:.0f}%)"
                    if "trigger_covered_word" in c and "trigger_covered_sentence" in c else "–")
             acr = f"{c['acr_edits']:.2f} ({100 * c['acr_share']:.1f}%)" if "acr_edits" in c else "–"
             acru = (f"{c['acr_edits_unconditional']:.2f} ({100 * c['acr_share_unconditional']:.1f}%)"
@@ -308,6 +318,12 @@ def markdown(res: dict) -> str:
             la = c["load_average"]
             lines.append(f"| {name} | {cert} | {fmt(t['total'])} | {fmt(t['span_search'])} | {fmt(t['k_passes'])} | "
                          f"{la['median']:.1f} |")
+    lines += ["", f"Only the chunks run at a load average below {QUIET_LOAD}:", "",
+              "| model | certifier | total | span search | K passes |", "|---|---|---|---|---|"]
+    for name, cells in res["certified"].items():
+        for cert, c in cells.items():
+            t = c["time_ms_quiet"]
+            lines.append(f"| {name} | {cert} | {fmt(t['total'])} | {fmt(t['span_search'])} | {fmt(t['k_passes'])} |")
     return "\n".join(lines) + "\n"
 
 
