@@ -208,12 +208,13 @@ def covers(spans: list[dict], trigger: list[int]) -> tuple[bool, bool]:
     return words <= inside, bool(words & inside)
 
 
-def report(n: int, method: str, trained: dict | None) -> dict:
+def report(n: int, method: str, trained: dict | None, cert_n: int | None = None) -> dict:
     latest = {}                                   # a re-run input counts once: its last record
     for r in read_journal():
         latest[(r["kind"], r["model"], r.get("certifier"), r["set"], r["index"])] = r
     journal = list(latest.values())
-    out: dict = {"n_requested": n, "method": method, "dtype": "bfloat16", "torch_threads": 1,
+    cert_n = n if cert_n is None else cert_n
+    out: dict = {"n_requested": n, "n_certified": cert_n, "method": method, "dtype": "bfloat16", "torch_threads": 1,
                  "k": 20, "sigma": 0.01, "top_layers": 10, "omega_h": 0.8, "omega_l": 0.1, "omega_m": 0.5,
                  "alpha": 0.05, "mcts_budget": 48, "training": trained, "plain": {}, "certified": {}}
     target = frs_backdoor.TARGET
@@ -233,7 +234,7 @@ def report(n: int, method: str, trained: dict | None) -> dict:
                 cell[f"asr_{s}"] = {"value": k / len(rows), "ci95": wilson(k, len(rows)), "n": len(rows)}
         if cell:
             out["plain"][name] = cell
-    cert_rows = [r for r in journal if r["kind"] == "cert" and r["index"] < n]
+    cert_rows = [r for r in journal if r["kind"] == "cert" and r["index"] < cert_n]
     for name in ("clean", "backdoor"):
         for cert in CERTIFIERS:
             rows = [r for r in cert_rows if r["model"] == name and r["certifier"] == cert]
@@ -336,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="train,plain,certify,report")
     ap.add_argument("--chunk", type=int, default=25, help="clean sentences per certification chunk")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cert-n", type=int, default=None,
+                    help="report: certified cells on the first N sentences only (a stopped run: the n every cell reached)")
     args = ap.parse_args(argv)
     import torch
 
@@ -357,7 +360,7 @@ def main(argv=None) -> int:
         if trained is None:
             trained = {name: json.loads((model_dir(name, args.method) / HEAD_META).read_text())
                        for name in ("clean", "backdoor") if (model_dir(name, args.method) / HEAD_META).is_file()}
-        res = report(args.n, args.method, trained)
+        res = report(args.n, args.method, trained, args.cert_n)
         from edgerun.atomic import atomic_file
 
         with atomic_file(RESULTS / "frs_table.json", force=True) as tmp:
