@@ -7,9 +7,13 @@ history rolls over (the session trims the oldest turns) again and again, short r
 8), ``session.clear()`` every 50 turns, and a cancelled reply every 7th turn (the stream iterator is
 closed after its first piece). After a warm-up (the first ``--warmup`` turns) the RSS must stay within
 ``--bound`` MiB of its warm-up value; the least-squares slope over the remaining turns is reported in
-KiB per turn, with the threads and file descriptors (their set of values after warm-up). Adaptive-expert
-switches are not in this run: they need the carved MoE on the torch engine (seconds per turn; see
-docs/reliability.md). ``run()`` is the same loop for the test suite's 50-turn version.
+KiB per turn, with the threads and file descriptors (their set of values after warm-up). ``run()`` is the
+same loop for the test suite's 50-turn version.
+
+``--adaptive CARVED --patterns DIR``: the same loop on a carved MoE with per-message expert loading
+(PreMoe TAER on the torch engine: each task's pruned expert store built once, the model rebuilt
+whenever the retrieved task changes); the prompts alternate between code and wiki text every
+``--switch-every`` turns; the task switches are counted.
 """
 
 from __future__ import annotations
@@ -53,15 +57,33 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
 
 
+def adaptive_prompts(switch_every: int = 3):
+    """Prompts for the adaptive soak: short code or wiki passages (held-out text), alternating task every
+    ``switch_every`` turns; a different passage each turn."""
+    from edgerun.moe import calibrate as cal
+
+    texts = {"code": cal.task_text("code"), "wiki": cal.task_text("wiki")}
+
+    def prompt(turn: int) -> str:
+        task = ("code", "wiki")[(turn // switch_every) % 2]
+        t = texts[task]
+        start = (turn * 997) % max(1, len(t) - 400)
+        return t[start:start + 300]
+    return prompt
+
+
 def run(turns: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8, clear_every: int = 50,
         cancel_every: int = 7, session=None, log=print, threads: int | None = None,
-        max_seconds: float | None = None) -> dict:
-    """The soak loop; returns the per-turn samples and the summary (see the module docstring)."""
+        max_seconds: float | None = None, prompt_of=None) -> dict:
+    """The soak loop; returns the per-turn samples and the summary (see the module docstring).
+
+    ``prompt_of(turn)`` -> prompt text (default: the short questions of :data:`PROMPTS`)."""
     import edgerun
 
     proc = psutil.Process()
     s = session or edgerun.load(n_ctx=n_ctx, max_tokens=max_tokens, temperature=0.7, seed=0, threads=threads)
     samples, counts = [], {"full": 0, "cancelled": 0, "clear": 0, "trimmed_turns": 0}
+    last_task = None
     t0 = time.perf_counter()
     for turn in range(turns):
         if max_seconds and time.perf_counter() - t0 > max_seconds and turn > warmup + 10:
@@ -70,7 +92,7 @@ def run(turns: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8, clear_ev
         if turn and turn % clear_every == 0:
             s.clear()
             counts["clear"] += 1
-        prompt = PROMPTS[turn % len(PROMPTS)] + f" (turn {turn})"
+        prompt = prompt_of(turn) if prompt_of else PROMPTS[turn % len(PROMPTS)] + f" (turn {turn})"
         before = len(s.messages)
         if turn % cancel_every == cancel_every - 1:
             it = s.chat(prompt)
@@ -82,6 +104,14 @@ def run(turns: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8, clear_ev
             counts["full"] += 1
         if len(s.messages) <= before:
             counts["trimmed_turns"] += 1               # the history did not grow: its oldest turns were dropped
+        plan = getattr(getattr(s, "last_turn", None), "plan", None)
+        task = getattr(getattr(plan, "experts", None), "task", None)
+        if task is not None:
+            counts.setdefault("tasks", {})
+            counts["tasks"][task] = counts["tasks"].get(task, 0) + 1
+            if last_task is not None and task != last_task:
+                counts["task_switches"] = counts.get("task_switches", 0) + 1
+            last_task = task
         if turn % 25 == 0:
             gc.collect()
         _sample(samples, proc, turn, t0, log, "turn")
@@ -190,12 +220,31 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop early after this long (reported)")
     ap.add_argument("--server", action="store_true", help="requests through 'edgerun serve' instead of the API")
-    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/soak (soak_server with --server)")
+    ap.add_argument("--adaptive", default=None, metavar="CARVED",
+                    help="a carved MoE: per-message expert loading (PreMoe TAER on llama.cpp), tasks alternating")
+    ap.add_argument("--patterns", default=None, help="--adaptive: expert patterns directory (code and wiki tasks)")
+    ap.add_argument("--switch-every", type=int, default=3, help="--adaptive: turns per task before switching")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/soak (soak_server with --server, soak_adaptive with --adaptive)")
     args = ap.parse_args()
     load0 = os.getloadavg()
-    args.out = args.out or ROOT / "benchmarks" / "results" / ("soak_server" if args.server else "soak")
-    r = (run_server if args.server else run)(args.turns, args.warmup, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
-                                             threads=args.threads, max_seconds=args.max_seconds)
+    name = "soak_server" if args.server else "soak_adaptive" if args.adaptive else "soak"
+    args.out = args.out or ROOT / "benchmarks" / "results" / name
+    if args.adaptive:
+        import edgerun
+
+        # the torch engine: patterns calibrated on the carved checkpoint itself (`edgerun experts calibrate
+        # CARVED`); the llama.cpp path retrieves with the carve's GGUF host model and needs patterns
+        # calibrated on that host (docs/experts.md)
+        session = edgerun.load(args.adaptive, backend="torch", adaptive_experts=True, keep="2/4",
+                               patterns=args.patterns, chat_template="chatml", n_ctx=args.n_ctx,
+                               max_tokens=args.max_tokens, temperature=0.7, seed=0, threads=args.threads)
+        r = run(args.turns, args.warmup, n_ctx=args.n_ctx, max_tokens=args.max_tokens, session=session,
+                threads=args.threads, max_seconds=args.max_seconds, prompt_of=adaptive_prompts(args.switch_every))
+    else:
+        r = (run_server if args.server else run)(args.turns, args.warmup, n_ctx=args.n_ctx,
+                                                 max_tokens=args.max_tokens, threads=args.threads,
+                                                 max_seconds=args.max_seconds)
     s = r["summary"]
     s["bound_mib"] = args.bound
     s["within_bound"] = s["rss_growth_after_warmup_mib"] <= args.bound
@@ -213,6 +262,15 @@ def main() -> int:
                 f"{s['turns_asked']} requests run; {c['full']} complete (non-streamed) replies, {c['cancelled']} streamed "
                 f"and abandoned after the first event, the conversation restarted {c['restarts']} times, "
                 f"{c['errors']} errors. RSS, descriptors and threads are the server process's.")
+    elif args.adaptive:
+        head = (f"# Soak: {s['turns']} chat turns with per-message expert loading\n\n`python benchmarks/soak.py "
+                f"--adaptive {Path(args.adaptive).name} --patterns DIR --turns {s['turns_asked']} --switch-every "
+                f"{args.switch_every}`: a carved MoE with PreMoe TAER on the torch engine (each task's 2-of-4 pruned "
+                f"expert store built once, the model rebuilt when the retrieved task changes), prompts alternating "
+                f"between code and wiki passages, n_ctx {s['n_ctx']}, max_tokens {s['max_tokens']}, threads "
+                f"{s['threads'] or 'default'}; {s['turns']} of {s['turns_asked']} turns run; {c['full']} full replies, "
+                f"{c['cancelled']} cancelled, {c['clear']} `clear()`; retrieved tasks {c.get('tasks', {})}, "
+                f"**{c.get('task_switches', 0)} task switches** (engine closed and reopened).")
     else:
         head = (f"# Soak: {s['turns']} chat turns through the Python API\n\n`python benchmarks/soak.py --turns "
                 f"{s['turns_asked']}`: `edgerun.load()` (SmolLM2-135M-Instruct, llama.cpp), n_ctx {s['n_ctx']}, "
@@ -233,9 +291,6 @@ def main() -> int:
 | RSS slope over the second half of that | {s['rss_slope_second_half_kib_per_turn']} KiB/turn |
 | open file descriptors after warm-up | {s['fds_after_warmup']} |
 | threads after warm-up | {s['threads_after_warmup']} |
-
-Adaptive-expert switches are not in this soak (they need the carved MoE on the torch engine, seconds per
-turn).
 """
     args.out.with_suffix(".md").write_text(md)
     print(md)
