@@ -166,7 +166,7 @@ def main() -> int:
 
         # 2. pass-key retrieval through the packed cache: KV16, the uniform layouts and every verified DP layout
         m["passkey"] = passkey_table(source.path, out, mode, verified, 10 if args.quick else args.passkey,
-                                     Layout, kvt.PAIRS, args.passkey_chars,
+                                     args.passkey_chars,
                                      tuple(args.passkey_uniform.split(",")),
                                      tuple(float(x) for x in args.passkey_dp_bits.split(",")))
         save(result)
@@ -231,7 +231,7 @@ def main() -> int:
     return 0
 
 
-def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int, Layout, pairs,
+def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int,
                   chars: int = 2400, uniform_names=("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2"),
                   dp_range: tuple[float, float] = (0.0, 99.0)) -> dict:
     """Teacher-forced pass-key scores of KV16, the uniform layouts and the verified DP layouts with average
@@ -239,11 +239,13 @@ def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int,
     paired comparisons per DP layout (against the uniform layouts scored, interpolated at equal bits)."""
     from edgerun.atomic import atomic_file
     from edgerun.backends.torch import TorchBackend
+    from edgerun.kv.layout import Layout
+    from edgerun.kv.tune import PAIRS, UNIFORM
 
     layouts = [Layout.uniform(u, 30, mode) for u in uniform_names]
     for v in verified:
-        if dp_range[0] <= v["avg_bits"] <= dp_range[1] and not any(v["choice"] == [u] * 30 for u in PAIR_NAMES):
-            layouts.append(Layout([pairs[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits"))
+        if dp_range[0] <= v["avg_bits"] <= dp_range[1] and not any(v["choice"] == [u] * 30 for u in UNIFORM):
+            layouts.append(Layout([PAIRS[p] for p in v["choice"]], mode, name=f"DP {v['avg_bits']:.2f} bits"))
     memo_path = out / "passkey.json"
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
     if memo.get("n") != n or memo.get("chars") != chars:
@@ -275,9 +277,6 @@ def passkey_table(model_dir, out: Path, mode: str, verified: list[dict], n: int,
             r["uniform_key_nll"] = float(sum(ref) / len(ref))
             r["vs_uniform"] = paired_difference(r["key_nll_items"], ref)
     return {"n": n, "chars": chars, "rows": rows}
-
-
-PAIR_NAMES = ("KV16", "KV8", "K8V4", "KV4", "K4V2", "KV2")
 
 
 def save(result: dict) -> None:

@@ -210,6 +210,8 @@ def passkey_retrieval(backend, n: int = 40, chars: int = 2400, seed: int = 0, pr
     """
     import statistics
 
+    from edgerun.backends.base import log_softmax_at
+
     items = data.passkey_items(n, chars, seed)
     bos = data.bos_prefix(backend)
     digit_ids = {backend.tokenize(str(d))[-1]: d for d in range(10)}
@@ -219,11 +221,10 @@ def passkey_retrieval(backend, n: int = 40, chars: int = 2400, seed: int = 0, pr
     for item in iterator:
         ctx = bos + list(backend.tokenize(item.context))
         key = list(backend.tokenize(" " + item.key))
-        logits = np.asarray(backend.logits(ctx + key), dtype=np.float64)[len(ctx) - 1:len(ctx) + len(key) - 1]
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        nll.append(-float(sum(logp[i, t] for i, t in enumerate(key))))
-        hits = [order[int(np.argmax(logp[i, order]))] == t for i, t in enumerate(key) if t in digit_ids]
+        logits = np.asarray(backend.logits(ctx + key))[len(ctx) - 1:len(ctx) + len(key) - 1]
+        nll.append(-float(log_softmax_at(logits, key).sum()))
+        # softmax is monotone: the digit with the highest logit is the most probable digit
+        hits = [order[int(np.argmax(logits[i, order]))] == t for i, t in enumerate(key) if t in digit_ids]
         digit_hits += sum(hits)
         digits += len(hits)
         key_hits += int(bool(hits) and all(hits))
