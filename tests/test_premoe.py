@@ -114,6 +114,28 @@ def test_assembled_gguf_matches_the_torch_pruned_model(tiny_moe):
     assert abs(got - expected).max() < 1e-3 * (expected.max() - expected.min())
 
 
+def test_patterns_of_the_carved_routing_are_refused_on_its_host(tiny_moe):
+    """Keys made on CMoE's exact routing are not keys of the host's linear router (one task whatever the
+    message): the pattern is refused, also an older one that names its model directory only."""
+    from edgerun.moe import adapters
+    from edgerun.moe import calibrate as cal
+
+    _, carved, host = tiny_moe
+    carved_fp = adapters.fingerprint(cal.load_model(carved)[0], str(carved))
+    host_fp = adapters.fingerprint(cal.load_model(host)[0], str(host))
+    assert (carved_fp["routing"], host_fp["routing"]) == ("carved", "standard")
+    pattern = _pattern(experts=7)
+    pattern.model = carved_fp
+    tcess.check_model(pattern, carved_fp)
+    with pytest.raises(UsageError, match="calibrate the patterns on the model that runs"):
+        tcess.check_model(pattern, host_fp)
+    pattern.model = {k: v for k, v in carved_fp.items() if k != "routing"}
+    with pytest.raises(UsageError, match="exact CMoE routing"):
+        tcess.check_model(pattern, host_fp)
+    pattern.model = {k: v for k, v in host_fp.items() if k != "routing"}
+    tcess.check_model(pattern, host_fp)
+
+
 def test_bad_keep_values_are_refused(tiny_moe):
     from converters.prune import parse_spec, prune_host
 

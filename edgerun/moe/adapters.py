@@ -76,16 +76,23 @@ def moe_layers(model) -> list[MoELayer]:
 
 
 def fingerprint(model, name: str = "") -> dict:
-    """What a pattern must match: MoE layer count, experts per layer, top-k."""
+    """What a pattern must match: MoE layer count, experts per layer, top-k, and the routing that runs.
+
+    ``routing`` is ``"carved"`` for CMoE's exact routing in a carved checkpoint (torch engine) and
+    ``"standard"`` for a model whose MoE blocks have their own router module (an engine host of a carved
+    checkpoint, Mixtral, Qwen2-MoE, ...): router scores, and so TCESS keys, of one do not transfer to the
+    other.
+    """
     layers = moe_layers(model)
     return {"name": name, "layers": len(layers), "experts": layers[0].n_experts, "top_k": layers[0].top_k,
-            "moe_layer_indices": [m.index for m in layers]}
+            "moe_layer_indices": [m.index for m in layers],
+            "routing": "carved" if layers[0].carved else "standard"}
 
 
 def carved_router_logits(block: CarvedMoE, x: torch.Tensor) -> torch.Tensor:
-    """CMoE's analytical router scores (tokens, E) float32: the "logits" its softmax is taken over."""
-    x = x.reshape(-1, x.shape[-1]).float()
-    return torch.abs((x @ block.router_up.float().T) * F.silu(x @ block.router_gate.float().T))
+    """A carved layer's router scores (tokens, E) float32, the "logits" its softmax is taken over: the fitted
+    linear router's ``W x`` or CMoE's analytical ``|u.x| SiLU(g.x)`` (:meth:`CarvedMoE.router_logits`)."""
+    return block.router_logits(x.reshape(-1, x.shape[-1]))
 
 
 @contextlib.contextmanager
@@ -145,7 +152,8 @@ def prune(model, keep: list[list[int]], a: int) -> None:
             idx = torch.tensor(ids, dtype=torch.long)
             if m.carved:
                 blk = m.block
-                for name in ("expert_gate", "expert_up", "expert_down", "router_gate", "router_up", "scale"):
+                for name in ("expert_gate", "expert_up", "expert_down", "router_gate", "router_up", "router_weight",
+                             "scale"):
                     p = getattr(blk, name)
                     setattr(blk, name, torch.nn.Parameter(p.data[idx].clone(), requires_grad=p.requires_grad))
                 blk.bias = blk.bias[idx].clone()

@@ -61,7 +61,7 @@ class ExpertPlanner:
             raise UsageError("--adaptive-experts runs on llama.cpp (assembled GGUFs) or torch (exact routing)")
         self.patterns = tcess.load_dir(patterns_dir)
         self.key_model, self.tokenizer = cal.load_model(self.model_dir)
-        fp = fingerprint(self.key_model)
+        fp = fingerprint(self.key_model, str(self.model_dir))
         for p in self.patterns:
             tcess.check_model(p, fp)
         if b > fp["experts"]:

@@ -210,3 +210,36 @@ def check_model(pattern: Pattern, model: dict) -> None:
         if pattern.model.get(key) != model.get(key):
             raise UsageError(f"pattern '{pattern.task}' was made for a model with {key} = {pattern.model.get(key)}, "
                              f"this model has {model.get(key)}")
+    made_on, runs = pattern_routing(pattern), model.get("routing")
+    if made_on and runs and made_on != runs:
+        # e.g. patterns of a carved checkpoint (CMoE router) on its llama.cpp host (fitted linear router):
+        # the query key of the other router lands near one stored key whatever the message (one task)
+        raise UsageError(f"pattern '{pattern.task}' was made on {_ROUTING[made_on]}, but this engine routes with "
+                         f"{_ROUTING[runs]}: their router scores do not match; calibrate the patterns on the model "
+                         f"that runs (edgerun experts calibrate {model.get('name') or 'MODEL'} -o DIR)")
+
+
+_ROUTING = {"carved": "a carved checkpoint's exact CMoE routing (torch)",
+            "standard": "a standard MoE router (an engine host or a native MoE)"}
+
+
+def pattern_routing(pattern: Pattern) -> str | None:
+    """``"carved"`` or ``"standard"``: the routing ``pattern`` was calibrated on, or None when unknown.
+
+    Patterns record it (``model["routing"]``); for older patterns it is read from the config of the
+    model directory they name, when that still exists.
+    """
+    routing = pattern.model.get("routing")
+    if routing in _ROUTING:
+        return routing
+    name = pattern.model.get("name")
+    try:
+        cfg = json.loads((Path(name) / "config.json").read_text()) if name else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    moe = cfg.get("edgerun_moe")
+    if isinstance(moe, dict):
+        return "standard" if "export" in moe else "carved"
+    return "standard" if cfg.get("num_local_experts") else None
