@@ -17,9 +17,21 @@ arXiv 2502.04416; the released code's details where the paper is silent, see doc
    is at most 1,440 x 1,440 and solves in well under a second, so the min-cost-flow formulation on
    the un-expanded problem, which matters at 7B scale, is not needed). One iteration, as released.
 4. **Router**: per routed expert, the representative neuron is the member whose marker column is
-   closest (L1, as in the code; the paper's Eq. 7 says L2) to the group's mean column; the router
-   rows are its L2-normalised gate and up rows (see :mod:`edgerun.moe.layer` for the scores).
+   closest (L1, as in the code; the paper's Eq. 7 says L2) to the group's mean column; the analytical
+   router rows are its L2-normalised gate and up rows (see :mod:`edgerun.moe.layer` for the scores).
+   Both routers are always stored; which one routes is ``router``:
+
+   - ``fitted`` (default; not in the paper): per routed expert a linear map from the FFN input to the
+     expert's log activation mass ``log sum_{i in E_j} |h_i(x)|`` (h the plain SwiGLU activation),
+     ridge least squares on the calibration tokens (:func:`fit_router`). On SmolLM2 the analytical
+     router is at chance: the marker vectors are sparse 0/1, so the member closest to the centroid is
+     in practice the group's least active neuron (docs/carve.md has the measurement);
+   - ``analytical``: CMoE's representative-neuron router, for paper fidelity.
+
+   The sequential profiling of layer i+1 runs on layer i routed by the chosen router.
 5. Training-free gates: every selected routed expert has gate 1.
+
+ATopK's K (``k_a``, default 10 as released) is a parameter: the carve marks the K largest |h| per token.
 """
 
 from __future__ import annotations
@@ -44,6 +56,9 @@ from edgerun.moe.layer import CarvedMoE
 from edgerun.moe.store import MOE_KEY, is_carved, layer_file, layer_tensors
 
 K_A = 10
+ROUTERS = ("fitted", "analytical")
+DEFAULT_ROUTER = "fitted"
+RIDGE = 1e-2
 
 
 def activation_markers(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, k_a: int = K_A) -> torch.Tensor:
@@ -99,19 +114,68 @@ def balanced_assignment(cost: np.ndarray, capacity: int) -> np.ndarray:
     return groups
 
 
+def fit_router(x: torch.Tensor, expert_gate: torch.Tensor, expert_up: torch.Tensor, ridge: float = RIDGE,
+               chunk: int = 4096) -> torch.Tensor:
+    """The fitted linear router (step 4 of the module doc): W (E, d) float32 with ``W x ~ log mass_j(x)``.
+
+    Per routed expert j, the target is the log of its activation mass ``sum_{i in E_j} |h_i(x)|``,
+    ``h = SiLU(gate x) * (up x)``, centred per token (the selection depends only on the order of the
+    experts within a token); ridge least squares ``(X^T X / n + lambda I) W^T = X^T Y / n`` with
+    ``lambda = ridge * trace(X^T X / n) / d``. No intercept: the engines' linear routers (Granite,
+    llama.cpp) have none.
+
+    Args:
+        x: FFN inputs (tokens, d) float32.
+        expert_gate, expert_up: (E, m, d) float32, the routed experts' rows.
+        ridge: regularisation relative to the mean input energy per dimension.
+        chunk: tokens per block (bounds the (chunk, E, m) activations held at once).
+
+    Returns:
+        (E, d) float32.
+
+    Raises:
+        ValueError: no tokens, or non-finite inputs.
+    """
+    x = x.float()
+    if not len(x) or not torch.isfinite(x).all():
+        raise ValueError("the router fit needs finite calibration inputs")
+    d = x.shape[1]
+    gram = x.T @ x / len(x)
+    rhs = torch.zeros(d, expert_gate.shape[0])
+    for start in range(0, len(x), chunk):
+        xb = x[start:start + chunk]
+        h = F.silu(torch.einsum("nd,emd->nem", xb, expert_gate.float())) * torch.einsum("nd,emd->nem", xb,
+                                                                                        expert_up.float())
+        y = torch.log(h.abs().sum(-1).clamp_min(1e-12))                              # (n, E)
+        y = y - y.mean(1, keepdim=True)
+        rhs += xb.T @ y / len(x)
+    lam = ridge * float(gram.diagonal().mean())
+    return torch.linalg.solve(gram + lam * torch.eye(d), rhs).T.contiguous()
+
+
 def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
-              cfg: moe_config.MoEConfig, k_a: int = K_A) -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
+              cfg: moe_config.MoEConfig, k_a: int = K_A,
+              router: str = DEFAULT_ROUTER) -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
     """Carve one FFN on its calibration inputs (CMoE steps 1-4 of the module doc).
 
     Args:
         w_gate, w_up: (d_ff, d) float32. w_down: (d, d_ff) float32.
         x: calibration inputs of the FFN (tokens, d) float32.
-        cfg: the SxAyEz configuration for this d_ff. k_a: neurons marked per token (ATopK).
+        cfg: the SxAyEz configuration for this d_ff. k_a: neurons marked per token (ATopK's K).
+        router: ``fitted`` (linear, :func:`fit_router` on ``x``) or ``analytical`` (CMoE's); both are
+            computed and stored, this one routes.
 
     Returns:
         (the :class:`CarvedMoE` layer, shared neuron ids int64 (x*m,), routed neuron ids int64
         (z-x, m) sorted per expert, statistics: mean activation rates and representative neurons).
+
+    Raises:
+        ValueError: an unknown router, k_a outside 1..d_ff.
     """
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router {router!r}; valid: {', '.join(ROUTERS)}")
+    if not 1 <= k_a <= w_gate.shape[0]:
+        raise ValueError(f"ATopK K = {k_a} must be between 1 and the FFN width {w_gate.shape[0]}")
     d_ff, d_model = w_gate.shape
     m, n_routed = cfg.expert_size, cfg.routed
     markers = activation_markers(x, w_gate, w_up, k_a).float()             # (T, d_ff)
@@ -131,7 +195,7 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
         reps.append(members[j][torch.argmin(_l1_to_columns(cols, centroid)[:, 0])])
     reps = torch.stack(reps)
 
-    moe = CarvedMoE(d_model, cfg.shared_neurons, n_routed, m, cfg.active)
+    moe = CarvedMoE(d_model, cfg.shared_neurons, n_routed, m, cfg.active, router_kind=router)
     with torch.no_grad():
         moe.shared_gate.copy_(w_gate[shared])
         moe.shared_up.copy_(w_up[shared])
@@ -141,14 +205,15 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
         moe.expert_down.copy_(torch.stack([w_down[:, members[j]] for j in range(n_routed)]))
         moe.router_gate.copy_(F.normalize(w_gate[reps], dim=-1))
         moe.router_up.copy_(F.normalize(w_up[reps], dim=-1))
+        moe.router_weight.copy_(fit_router(x, w_gate[members], w_up[members]))
     stats = {"mu_shared_mean": float(mu[shared].mean()) if len(shared) else None,
              "mu_routed_mean": float(mu[rest].mean()), "representatives": reps.tolist()}
     return moe, shared, members, stats
 
 
 def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, tokens: int = 16384,
-                     seq_len: int = 2048, dataset: str = "wiki", k_a: int = K_A, force: bool = False,
-                     progress: Callable[[int, int], None] | None = None) -> Path:
+                     seq_len: int = 2048, dataset: str = "wiki", k_a: int = K_A, router: str = DEFAULT_ROUTER,
+                     force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Carve every FFN of an HF Llama checkpoint and write the carved checkpoint (see :mod:`edgerun.moe.store`).
 
     Args:
@@ -156,7 +221,8 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         out: output directory.
         config: ``SxAyEz``.
         tokens, seq_len: calibration tokens, in windows of ``seq_len`` from ``dataset``'s calibration split.
-        k_a: neurons marked per token (ATopK).
+        k_a: neurons marked per token (ATopK's K; 10 as released).
+        router: ``fitted`` (default) or ``analytical`` (CMoE's); recorded in the config as ``router``.
         force: replace an existing output.
         progress: called as ``progress(done_layers, total_layers)``.
 
@@ -166,7 +232,8 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
 
     Raises:
         UsageError: unsupported architecture (non-Llama, non-SwiGLU), an already carved source, a bad
-            configuration, too little calibration text, output exists without ``force``.
+            configuration, an unknown router or K, too little calibration text, output exists without
+            ``force``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only a carve loads a model
 
@@ -179,6 +246,10 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         raise UsageError(f"CMoE carving supports Llama-family SwiGLU models; {checkpoint} is "
                          f"{cfg.get('model_type')} with {cfg.get('hidden_act')}")
     moe_cfg = moe_config.parse(config, int(cfg["intermediate_size"]))
+    if router not in ROUTERS:
+        raise UsageError(f"unknown router '{router}'; valid: {', '.join(ROUTERS)}")
+    if not 1 <= k_a <= moe_cfg.d_ff:
+        raise UsageError(f"ATopK K = {k_a} must be between 1 and the FFN width {moe_cfg.d_ff}")
     if tokens < seq_len:
         seq_len = tokens
     if out.exists() and not force:
@@ -194,7 +265,8 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         residuals, ffn_in = _ffn_inputs(layer, hiddens, kwargs_list)
         mlp = layer.mlp
         moe, shared, members, stats = carve_ffn(mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
-                                                mlp.down_proj.weight.detach().float(), torch.cat(ffn_in), moe_cfg, k_a)
+                                                mlp.down_proj.weight.detach().float(), torch.cat(ffn_in), moe_cfg, k_a,
+                                                router)
         layer.mlp = moe
         carved.append((moe, shared, members, stats))
         with torch.inference_mode():                            # layer i+1 is profiled on carved layer i
@@ -202,7 +274,7 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         if progress:
             progress(i + 1, len(layers))
     seconds = time.perf_counter() - t0
-    meta = {**moe_cfg.as_dict(), "method": "cmoe", "router": "cmoe-analytical", "top_k": moe_cfg.active,
+    meta = {**moe_cfg.as_dict(), "method": "cmoe", "router": router, "top_k": moe_cfg.active,
             "k_a": k_a, "calibration": {"dataset": dataset, "split": "calibration", "tokens": len(windows) * seq_len,
                                         "window": seq_len},
             "carve_seconds": round(seconds, 1), "source": str(checkpoint)}

@@ -127,7 +127,7 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
         def hook(module, args, output):
             with torch.no_grad():
                 flat = args[0].reshape(-1, args[0].shape[-1])
-                selected = torch.topk(module.selection_scores(module.router_probs(flat)), module.top_k,
+                selected = torch.topk(module.selection_scores(flat), module.top_k,
                                       dim=-1).indices
                 loads[i] += torch.bincount(selected.flatten(), minlength=module.n_routed).float()
         return hook

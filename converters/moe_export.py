@@ -7,23 +7,24 @@ weighted by the softmax over the chosen logits. With Granite's multipliers neutr
 multiplier 1/sqrt(head_dim), embedding and residual multipliers 1, logits scaling 1) the dense part
 is exactly Llama.
 
-CMoE routes differently (:mod:`edgerun.moe.layer`): a non-linear analytical score, and every chosen
-expert weighted 1. The export therefore fits what it must:
+Every chosen expert of a carved layer is weighted 1 (training-free). The export:
 
-- **a linear router** W (z-x, d) fitted by least squares to CMoE's router scores on calibration FFN
-  inputs; its *router agreement* (share of held-out tokens whose top-k set equals CMoE's) is measured
-  and recorded. CMoE's scores ``|u.x| SiLU(g.x)`` are not linear in x and its router probabilities
-  are nearly tied (on SmolLM2 the largest of 5 is ~0.2008), so agreement is low; soft cross-entropy,
-  top-k BCE and longer Adam runs were tried during development and did not do better on held-out
-  tokens. What the engines run is then measured by its own perplexity
-  (``benchmarks/results/cmoe_table.md``);
-- **flat weights**: the exported router is ``temperature x W`` with a small temperature, so the
+- **the router**: a carved checkpoint with the **fitted** router (the default, :mod:`converters.carve`)
+  already routes with a linear map W (z-x, d); the host's router is exactly ``temperature x W``, and
+  with a power-of-two temperature (2^-7) every logit is scaled exactly, so the host selects the same
+  experts as the carved model by construction (router agreement 100%, measured and recorded all the
+  same). With the **analytical** router (CMoE's non-linear ``|u.x| SiLU(g.x)``), or a non-zero
+  balancing bias after ``--finetune``, a linear W is fitted by least squares to what the carved model
+  selects on; its *router agreement* (share of held-out tokens whose top-k set equals the carved
+  model's) is measured and recorded; for the analytical router it is low (CMoE's probabilities are
+  nearly tied);
+- **flat weights**: the exported router's logits are scaled by the small temperature, so the
   softmax over the chosen logits is close to uniform (1/k), and every routed expert's down
   projection is multiplied by k, making each chosen expert's weight ~1 as in CMoE. The top-k order
   (and so the choice) does not depend on the temperature.
 
-After ``--finetune`` the router is fitted to what CMoE then selects on (p + the balancing bias); the
-learned gate scales (gates ``1 + p_j alpha_j``) have no place in Granite's softmax weights and are
+After ``--finetune`` the router is fitted to what the carved model then selects on (scores + the
+balancing bias); the learned gate scales (gates ``1 + p_j alpha_j``) have no place in Granite's softmax weights and are
 dropped (their largest |alpha| is recorded); LoRA is already merged into the weights.
 
 The result is an HF checkpoint (``model_type: granitemoeshared``) that is also the source of the
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
@@ -51,7 +53,7 @@ from edgerun.formats import safetensors as st_format
 from edgerun.moe.layer import CarvedMoE
 from edgerun.moe.store import MOE_KEY, is_carved, load_model
 
-ROUTER_TEMPERATURE = 0.01
+ROUTER_TEMPERATURE = 2.0 ** -7   # a power of two: scaling the logits by it is exact in floating point
 
 
 def topk_agreement(logits: torch.Tensor, reference: torch.Tensor, k: int) -> float:
@@ -61,16 +63,27 @@ def topk_agreement(logits: torch.Tensor, reference: torch.Tensor, k: int) -> flo
     return float((a == b).all(dim=1).float().mean())
 
 
-def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
-    """A linear router (z-x, d) fitted by ridge least squares to CMoE's router scores on FFN inputs x (tokens, d).
+def exact_linear_router(moe: CarvedMoE) -> torch.Tensor | None:
+    """The carved layer's own router weights (z-x, d) when a linear engine router reproduces its choice
+    exactly (fitted router, zero selection bias); None otherwise."""
+    if moe.router_kind == "fitted" and not bool(moe.bias.any()):
+        return moe.router_weight.detach().float().clone()
+    return None
 
-    The target is log p (CMoE's softmax probabilities), i.e. the analytical scores up to a per-token
-    constant, so the linear logits rank experts as CMoE's scores do wherever a linear map can.
+
+def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """A linear router (z-x, d) fitted by ridge least squares to a carved layer's selection scores on FFN
+    inputs x (tokens, d).
+
+    Analytical router: the target is log(p + bias) (CMoE's softmax probabilities), i.e. the analytical
+    scores up to a per-token constant, so the linear logits rank experts as CMoE's scores do wherever a
+    linear map can. Fitted router: the target is its logits + bias.
     """
     x = x.float()
     with torch.no_grad():
-        # what CMoE selects on: p + bias (the bias is 0 unless --finetune balanced the load)
-        target = torch.log(moe.selection_scores(moe.router_probs(x)).clamp_min(1e-12))     # (n, E)
+        # what the carved layer selects on (the bias is 0 unless --finetune balanced the load)
+        sel = moe.selection_scores(x)
+        target = sel if moe.router_kind == "fitted" else torch.log(sel.clamp_min(1e-12))     # (n, E)
         target = target - target.mean(dim=1, keepdim=True)
         gram = x.T @ x / len(x) + ridge * torch.eye(x.shape[1])
         return torch.linalg.solve(gram, x.T @ target / len(x)).T.contiguous()
@@ -120,14 +133,19 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     skip = meta["calibration"]["tokens"] // seq
     windows = calibration_windows(tokenizer, skip + tokens // seq, seq)[skip:]
     held_ids = data.token_windows(tokenizer, "wiki", "heldout", heldout_tokens, 1)[0]
-    train_x = _ffn_inputs_by_layer(model, windows)
+    # the fitted router without a bias is exported as it is: the fit's inputs are only needed otherwise
+    need_fit = any(exact_linear_router(layer.mlp) is None for layer in model.model.layers)
+    train_x = _ffn_inputs_by_layer(model, windows) if need_fit else None
     held_x = _ffn_inputs_by_layer(model, [torch.tensor([held_ids])])
-    routers, agreement = [], []
+    routers, agreement, exact = [], [], []
     for i, layer in enumerate(model.model.layers):
-        w = fit_linear_router(layer.mlp, train_x[i])
+        w = exact_linear_router(layer.mlp)
+        exact.append(w is not None)
+        if w is None:
+            w = fit_linear_router(layer.mlp, train_x[i])
         with torch.no_grad():
-            scores = layer.mlp.selection_scores(layer.mlp.router_probs(held_x[i]))
-            agreement.append(topk_agreement(held_x[i] @ w.T, scores, k))
+            scores = layer.mlp.selection_scores(held_x[i])
+            agreement.append(topk_agreement(F.linear(held_x[i], temperature * w), scores, k))
         routers.append(w)
         if progress:
             progress(i + 1, len(model.model.layers))
@@ -135,6 +153,7 @@ def to_granite(carved: str | Path, out: str | Path, tokens: int = 4096, heldout_
     state = _granite_state(model, routers, temperature, k)
     gcfg = _granite_config(cfg, meta)
     meta.update(export="granitemoeshared", router_temperature=temperature,
+                host_router="exact" if all(exact) else "fitted-to-carved" if not any(exact) else "mixed",
                 router_fit={"tokens": len(windows) * seq, "heldout_tokens": heldout_tokens},
                 router_agreement=agreement, router_agreement_mean=sum(agreement) / len(agreement))
     if "finetune" in meta:   # Granite weights chosen experts by a softmax: the learned 1 + p*alpha gates become ~1

@@ -75,7 +75,7 @@ def test_training_free_layer_equals_the_dense_ffn_without_unselected_neurons(ffn
 def test_router_scores_follow_the_representative_neuron(ffn):
     (g, u, d), x = ffn
     cfg = moe_config.parse("S2A2E8", 256)
-    moe, _, _, stats = carve_ffn(g, u, d, x, cfg)
+    moe, _, _, stats = carve_ffn(g, u, d, x, cfg, router="analytical")
     reps = stats["representatives"]
     gn, un = F.normalize(g[reps], dim=-1), F.normalize(u[reps], dim=-1)
     scores = torch.abs((x @ un.T) * F.silu(x @ gn.T))

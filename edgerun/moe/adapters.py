@@ -21,7 +21,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from edgerun.errors import UsageError
 from edgerun.moe.layer import CarvedMoE

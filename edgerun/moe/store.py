@@ -2,11 +2,13 @@
 
 Checkpoint layout (a Hugging Face Llama checkpoint whose FFNs live apart)::
 
-    config.json                  the dense model's config + "edgerun_moe": {method, SxAyEz, sizes, calibration}
+    config.json                  the dense model's config + "edgerun_moe": {method, SxAyEz, sizes, calibration,
+                                 router: "fitted" | "analytical" (older: "cmoe-analytical"), k_a}
     model.safetensors            every tensor except the FFNs (embeddings, attention, norms)
     experts/layer-00.safetensors one file per decoder layer:
         shared.gate_proj.weight  (x*m, d)   shared.up_proj.weight (x*m, d)   shared.down_proj.weight (d, x*m)
         router.gate              (z-x, d)   router.up (z-x, d): L2-normalised representative-neuron rows
+        router.weight            (z-x, d)   the fitted linear router (absent in checkpoints carved before it)
         router.scale             (z-x,)     learnable gate scale (0 training-free)
         router.bias              (z-x,)     load-balancing selection bias (0 training-free)
         experts.{j}.gate_proj.weight (m, d)  experts.{j}.up_proj.weight (m, d)  experts.{j}.down_proj.weight (d, m)
@@ -49,7 +51,7 @@ def layer_tensors(moe: CarvedMoE, neurons_shared: torch.Tensor, neurons_experts:
     t = {
         "shared.gate_proj.weight": moe.shared_gate, "shared.up_proj.weight": moe.shared_up,
         "shared.down_proj.weight": moe.shared_down, "router.gate": moe.router_gate, "router.up": moe.router_up,
-        "router.scale": moe.scale, "router.bias": moe.bias,
+        "router.scale": moe.scale, "router.bias": moe.bias, "router.weight": moe.router_weight,
         "neurons.shared": neurons_shared.to(torch.int32), "neurons.experts": neurons_experts.to(torch.int32),
     }
     for j in range(moe.n_routed):
@@ -76,17 +78,32 @@ def read_layer(checkpoint: str | Path, layer: int, experts: list[int] | None = N
     return out
 
 
+def router_kind(moe_cfg: dict) -> str:
+    """The router a carved checkpoint routes with (its ``edgerun_moe`` config): ``fitted`` or ``analytical``."""
+    return "fitted" if moe_cfg.get("router") == "fitted" else "analytical"
+
+
 def load_layer(checkpoint: str | Path, layer: int, moe_cfg: dict, d_model: int) -> CarvedMoE:
-    """A :class:`CarvedMoE` with every expert of ``layer`` loaded."""
+    """A :class:`CarvedMoE` with every expert of ``layer`` loaded, routing with the checkpoint's router.
+
+    Raises:
+        ModelFileError: a missing or corrupted layer file, or a fitted router without its weights.
+    """
     t = read_layer(checkpoint, layer)
     n_routed, m = moe_cfg["routed"], moe_cfg["expert_size"]
-    moe = CarvedMoE(d_model, moe_cfg["shared_neurons"], n_routed, m, moe_cfg["active"])
+    kind = router_kind(moe_cfg)
+    if kind == "fitted" and "router.weight" not in t:
+        raise ModelFileError(f"{layer_file(checkpoint, layer)} has no router.weight, but the config says the router "
+                             "is fitted; carve it again")
+    moe = CarvedMoE(d_model, moe_cfg["shared_neurons"], n_routed, m, moe_cfg["active"], router_kind=kind)
     with torch.no_grad():
         moe.shared_gate.copy_(t["shared.gate_proj.weight"])
         moe.shared_up.copy_(t["shared.up_proj.weight"])
         moe.shared_down.copy_(t["shared.down_proj.weight"])
         moe.router_gate.copy_(t["router.gate"])
         moe.router_up.copy_(t["router.up"])
+        if "router.weight" in t:
+            moe.router_weight.copy_(t["router.weight"])
         moe.scale.copy_(t["router.scale"])
         moe.bias.copy_(t["router.bias"])
         moe.expert_gate.copy_(torch.stack([t[f"experts.{j}.gate_proj.weight"] for j in range(n_routed)]))
@@ -164,8 +181,9 @@ def select_experts(carved: str | Path, out: str | Path, keep: list[list[int]], a
             t = read_layer(carved, i, experts=ids)
             idx = torch.tensor(ids, dtype=torch.long)
             new = {k: v for k, v in t.items() if not k.startswith("experts.")}
-            for k in ("router.gate", "router.up", "router.scale", "router.bias"):
-                new[k] = t[k][idx].contiguous()
+            for k in ("router.gate", "router.up", "router.scale", "router.bias", "router.weight"):
+                if k in t:
+                    new[k] = t[k][idx].contiguous()
             new["neurons.experts"] = t["neurons.experts"][idx].contiguous()
             for n, j in enumerate(ids):
                 for part in ("gate_proj", "up_proj", "down_proj"):
