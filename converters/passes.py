@@ -299,7 +299,8 @@ def output_of(out: Path | None, cached: Callable[[], Path], marker: str = "confi
 def carve_record(carved: Path) -> dict:
     """The manifest record of a carved checkpoint, from the carve metadata in its config."""
     meta = read_config(carved)[MOE_KEY]
-    return {"name": "carve", "method": "cmoe", "config": meta["name"], "calibration": meta["calibration"],
+    return {"name": "carve", "method": "cmoe", "config": meta["name"], "router": meta.get("router", "analytical"),
+            "atopk": meta.get("k_a", 10), "calibration": meta["calibration"],
             "carve_seconds": meta.get("carve_seconds"), "checkpoint": str(carved)}
 
 
@@ -406,8 +407,8 @@ class MergePass(Pass):
 class CarvePass(Pass):
     """Carve the dense FFNs into an SxAyEz mixture of experts, training-free (CMoE; :mod:`converters.carve`).
 
-    Cached as ``$EDGERUN_HOME/cache/carved/<input>-<SxAyEz>-t<calib_tokens>`` (plus ``-<dataset>``
-    off wiki).
+    Cached as ``$EDGERUN_HOME/cache/carved/<input>-<SxAyEz>-t<calib_tokens>-<router>`` (plus ``-k<atopk>``
+    off 10 and ``-<dataset>`` off wiki).
     """
 
     name = "carve"
@@ -421,6 +422,10 @@ class CarvePass(Pass):
         Param("calib_tokens", int, 16384, "calibration tokens for the activation profiles (windows of 2048)",
               check=positive),
         Param("dataset", str, "wiki", "catalog text whose calibration split profiles the neurons"),
+        Param("router", str, "fitted", "fitted (linear, ridge fit to each expert's log activation mass; exported "
+                                       "exactly) or analytical (CMoE's representative-neuron router)",
+              choices=("fitted", "analytical")),
+        Param("atopk", int, 10, "ATopK's K: neurons marked per calibration token for the grouping", check=positive),
     )
 
     def tag(self) -> str:
@@ -434,14 +439,17 @@ class CarvePass(Pass):
 
         cfg = moe_config.parse(self.values["config"], int(read_config(model)["intermediate_size"]))
         tokens, dataset = self.values["calib_tokens"], self.values["dataset"]
-        suffix = "" if dataset == "wiki" else f"-{dataset}"
+        router, k_a = self.values["router"], self.values["atopk"]
+        suffix = f"-{router}" + ("" if k_a == 10 else f"-k{k_a}") + ("" if dataset == "wiki" else f"-{dataset}")
         out, todo = output_of(out, lambda: catalog.home() / "cache" / "carved"
                               / f"{model.name}-{cfg.name}-t{tokens}{suffix}")
         if todo:
-            ctx.log(f"carving {ctx.label or model.name} into {cfg.name} (CMoE, {tokens} calibration tokens)")
+            ctx.log(f"carving {ctx.label or model.name} into {cfg.name} (CMoE, {tokens} calibration tokens, "
+                    f"{router} router)")
             b = bar(f"carving {cfg.name}", ctx.progress, "layer")
             try:
-                carve_checkpoint(model, out, cfg.name, tokens=tokens, dataset=dataset, force=True, progress=b)
+                carve_checkpoint(model, out, cfg.name, tokens=tokens, dataset=dataset, k_a=k_a, router=router,
+                                 force=True, progress=b)
             finally:
                 _close(b)
         return out, [carve_record(out)]

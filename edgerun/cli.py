@@ -413,6 +413,11 @@ def _add_carve(sub) -> None:
     p.add_argument("--calib-tokens", type=_positive_int, default=16384, metavar="N",
                    help="calibration tokens (default 16384)")
     _old_spelling(p, "--tokens", "calib_tokens")
+    p.add_argument("--router", choices=("fitted", "analytical"), default="fitted",
+                   help="fitted: a linear router fitted to each expert's activation mass (default; the engine "
+                        "exports route identically); analytical: CMoE's representative-neuron router")
+    p.add_argument("--atopk", type=_positive_int, default=10, metavar="K",
+                   help="neurons marked per calibration token for the grouping (CMoE's ATopK; default 10)")
     p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
                    help="then CMoE's light fine-tune on the calibration text: learnable gate scales, bias load "
                         "balancing and LoRA r=8 (peft), bounded to MINUTES (default 3)")
@@ -427,7 +432,8 @@ def cmd_carve(args) -> int:
     from converters import passes  # torch (carving): not on the chat path
     from converters.source import open_source  # torch (dequantizing a GGUF source)
 
-    chain = [passes.make("carve", "--config", config=args.config, calib_tokens=args.calib_tokens, dataset=args.calib)]
+    chain = [passes.make("carve", "--config", config=args.config, calib_tokens=args.calib_tokens, dataset=args.calib,
+                         router=args.router, atopk=args.atopk)]
     if args.finetune is not None:
         chain.append(passes.make("finetune", "--finetune", minutes=args.finetune, steps=args.finetune_steps,
                                  lora=not args.no_lora, dataset=args.calib))
