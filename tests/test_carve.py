@@ -103,6 +103,76 @@ def test_carving_is_deterministic(ffn):
     assert torch.equal(a[2], b[2]) and torch.equal(a[0].router_gate, b[0].router_gate)
 
 
+def _one_hot_experts(n_experts=4, m=8, d=16):
+    """A tiny carved layer whose expert j reads only input dimension j (gate and up rows on e_j), so the
+    expert with the largest activation mass for x = a e_j + noise is j."""
+    from edgerun.moe.layer import CarvedMoE
+
+    moe = CarvedMoE(d, 0, n_experts, m, 1, router_kind="fitted")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for j in range(n_experts):
+            moe.expert_gate[j, :, j] = 1.0 + torch.rand(m, generator=g)
+            moe.expert_up[j, :, j] = 1.0 + torch.rand(m, generator=g)
+            moe.expert_down[j] = torch.randn(d, m, generator=g) / 4
+    return moe
+
+
+def _tokens_with_best_expert(n, n_experts, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    best = torch.randint(0, n_experts, (n,), generator=g)
+    x = 0.05 * torch.randn(n, d, generator=g)
+    x[torch.arange(n), best] += 1.0 + 2.0 * torch.rand(n, generator=g)
+    return x, best
+
+
+def test_fitted_router_selects_the_known_best_expert():
+    from converters.carve import fit_router
+
+    moe = _one_hot_experts()
+    x, _ = _tokens_with_best_expert(2048, 4, 16, seed=1)
+    with torch.no_grad():
+        moe.router_weight.copy_(fit_router(x, moe.expert_gate, moe.expert_up))
+    fresh, best = _tokens_with_best_expert(512, 4, 16, seed=2)
+    assert torch.equal(moe.expert_mass(fresh).argmax(1), best)   # the construction: j has the largest mass
+    selected, gates, _ = moe.route(fresh)
+    assert torch.equal(selected[:, 0], best)
+    assert torch.equal(gates, torch.ones_like(gates))
+    moe.router_kind = "analytical"   # zero representative rows: an analytical router over them picks no best
+    assert not torch.equal(moe.route(fresh)[0][:, 0], best)
+
+
+def test_oracle_is_the_best_router_by_brute_force(ffn):
+    """Per token, over all C(6, 2) expert pairs, the oracle's pair leaves the smallest error against the dense
+    FFN; so its mean error is at most the fitted, analytical and random routers'."""
+    import itertools
+
+    (g, u, d), x = ffn
+    cfg = moe_config.parse("S2A2E8", 256)
+    moe, shared, members, _ = carve_ffn(g, u, d, x, cfg)
+    probe = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    dense = _dense(probe, g, u, d)
+    errors = []
+    for pair in itertools.combinations(range(6), 2):
+        keep = torch.cat([shared, members[list(pair)].flatten()])
+        mask = torch.zeros(256)
+        mask[keep] = 1
+        approx = F.linear(F.silu(F.linear(probe, g)) * F.linear(probe, u) * mask, d)
+        errors.append(torch.linalg.vector_norm(approx - dense, dim=-1))
+    errors = torch.stack(errors, 1)                                   # (tokens, 15)
+    with torch.no_grad():
+        moe.routing_override = "oracle"
+        oracle_err = torch.linalg.vector_norm(moe(probe[None])[0] - dense, dim=-1)
+        assert torch.allclose(oracle_err, errors.min(1).values, atol=1e-4)
+        means = {}
+        for name, kind, override in (("fitted", "fitted", None), ("analytical", "analytical", None),
+                                     ("random", "fitted", "random")):
+            moe.router_kind, moe.routing_override = kind, override
+            moe.random_generator = torch.Generator().manual_seed(0)
+            means[name] = float(torch.linalg.vector_norm(moe(probe[None])[0] - dense, dim=-1).mean())
+    assert all(float(oracle_err.mean()) <= v + 1e-6 for v in means.values()), means
+
+
 # --- checkpoints ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -186,6 +256,32 @@ def test_granite_host_with_every_expert_active_matches_the_carved_model(tiny_hos
     la, lb = a.logits(tokens), b.logits(tokens)
     # only the flat-router approximation separates them: weights within ~1% of 1
     assert abs(la - lb).max() < 2e-3 * (la.max() - la.min())
+
+
+def test_exported_routing_equals_the_fitted_router_exactly(tiny_hosts):
+    """The host's linear router is the carved model's fitted router times 2^-7: on the same FFN inputs both
+    choose the same experts for every token of every layer (exported = exact by construction)."""
+    import json
+
+    from edgerun.calibration import run_with_input_hooks
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.moe import store
+
+    carved, granite = tiny_hosts["S1A1E4"]
+    meta = json.loads((granite / "config.json").read_text())["edgerun_moe"]
+    assert meta["router"] == "fitted" and meta["host_router"] == "exact" and meta["router_agreement"] == [1.0, 1.0]
+    exact = store.load_model(carved)
+    host = TorchBackend(granite, n_ctx=256).model
+    tok = TorchBackend(carved, n_ctx=256).tokenizer
+    seen = {}
+    run_with_input_hooks(exact, {i: layer.mlp for i, layer in enumerate(exact.model.layers)},
+                         [torch.tensor([tok(TEXT * 3).input_ids])], lambda i, x: seen.setdefault(i, x.float()))
+    for i, layer in enumerate(exact.model.layers):
+        x = seen[i].reshape(-1, seen[i].shape[-1])
+        mine = torch.sort(layer.mlp.route(x)[0], dim=-1).values
+        with torch.no_grad():
+            _, _, indices = host.model.layers[i].block_sparse_moe.router(x)
+        assert torch.equal(mine, torch.sort(indices, dim=-1).values)
 
 
 def test_router_agreement_is_measured_and_recorded(tiny_hosts):
