@@ -210,6 +210,48 @@ def test_empty_calibration_data_is_refused(tiny_moe, tmp_path):
         cal.calibrate(model, tok, [("empty", str(empty))], tokens=256)
 
 
+def test_a_recalibrated_pattern_invalidates_its_cached_assembled_model(tiny_moe, tmp_path):
+    """torch engine: the assembled model is keyed by the pattern's content, so a pattern recalibrated under
+    the same task name gets a new model with its own experts; an unchanged pattern reuses the cached one."""
+    import json
+
+    from edgerun.moe import calibrate as cal
+    from edgerun.moe.taer import ExpertPlanner
+
+    _, carved, _ = tiny_moe
+    model, tok = cal.load_model(carved)
+    pats = tmp_path / "patterns"
+    for p in cal.calibrate(model, tok, [("wiki", "wiki"), ("code", "code")], tokens=512, name=str(carved)):
+        tcess.save(p, pats)
+    first = ExpertPlanner(carved, pats, 2, 4, engine="torch").model_for("code")
+    stamp = (first / "config.json").stat().st_mtime_ns
+    again = ExpertPlanner(carved, pats, 2, 4, engine="torch").model_for("code")
+    assert again == first and (first / "config.json").stat().st_mtime_ns == stamp   # cache hit
+    old = tcess.load(pats / "code.json")
+    for layer in old.stats:   # a recalibration that ranks the experts the other way round
+        layer.logit_sum = [-v for v in layer.logit_sum]
+    tcess.save(old, pats)
+    new_pattern = tcess.load(pats / "code.json")
+    second = ExpertPlanner(carved, pats, 2, 4, engine="torch").model_for("code")
+    assert second != first
+    kept = json.loads((second / "config.json").read_text())["edgerun_moe"]["pruned"]["keep"]
+    assert kept == new_pattern.keep(4) != json.loads((first / "config.json").read_text())["edgerun_moe"]["pruned"]["keep"]
+
+
+def test_old_patterns_without_mass_statistics_still_load_and_retrieve_by_layer(tmp_path):
+    p = _pattern()
+    d = p.to_json()
+    for layer in d["stats"]:
+        del layer["mass_sum"]
+    for k in ("key_kind", "hidden_sum", "version"):
+        del d[k]
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    q = tcess.load(tmp_path / "t.json")
+    assert q.key_kind == "layer" and torch.equal(q.key(), tcess.scores(q.stats[0], q.tokens, q.score))
+    with pytest.raises(UsageError, match="calibrate it again"):
+        q.key(kind="mass")
+
+
 def test_taer_session_rebuilds_the_model_for_a_new_task(tiny_moe, tmp_path):
     """Llama.cpp path: calibrate on the host, chat, the planner assembles per-pattern GGUFs."""
     import edgerun
@@ -292,7 +334,8 @@ def test_standard_moe_calibration_pruning_and_retrieval(kind):
 
 
 def test_taer_retrieves_the_right_task_on_the_real_carved_model(smollm2_source):
-    """Code vs children's stories: held-out prompts find their own task's pattern (exact CMoE routing)."""
+    """Code vs children's stories: held-out prompts find their own task's pattern with the default all-layer
+    key (normalised expert mass of every MoE layer; exact routing of the carved model)."""
     from converters.export import carved_cache
     from edgerun.data import documents
     from edgerun.moe import calibrate as cal

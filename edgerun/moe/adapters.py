@@ -96,16 +96,18 @@ def carved_router_logits(block: CarvedMoE, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def collecting(model, collector: TcessCollector):
-    """Hooks that feed every MoE layer's routing into ``collector`` while the model runs."""
+    """Hooks that feed every MoE layer's routing into ``collector`` while the model runs: router logits,
+    probabilities, the chosen experts, the expert activation mass (carved layers: every expert's
+    ``sum |h|``, which runs all of them; standard layers: the router probabilities) and the layer input."""
     layers = moe_layers(model)
     handles = []
     for n, m in enumerate(layers):
         if m.carved:
             def hook(mod, args, n=n):
-                x = args[0]
+                x = args[0].reshape(-1, args[0].shape[-1])
                 logits = carved_router_logits(mod, x)
-                selected, _, probs = mod.route(x.reshape(-1, x.shape[-1]))
-                collector.add(n, logits, probs, selected)
+                selected, _, probs = mod.route(x)
+                collector.add(n, logits, probs, selected, mass=mod.expert_mass(x), hidden=x)
             handles.append(m.block.register_forward_pre_hook(hook))
         else:
             sigmoid = hasattr(m.router, "e_score_correction_bias")
@@ -114,7 +116,7 @@ def collecting(model, collector: TcessCollector):
                 logits, _, indices = out
                 logits = logits.float()
                 probs = logits.sigmoid() if sigmoid else torch.softmax(logits, dim=-1)
-                collector.add(n, logits, probs, indices)
+                collector.add(n, logits, probs, indices, hidden=args[0])   # mass: the router's probabilities
             handles.append(m.router.register_forward_hook(hook))
     try:
         yield layers

@@ -75,14 +75,19 @@ def task_text(data: str, split: str = "calibration") -> str:
 
 def calibrate(model, tokenizer, tasks: list[tuple[str, str]], tokens: int = 4096, window: int = 512,
               key_layer: int = 0, score: str = tcess.DEFAULT_SCORE, name: str = "",
-              progress: bool = False) -> list[tcess.Pattern]:
+              progress: bool = False, key: str = tcess.DEFAULT_KEY) -> list[tcess.Pattern]:
     """One pattern per task from ``tokens`` calibration tokens (windows of ``window``).
 
+    Every pattern holds the statistics of all retrieval keys; ``key`` is the one it retrieves with
+    (:data:`edgerun.moe.tcess.KEYS`).
+
     Raises:
-        UsageError: empty calibration data, a key layer beyond the MoE layers, an unknown score.
+        UsageError: empty calibration data, a key layer beyond the MoE layers, an unknown score or key.
     """
     if score not in tcess.SCORES:
         raise UsageError(f"unknown score function '{score}'; valid: {', '.join(tcess.SCORES)}")
+    if key not in tcess.KEYS:
+        raise UsageError(f"unknown retrieval key '{key}'; valid: {', '.join(tcess.KEYS)}")
     layers = adapters.moe_layers(model)
     if not 0 <= key_layer < len(layers):
         raise UsageError(f"key layer {key_layer} is outside the model's {len(layers)} MoE layers")
@@ -92,29 +97,40 @@ def calibrate(model, tokenizer, tasks: list[tuple[str, str]], tokens: int = 4096
         ids = tokenizer(task_text(data), add_special_tokens=False).input_ids[:tokens]
         if not ids:
             raise UsageError(f"task '{task}' has no calibration text")
-        collector = tcess.TcessCollector(len(layers), layers[0].n_experts, layers[0].top_k)
+        collector = tcess.TcessCollector(len(layers), layers[0].n_experts, layers[0].top_k, key_layer)
         iterator = range(0, len(ids), window)
         if progress:
             iterator = tqdm(iterator, desc=f"calibrating {task}", unit="window", leave=False)
         with adapters.collecting(model, collector), torch.inference_mode():
             for start in iterator:  # the decoder stack only: no LM head, its logits are not needed
                 model.model(input_ids=torch.tensor([ids[start:start + window]]), use_cache=False)
+        hidden = collector.hidden_sum.tolist() if collector.hidden_sum is not None else []
         patterns.append(tcess.Pattern(task=task, tokens=collector.tokens, model=fp, score=score, key_layer=key_layer,
-                                      stats=collector.layer_stats()))
+                                      stats=collector.layer_stats(), key_kind=key, hidden_sum=hidden))
     return patterns
 
 
-def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tcess.DEFAULT_SCORE) -> torch.Tensor:
-    """TAER's query key: the key layer's TCESS over the raw text's tokens (the model runs only up to that router).
+def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tcess.DEFAULT_SCORE,
+              kind: str = tcess.DEFAULT_KEY) -> torch.Tensor:
+    """TAER's query key of the raw text's tokens, of ``kind`` (:func:`edgerun.moe.tcess.key_vector`).
+
+    ``layer`` (PreMoe's: the key layer's TCESS) and ``hidden`` run the model only up to the key layer's
+    router; ``mass`` and ``frequency`` run the whole decoder stack (no LM head) on the text.
 
     Raises:
-        UsageError: empty text.
+        UsageError: empty text, an unknown kind.
     """
+    if kind not in tcess.KEYS:
+        raise UsageError(f"unknown retrieval key '{kind}'; valid: {', '.join(tcess.KEYS)}")
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         raise UsageError("empty query")
     layers = adapters.moe_layers(model)
-    collector = tcess.TcessCollector(len(layers), layers[0].n_experts, layers[0].top_k)
+    collector = tcess.TcessCollector(len(layers), layers[0].n_experts, layers[0].top_k, key_layer)
+    if kind in ("mass", "frequency"):
+        with adapters.collecting(model, collector), torch.inference_mode():
+            model.model(input_ids=torch.tensor([ids]), use_cache=False)
+        return collector.key(kind, key_layer, score)
 
     class _Stop(Exception):
         pass
@@ -136,6 +152,8 @@ def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tces
             pass
         finally:
             handle.remove()
+    if kind == "hidden":
+        return collector.key(kind, key_layer, score)
     return tcess.scores(collector.layer_stats()[key_layer], collector.tokens or len(ids), score)
 
 

@@ -70,11 +70,15 @@ class ExpertPlanner:
         self.resident_bytes = sum(p.numel() * p.element_size() for p in self.key_model.parameters())
         self.key_layer = self.patterns[0].key_layer
         self.score = self.patterns[0].score
-        self.keys = torch.stack([p.key() for p in self.patterns])          # (tasks, experts)
+        self.key_kind = self.patterns[0].key_kind
+        if any((p.key_kind, p.key_layer) != (self.key_kind, self.key_layer) for p in self.patterns):
+            raise UsageError(f"the patterns in {patterns_dir} use different retrieval keys (key kind / key layer); "
+                             "calibrate them together")
+        self.keys = torch.stack([p.key() for p in self.patterns])          # (tasks, key size)
 
     def retrieve(self, text: str) -> tuple[str, float]:
         """(task, L2 distance) of the stored key nearest to the query key of ``text``."""
-        q = cal.query_key(self.key_model, self.tokenizer, text, self.key_layer, self.score)
+        q = cal.query_key(self.key_model, self.tokenizer, text, self.key_layer, self.score, self.key_kind)
         d = torch.linalg.norm(self.keys - q[None, :], dim=1)
         i = int(torch.argmin(d))
         return self.patterns[i].task, float(d[i])
@@ -90,10 +94,14 @@ class ExpertPlanner:
         return ExpertChoice(task, distance, retrieval_ms, assembly_ms, self.a, self.b), path
 
     def model_for(self, task: str) -> Path:
-        """The model pruned to ``task``'s pattern: a pruned expert store (torch) or the assembler's model."""
+        """The model pruned to ``task``'s pattern: a pruned expert store (torch) or the assembler's model.
+
+        Cached by model, task, a/b, score and the pattern's content hash (:meth:`Pattern.digest`), so a
+        recalibrated pattern gets a model of its own instead of a stale one.
+        """
         pattern = next(p for p in self.patterns if p.task == task)
         keep = pattern.keep(self.b)
-        tag = f"{self.model_dir.name}-{task}-{self.a}of{self.b}-{pattern.score}"
+        tag = f"{self.model_dir.name}-{task}-{self.a}of{self.b}-{pattern.score}-{pattern.digest()}"
         record = {"task": task, "score": pattern.score}
         if self.engine == "llama.cpp":
             return self.assembler(self.model_dir, tag, keep, self.a, record)

@@ -21,8 +21,21 @@ and softplus(logits) over the chosen tokens, so every score function is availabl
 exact torch routing, the linear router's logits for an engine host, the gate's logits for a standard
 MoE (Mixtral, Qwen2-MoE, DeepSeek-style).
 
-A **pattern** (JSON, never pickle) holds, for one task: the statistics, the key layer's score vector
-(the retrieval key for TAER) and each layer's expert ranking (descending score).
+A **pattern** (JSON, never pickle) holds, for one task: the statistics, the retrieval key for TAER
+and each layer's expert ranking (descending score).
+
+The retrieval key (``key_kind``; the paper's is ``layer``):
+
+- ``layer``: the key layer's TCESS vector (PreMoe's: E numbers, the query runs up to that router);
+- ``mass``: every MoE layer's mean normalised expert mass, concatenated (L x E numbers): per token the
+  share ``M_j / sum_k M_k`` of expert j's activation mass ``M_j = sum_{i in E_j} |h_i|`` (carved layers;
+  for a standard MoE layer the router's softmax probability over all experts stands in), averaged over
+  the tokens. The query runs the whole decoder stack on the prompt;
+- ``frequency``: every MoE layer's top-k frequency, concatenated (L x E);
+- ``hidden``: the mean input of the key MoE layer (d numbers; the query runs up to that layer).
+
+The default is the one that retrieved best when measured (``DEFAULT_KEY``,
+benchmarks/results/premoe_retrieval.md).
 """
 
 from __future__ import annotations
@@ -43,17 +56,23 @@ SCORES = ("raw-logit", "frequency", "probability", "softplus")
 # on all 7 tasks; frequency, probability and softplus rank the experts identically there (CMoE's
 # probabilities are nearly tied) and trail by 1-10%.
 DEFAULT_SCORE = "raw-logit"
-PATTERN_VERSION = 1
+KEYS = ("mass", "layer", "frequency", "hidden")
+DEFAULT_KEY = "mass"
+PATTERN_VERSION = 2
 
 
 @dataclass
 class LayerStats:
-    """Sums over the calibration tokens for one MoE layer, per expert (lists of floats, length E)."""
+    """Sums over the calibration tokens for one MoE layer, per expert (lists of floats, length E).
+
+    ``mass_sum`` (normalised expert mass, see the module doc) is empty in patterns made before it.
+    """
 
     count: list[float]
     logit_sum: list[float]
     prob_sum: list[float]
     softplus_sum: list[float]
+    mass_sum: list[float] = field(default_factory=list)
 
 
 class TcessCollector:
@@ -61,17 +80,21 @@ class TcessCollector:
 
     Args:
         n_layers: MoE layers. n_experts: routed experts per layer. top_k: experts chosen per token.
+        key_layer: the MoE layer whose input is summed for the ``hidden`` key.
     """
 
-    def __init__(self, n_layers: int, n_experts: int, top_k: int):
-        self.n_layers, self.n_experts, self.top_k = n_layers, n_experts, top_k
+    def __init__(self, n_layers: int, n_experts: int, top_k: int, key_layer: int = 0):
+        self.n_layers, self.n_experts, self.top_k, self.key_layer = n_layers, n_experts, top_k, key_layer
         self.tokens = 0
         zeros = lambda: torch.zeros(n_layers, n_experts, dtype=torch.float64)  # noqa: E731
         self.count, self.logit_sum, self.prob_sum, self.softplus_sum = zeros(), zeros(), zeros(), zeros()
+        self.mass_sum = zeros()
+        self.hidden_sum: torch.Tensor | None = None
         self._seen_layers: set[int] = set()
 
     def add(self, layer: int, logits: torch.Tensor, probs: torch.Tensor | None = None,
-            selected: torch.Tensor | None = None) -> None:
+            selected: torch.Tensor | None = None, mass: torch.Tensor | None = None,
+            hidden: torch.Tensor | None = None) -> None:
         """Add one layer's router output for a batch of tokens.
 
         Args:
@@ -79,6 +102,8 @@ class TcessCollector:
             logits: (tokens, E) router logits (float).
             probs: (tokens, E) router probabilities (default softmax of the logits).
             selected: (tokens, top_k) chosen experts (default top-k of the logits).
+            mass: (tokens, E) non-negative expert activation mass (default: ``probs``); normalised per token.
+            hidden: (tokens, d) the layer's input, summed for the ``hidden`` key at the key layer.
         """
         logits = logits.reshape(-1, logits.shape[-1]).double()
         probs = torch.softmax(logits, dim=-1) if probs is None else probs.reshape(logits.shape).double()
@@ -89,12 +114,51 @@ class TcessCollector:
         self.logit_sum[layer] += (chosen * logits).sum(0)
         self.prob_sum[layer] += (chosen * probs).sum(0)
         self.softplus_sum[layer] += (chosen * F.softplus(logits)).sum(0)
+        mass = probs if mass is None else mass.reshape(logits.shape).double()
+        self.mass_sum[layer] += (mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)).sum(0)
+        if hidden is not None and layer == self.key_layer:
+            h = hidden.reshape(len(logits), -1).double().sum(0)
+            self.hidden_sum = h if self.hidden_sum is None else self.hidden_sum + h
         if layer == 0:
             self.tokens += len(logits)
 
     def layer_stats(self) -> list[LayerStats]:
         return [LayerStats(self.count[i].tolist(), self.logit_sum[i].tolist(), self.prob_sum[i].tolist(),
-                           self.softplus_sum[i].tolist()) for i in range(self.n_layers)]
+                           self.softplus_sum[i].tolist(), self.mass_sum[i].tolist()) for i in range(self.n_layers)]
+
+    def key(self, kind: str, key_layer: int = 0, score: str = DEFAULT_SCORE) -> torch.Tensor:
+        """The retrieval key of what was collected (see :func:`key_vector`)."""
+        hidden = self.hidden_sum.tolist() if self.hidden_sum is not None else []
+        return key_vector(self.layer_stats(), self.tokens, kind, key_layer, score, hidden)
+
+
+def key_vector(stats: list[LayerStats], tokens: int, kind: str, key_layer: int = 0, score: str = DEFAULT_SCORE,
+               hidden_sum: list[float] | None = None) -> torch.Tensor:
+    """A retrieval key (float64) from per-layer statistics over ``tokens`` tokens (kinds: module doc).
+
+    Returns:
+        ``layer``: (E,); ``mass`` and ``frequency``: (L * E,); ``hidden``: (d,).
+
+    Raises:
+        UsageError: an unknown kind, or statistics that lack what the kind needs (a pattern made before
+            it: calibrate again).
+    """
+    if kind not in KEYS:
+        raise UsageError(f"unknown retrieval key '{kind}'; valid: {', '.join(KEYS)}")
+    n = max(tokens, 1)
+    if kind == "layer":
+        return scores(stats[key_layer], tokens, score)
+    if kind == "frequency":
+        return torch.tensor([c for s in stats for c in s.count], dtype=torch.float64) / n
+    if kind == "mass":
+        if any(not s.mass_sum for s in stats):
+            raise UsageError("this pattern has no expert-mass statistics (made before them); calibrate it again "
+                             "with 'edgerun experts calibrate'")
+        return torch.tensor([c for s in stats for c in s.mass_sum], dtype=torch.float64) / n
+    if not hidden_sum:
+        raise UsageError("this pattern has no hidden-state statistics; calibrate it again with 'edgerun experts "
+                         "calibrate'")
+    return torch.tensor(hidden_sum, dtype=torch.float64) / n
 
 
 def scores(stats: LayerStats, tokens: int, score: str = DEFAULT_SCORE) -> torch.Tensor:
@@ -117,8 +181,10 @@ class Pattern:
     Attributes:
         task: task name. tokens: calibration tokens seen.
         model: fingerprint of the model it belongs to (``layers``, ``experts``, ``top_k``, ``name``).
-        score: score function. key_layer: the layer whose score vector is the retrieval key.
+        score: score function. key_layer: the layer of the ``layer`` and ``hidden`` keys.
         stats: per-layer sums (all score functions can be recomputed from them).
+        key_kind: the retrieval key (module doc); ``layer`` for patterns made before the others.
+        hidden_sum: the key layer's input summed over the tokens (d,), empty when not collected.
     """
 
     task: str
@@ -127,14 +193,24 @@ class Pattern:
     score: str
     key_layer: int
     stats: list[LayerStats] = field(default_factory=list)
+    key_kind: str = "layer"
+    hidden_sum: list[float] = field(default_factory=list)
     version: int = PATTERN_VERSION
 
     def layer_scores(self, layer: int, score: str | None = None) -> torch.Tensor:
         return scores(self.stats[layer], self.tokens, score or self.score)
 
-    def key(self, score: str | None = None) -> torch.Tensor:
-        """Retrieval key: the key layer's TCESS vector."""
-        return self.layer_scores(self.key_layer, score)
+    def key(self, score: str | None = None, kind: str | None = None) -> torch.Tensor:
+        """Retrieval key of ``kind`` (default the pattern's ``key_kind``; see :func:`key_vector`)."""
+        return key_vector(self.stats, self.tokens, kind or self.key_kind, self.key_layer, score or self.score,
+                          self.hidden_sum)
+
+    def digest(self) -> str:
+        """SHA-256 (hex, 16 characters) of the pattern's content: what an assembled model built from it is keyed by."""
+        import hashlib
+
+        body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def ranking(self, layer: int, score: str | None = None) -> list[int]:
         """Experts of ``layer`` by descending TCESS (ties by expert index)."""
@@ -173,14 +249,18 @@ def load(path: str | Path) -> Pattern:
         d = json.loads(path.read_text(encoding="utf-8"))
         stats = [LayerStats(**s) for s in d["stats"]]
         p = Pattern(task=d["task"], tokens=int(d["tokens"]), model=dict(d["model"]), score=d["score"],
-                    key_layer=int(d["key_layer"]), stats=stats, version=int(d.get("version", 1)))
+                    key_layer=int(d["key_layer"]), stats=stats, key_kind=str(d.get("key_kind", "layer")),
+                    hidden_sum=[float(v) for v in d.get("hidden_sum", [])], version=int(d.get("version", 1)))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ModelFileError(f"{path} is not a valid expert pattern ({type(e).__name__}: {e}); "
                              "calibrate it again with 'edgerun experts calibrate'") from None
-    if p.score not in SCORES or not 0 <= p.key_layer < len(stats):
-        raise ModelFileError(f"{path} is not a valid expert pattern (score {p.score!r}, key layer {p.key_layer})")
-    widths = {len(v) if isinstance(v, list) else -1 for s in stats for v in asdict(s).values()}
-    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for s in stats for v in asdict(s).values()
+    if p.score not in SCORES or not 0 <= p.key_layer < len(stats) or p.key_kind not in KEYS:
+        raise ModelFileError(f"{path} is not a valid expert pattern (score {p.score!r}, key layer {p.key_layer}, "
+                             f"key {p.key_kind!r})")
+    # mass_sum may be empty (patterns made before it); every other list has one number per expert
+    values = [v for s in stats for k, v in asdict(s).items() if not (k == "mass_sum" and v == [])]
+    widths = {len(v) if isinstance(v, list) else -1 for v in values}
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for v in values
                   for x in (v if isinstance(v, list) else [None]))
     if len(widths) != 1 or widths == {0} or not numbers:
         raise ModelFileError(f"{path} is not a valid expert pattern (per-layer statistics are not equal-length "
