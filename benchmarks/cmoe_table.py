@@ -12,12 +12,22 @@ Q4_1-dequantized source, measured in the same run.
 
 Usage: python benchmarks/cmoe_table.py [--configs S3A3E8 S1A5E8 ...] [--windows 8]
 Writes benchmarks/results/cmoe_table.json and .md.
+
+``--routers`` (issue 16) measures instead, per configuration (default S3A3E8 and S2A2E8), the same
+carve (fitted router, profiled sequentially under it) routed four ways in torch: random sets (2
+seeds), CMoE's analytical router, the fitted linear router and the oracle (per token the experts whose
+dropped remainder has the smallest output norm: the ceiling of any router on the grouping), with
+paired bootstrap intervals over the windows for the ratio to dense and each router's agreement with
+the oracle's set; then ATopK K in ``--atopk`` (default 10 50 100 200) for S2A2E8, fitted and oracle
+(the oracle measures the grouping); and the fitted S2A2E8 exported to an F32 GGUF in llama.cpp
+(exported = exact routing by construction). Writes benchmarks/results/cmoe_routers.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -42,15 +52,217 @@ def decode_speed(path: Path) -> float:
         b.close()
 
 
+def _bootstrap_ratio(nll: list[float], ref: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval (over windows) of exp(mean nll - mean ref), the perplexity ratio."""
+    import random
+
+    rng = random.Random(seed)
+    k = len(nll)
+    ratios = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        ratios.append(math.exp(sum(nll[i] - ref[i] for i in idx) / k))
+    ratios.sort()
+    return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
+
+
+def routers_main(args) -> int:
+    """The router comparison of issue 16 (see the module doc, ``--routers``)."""
+    import os
+
+    import torch
+
+    from converters import gguf as gguf_writer
+    from converters import passes
+    from converters.moe_export import to_granite
+    from converters.source import open_source
+    from edgerun import data
+    from edgerun.backends.base import log_softmax_at
+    from edgerun.backends.llamacpp import LlamaCppBackend
+    from edgerun.moe.store import load_model
+    from profilers.accuracy import perplexity
+
+    torch.set_num_threads(args.threads)
+    source = open_source("smollm2-135m-instruct", progress=False)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source.path)
+    windows = data.token_windows(tok, "wiki", "heldout", 512, args.windows)
+
+    def window_nll(model) -> list[float]:
+        """Mean next-token NLL (nats/token) per window."""
+        out = []
+        with torch.inference_mode():
+            for w in windows:
+                logits = model(input_ids=torch.tensor([w])).logits[0].float().numpy()
+                out.append(-float(log_softmax_at(logits[:-1], w[1:]).mean()))
+        return out
+
+    t0 = time.perf_counter()
+    dense_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    dense_nll = window_nll(dense_model)
+    del dense_model
+    dense_ppl = math.exp(statistics.mean(dense_nll))
+    print(f"dense {dense_ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def carve(name: str, k_a: int) -> Path:
+        step = passes.make("carve", config=name, calib_tokens=16384, router="fitted", atopk=k_a)
+        ctx = passes.Context(source=source, progress=False, log=print, label=source.label)
+        t = time.perf_counter()
+        out = step.apply(source.path, ctx, None)[0]
+        print(f"carved {name} K={k_a}: {out} ({time.perf_counter() - t:.0f} s)", flush=True)
+        return out
+
+    def measure(model, routing: str, seed: int = 0, agreement: bool = True) -> dict:
+        moes = [layer.mlp for layer in model.model.layers]
+        for m in moes:
+            m.router_kind = "analytical" if routing == "analytical" else "fitted"
+            m.routing_override = routing if routing in ("oracle", "random") else None
+            m.random_generator = torch.Generator().manual_seed(seed * 1000 + len(moes)) if routing == "random" else None
+        hits, seen, handles = [0] * len(moes), [0] * len(moes), []
+        if agreement and routing != "oracle":
+            def hook(i):
+                def f(mod, a):
+                    x = a[0].reshape(-1, a[0].shape[-1])
+                    if routing == "random":   # the draw the layer is about to make, from a copy of its generator
+                        g = torch.Generator()
+                        g.set_state(mod.random_generator.get_state())
+                        sel = torch.topk(torch.rand((len(x), mod.n_routed), generator=g), mod.top_k, -1).indices
+                    else:
+                        sel = torch.topk(mod.selection_scores(x), mod.top_k, -1).indices
+                    ora = mod.oracle_select(x)
+                    a_ = torch.zeros(len(x), mod.n_routed).scatter_(1, sel, 1.0)
+                    b_ = torch.zeros(len(x), mod.n_routed).scatter_(1, ora, 1.0)
+                    hits[i] += int((a_ == b_).all(1).sum())
+                    seen[i] += len(x)
+                return f
+            handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(moes)]
+        t = time.perf_counter()
+        try:
+            nll = window_nll(model)
+        finally:
+            for h in handles:
+                h.remove()
+        ppl = math.exp(statistics.mean(nll))
+        lo, hi = _bootstrap_ratio(nll, dense_nll)
+        row = {"routing": routing, "perplexity": ppl, "x_dense": ppl / dense_ppl, "x_dense_ci95": [lo, hi],
+               "window_nll": nll, "seconds": time.perf_counter() - t}
+        if seen[0]:
+            row["oracle_agreement_by_layer"] = [h / n for h, n in zip(hits, seen)]
+            row["oracle_agreement_mean"] = statistics.mean(row["oracle_agreement_by_layer"])
+        print(json.dumps({k: v for k, v in row.items() if k not in ("window_nll", "oracle_agreement_by_layer")}),
+              flush=True)
+        return row
+
+    result = {"benchmark": "cmoe_routers", "source": source.label, "dense_perplexity": dense_ppl,
+              "dense_window_nll": dense_nll, "configs": {}, "atopk": {}, "export": None,
+              "protocol": {"dataset": "wiki", "split": "heldout", "window": 512, "windows": args.windows,
+                           "calibration_tokens": 16384, "threads": args.threads},
+              "load_average_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    carved_k10 = {}
+    for name in args.configs:
+        path = carve(name, 10)
+        carved_k10[name] = path
+        model = load_model(path)
+        rows = [measure(model, "random", seed) for seed in range(2)]
+        rows += [measure(model, r) for r in ("analytical", "fitted", "oracle")]
+        result["configs"][name] = {"carved": str(path), "rows": rows}
+    for k_a in args.atopk:
+        name = "S2A2E8"
+        path = carved_k10.get(name) if k_a == 10 and name in carved_k10 else carve(name, k_a)
+        if k_a == 10 and name in result["configs"]:
+            rows = [r for r in result["configs"][name]["rows"] if r["routing"] in ("fitted", "oracle")]
+        else:
+            model = load_model(path)
+            rows = [measure(model, "fitted", agreement=False), measure(model, "oracle")]
+        result["atopk"][str(k_a)] = rows
+    if args.export and "S2A2E8" in carved_k10:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            host = to_granite(carved_k10["S2A2E8"], Path(tmp) / "host")
+            meta = json.loads((host / "config.json").read_text())["edgerun_moe"]
+            f32 = gguf_writer.write_f32(host, Path(tmp) / "host.gguf")
+            b = LlamaCppBackend(f32, n_ctx=520, cache_type_k="f32", cache_type_v="f32", threads=args.threads)
+            try:
+                ppl = perplexity(b, str(f32), n_windows=args.windows).perplexity
+            finally:
+                b.close()
+        exact = next(r for r in result["configs"]["S2A2E8"]["rows"] if r["routing"] == "fitted")["perplexity"]
+        result["export"] = {"config": "S2A2E8", "host_router": meta["host_router"],
+                            "router_agreement_mean": meta["router_agreement_mean"],
+                            "perplexity_llamacpp_f32": ppl, "perplexity_exact_torch": exact, "ratio": ppl / exact}
+        print(json.dumps(result["export"]), flush=True)
+    result["load_average_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cmoe_routers.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = _routers_markdown(result)
+    (args.out / "cmoe_routers.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _routers_markdown(r: dict) -> str:
+    p = r["protocol"]
+    def cell(row):
+        lo, hi = row["x_dense_ci95"]
+        return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
+    md = ["# CMoE routers on SmolLM2-135M-Instruct (issue 16)", "",
+          f"{r['date']}. Dense source {r['source']}: perplexity {r['dense_perplexity']:.3f} on held-out wiki "
+          f"({p['windows']} x {p['window']} tokens). Each configuration carved once (training-free, "
+          f"{p['calibration_tokens']:,} wiki calibration tokens, profiled sequentially under the fitted router) "
+          "and routed four ways on the same grouping in torch. Cells: perplexity (x dense, 95% paired bootstrap "
+          f"interval over the windows). {p['threads']} thread(s); load average {r['load_average_start'][0]:.1f} at "
+          f"the start, {r['load_average_end'][0]:.1f} at the end; {r['seconds'] / 60:.0f} minutes.", "",
+          "| config | random (2 seeds) | analytical (CMoE) | fitted (default) | oracle |", "|---|---|---|---|---|"]
+    for name, c in r["configs"].items():
+        rows = {x["routing"]: x for x in c["rows"] if x["routing"] != "random"}
+        rand = [x for x in c["rows"] if x["routing"] == "random"]
+        rand_cell = " / ".join(f"{x['perplexity']:.2f} ({x['x_dense']:.2f}x)" for x in rand)
+        md.append(f"| {name} | {rand_cell} | {cell(rows['analytical'])} | {cell(rows['fitted'])} | "
+                  f"{cell(rows['oracle'])} |")
+    md += ["", "Share of tokens whose expert set equals the oracle's (mean over layers):", "",
+           "| config | random | analytical | fitted |", "|---|---|---|---|"]
+    for name, c in r["configs"].items():
+        ag = {}
+        for x in c["rows"]:
+            if "oracle_agreement_mean" in x:
+                ag.setdefault(x["routing"], []).append(x["oracle_agreement_mean"])
+        md.append(f"| {name} | " + " | ".join(f"{statistics.mean(ag[k]):.1%}" for k in ("random", "analytical", "fitted"))
+                  + " |")
+    md += ["", "ATopK K (neurons marked per calibration token for the grouping), S2A2E8, fitted router; the oracle "
+           "column is the grouping's ceiling:", "", "| K | fitted | oracle |", "|---|---|---|"]
+    for k, rows in r["atopk"].items():
+        rows = {x["routing"]: x for x in rows}
+        md.append(f"| {k} | {cell(rows['fitted'])} | {cell(rows['oracle'])} |")
+    e = r.get("export")
+    if e:
+        md += ["", f"Exported routing: the fitted {e['config']} hosted as Granite (router {e['host_router']}, "
+               f"agreement with the carved model's top-k {e['router_agreement_mean']:.1%} on held-out tokens), F32 GGUF "
+               f"in llama.cpp: perplexity {e['perplexity_llamacpp_f32']:.3f} vs {e['perplexity_exact_torch']:.3f} "
+               f"exact in torch (x {e['ratio']:.4f}; the gates differ: softmax over the chosen logits at "
+               "temperature 2^-7 times k, against exactly 1)."]
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="*", default=CONFIGS)
+    ap.add_argument("--routers", action="store_true", help="the router comparison (issue 16) instead of the table")
+    ap.add_argument("--atopk", nargs="*", type=int, default=[10, 50, 100, 200], help="with --routers: K values")
+    ap.add_argument("--no-export", dest="export", action="store_false", help="with --routers: skip the GGUF check")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--configs", nargs="*", default=None)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--finetune-configs", nargs="*", default=["S3A3E8"],
                     help="configurations also fine-tuned (CMoE --finetune)")
     ap.add_argument("--finetune-minutes", type=float, default=3.0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.routers:
+        args.configs = args.configs or ["S3A3E8", "S2A2E8"]
+        return routers_main(args)
+    args.configs = args.configs or CONFIGS
 
     from converters import gguf as gguf_writer
     from converters.carve import carve_checkpoint

@@ -12,6 +12,12 @@ ablation: own-pattern perplexity at b = 50% under each TCESS contribution.
 
 Usage: python benchmarks/premoe_table.py [--config S2A6E16]
 Writes benchmarks/results/premoe_table.json and .md.
+
+``--retrieval`` (issue 16) measures only retrieval, for every key kind (:data:`edgerun.moe.tcess.KEYS`:
+layer-0 TCESS as in PreMoe, all-layer normalised expert mass, all-layer frequency, mean layer-0 input):
+accuracy over 10 held-out prompts per task (the first 400 characters of held-out documents, never used
+for the patterns), the confusion matrix, and the cost per query (median and 90th percentile ms, one
+thread). Writes benchmarks/results/premoe_retrieval.json and .md.
 """
 
 from __future__ import annotations
@@ -34,7 +40,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--retrieval", action="store_true", help="measure retrieval only, every key kind (issue 16)")
+    ap.add_argument("--prompts", type=int, default=10, help="with --retrieval: held-out prompts per task")
     args = ap.parse_args(argv)
+    if args.retrieval:
+        return retrieval_main(args)
 
     import torch
 
@@ -140,6 +150,83 @@ def main(argv=None) -> int:
     (args.out / "premoe_table.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "premoe_table.md").write_text(_markdown(result))
     print(_markdown(result))
+    return 0
+
+
+def retrieval_main(args) -> int:
+    """Retrieval accuracy and cost per query of every key kind (see the module doc, ``--retrieval``)."""
+    import os
+
+    import torch
+
+    from converters.export import carved_cache
+    from converters.source import open_source
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.data import documents
+    from edgerun.moe import calibrate as cal
+    from edgerun.moe import tcess
+
+    torch.set_num_threads(1)
+    load_start = os.getloadavg()
+    cfg_name = args.config or "S2A2E8"
+    source = open_source("smollm2-135m-instruct", progress=False)
+    carved = carved_cache(source, cfg_name, 16384, False, print)
+    base = TorchBackend(carved, n_ctx=600, threads=1)
+    model, tok = base.model, base.tokenizer
+    router = json.loads((carved / "config.json").read_text())["edgerun_moe"].get("router", "analytical")
+    t0 = time.perf_counter()
+    patterns = {p.task: p for p in cal.calibrate(model, tok, [(t, t) for t in TASKS], tokens=4096, name=cfg_name)}
+    calib_s = time.perf_counter() - t0
+    prompts = {t: [d[:400] for d in documents(t, "heldout") if len(d) > 100][:args.prompts] for t in TASKS}
+    kinds = {"layer": ("layer-0 TCESS (PreMoe; raw-logit)", tcess.DEFAULT_SCORE),
+             "mass": ("normalised expert mass, all layers", tcess.DEFAULT_SCORE),
+             "frequency": ("top-k frequency, all layers", tcess.DEFAULT_SCORE),
+             "hidden": ("mean layer-0 FFN input", tcess.DEFAULT_SCORE)}
+    results = {}
+    for kind, (label, score) in kinds.items():
+        keys = {t: patterns[t].key(score, kind) for t in TASKS}
+        confusion = {t: {u: 0 for u in TASKS} for t in TASKS}
+        times = []
+        for t in TASKS:
+            for text in prompts[t]:
+                t1 = time.perf_counter()
+                q = cal.query_key(model, tok, text, 0, score, kind)
+                nearest = min(TASKS, key=lambda u: float(torch.linalg.norm(keys[u] - q)))
+                times.append((time.perf_counter() - t1) * 1e3)
+                confusion[t][nearest] += 1
+        correct = sum(confusion[t][t] for t in TASKS)
+        total = sum(sum(r.values()) for r in confusion.values())
+        times.sort()
+        results[kind] = {"label": label, "key_size": int(keys[TASKS[0]].numel()), "accuracy": correct / total,
+                         "correct": correct, "total": total, "confusion": confusion,
+                         "latency_ms_median": statistics.median(times),
+                         "latency_ms_p90": times[int(0.9 * (len(times) - 1))]}
+        print(kind, results[kind]["accuracy"], results[kind]["latency_ms_median"], flush=True)
+    prompt_tokens = [len(tok(x, add_special_tokens=False).input_ids) for t in TASKS for x in prompts[t]]
+    result = {"benchmark": "premoe_retrieval", "config": cfg_name, "router": router, "tasks": list(TASKS),
+              "calibration_tokens_per_task": 4096, "calibration_seconds": calib_s,
+              "prompt_tokens_median": statistics.median(prompt_tokens), "keys": results,
+              "default_key": tcess.DEFAULT_KEY, "threads": 1, "load_average_start": load_start,
+              "load_average_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "premoe_retrieval.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"# PreMoe retrieval keys on the carved SmolLM2 MoE ({cfg_name}, {router} router)", "",
+          f"{result['date']}. Patterns from 4,096 calibration tokens per task ({len(TASKS)} tasks, {calib_s:.0f} s); "
+          f"{args.prompts} held-out prompts per task (first 400 characters of held-out documents, median "
+          f"{result['prompt_tokens_median']:.0f} tokens); nearest stored key by L2; chance {1 / len(TASKS):.0%}. "
+          f"Cost per query: key computation + nearest key, torch, 1 thread, load average "
+          f"{load_start[0]:.1f} -> {result['load_average_end'][0]:.1f}.", "",
+          "| key | size | accuracy | query ms (median / p90) |", "|---|---|---|---|"]
+    for kind, r in results.items():
+        md.append(f"| {r['label']} (`{kind}`) | {r['key_size']} | {r['accuracy']:.1%} ({r['correct']}/{r['total']}) | "
+                  f"{r['latency_ms_median']:.0f} / {r['latency_ms_p90']:.0f} |")
+    for kind, r in results.items():
+        md += ["", f"Confusion, `{kind}` (rows: true task, columns: retrieved):", "",
+               "| true \\ retrieved | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for t in TASKS:
+            md.append(f"| {t} | " + " | ".join(str(r["confusion"][t][u]) for u in TASKS) + " |")
+    (args.out / "premoe_retrieval.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
     return 0
 
 
