@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     result = {"benchmark": "premoe_table", "config": cfg_name, "routed_experts": n_exp, "top_k": top_k,
               "calibration_seconds": calib_s, "specialization": spec, "score_ablation": {"b": b, "a": a, **ablation},
               "retrieval": retrieval, "memory_speed": memory, "date": time.strftime("%Y-%m-%d"),
-              "default_score": tcess.DEFAULT_SCORE}
+              "default_score": tcess.DEFAULT_SCORE, "score": patterns[TASKS[0]].score,
+              "router": json.loads((carved / "config.json").read_text())["edgerun_moe"].get("router", "analytical")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "premoe_table.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "premoe_table.md").write_text(_markdown(result))
@@ -268,10 +269,15 @@ def _memory_and_speed(carved: Path, host: Path, pattern, levels, top_k) -> list[
 
 
 def _markdown(r: dict) -> str:
+    from edgerun.moe.tcess import DEFAULT_SCORE
+
+    used = r.get("score", r["default_score"])   # runs before "score" was recorded used the default of their day
+    note = "" if used == DEFAULT_SCORE else f" (the default when this ran; the default is now {DEFAULT_SCORE})"
+    router = r.get("router", "analytical")
     lines = [f"# PreMoe on the carved SmolLM2 MoE ({r['config']}: {r['routed_experts']} routed experts, top-{r['top_k']})",
-             "", f"{r['date']}. Patterns from 4,096 calibration tokens per task (exact CMoE routing, torch, "
-             f"{r['calibration_seconds']:.0f} s for 7 tasks); held-out perplexity on 2 x 512 tokens per task; "
-             f"default TCESS contribution: {r['default_score']}.", ""]
+             "", f"{r['date']}. Patterns from 4,096 calibration tokens per task (exact routing of the carved model, "
+             f"{router} router, torch, {r['calibration_seconds']:.0f} s for 7 tasks); held-out perplexity on 2 x 512 "
+             f"tokens per task; the patterns' TCESS contribution: {used}{note}.", ""]
     for level, rows in r["specialization"].items():
         lines += [f"## Specialization at a/b = {level}", "",
                   "| task | full | own pattern | other patterns (mean / best) | random (mean, min-max of 3) | own vs random |",
