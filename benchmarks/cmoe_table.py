@@ -21,6 +21,9 @@ paired bootstrap intervals over the windows for the ratio to dense and each rout
 the oracle's set; then ATopK K in ``--atopk`` (default 10 50 100 200) for S2A2E8, fitted and oracle
 (the oracle measures the grouping); and the fitted S2A2E8 exported to an F32 GGUF in llama.cpp
 (exported = exact routing by construction). Writes benchmarks/results/cmoe_routers.json and .md.
+``--routers --variants``: S2A2E8 carved with magnitude profiles instead of 0/1 markers, and with the
+router fitted to the experts' log output norm instead of their activation mass, each measured with the
+fitted router and the oracle. Writes benchmarks/results/cmoe_groupings.json and .md.
 """
 
 from __future__ import annotations
@@ -154,6 +157,9 @@ def routers_main(args) -> int:
               flush=True)
         return row
 
+    if args.variants:
+        return _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0)
+
     result = {"benchmark": "cmoe_routers", "source": source.label, "dense_perplexity": dense_ppl,
               "dense_window_nll": dense_nll, "configs": {}, "atopk": {}, "export": None,
               "protocol": {"dataset": "wiki", "split": "heldout", "window": 512, "windows": args.windows,
@@ -200,6 +206,57 @@ def routers_main(args) -> int:
     md = _routers_markdown(result)
     (args.out / "cmoe_routers.md").write_text(md)
     print(md)
+    return 0
+
+
+def _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0) -> int:
+    """Grouping and router-target variants of S2A2E8 (fitted router and oracle), written to cmoe_groupings.*."""
+    import os
+    import tempfile
+
+    from converters.carve import carve_checkpoint
+
+    variants = [("markers", "mass"), ("magnitude", "mass"), ("markers", "output")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for grouping, target in variants:
+            t = time.perf_counter()
+            if (grouping, target) == ("markers", "mass"):   # the default carve: the cached one (deterministic)
+                from converters import passes
+
+                step = passes.make("carve", config="S2A2E8", calib_tokens=16384, router="fitted", atopk=10)
+                path = step.apply(source.path, passes.Context(source=source, progress=False, log=print), None)[0]
+            else:
+                path = carve_checkpoint(source.path, Path(tmp) / f"{grouping}-{target}", "S2A2E8", tokens=16384,
+                                        grouping=grouping, target=target)
+            carve_s = time.perf_counter() - t
+            model = load_model(path)
+            fitted, oracle = measure(model, "fitted"), measure(model, "oracle")
+            rows.append({"grouping": grouping, "target": target, "carve_seconds": carve_s,
+                         "fitted": fitted, "oracle": oracle})
+            del model
+    result = {"benchmark": "cmoe_groupings", "config": "S2A2E8", "source": source.label, "dense_perplexity": dense_ppl,
+              "dense_window_nll": dense_nll, "rows": rows, "windows": args.windows, "threads": args.threads,
+              "load_average_end": os.getloadavg(), "seconds": time.perf_counter() - t0,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cmoe_groupings.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def cell(row):
+        lo, hi = row["x_dense_ci95"]
+        return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
+    md = ["# CMoE grouping and router-target variants, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
+          f"{result['date']}. Dense perplexity {dense_ppl:.3f} on held-out wiki ({args.windows} x 512 tokens); each "
+          "variant carved on 16,384 wiki calibration tokens (ATopK K = 10 for markers) with the fitted router. "
+          "The oracle column is the grouping's ceiling (the measure of a grouping); cells: perplexity (x dense, "
+          f"95% paired bootstrap interval over the windows). {args.threads} thread(s), load average "
+          f"{result['load_average_end'][0]:.1f} at the end.", "",
+          "| grouping | router target | fitted | oracle | fitted's agreement with the oracle |", "|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['grouping']} | {r['target']} | {cell(r['fitted'])} | {cell(r['oracle'])} | "
+                  f"{r['fitted']['oracle_agreement_mean']:.1%} |")
+    (args.out / "cmoe_groupings.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
     return 0
 
 
@@ -251,6 +308,9 @@ def main(argv=None) -> int:
     ap.add_argument("--routers", action="store_true", help="the router comparison (issue 16) instead of the table")
     ap.add_argument("--atopk", nargs="*", type=int, default=[10, 50, 100, 200], help="with --routers: K values")
     ap.add_argument("--no-export", dest="export", action="store_false", help="with --routers: skip the GGUF check")
+    ap.add_argument("--variants", action="store_true",
+                    help="with --routers: grouping (markers / magnitude) and router-target (mass / output) "
+                         "variants of S2A2E8 instead (writes cmoe_groupings.*)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", nargs="*", default=None)
     ap.add_argument("--windows", type=int, default=8)

@@ -32,6 +32,12 @@ arXiv 2502.04416; the released code's details where the paper is silent, see doc
 5. Training-free gates: every selected routed expert has gate 1.
 
 ATopK's K (``k_a``, default 10 as released) is a parameter: the carve marks the K largest |h| per token.
+
+Measurement options (not in the paper; ``benchmarks/cmoe_table.py --routers`` compares them by the
+oracle perplexity of the grouping): ``grouping="magnitude"`` profiles with each token's normalised
+|h| (``|h_i| / sum_k |h_k|``) instead of 0/1 markers (rates, seeds, L1 costs and representatives on
+those columns); ``target="output"`` fits the router to the log output norm ``log ||E_j(x)||`` of each
+expert instead of its activation mass.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ from edgerun.moe.store import MOE_KEY, is_carved, layer_file, layer_tensors
 
 K_A = 10
 ROUTERS = ("fitted", "analytical")
+GROUPINGS = ("markers", "magnitude")
+TARGETS = ("mass", "output")
 DEFAULT_ROUTER = "fitted"
 RIDGE = 1e-2
 
@@ -87,6 +95,24 @@ def _l1_to_columns(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return c.sum(0)[None, :] + a.T @ (1.0 - 2.0 * c)
 
 
+def _magnitude_profile(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """Per token the cosine-normalised |h| divided by its sum over the neurons: (tokens, d_ff) float32."""
+    xn = F.normalize(x, dim=-1)
+    h = (F.silu(xn @ F.normalize(w_gate, dim=-1).T) * (xn @ F.normalize(w_up, dim=-1).T)).abs()
+    return h / h.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def _column_l1(a: torch.Tensor, c: torch.Tensor, grouping: str) -> torch.Tensor:
+    """L1 distances (n, k) between the columns of a (T, n) and c (T, k): the binary shortcut for markers."""
+    if grouping == "markers":
+        return _l1_to_columns(a, c)
+    out = torch.zeros(a.shape[1], c.shape[1])
+    for start in range(0, a.shape[0], 2048):     # bounded memory: (n, k) partial sums over token blocks
+        ab, cb = a[start:start + 2048], c[start:start + 2048]
+        out += (ab[:, :, None] - cb[:, None, :]).abs().sum(0)
+    return out
+
+
 def balanced_assignment(cost: np.ndarray, capacity: int) -> np.ndarray:
     """Assign n items to k groups of exactly ``capacity`` minimising total cost (n = k * capacity).
 
@@ -115,7 +141,7 @@ def balanced_assignment(cost: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def fit_router(x: torch.Tensor, expert_gate: torch.Tensor, expert_up: torch.Tensor, ridge: float = RIDGE,
-               chunk: int = 4096) -> torch.Tensor:
+               chunk: int = 4096, expert_down: torch.Tensor | None = None, target: str = "mass") -> torch.Tensor:
     """The fitted linear router (step 4 of the module doc): W (E, d) float32 with ``W x ~ log mass_j(x)``.
 
     Per routed expert j, the target is the log of its activation mass ``sum_{i in E_j} |h_i(x)|``,
@@ -129,13 +155,17 @@ def fit_router(x: torch.Tensor, expert_gate: torch.Tensor, expert_up: torch.Tens
         expert_gate, expert_up: (E, m, d) float32, the routed experts' rows.
         ridge: regularisation relative to the mean input energy per dimension.
         chunk: tokens per block (bounds the (chunk, E, m) activations held at once).
+        expert_down: (E, d, m) float32, needed for ``target="output"``.
+        target: ``mass`` (log activation mass, the default) or ``output`` (log L2 norm of the expert's output).
 
     Returns:
         (E, d) float32.
 
     Raises:
-        ValueError: no tokens, or non-finite inputs.
+        ValueError: no tokens, non-finite inputs, an unknown target or ``output`` without ``expert_down``.
     """
+    if target not in TARGETS or (target == "output" and expert_down is None):
+        raise ValueError(f"bad router target {target!r} (valid: {', '.join(TARGETS)}; output needs expert_down)")
     x = x.float()
     if not len(x) or not torch.isfinite(x).all():
         raise ValueError("the router fit needs finite calibration inputs")
@@ -146,7 +176,11 @@ def fit_router(x: torch.Tensor, expert_gate: torch.Tensor, expert_up: torch.Tens
         xb = x[start:start + chunk]
         h = F.silu(torch.einsum("nd,emd->nem", xb, expert_gate.float())) * torch.einsum("nd,emd->nem", xb,
                                                                                         expert_up.float())
-        y = torch.log(h.abs().sum(-1).clamp_min(1e-12))                              # (n, E)
+        if target == "output":
+            y = torch.log(torch.linalg.vector_norm(torch.einsum("nem,edm->ned", h, expert_down.float()), dim=-1)
+                          .clamp_min(1e-12))                                            # (n, E)
+        else:
+            y = torch.log(h.abs().sum(-1).clamp_min(1e-12))                              # (n, E)
         y = y - y.mean(1, keepdim=True)
         rhs += xb.T @ y / len(x)
     lam = ridge * float(gram.diagonal().mean())
@@ -154,8 +188,8 @@ def fit_router(x: torch.Tensor, expert_gate: torch.Tensor, expert_up: torch.Tens
 
 
 def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
-              cfg: moe_config.MoEConfig, k_a: int = K_A,
-              router: str = DEFAULT_ROUTER) -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
+              cfg: moe_config.MoEConfig, k_a: int = K_A, router: str = DEFAULT_ROUTER, grouping: str = "markers",
+              target: str = "mass") -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
     """Carve one FFN on its calibration inputs (CMoE steps 1-4 of the module doc).
 
     Args:
@@ -164,35 +198,42 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
         cfg: the SxAyEz configuration for this d_ff. k_a: neurons marked per token (ATopK's K).
         router: ``fitted`` (linear, :func:`fit_router` on ``x``) or ``analytical`` (CMoE's); both are
             computed and stored, this one routes.
+        grouping: ``markers`` (CMoE's 0/1 ATopK profile) or ``magnitude`` (normalised |h|; module doc).
+        target: the fitted router's target, ``mass`` or ``output`` (:func:`fit_router`).
 
     Returns:
         (the :class:`CarvedMoE` layer, shared neuron ids int64 (x*m,), routed neuron ids int64
         (z-x, m) sorted per expert, statistics: mean activation rates and representative neurons).
 
     Raises:
-        ValueError: an unknown router, k_a outside 1..d_ff.
+        ValueError: an unknown router, grouping or target, k_a outside 1..d_ff.
     """
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; valid: {', '.join(ROUTERS)}")
+    if grouping not in GROUPINGS or target not in TARGETS:
+        raise ValueError(f"unknown grouping {grouping!r} or router target {target!r}")
     if not 1 <= k_a <= w_gate.shape[0]:
         raise ValueError(f"ATopK K = {k_a} must be between 1 and the FFN width {w_gate.shape[0]}")
     d_ff, d_model = w_gate.shape
     m, n_routed = cfg.expert_size, cfg.routed
-    markers = activation_markers(x, w_gate, w_up, k_a).float()             # (T, d_ff)
+    if grouping == "magnitude":
+        markers = _magnitude_profile(x, w_gate, w_up)                         # (T, d_ff), rows sum to 1
+    else:
+        markers = activation_markers(x, w_gate, w_up, k_a).float()         # (T, d_ff)
     mu = markers.mean(0)                                                      # activation rates
     order = torch.argsort(mu, descending=True, stable=True)
     shared = torch.sort(order[: cfg.shared_neurons]).values
     rest = torch.sort(order[cfg.shared_neurons:]).values                      # n = d_ff - x*m neurons
     seeds = order[cfg.shared_neurons: cfg.shared_neurons + n_routed]         # highest-rate remaining neurons
     a = markers[:, rest]                                                      # (T, n)
-    cost = _l1_to_columns(a, markers[:, seeds])                               # (n, z-x)
+    cost = _column_l1(a, markers[:, seeds], grouping)                         # (n, z-x)
     groups = torch.from_numpy(balanced_assignment(cost.double().numpy(), m))
     members = torch.stack([rest[groups == j] for j in range(n_routed)])      # (z-x, m), sorted ids
     reps = []
     for j in range(n_routed):
         cols = markers[:, members[j]]                                         # (T, m)
         centroid = cols.mean(1, keepdim=True)                                 # (T, 1)
-        reps.append(members[j][torch.argmin(_l1_to_columns(cols, centroid)[:, 0])])
+        reps.append(members[j][torch.argmin(_column_l1(cols, centroid, grouping)[:, 0])])
     reps = torch.stack(reps)
 
     moe = CarvedMoE(d_model, cfg.shared_neurons, n_routed, m, cfg.active, router_kind=router)
@@ -205,7 +246,8 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
         moe.expert_down.copy_(torch.stack([w_down[:, members[j]] for j in range(n_routed)]))
         moe.router_gate.copy_(F.normalize(w_gate[reps], dim=-1))
         moe.router_up.copy_(F.normalize(w_up[reps], dim=-1))
-        moe.router_weight.copy_(fit_router(x, w_gate[members], w_up[members]))
+        moe.router_weight.copy_(fit_router(x, w_gate[members], w_up[members], target=target,
+                                           expert_down=torch.stack([w_down[:, members[j]] for j in range(n_routed)])))
     stats = {"mu_shared_mean": float(mu[shared].mean()) if len(shared) else None,
              "mu_routed_mean": float(mu[rest].mean()), "representatives": reps.tolist()}
     return moe, shared, members, stats
@@ -213,7 +255,8 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
 
 def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, tokens: int = 16384,
                      seq_len: int = 2048, dataset: str = "wiki", k_a: int = K_A, router: str = DEFAULT_ROUTER,
-                     force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
+                     force: bool = False, progress: Callable[[int, int], None] | None = None,
+                     grouping: str = "markers", target: str = "mass") -> Path:
     """Carve every FFN of an HF Llama checkpoint and write the carved checkpoint (see :mod:`edgerun.moe.store`).
 
     Args:
@@ -223,6 +266,7 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         tokens, seq_len: calibration tokens, in windows of ``seq_len`` from ``dataset``'s calibration split.
         k_a: neurons marked per token (ATopK's K; 10 as released).
         router: ``fitted`` (default) or ``analytical`` (CMoE's); recorded in the config as ``router``.
+        grouping, target: measurement options of :func:`carve_ffn` (recorded when not the default).
         force: replace an existing output.
         progress: called as ``progress(done_layers, total_layers)``.
 
@@ -248,6 +292,8 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
     moe_cfg = moe_config.parse(config, int(cfg["intermediate_size"]))
     if router not in ROUTERS:
         raise UsageError(f"unknown router '{router}'; valid: {', '.join(ROUTERS)}")
+    if grouping not in GROUPINGS or target not in TARGETS:
+        raise UsageError(f"unknown grouping '{grouping}' or router target '{target}'")
     if not 1 <= k_a <= moe_cfg.d_ff:
         raise UsageError(f"ATopK K = {k_a} must be between 1 and the FFN width {moe_cfg.d_ff}")
     if tokens < seq_len:
@@ -266,7 +312,7 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         mlp = layer.mlp
         moe, shared, members, stats = carve_ffn(mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
                                                 mlp.down_proj.weight.detach().float(), torch.cat(ffn_in), moe_cfg, k_a,
-                                                router)
+                                                router, grouping, target)
         layer.mlp = moe
         carved.append((moe, shared, members, stats))
         with torch.inference_mode():                            # layer i+1 is profiled on carved layer i
@@ -274,7 +320,8 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         if progress:
             progress(i + 1, len(layers))
     seconds = time.perf_counter() - t0
-    meta = {**moe_cfg.as_dict(), "method": "cmoe", "router": router, "top_k": moe_cfg.active,
+    meta = {**moe_cfg.as_dict(), "method": "cmoe", "router": router, **({"grouping": grouping} if grouping != "markers" else {}),
+            **({"router_target": target} if target != "mass" else {}), "top_k": moe_cfg.active,
             "k_a": k_a, "calibration": {"dataset": dataset, "split": "calibration", "tokens": len(windows) * seq_len,
                                         "window": seq_len},
             "carve_seconds": round(seconds, 1), "source": str(checkpoint)}
