@@ -221,23 +221,32 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=None, help="stop early after this long (reported)")
     ap.add_argument("--server", action="store_true", help="requests through 'edgerun serve' instead of the API")
     ap.add_argument("--adaptive", default=None, metavar="CARVED",
-                    help="a carved MoE: per-message expert loading (PreMoe TAER on llama.cpp), tasks alternating")
+                    help="a carved MoE: per-message expert loading (PreMoe TAER; --backend picks the engine), tasks alternating")
     ap.add_argument("--patterns", default=None, help="--adaptive: expert patterns directory (code and wiki tasks)")
     ap.add_argument("--switch-every", type=int, default=3, help="--adaptive: turns per task before switching")
+    ap.add_argument("--backend", default="torch", choices=("torch", "llama.cpp"),
+                    help="--adaptive: torch (the carved expert store, exact routing) or llama.cpp (Q8_0 GGUFs "
+                         "assembled per task from the carve's host; patterns calibrated on the host)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/soak (soak_server with --server, soak_adaptive with --adaptive)")
     args = ap.parse_args()
     load0 = os.getloadavg()
-    name = "soak_server" if args.server else "soak_adaptive" if args.adaptive else "soak"
+    name = ("soak_server" if args.server else "soak" if not args.adaptive
+            else "soak_adaptive" if args.backend == "torch" else "soak_adaptive_llamacpp")
     args.out = args.out or ROOT / "benchmarks" / "results" / name
     if args.adaptive:
         import edgerun
 
         # the torch engine: patterns calibrated on the carved checkpoint itself (`edgerun experts calibrate
         # CARVED`); the llama.cpp path retrieves with the carve's GGUF host model and needs patterns
-        # calibrated on that host (docs/experts.md)
-        session = edgerun.load(args.adaptive, backend="torch", adaptive_experts=True, keep="2/4",
-                               patterns=args.patterns, chat_template="chatml", n_ctx=args.n_ctx,
+        # calibrated on that host (docs/experts.md; others are refused)
+        assembler = None
+        if args.backend == "llama.cpp":
+            from converters.assemble import GGUFAssembler
+
+            assembler = GGUFAssembler("Q8_0")
+        session = edgerun.load(args.adaptive, backend=args.backend, adaptive_experts=True, keep="2/4",
+                               patterns=args.patterns, assembler=assembler, chat_template="chatml", n_ctx=args.n_ctx,
                                max_tokens=args.max_tokens, temperature=0.7, seed=0, threads=args.threads)
         r = run(args.turns, args.warmup, n_ctx=args.n_ctx, max_tokens=args.max_tokens, session=session,
                 threads=args.threads, max_seconds=args.max_seconds, prompt_of=adaptive_prompts(args.switch_every))
@@ -264,9 +273,11 @@ def main() -> int:
                 f"{c['errors']} errors. RSS, descriptors and threads are the server process's.")
     elif args.adaptive:
         head = (f"# Soak: {s['turns']} chat turns with per-message expert loading\n\n`python benchmarks/soak.py "
-                f"--adaptive {Path(args.adaptive).name} --patterns DIR --turns {s['turns_asked']} --switch-every "
-                f"{args.switch_every}`: a carved MoE with PreMoe TAER on the torch engine (each task's 2-of-4 pruned "
-                f"expert store built once, the model rebuilt when the retrieved task changes), prompts alternating "
+                f"--adaptive {Path(args.adaptive).name} --patterns DIR --backend {args.backend} --turns {s['turns_asked']} "
+                f"--switch-every {args.switch_every}`: a carved MoE with PreMoe TAER on the {args.backend} engine "
+                + ("(each task's 2-of-4 pruned expert store built once, " if args.backend == "torch" else
+                   "(each task's 2-of-4 Q8_0 GGUF assembled once from the host, ")
+                + f"the model rebuilt when the retrieved task changes), prompts alternating "
                 f"between code and wiki passages, n_ctx {s['n_ctx']}, max_tokens {s['max_tokens']}, threads "
                 f"{s['threads'] or 'default'}; {s['turns']} of {s['turns_asked']} turns run; {c['full']} full replies, "
                 f"{c['cancelled']} cancelled, {c['clear']} `clear()`; retrieved tasks {c.get('tasks', {})}, "

@@ -14,6 +14,11 @@ The one reader of peak RSS in edgerun, the converters and the profilers.
   allowed: a background thread samples the current RSS every ``interval_s`` (a short-lived spike
   between two samples is missed).
 
+- :func:`release_free_memory` hands memory freed by Python and torch back to the kernel (glibc's
+  ``malloc_trim``). Without it a process that closes one model and opens another keeps the freed
+  heap: a 90-turn adaptive-expert soak (a model rebuilt on 33 task switches) grew 139 MiB; with a
+  trim after each close it stayed flat (docs/reliability.md).
+
 Resetting the high water mark is process-wide: after a :class:`PeakRSS` block, :func:`peak_rss_bytes`
 reports the peak since that block began. Nested blocks are handled (an outer block keeps the peak
 an inner block's reset would have erased).
@@ -21,12 +26,16 @@ an inner block's reset would have erased).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
 import sys
 import threading
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
+_LIBC = None
 CLEAR_REFS = Path("/proc/self/clear_refs")
 _lock = threading.Lock()
 _open_blocks: list["PeakRSS"] = []
@@ -116,3 +125,30 @@ class PeakRSS:
             _open_blocks.remove(self)
             now = rss_bytes() if self.sampled else peak_rss_bytes()
             self.peak_bytes = max(self.peak_bytes, now)
+
+
+def release_free_memory() -> bool:
+    """Collect Python's garbage, then return the C heap's free pages to the kernel.
+
+    glibc keeps freed blocks for reuse (above its dynamic mmap threshold, even blocks of tens of MiB,
+    such as a closed model's tensors), so the RSS of a process that swaps models keeps the high-water
+    heap of every model it held. ``malloc_trim(0)`` releases the free parts (``malloc_trim(3)``). Call
+    it after dropping a model (:meth:`edgerun.backends.torch.TorchBackend.close` does); it takes
+    milliseconds.
+
+    Returns:
+        True when the C library has ``malloc_trim`` (glibc) and it ran; False elsewhere (macOS, musl),
+        where the collection alone is done.
+    """
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -28,6 +28,7 @@ from edgerun.formats.gptq import dequantized_state_dict, is_quantized_checkpoint
 from edgerun.kv import layout as kv_layout
 from edgerun.kv.cache import WORKING_COPIES, QuantizedKVCache
 from edgerun.moe import store
+from edgerun.procmem import release_free_memory
 
 DEFAULT_CTX = 4096
 
@@ -327,3 +328,4 @@ class TorchBackend(Backend):
     def close(self) -> None:
         self.model = None
         self._cache = None
+        release_free_memory()   # the freed weights go back to the kernel (a model swap would keep them)
