@@ -120,7 +120,7 @@ def export(src: str, to: str = "gguf", quant: str | None = None, out: str | Path
         progress: show progress bars.
         log: where one-line progress messages go.
         **flags: export's pass flags, :func:`converters.passes.from_flags`: ``merge``, ``merge_method``,
-            ``carve``, ``finetune_minutes``, ``prune_experts``, ``patterns``, ``ptq``, ``bits``,
+            ``prune`` (Wanda), ``carve``, ``finetune_minutes``, ``prune_experts``, ``patterns``, ``ptq``, ``bits``,
             ``group_size``, ``calib_tokens`` (and the old ``carve_tokens``, ``calib_samples``).
 
     Returns:

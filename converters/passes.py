@@ -591,6 +591,65 @@ class PrunePass(Pass):
                       "pattern": str(path), "score": pattern.score, "pattern_tokens": pattern.tokens, "keep": keep}]
 
 
+def _wanda_sparsity(v) -> str | None:
+    from converters.wanda import parse_sparsity   # torch: only when a Wanda pass is named
+
+    try:
+        parse_sparsity(v)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+@register
+class WandaPass(Pass):
+    """Wanda pruning of a dense model's linear layers: a ratio per output row, or N:M (:mod:`converters.wanda`).
+
+    Calibrated on the wiki calibration split. The zeros are stored densely (GGUF and ONNX have no sparse
+    weights on CPU): the pass changes quality, not size or speed. Cached as
+    ``<input>-wanda<sparsity>-t<tokens>`` (:func:`cached_output`).
+    """
+
+    name = "wanda"
+    takes = ("dense",)
+    gives = "dense"
+    flag = "--prune"
+    needs = "prune a dense checkpoint (before carving or quantizing it)"
+    params = (
+        Param("sparsity", str, REQUIRED, "a ratio of each output row's weights to zero (0.5), or N:M (2:4: keep 2 "
+                                         "of every 4 inputs)", check=_wanda_sparsity),
+        Param("calib_tokens", int, 16 * PTQ_WINDOW, f"calibration tokens, in windows of {PTQ_WINDOW} from the wiki "
+                                                    "calibration split (rounded up to whole windows)",
+              check=positive),
+    )
+
+    def tag(self) -> str:
+        return "wanda" + str(self.values["sparsity"]).replace(":", "of")
+
+    def label(self, label: str) -> str:
+        return f"{label} pruned wanda:{self.values['sparsity']}"
+
+    def apply(self, model, ctx, out):
+        from converters.wanda import SPARSITY_KEY, prune_checkpoint   # torch
+
+        v = self.values
+        windows = math.ceil(v["calib_tokens"] / PTQ_WINDOW)
+        out, todo = output_of(out, lambda: cached_output(model, "wanda", f"{model.name}-{self.tag()}"
+                                                                         f"-t{windows * PTQ_WINDOW}"))
+        if todo:
+            ctx.log(f"pruning linear layers with Wanda to sparsity {v['sparsity']} (calibration: {windows} x "
+                    f"{PTQ_WINDOW} tokens of the wiki calibration split)")
+            b = bar("wanda blocks", ctx.progress, "block")
+            try:
+                prune_checkpoint(model, out, v["sparsity"], n_samples=windows, seq_len=PTQ_WINDOW, force=True,
+                                 progress=b)
+            finally:
+                _close(b)
+        record = read_config(out)[SPARSITY_KEY]
+        ctx.log(f"wanda: {record['zero_fraction']:.1%} of the block linear weights are zero")
+        return out, [{"name": "wanda", **record, "checkpoint": str(out)}]
+
+
 def _ptq_method(v) -> str | None:
     from converters.ptq.methods import METHODS   # torch: only when a PTQ pass is named
 
@@ -652,21 +711,22 @@ class PtqPass(Pass):
 
 # --- chains: from flags, from recipes; planned, then run ----------------------------------------------
 
-def from_flags(src: str, merge: str | None = None, merge_method: str | None = None, carve: str | None = None,
-               finetune_minutes: float | None = None, prune_experts: str | None = None,
+def from_flags(src: str, merge: str | None = None, merge_method: str | None = None, prune: str | None = None,
+               carve: str | None = None, finetune_minutes: float | None = None, prune_experts: str | None = None,
                patterns: str | Path | None = None, ptq: str | None = None, bits: int | None = None,
                group_size: int | None = None, calib_tokens: int | None = None, carve_tokens: int | None = None,
                calib_samples: int | None = None) -> list[Pass]:
-    """The chain export's flags ask for, in the fixed order merge, carve, finetune, prune, ptq.
+    """The chain export's flags ask for, in the fixed order merge, wanda (--prune), carve, finetune, prune, ptq.
 
     Args:
         src: the export source (a merge's BASE).
         merge: a mergekit merge recipe (``.yaml``/``.yml``), or one model to merge with ``merge_method``
             (default task-arithmetic) and its default hyper-parameters.
+        prune: ``wanda:RATIO`` or ``wanda:N:M`` (Wanda pruning of the dense model).
         carve: ``SxAyEz``. finetune_minutes: CMoE fine-tune bound (minutes).
         prune_experts: ``TASK:a/b``. patterns: expert patterns directory for the prune.
         ptq: rtn, gptq or awq; bits, group_size: its settings.
-        calib_tokens: calibration tokens of every calibrating pass given here (carve, ptq, an
+        calib_tokens: calibration tokens of every calibrating pass given here (wanda, carve, ptq, an
             aim-ties ``merge_method``); None: each pass's declared default.
         carve_tokens, calib_samples: the old spellings (carve tokens; PTQ windows of 512 tokens).
 
@@ -688,6 +748,11 @@ def from_flags(src: str, merge: str | None = None, merge_method: str | None = No
                 hyper["calib_samples"] = math.ceil(calib_tokens / 256)
             chain.append(MergePass.make("--merge", src=src, merge_method=method, models=[str(merge)],
                                         parameters=hyper))
+    if prune:
+        from converters.wanda import parse_spec   # torch: only with --prune
+
+        chain.append(WandaPass.make("--prune", sparsity=parse_spec(prune),
+                                    calib_tokens=calib_tokens))
     if carve_tokens is not None and calib_tokens is not None:
         raise UsageError("give --calib-tokens (--carve-tokens is its old name), not both")
     if carve:
@@ -710,9 +775,9 @@ def from_flags(src: str, merge: str | None = None, merge_method: str | None = No
         raise UsageError("--bits, --group-size and --calib-samples set the PTQ pass: add --ptq rtn|gptq|awq")
     if patterns is not None and not prune_experts:
         raise UsageError("--patterns applies to --prune-experts TASK:a/b")
-    calibrating = carve or ptq is not None or (merge and (merge_method or "").lower().replace("_", "-") == "aim-ties")
+    calibrating = prune or carve or ptq is not None or (merge and (merge_method or "").lower().replace("_", "-") == "aim-ties")
     if calib_tokens is not None and not calibrating:
-        raise UsageError("--calib-tokens sets a calibrating pass: --carve, --ptq, or --merge with aim-ties")
+        raise UsageError("--calib-tokens sets a calibrating pass: --prune, --carve, --ptq, or --merge with aim-ties")
     return chain
 
 

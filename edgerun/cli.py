@@ -387,6 +387,9 @@ def _add_export(sub) -> None:
     p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
                    help="with --carve: CMoE's light fine-tune (gate scale, bias balancing, LoRA r=8), "
                         "bounded to MINUTES (default 3)")
+    p.add_argument("--prune", default=None, metavar="wanda:RATIO|wanda:N:M",
+                   help="prune the dense model's linear layers with Wanda first: wanda:0.5 (half of each output "
+                        "row) or wanda:2:4 (2 of every 4); zeros are stored densely in GGUF/ONNX")
     p.add_argument("--prune-experts", default=None, metavar="TASK:a/b",
                    help="keep the task's top-b routed experts per layer and route top-a (PreMoe PEP)")
     p.add_argument("--patterns", default=None, help="expert patterns directory (default: calibrate a built-in task)")
@@ -516,6 +519,47 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _add_recover(sub) -> None:
+    p = sub.add_parser("recover", help="recover a pruned model: PASER picks the recovery data, LoRA trains on it",
+                       description="Choose recovery data for PRUNED (a pruned checkpoint of --original) with PASER: "
+                                   "embed an offline instruction pool (all-MiniLM-L6-v2), cluster it (diffusion map + "
+                                   "spectral), score each cluster by the JSD between the original and pruned "
+                                   "models, spend the budget where the damage is, drop concept conflicts; then LoRA "
+                                   "(r 8, alpha 16, lr 3e-4), merged into a checkpoint that exports like any other. "
+                                   "The selection (JSON) and a PNG of the clusters are written beside the weights.")
+    p.add_argument("pruned", help="the pruned checkpoint directory (e.g. from edgerun export --prune wanda:0.5 --to hf, "
+                                  "or the wanda pass's cached output)")
+    p.add_argument("--original", required=True, help="the model it was pruned from (catalog name, .gguf or checkpoint)")
+    p.add_argument("--budget", type=float, default=0.1, help="fraction of the pool to train on, in (0, 1] (default 0.1)")
+    p.add_argument("--pool-size", type=_positive_int, default=None,
+                   help="subsample the instruction pool to N pairs (default: all ~19,800)")
+    p.add_argument("--clusters", type=_positive_int, default=10, help="capability clusters (default 10)")
+    p.add_argument("--method", choices=("paser", "random"), default="paser",
+                   help="paser (default) or random (the baseline: the same budget drawn at random)")
+    p.add_argument("--minutes", type=float, default=5.0, help="wall-time bound of the LoRA training (default 5)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="also bound the training in optimizer steps")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the selection (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="pool subsample, clustering and training seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=cmd_recover)
+
+
+def cmd_recover(args) -> int:
+    from converters import paser  # torch, transformers, peft, scikit-learn: not on the chat path
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    record = paser.run(args.pruned, args.original, args.output, budget=args.budget, pool_size=args.pool_size,
+                       clusters=args.clusters, method=args.method, seed=args.seed, minutes=args.minutes,
+                       steps=args.steps, epochs=args.epochs, force=args.force, log=log)
+    log(f"selection: {record['selection']['size']} of {record['pool']} samples; "
+        f"{Path(args.output) / 'paser_selection.json'}")
+    print(args.output)
+    return 0
+
+
 def cmd_export(args) -> int:
     from converters import passes  # the writers import torch: not on the chat path
     from converters.export import export  # torch: not on the chat path
@@ -530,7 +574,7 @@ def cmd_export(args) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    flags = {"merge": args.merge, "merge_method": args.merge_method, "carve": args.carve,
+    flags = {"merge": args.merge, "merge_method": args.merge_method, "prune": args.prune, "carve": args.carve,
              "finetune_minutes": args.finetune, "prune_experts": args.prune_experts, "patterns": args.patterns,
              "ptq": args.ptq, "bits": args.bits, "group_size": args.group_size, "calib_tokens": args.calib_tokens,
              "calib_samples": args.calib_samples}
@@ -994,6 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_carve(sub)
     _add_merge(sub)
+    _add_recover(sub)
     _add_experts(sub)
     _add_bench(sub)
     _add_device(sub)
