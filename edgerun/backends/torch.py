@@ -76,6 +76,7 @@ class TorchBackend(Backend):
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise BackendError(f"transformers could not load {self.path}: {e}") from None
         self.model.eval()
+        release_free_memory()   # the loader's temporary buffers (file reads, dtype casts) go back to the kernel
         # transformers >= 5.2x renames the forward's `past_key_values` argument to `cache`
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_CTX, int(cfg.get("max_position_embeddings", DEFAULT_CTX)))
