@@ -12,7 +12,14 @@ quality with a short fine-tune on calibration text:
 - **LoRA** (rank 8, alpha 16; peft) on the attention projections and on the shared and routed expert
   weights (peft's ``target_parameters``), merged into the weights at the end.
 
-The router's representative-neuron rows stay fixed. Training runs on the calibration split (the same
+CMoE's analytical router (representative-neuron rows) stays fixed, as released. A **fitted** linear
+router (the carve's default, :mod:`converters.carve`) is trained as well (not in the paper): each MoE
+layer's router logits are distilled towards the oracle's expert set on the layer's input (the k
+experts whose dropped remainder has the smallest output norm, :meth:`CarvedMoE.oracle_select`), by a
+cross-entropy of the router's softmax against the uniform distribution over the oracle's k experts,
+added to the next-token loss with weight ``router_distill``; the layer inputs are detached, so this
+term trains the routers only. The selection bias then stays 0 (no bias balancing), so the engine
+exports still route exactly as the carved model. Training runs on the calibration split (the same
 text the carve profiled), is bounded by ``minutes`` and ``steps``, and the result is written as a new
 carved checkpoint in the same store layout (the config records the fine-tune), atomically.
 """
@@ -50,6 +57,8 @@ class FinetuneReport:
         imbalance_first, imbalance_last: max expert load / mean load, averaged over layers, in the
             first and last 10% of steps (1.0 = perfectly balanced).
         lora: LoRA settings used ({} without LoRA).
+        router_distill: weight of the oracle-distillation term (0: routers frozen).
+        distill_loss_first, distill_loss_last: that term (nats, mean over layers) in the first and last 10%.
     """
 
     steps: int
@@ -60,6 +69,9 @@ class FinetuneReport:
     imbalance_first: float
     imbalance_last: float
     lora: dict = field(default_factory=dict)
+    router_distill: float = 0.0
+    distill_loss_first: float | None = None
+    distill_loss_last: float | None = None
 
 
 def _imbalance(counts: torch.Tensor) -> float:
@@ -71,7 +83,8 @@ def _imbalance(counts: torch.Tensor) -> float:
 def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: int | None = None,
              seq_len: int = 256, lr: float = 2e-4, rank: int = 8, lora: bool = True, bias_step: float = 1e-3,
              dataset: str = "wiki", seed: int = 0, force: bool = False,
-             progress: Callable[[int, float], None] | None = None) -> tuple[Path, FinetuneReport]:
+             progress: Callable[[int, float], None] | None = None,
+             router_distill: float | None = None) -> tuple[Path, FinetuneReport]:
     """Fine-tune a carved checkpoint's gate scales (and LoRA) with bias load balancing; write a new one.
 
     Args:
@@ -80,8 +93,11 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
         minutes: wall-time bound of the training loop (minutes). steps: optional step bound.
         seq_len: tokens per training window (one window per step). lr: AdamW learning rate.
         rank: LoRA rank (alpha = 2 x rank). lora: False trains the gate scales and bias only.
-        bias_step: load-balancing bias update per step. dataset: catalog text (calibration split).
+        bias_step: load-balancing bias update per step (analytical routers only). dataset: catalog text
+            (calibration split).
         progress: called as ``progress(step, loss)``.
+        router_distill: weight of the oracle distillation of fitted routers (module doc); None: 1.0 for a
+            checkpoint with the fitted router, 0 (frozen) for the analytical one.
 
     Returns:
         (output path, :class:`FinetuneReport`).
@@ -116,8 +132,16 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
                             target_parameters=LORA_PARAMETERS)
         model = get_peft_model(model, config)
         lora_info = {"rank": rank, "alpha": 2 * rank, "modules": LORA_MODULES, "parameters": LORA_PARAMETERS}
+    fitted = all(m.router_kind == "fitted" for m in moes)
+    distill = (1.0 if fitted else 0.0) if router_distill is None else float(router_distill)
+    if distill and not fitted:
+        raise UsageError("router distillation trains a fitted linear router; this checkpoint routes with CMoE's "
+                         "analytical router (carve with --router fitted)")
+    if distill:
+        bias_step = 0.0     # the trained router balances nothing by bias: the engine export stays exact
     for moe in moes:
         moe.scale.requires_grad_(True)
+        moe.router_weight.requires_grad_(bool(distill))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
 
@@ -133,7 +157,18 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
         return hook
 
     handles = [m.register_forward_hook(count_hook(i)) for i, m in enumerate(moes)]
-    losses, imbalances = [], []
+    distill_terms: list[torch.Tensor] = []
+
+    def distill_hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).detach()
+        with torch.no_grad():
+            oracle = module.oracle_select(x)                                  # (n, k)
+        logp = torch.log_softmax(module.router_logits(x), dim=-1)             # (n, E), grad to router_weight
+        distill_terms.append(-logp.gather(1, oracle).mean())
+
+    if distill:
+        handles += [m.register_forward_pre_hook(distill_hook) for m in moes]
+    losses, imbalances, distill_losses = [], [], []
     model.train()
     t0 = time.perf_counter()
     step = 0
@@ -142,9 +177,15 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
             ids = windows[step % len(windows)]
             for i in range(len(loads)):
                 loads[i].zero_()
+            distill_terms.clear()
             loss = model(input_ids=ids, labels=ids).loss
+            total = loss
+            if distill_terms:
+                term = torch.stack(distill_terms).mean()
+                distill_losses.append(term.item())
+                total = loss + distill * term
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             optimizer.step()
             with torch.no_grad():                       # auxiliary-loss-free balancing of the selection
                 for moe, counts in zip(moes, loads):
@@ -166,7 +207,9 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
     report = FinetuneReport(steps=step, tokens=step * seq_len, seconds=round(seconds, 1),
                             loss_first=sum(losses[:k]) / k, loss_last=sum(losses[-k:]) / k,
                             imbalance_first=sum(imbalances[:k]) / k, imbalance_last=sum(imbalances[-k:]) / k,
-                            lora=lora_info)
+                            lora=lora_info, router_distill=distill,
+                            distill_loss_first=sum(distill_losses[:k]) / k if distill_losses else None,
+                            distill_loss_last=sum(distill_losses[-k:]) / k if distill_losses else None)
     _save(model, carved, out, report, lr, bias_step, dataset, force)
     return out, report
 

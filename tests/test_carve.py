@@ -353,9 +353,12 @@ def test_finetune_trains_gate_scales_lora_and_balances_the_load(tiny_llama, tmp_
     from edgerun.backends.torch import TorchBackend
     from edgerun.moe import store
 
-    carved = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=512, seq_len=256)
+    carved = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=512, seq_len=256,
+                              router="analytical")   # CMoE's path: frozen router, bias balancing
     with pytest.raises(UsageError, match="not a carved checkpoint"):
         finetune(tiny_llama, tmp_path / "x", steps=1)
+    with pytest.raises(UsageError, match="trains a fitted linear router"):
+        finetune(carved, tmp_path / "y", steps=1, router_distill=1.0)
     out, report = finetune(carved, tmp_path / "ft", minutes=5, steps=4, seq_len=128)
     assert report.steps == 4 and report.tokens == 512 and report.lora["rank"] == 8
     with pytest.raises(UsageError, match="already exists"):
@@ -373,6 +376,41 @@ def test_finetune_trains_gate_scales_lora_and_balances_the_load(tiny_llama, tmp_
     assert meta["finetune"]["steps"] == 4 and meta["name"] == "S1A1E4"
     engine = TorchBackend(out, n_ctx=128)
     assert engine.logits(engine.tokenize("Hello there"))[-1].shape[0] == engine.model.config.vocab_size
+
+
+def test_finetune_distils_the_oracle_into_a_fitted_router_and_keeps_the_export_exact(tiny_llama, tmp_path):
+    """Fitted router: --finetune trains the router towards the oracle's sets (on fixed FFN inputs the
+    cross-entropy to the oracle's experts falls), the bias stays 0, and the host still routes exactly as
+    the model."""
+    from converters.carve import carve_checkpoint
+    from converters.cmoe_finetune import finetune
+    from converters.moe_export import to_granite
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.calibration import run_with_input_hooks
+    from edgerun.moe import store
+
+    carved = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=512, seq_len=256)
+    out, report = finetune(carved, tmp_path / "ft", minutes=5, steps=12, seq_len=128, lora=False, lr=1e-3)
+    assert report.router_distill == 1.0 and report.distill_loss_first is not None
+    before, after = store.load_model(carved), store.load_model(out)
+    seen = {}
+    ids = TorchBackend(carved, n_ctx=256).tokenizer(TEXT * 3).input_ids
+    run_with_input_hooks(before, {i: layer.mlp for i, layer in enumerate(before.model.layers)},
+                         [torch.tensor([ids])], lambda i, x: seen.setdefault(i, x.float()))
+
+    def cross_entropy(moe, x):
+        with torch.no_grad():
+            return float(-torch.log_softmax(moe.router_logits(x), -1).gather(1, moe.oracle_select(x)).mean())
+
+    ce_before = sum(cross_entropy(a.mlp, seen[i]) for i, a in enumerate(before.model.layers))
+    ce_after = sum(cross_entropy(b.mlp, seen[i]) for i, b in enumerate(after.model.layers))
+    assert ce_after < ce_before
+    for a, b in zip(before.model.layers, after.model.layers):
+        assert (b.mlp.router_weight - a.mlp.router_weight).abs().max() > 0
+        assert torch.count_nonzero(b.mlp.bias) == 0
+    host = to_granite(out, tmp_path / "host", tokens=512, heldout_tokens=256)
+    meta = json.loads((host / "config.json").read_text())["edgerun_moe"]
+    assert meta["host_router"] == "exact" and meta["router_agreement"] == [1.0, 1.0]
 
 
 def test_cli_carve_with_finetune_writes_one_checkpoint_and_no_staging(tiny_llama, tmp_path):
