@@ -919,7 +919,7 @@ def _train(model, optimizer, sched, trainable, encoded, batches, start, steps, m
         optimizer.step()
         sched.step()
         step += 1
-        losses.append((float(loss), int((labels != -100).sum())))
+        losses.append((float(loss.detach()), int((labels != -100).sum())))
         if progress:
             progress(step, losses[-1][0])
         if checkpoint_every and step % checkpoint_every == 0:
