@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--retrieval", action="store_true", help="measure retrieval only, every key kind (issue 16)")
     ap.add_argument("--prompts", type=int, default=10, help="with --retrieval: held-out prompts per task")
+    ap.add_argument("--depths", nargs="*", type=int, default=[4, 8],
+                    help="with --retrieval: also mass keys over the first N MoE layers")
+    ap.add_argument("--keys", nargs="*", default=None, help="with --retrieval: only these keys (e.g. layer mass@8)")
+    ap.add_argument("--patterns-cache", type=Path, default=None,
+                    help="with --retrieval: save the calibrated patterns here, or reuse them")
     args = ap.parse_args(argv)
     if args.retrieval:
         return retrieval_main(args)
@@ -176,33 +181,47 @@ def retrieval_main(args) -> int:
     model, tok = base.model, base.tokenizer
     router = json.loads((carved / "config.json").read_text())["edgerun_moe"].get("router", "analytical")
     t0 = time.perf_counter()
-    patterns = {p.task: p for p in cal.calibrate(model, tok, [(t, t) for t in TASKS], tokens=4096, name=cfg_name)}
-    calib_s = time.perf_counter() - t0
+    cache = args.patterns_cache
+    if cache is not None and all((cache / f"{t}.json").is_file() for t in TASKS):
+        patterns = {t: tcess.load(cache / f"{t}.json") for t in TASKS}
+        calib_s = float(json.loads((cache / "seconds.json").read_text())["seconds"])
+    else:
+        patterns = {p.task: p for p in cal.calibrate(model, tok, [(t, t) for t in TASKS], tokens=4096, name=cfg_name)}
+        calib_s = time.perf_counter() - t0
+        if cache is not None:
+            for p in patterns.values():
+                tcess.save(p, cache)
+            (cache / "seconds.json").write_text(json.dumps({"seconds": calib_s}))
     prompts = {t: [d[:400] for d in documents(t, "heldout") if len(d) > 100][:args.prompts] for t in TASKS}
-    kinds = {"layer": ("layer-0 TCESS (PreMoe; raw-logit)", tcess.DEFAULT_SCORE),
-             "mass": ("normalised expert mass, all layers", tcess.DEFAULT_SCORE),
-             "frequency": ("top-k frequency, all layers", tcess.DEFAULT_SCORE),
-             "hidden": ("mean layer-0 FFN input", tcess.DEFAULT_SCORE)}
+    kinds = {"layer": ("layer-0 TCESS (PreMoe; raw-logit)", "layer", 0),
+             "mass": ("normalised expert mass, all layers", "mass", 0),
+             "frequency": ("top-k frequency, all layers", "frequency", 0),
+             "hidden": ("mean layer-0 FFN input", "hidden", 0)}
+    for depth in args.depths:
+        kinds[f"mass@{depth}"] = (f"normalised expert mass, first {depth} layers", "mass", depth)
+    if args.keys:
+        kinds = {k: v for k, v in kinds.items() if k in args.keys}
+    score = tcess.DEFAULT_SCORE
     results = {}
-    for kind, (label, score) in kinds.items():
-        keys = {t: patterns[t].key(score, kind) for t in TASKS}
+    for name, (label, kind, depth) in kinds.items():
+        keys = {t: patterns[t].key(score, kind, depth) for t in TASKS}
         confusion = {t: {u: 0 for u in TASKS} for t in TASKS}
         times = []
         for t in TASKS:
             for text in prompts[t]:
                 t1 = time.perf_counter()
-                q = cal.query_key(model, tok, text, 0, score, kind)
+                q = cal.query_key(model, tok, text, 0, score, kind, depth)
                 nearest = min(TASKS, key=lambda u: float(torch.linalg.norm(keys[u] - q)))
                 times.append((time.perf_counter() - t1) * 1e3)
                 confusion[t][nearest] += 1
         correct = sum(confusion[t][t] for t in TASKS)
         total = sum(sum(r.values()) for r in confusion.values())
         times.sort()
-        results[kind] = {"label": label, "key_size": int(keys[TASKS[0]].numel()), "accuracy": correct / total,
+        results[name] = {"label": label, "key_size": int(keys[TASKS[0]].numel()), "accuracy": correct / total,
                          "correct": correct, "total": total, "confusion": confusion,
                          "latency_ms_median": statistics.median(times),
                          "latency_ms_p90": times[int(0.9 * (len(times) - 1))]}
-        print(kind, results[kind]["accuracy"], results[kind]["latency_ms_median"], flush=True)
+        print(name, results[name]["accuracy"], results[name]["latency_ms_median"], flush=True)
     prompt_tokens = [len(tok(x, add_special_tokens=False).input_ids) for t in TASKS for x in prompts[t]]
     result = {"benchmark": "premoe_retrieval", "config": cfg_name, "router": router, "tasks": list(TASKS),
               "calibration_tokens_per_task": 4096, "calibration_seconds": calib_s,

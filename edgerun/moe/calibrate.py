@@ -75,11 +75,13 @@ def task_text(data: str, split: str = "calibration") -> str:
 
 def calibrate(model, tokenizer, tasks: list[tuple[str, str]], tokens: int = 4096, window: int = 512,
               key_layer: int = 0, score: str = tcess.DEFAULT_SCORE, name: str = "",
-              progress: bool = False, key: str = tcess.DEFAULT_KEY) -> list[tcess.Pattern]:
+              progress: bool = False, key: str = tcess.DEFAULT_KEY,
+              key_depth: int = tcess.DEFAULT_KEY_DEPTH) -> list[tcess.Pattern]:
     """One pattern per task from ``tokens`` calibration tokens (windows of ``window``).
 
     Every pattern holds the statistics of all retrieval keys; ``key`` is the one it retrieves with
-    (:data:`edgerun.moe.tcess.KEYS`).
+    (:data:`edgerun.moe.tcess.KEYS`), over the first ``key_depth`` MoE layers for ``mass``/``frequency``
+    (0: all).
 
     Raises:
         UsageError: empty calibration data, a key layer beyond the MoE layers, an unknown score or key.
@@ -106,16 +108,18 @@ def calibrate(model, tokenizer, tasks: list[tuple[str, str]], tokens: int = 4096
                 model.model(input_ids=torch.tensor([ids[start:start + window]]), use_cache=False)
         hidden = collector.hidden_sum.tolist() if collector.hidden_sum is not None else []
         patterns.append(tcess.Pattern(task=task, tokens=collector.tokens, model=fp, score=score, key_layer=key_layer,
-                                      stats=collector.layer_stats(), key_kind=key, hidden_sum=hidden))
+                                      stats=collector.layer_stats(), key_kind=key, hidden_sum=hidden,
+                                      key_depth=key_depth))
     return patterns
 
 
 def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tcess.DEFAULT_SCORE,
-              kind: str = tcess.DEFAULT_KEY) -> torch.Tensor:
+              kind: str = tcess.DEFAULT_KEY, depth: int = tcess.DEFAULT_KEY_DEPTH) -> torch.Tensor:
     """TAER's query key of the raw text's tokens, of ``kind`` (:func:`edgerun.moe.tcess.key_vector`).
 
     ``layer`` (PreMoe's: the key layer's TCESS) and ``hidden`` run the model only up to the key layer's
-    router; ``mass`` and ``frequency`` run the whole decoder stack (no LM head) on the text.
+    router; ``mass`` and ``frequency`` run the decoder stack (no LM head) on the text, up to the first
+    ``depth`` MoE layers (0: all of them).
 
     Raises:
         UsageError: empty text, an unknown kind.
@@ -127,10 +131,6 @@ def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tces
         raise UsageError("empty query")
     layers = adapters.moe_layers(model)
     collector = tcess.TcessCollector(len(layers), layers[0].n_experts, layers[0].top_k, key_layer)
-    if kind in ("mass", "frequency"):
-        with adapters.collecting(model, collector), torch.inference_mode():
-            model.model(input_ids=torch.tensor([ids]), use_cache=False)
-        return collector.key(kind, key_layer, score)
 
     class _Stop(Exception):
         pass
@@ -138,6 +138,12 @@ def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tces
     def stop(*_):
         raise _Stop
 
+    if kind in ("mass", "frequency"):
+        if not 0 < depth < len(layers):
+            with adapters.collecting(model, collector), torch.inference_mode():
+                model.model(input_ids=torch.tensor([ids]), use_cache=False)
+            return collector.key(kind, key_layer, score)
+        key_layer = depth      # stop at the first MoE layer after the key's layers
     target = layers[key_layer]
     with adapters.collecting(model, collector), torch.inference_mode():
         # registered after the collecting hooks, so it runs right after the key routing is recorded:
@@ -152,6 +158,8 @@ def query_key(model, tokenizer, text: str, key_layer: int = 0, score: str = tces
             pass
         finally:
             handle.remove()
+    if kind in ("mass", "frequency"):
+        return collector.key(kind, 0, score, depth)
     if kind == "hidden":
         return collector.key(kind, key_layer, score)
     return tcess.scores(collector.layer_stats()[key_layer], collector.tokens or len(ids), score)

@@ -71,14 +71,17 @@ class ExpertPlanner:
         self.key_layer = self.patterns[0].key_layer
         self.score = self.patterns[0].score
         self.key_kind = self.patterns[0].key_kind
-        if any((p.key_kind, p.key_layer) != (self.key_kind, self.key_layer) for p in self.patterns):
+        self.key_depth = self.patterns[0].key_depth
+        if any((p.key_kind, p.key_layer, p.key_depth) != (self.key_kind, self.key_layer, self.key_depth)
+               for p in self.patterns):
             raise UsageError(f"the patterns in {patterns_dir} use different retrieval keys (key kind / key layer); "
                              "calibrate them together")
         self.keys = torch.stack([p.key() for p in self.patterns])          # (tasks, key size)
 
     def retrieve(self, text: str) -> tuple[str, float]:
         """(task, L2 distance) of the stored key nearest to the query key of ``text``."""
-        q = cal.query_key(self.key_model, self.tokenizer, text, self.key_layer, self.score, self.key_kind)
+        q = cal.query_key(self.key_model, self.tokenizer, text, self.key_layer, self.score, self.key_kind,
+                          self.key_depth)
         d = torch.linalg.norm(self.keys - q[None, :], dim=1)
         i = int(torch.argmin(d))
         return self.patterns[i].task, float(d[i])

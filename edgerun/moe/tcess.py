@@ -32,6 +32,8 @@ The retrieval key (``key_kind``; the paper's is ``layer``):
   for a standard MoE layer the router's softmax probability over all experts stands in), averaged over
   the tokens. The query runs the whole decoder stack on the prompt;
 - ``frequency``: every MoE layer's top-k frequency, concatenated (L x E);
+- for ``mass`` and ``frequency``, ``key_depth`` > 0 keeps only the first ``key_depth`` MoE layers (the
+  query then stops after them: cheaper, see the measurement);
 - ``hidden``: the mean input of the key MoE layer (d numbers; the query runs up to that layer).
 
 The default is the one that retrieved best when measured (``DEFAULT_KEY``,
@@ -58,6 +60,7 @@ SCORES = ("raw-logit", "frequency", "probability", "softplus")
 DEFAULT_SCORE = "raw-logit"
 KEYS = ("mass", "layer", "frequency", "hidden")
 DEFAULT_KEY = "mass"
+DEFAULT_KEY_DEPTH = 0
 PATTERN_VERSION = 2
 
 
@@ -126,18 +129,20 @@ class TcessCollector:
         return [LayerStats(self.count[i].tolist(), self.logit_sum[i].tolist(), self.prob_sum[i].tolist(),
                            self.softplus_sum[i].tolist(), self.mass_sum[i].tolist()) for i in range(self.n_layers)]
 
-    def key(self, kind: str, key_layer: int = 0, score: str = DEFAULT_SCORE) -> torch.Tensor:
+    def key(self, kind: str, key_layer: int = 0, score: str = DEFAULT_SCORE, depth: int = 0) -> torch.Tensor:
         """The retrieval key of what was collected (see :func:`key_vector`)."""
         hidden = self.hidden_sum.tolist() if self.hidden_sum is not None else []
-        return key_vector(self.layer_stats(), self.tokens, kind, key_layer, score, hidden)
+        return key_vector(self.layer_stats(), self.tokens, kind, key_layer, score, hidden, depth)
 
 
 def key_vector(stats: list[LayerStats], tokens: int, kind: str, key_layer: int = 0, score: str = DEFAULT_SCORE,
-               hidden_sum: list[float] | None = None) -> torch.Tensor:
+               hidden_sum: list[float] | None = None, depth: int = 0) -> torch.Tensor:
     """A retrieval key (float64) from per-layer statistics over ``tokens`` tokens (kinds: module doc).
 
+    ``depth`` > 0: ``mass`` and ``frequency`` use the first ``depth`` MoE layers only.
+
     Returns:
-        ``layer``: (E,); ``mass`` and ``frequency``: (L * E,); ``hidden``: (d,).
+        ``layer``: (E,); ``mass`` and ``frequency``: (L * E,) (L = ``depth`` when given); ``hidden``: (d,).
 
     Raises:
         UsageError: an unknown kind, or statistics that lack what the kind needs (a pattern made before
@@ -146,6 +151,8 @@ def key_vector(stats: list[LayerStats], tokens: int, kind: str, key_layer: int =
     if kind not in KEYS:
         raise UsageError(f"unknown retrieval key '{kind}'; valid: {', '.join(KEYS)}")
     n = max(tokens, 1)
+    if depth > 0:
+        stats = stats[:depth]
     if kind == "layer":
         return scores(stats[key_layer], tokens, score)
     if kind == "frequency":
@@ -185,6 +192,7 @@ class Pattern:
         stats: per-layer sums (all score functions can be recomputed from them).
         key_kind: the retrieval key (module doc); ``layer`` for patterns made before the others.
         hidden_sum: the key layer's input summed over the tokens (d,), empty when not collected.
+        key_depth: MoE layers of the ``mass``/``frequency`` keys (0: all).
     """
 
     task: str
@@ -195,15 +203,16 @@ class Pattern:
     stats: list[LayerStats] = field(default_factory=list)
     key_kind: str = "layer"
     hidden_sum: list[float] = field(default_factory=list)
+    key_depth: int = 0
     version: int = PATTERN_VERSION
 
     def layer_scores(self, layer: int, score: str | None = None) -> torch.Tensor:
         return scores(self.stats[layer], self.tokens, score or self.score)
 
-    def key(self, score: str | None = None, kind: str | None = None) -> torch.Tensor:
-        """Retrieval key of ``kind`` (default the pattern's ``key_kind``; see :func:`key_vector`)."""
+    def key(self, score: str | None = None, kind: str | None = None, depth: int | None = None) -> torch.Tensor:
+        """Retrieval key of ``kind`` (default the pattern's ``key_kind`` and ``key_depth``; :func:`key_vector`)."""
         return key_vector(self.stats, self.tokens, kind or self.key_kind, self.key_layer, score or self.score,
-                          self.hidden_sum)
+                          self.hidden_sum, self.key_depth if depth is None else depth)
 
     def digest(self) -> str:
         """SHA-256 (hex, 16 characters) of the pattern's content: what an assembled model built from it is keyed by."""
@@ -250,11 +259,12 @@ def load(path: str | Path) -> Pattern:
         stats = [LayerStats(**s) for s in d["stats"]]
         p = Pattern(task=d["task"], tokens=int(d["tokens"]), model=dict(d["model"]), score=d["score"],
                     key_layer=int(d["key_layer"]), stats=stats, key_kind=str(d.get("key_kind", "layer")),
-                    hidden_sum=[float(v) for v in d.get("hidden_sum", [])], version=int(d.get("version", 1)))
+                    hidden_sum=[float(v) for v in d.get("hidden_sum", [])], key_depth=int(d.get("key_depth", 0)),
+                    version=int(d.get("version", 1)))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ModelFileError(f"{path} is not a valid expert pattern ({type(e).__name__}: {e}); "
                              "calibrate it again with 'edgerun experts calibrate'") from None
-    if p.score not in SCORES or not 0 <= p.key_layer < len(stats) or p.key_kind not in KEYS:
+    if p.score not in SCORES or not 0 <= p.key_layer < len(stats) or p.key_kind not in KEYS or p.key_depth < 0:
         raise ModelFileError(f"{path} is not a valid expert pattern (score {p.score!r}, key layer {p.key_layer}, "
                              f"key {p.key_kind!r})")
     # mass_sum may be empty (patterns made before it); every other list has one number per expert
