@@ -789,7 +789,13 @@ def _add_experts(sub) -> None:
     p.add_argument("--calib-tokens", type=_positive_int, default=4096, metavar="N",
                    help="calibration tokens per task (default 4096)")
     _old_spelling(p, "--tokens", "calib_tokens")
-    p.add_argument("--key-layer", type=int, default=0, help="MoE layer whose scores are the retrieval key (default 0)")
+    p.add_argument("--key-layer", type=int, default=0, help="MoE layer of the layer and hidden keys (default 0)")
+    p.add_argument("--key", choices=("mass", "layer", "frequency", "hidden"), default="mass",
+                   help="retrieval key: mass (normalised expert mass of every MoE layer; default), layer (PreMoe: "
+                        "the key layer's TCESS), frequency (top-k frequency of every layer), hidden (mean input of "
+                        "the key layer)")
+    p.add_argument("--key-depth", type=int, default=0, metavar="N",
+                   help="mass/frequency keys over the first N MoE layers only (cheaper queries; default 0: all)")
     p.add_argument("--score", default=None, help="raw-logit, frequency, probability or softplus")
     p.add_argument("--plot", default=None, help="show: write a PNG heat map of layer x expert scores here")
     p.add_argument("--cluster", metavar="ADDRESS",
@@ -816,13 +822,17 @@ def cmd_experts(args) -> int:
             model, tokenizer = cal.load_model(catalog.resolve(args.target))
             patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.calib_tokens, key_layer=args.key_layer,
                                      score=score, name=str(args.target), progress=True)
-        for pat in patterns:
+        if args.key_depth < 0:
+            raise UsageError("--key-depth must be >= 0 (0: every MoE layer)")
+        for pat in patterns:   # every pattern holds the statistics of all keys: the key is a choice among them
+            pat.key_kind, pat.key_depth = args.key, args.key_depth
             print(tcess.save(pat, args.output))
         return 0
     if args.action == "list":
         for pat in tcess.load_dir(args.target):
             print(f"{pat.task:14s} {pat.tokens:6d} tokens  {pat.model['layers']} layers x {pat.model['experts']} "
-                  f"experts, top-{pat.model['top_k']}  score {pat.score}  key layer {pat.key_layer}")
+                  f"experts, top-{pat.model['top_k']}  score {pat.score}  key {pat.key_kind} "
+                  f"(layer {pat.key_layer}, depth {pat.key_depth or 'all'})")
         return 0
     pat = tcess.load(args.target)
     print(f"task {pat.task}: {pat.tokens} tokens, score {score}, key layer {pat.key_layer} (model {pat.model['name']})")
