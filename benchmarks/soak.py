@@ -192,10 +192,24 @@ def run_server(requests: int, warmup: int, n_ctx: int = 256, max_tokens: int = 8
     return {"summary": _summary(samples, warmup, requests, n_ctx, max_tokens, counts, threads, t0), "samples": samples}
 
 
+def drift(samples: list[dict], warmup: int) -> dict:
+    """Median RSS (MiB) over the first and the last quarter of the turns after warm-up, and their difference.
+
+    Robust to the turn-to-turn swing (which model is loaded, a reply's transient buffers), which the
+    max-minus-base growth is not; a leak shows as a difference that grows with the number of turns."""
+    import statistics
+
+    after = [x["rss"] / 2**20 for x in samples[warmup:]]
+    q = max(1, len(after) // 4)
+    first, last = statistics.median(after[:q]), statistics.median(after[-q:])
+    return {"rss_median_first_quarter_mib": round(first, 2), "rss_median_last_quarter_mib": round(last, 2),
+            "rss_drift_mib": round(last - first, 2), "rss_sd_after_warmup_mib": round(statistics.pstdev(after), 2)}
+
+
 def _summary(samples, warmup, asked, n_ctx, max_tokens, counts, threads, t0) -> dict:
     after = samples[warmup:]
     base = after[0]["rss"]
-    return {
+    return {**drift(samples, warmup),
         "turns": len(samples), "turns_asked": asked, "threads": threads, "warmup": warmup, "n_ctx": n_ctx,
         "max_tokens": max_tokens, "counts": counts, "seconds": round(time.perf_counter() - t0, 1),
         "rss_start_mib": round(samples[0]["rss"] / 2**20, 2), "rss_after_warmup_mib": round(base / 2**20, 2),
@@ -229,12 +243,20 @@ def main() -> int:
                          "assembled per task from the carve's host; patterns calibrated on the host)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/soak (soak_server with --server, soak_adaptive with --adaptive)")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="write the report of a saved run (its .json) again, with the same other options")
     args = ap.parse_args()
     load0 = os.getloadavg()
+    if args.render:
+        r = json.loads(args.render.read_text())
+        r["summary"].update(drift(r["samples"], r["summary"]["warmup"]))
+        load0 = r["summary"]["machine"]["loadavg_start"]
     name = ("soak_server" if args.server else "soak" if not args.adaptive
             else "soak_adaptive" if args.backend == "torch" else "soak_adaptive_llamacpp")
     args.out = args.out or ROOT / "benchmarks" / "results" / name
-    if args.adaptive:
+    if args.render:
+        pass
+    elif args.adaptive:
         import edgerun
 
         # the torch engine: patterns calibrated on the carved checkpoint itself (`edgerun experts calibrate
@@ -259,8 +281,10 @@ def main() -> int:
     s["within_bound"] = s["rss_growth_after_warmup_mib"] <= args.bound
     s["fds_constant"] = len(s["fds_after_warmup"]) == 1
     s["threads_constant"] = len(s["threads_after_warmup"]) == 1
-    s["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load0,
-                    "loadavg_end": os.getloadavg()}
+    if not args.render:
+        s["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load0,
+                        "loadavg_end": os.getloadavg()}
+    load1 = s["machine"]["loadavg_end"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(r, indent=0) + "\n")
     c = s["counts"]
@@ -289,7 +313,7 @@ def main() -> int:
                 f"turns run; {c['full']} full replies, {c['cancelled']} cancelled after the first piece (stream "
                 f"closed), {c['clear']} `clear()`, the history trimmed by the context on {c['trimmed_turns']} turns.")
     md = head + f""" {s['seconds']:.0f} s on {os.cpu_count()} CPUs, load average {load0[0]:.2f} at the start and
-{os.getloadavg()[0]:.2f} at the end (other work shared the machine).
+{load1[0]:.2f} at the end (other work shared the machine).
 
 | measure | value |
 |---|---|
@@ -300,6 +324,7 @@ def main() -> int:
 | growth after warm-up (bound {args.bound:g} MiB) | {s['rss_growth_after_warmup_mib']} MiB ({'within' if s['within_bound'] else 'OVER'} the bound) |
 | RSS slope after warm-up | {s['rss_slope_kib_per_turn']} KiB/turn |
 | RSS slope over the second half of that | {s['rss_slope_second_half_kib_per_turn']} KiB/turn |
+| median RSS, first -> last quarter after warm-up (drift) | {s['rss_median_first_quarter_mib']} -> {s['rss_median_last_quarter_mib']} MiB ({s['rss_drift_mib']:+.2f} MiB; turn-to-turn SD {s['rss_sd_after_warmup_mib']} MiB) |
 | open file descriptors after warm-up | {s['fds_after_warmup']} |
 | threads after warm-up | {s['threads_after_warmup']} |
 """
