@@ -531,8 +531,9 @@ def _add_recover(sub) -> None:
                                   "or the wanda pass's cached output)")
     p.add_argument("--original", required=True, help="the model it was pruned from (catalog name, .gguf or checkpoint)")
     p.add_argument("--budget", type=float, default=0.1, help="fraction of the pool to train on, in (0, 1] (default 0.1)")
-    p.add_argument("--pool-size", type=_positive_int, default=None,
-                   help="subsample the instruction pool to N pairs (default: all ~19,800)")
+    p.add_argument("--pool-size", type=_positive_int, default=4000,
+                   help="a seeded subsample of N pairs of the ~19,800-pair pool (default 4000; scoring costs two "
+                        "forward passes per pair)")
     p.add_argument("--clusters", type=_positive_int, default=10, help="capability clusters (default 10)")
     p.add_argument("--method", choices=("paser", "random"), default="paser",
                    help="paser (default) or random (the baseline: the same budget drawn at random)")
