@@ -159,6 +159,8 @@ def routers_main(args) -> int:
 
     if args.variants:
         return _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0)
+    if args.distill:
+        return _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
 
     result = {"benchmark": "cmoe_routers", "source": source.label, "dense_perplexity": dense_ppl,
               "dense_window_nll": dense_nll, "configs": {}, "atopk": {}, "export": None,
@@ -242,22 +244,87 @@ def _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0) -> in
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cmoe_groupings.json").write_text(json.dumps(result, indent=2) + "\n")
 
+    md = _variants_markdown(result)
+    (args.out / "cmoe_groupings.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0) -> int:
+    """S2A2E8 (fitted) fine-tuned for ``args.distill`` minutes with and without the router distillation."""
+    import os
+    import tempfile
+
+    from converters.cmoe_finetune import finetune
+
+    carved = carve("S2A2E8", 10)
+    base = measure(load_model(carved), "fitted")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for weight in (0.0, 1.0):
+            out, rep = finetune(carved, Path(tmp) / f"ft{weight:g}", minutes=args.distill, router_distill=weight)
+            row = measure(load_model(out), "fitted")
+            rows.append({"router_distill": weight, "steps": rep.steps, "loss_first": rep.loss_first,
+                         "loss_last": rep.loss_last, "distill_loss_first": rep.distill_loss_first,
+                         "distill_loss_last": rep.distill_loss_last, "fitted": row})
+    result = {"benchmark": "cmoe_distill", "config": "S2A2E8", "minutes": args.distill, "dense_perplexity": dense_ppl,
+              "training_free": base, "rows": rows, "windows": args.windows, "threads": args.threads,
+              "load_average_end": os.getloadavg(), "seconds": time.perf_counter() - t0,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cmoe_distill.json").write_text(json.dumps(result, indent=2) + "\n")
+
     def cell(row):
         lo, hi = row["x_dense_ci95"]
         return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
-    md = ["# CMoE grouping and router-target variants, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
-          f"{result['date']}. Dense perplexity {dense_ppl:.3f} on held-out wiki ({args.windows} x 512 tokens); each "
-          "variant carved on 16,384 wiki calibration tokens (ATopK K = 10 for markers) with the fitted router. "
-          "The oracle column is the grouping's ceiling (the measure of a grouping); cells: perplexity (x dense, "
-          f"95% paired bootstrap interval over the windows). {args.threads} thread(s), load average "
-          f"{result['load_average_end'][0]:.1f} at the end.", "",
-          "| grouping | router target | fitted | oracle | fitted's agreement with the oracle |", "|---|---|---|---|---|"]
+
+    def ratio(a, b):
+        lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
+        return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
+    md = ["# CMoE fine-tune with a trained router, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
+          f"{result['date']}. The fitted-router carve (16,384 wiki calibration tokens) fine-tuned for {args.distill:g} "
+          "minutes (gate scales, LoRA r=8, one 256-token window per step) with the router frozen (distillation "
+          "weight 0) or distilled towards the oracle's expert sets (weight 1); perplexity on held-out wiki "
+          f"({args.windows} x 512 tokens; dense {dense_ppl:.3f}); cells: perplexity (x dense, 95% paired bootstrap "
+          f"interval); load average {result['load_average_end'][0]:.1f} at the end (the step counts show the "
+          "budget the shared machine gave).", "",
+          "| model | steps | train loss first -> last 10% | distillation loss | perplexity | agreement with the oracle | "
+          "/ training-free |", "|---|---|---|---|---|---|---|",
+          f"| training-free | - | - | - | {cell(base)} | {base['oracle_agreement_mean']:.1%} | 1 |"]
     for r in rows:
-        md.append(f"| {r['grouping']} | {r['target']} | {cell(r['fitted'])} | {cell(r['oracle'])} | "
-                  f"{r['fitted']['oracle_agreement_mean']:.1%} |")
-    (args.out / "cmoe_groupings.md").write_text("\n".join(md) + "\n")
+        d = (f"{r['distill_loss_first']:.3f} -> {r['distill_loss_last']:.3f}" if r["distill_loss_first"] is not None
+             else "-")
+        md.append(f"| router {'distilled' if r['router_distill'] else 'frozen'} | {r['steps']} | "
+                  f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {d} | {cell(r['fitted'])} | "
+                  f"{r['fitted']['oracle_agreement_mean']:.1%} | {ratio(r['fitted'], base)} |")
+    (args.out / "cmoe_distill.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
+
+
+def _variants_markdown(result: dict) -> str:
+    def cell(row):
+        lo, hi = row["x_dense_ci95"]
+        return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
+
+    def ratio(a, b):
+        lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
+        return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
+    base = result["rows"][0]
+    md = ["# CMoE grouping and router-target variants, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
+          f"{result['date']}. Dense perplexity {result['dense_perplexity']:.3f} on held-out wiki ({result['windows']} x "
+          "512 tokens); each variant carved on 16,384 wiki calibration tokens (ATopK K = 10 for markers) with the "
+          "fitted router. The oracle column is the grouping's ceiling (the measure of a grouping); cells: perplexity "
+          "(x dense, 95% paired bootstrap interval over the windows); the last two columns are paired ratios to the "
+          f"first row (CMoE's markers, mass target). {result['threads']} thread(s), load average "
+          f"{result['load_average_end'][0]:.1f} at the end.", "",
+          "| grouping | router target | fitted | oracle | fitted's agreement with the oracle | fitted / row 1 | "
+          "oracle / row 1 |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        md.append(f"| {r['grouping']} | {r['target']} | {cell(r['fitted'])} | {cell(r['oracle'])} | "
+                  f"{r['fitted']['oracle_agreement_mean']:.1%} | {ratio(r['fitted'], base['fitted'])} | "
+                  f"{ratio(r['oracle'], base['oracle'])} |")
+    return "\n".join(md) + "\n"
 
 
 def _routers_markdown(r: dict) -> str:
@@ -279,6 +346,17 @@ def _routers_markdown(r: dict) -> str:
         rand_cell = " / ".join(f"{x['perplexity']:.2f} ({x['x_dense']:.2f}x)" for x in rand)
         md.append(f"| {name} | {rand_cell} | {cell(rows['analytical'])} | {cell(rows['fitted'])} | "
                   f"{cell(rows['oracle'])} |")
+    md += ["", "Paired ratios on the same windows (perplexity ratio, 95% paired bootstrap interval):", "",
+           "| config | analytical / fitted | fitted / oracle | random (seed 0) / fitted |", "|---|---|---|---|"]
+    for name, c in r["configs"].items():
+        rows = {x["routing"]: x for x in c["rows"] if x["routing"] != "random"}
+        rand = next(x for x in c["rows"] if x["routing"] == "random")
+
+        def ratio(a, b):
+            lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
+            return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
+        md.append(f"| {name} | {ratio(rows['analytical'], rows['fitted'])} | {ratio(rows['fitted'], rows['oracle'])} | "
+                  f"{ratio(rand, rows['fitted'])} |")
     md += ["", "Share of tokens whose expert set equals the oracle's (mean over layers):", "",
            "| config | random | analytical | fitted |", "|---|---|---|---|"]
     for name, c in r["configs"].items():
@@ -308,6 +386,9 @@ def main(argv=None) -> int:
     ap.add_argument("--routers", action="store_true", help="the router comparison (issue 16) instead of the table")
     ap.add_argument("--atopk", nargs="*", type=int, default=[10, 50, 100, 200], help="with --routers: K values")
     ap.add_argument("--no-export", dest="export", action="store_false", help="with --routers: skip the GGUF check")
+    ap.add_argument("--distill", type=float, default=None, metavar="MINUTES",
+                    help="with --routers: S2A2E8 fine-tuned MINUTES with the router frozen and distilled "
+                         "(writes cmoe_distill.*)")
     ap.add_argument("--variants", action="store_true",
                     help="with --routers: grouping (markers / magnitude) and router-target (mass / output) "
                          "variants of S2A2E8 instead (writes cmoe_groupings.*)")
