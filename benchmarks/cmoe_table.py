@@ -218,7 +218,8 @@ def _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0) -> in
 
     from converters.carve import carve_checkpoint
 
-    variants = [("markers", "mass"), ("magnitude", "mass"), ("markers", "output")]
+    variants = [tuple(v.split(":")) for v in args.variant_list]
+    config = args.configs[0] if args.configs else "S2A2E8"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for grouping, target in variants:
@@ -226,10 +227,10 @@ def _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0) -> in
             if (grouping, target) == ("markers", "mass"):   # the default carve: the cached one (deterministic)
                 from converters import passes
 
-                step = passes.make("carve", config="S2A2E8", calib_tokens=16384, router="fitted", atopk=10)
+                step = passes.make("carve", config=config, calib_tokens=16384, router="fitted", atopk=10)
                 path = step.apply(source.path, passes.Context(source=source, progress=False, log=print), None)[0]
             else:
-                path = carve_checkpoint(source.path, Path(tmp) / f"{grouping}-{target}", "S2A2E8", tokens=16384,
+                path = carve_checkpoint(source.path, Path(tmp) / f"{grouping}-{target}", config, tokens=16384,
                                         grouping=grouping, target=target)
             carve_s = time.perf_counter() - t
             model = load_model(path)
@@ -237,15 +238,16 @@ def _variants(args, source, dense_ppl, dense_nll, measure, load_model, t0) -> in
             rows.append({"grouping": grouping, "target": target, "carve_seconds": carve_s,
                          "fitted": fitted, "oracle": oracle})
             del model
-    result = {"benchmark": "cmoe_groupings", "config": "S2A2E8", "source": source.label, "dense_perplexity": dense_ppl,
+    result = {"benchmark": "cmoe_groupings", "config": config, "source": source.label, "dense_perplexity": dense_ppl,
               "dense_window_nll": dense_nll, "rows": rows, "windows": args.windows, "threads": args.threads,
               "load_average_end": os.getloadavg(), "seconds": time.perf_counter() - t0,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cmoe_groupings.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "cmoe_groupings" if config == "S2A2E8" else f"cmoe_groupings_{config}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     md = _variants_markdown(result)
-    (args.out / "cmoe_groupings.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 
@@ -311,7 +313,7 @@ def _variants_markdown(result: dict) -> str:
         lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
         return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
     base = result["rows"][0]
-    md = ["# CMoE grouping and router-target variants, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
+    md = [f"# CMoE grouping and router-target variants, {result['config']} on SmolLM2-135M-Instruct (issue 16)", "",
           f"{result['date']}. Dense perplexity {result['dense_perplexity']:.3f} on held-out wiki ({result['windows']} x "
           "512 tokens); each variant carved on 16,384 wiki calibration tokens (ATopK K = 10 for markers) with the "
           "fitted router. The oracle column is the grouping's ceiling (the measure of a grouping); cells: perplexity "
@@ -391,7 +393,9 @@ def main(argv=None) -> int:
                          "(writes cmoe_distill.*)")
     ap.add_argument("--variants", action="store_true",
                     help="with --routers: grouping (markers / magnitude) and router-target (mass / output) "
-                         "variants of S2A2E8 instead (writes cmoe_groupings.*)")
+                         "variants of S2A2E8 (or the first --configs) instead (writes cmoe_groupings*.*)")
+    ap.add_argument("--variant-list", nargs="*", default=["markers:mass", "magnitude:mass", "markers:output"],
+                    help="with --variants: GROUPING:TARGET pairs, the first is the reference row")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", nargs="*", default=None)
     ap.add_argument("--windows", type=int, default=8)
