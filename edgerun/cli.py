@@ -791,10 +791,10 @@ def _add_experts(sub) -> None:
                    help="calibration tokens per task (default 4096)")
     _old_spelling(p, "--tokens", "calib_tokens")
     p.add_argument("--key-layer", type=int, default=0, help="MoE layer of the layer and hidden keys (default 0)")
-    p.add_argument("--key", choices=("mass", "layer", "frequency", "hidden"), default="mass",
-                   help="retrieval key: mass (normalised expert mass of every MoE layer; default), layer (PreMoe: "
-                        "the key layer's TCESS), frequency (top-k frequency of every layer), hidden (mean input of "
-                        "the key layer)")
+    p.add_argument("--key", choices=("layer", "mass", "frequency", "hidden"), default="layer",
+                   help="retrieval key: layer (PreMoe: the key layer's TCESS; default, cheapest), mass (normalised "
+                        "expert mass of every MoE layer: more accurate, the query runs the whole model), frequency "
+                        "(top-k frequency of every layer), hidden (mean input of the key layer)")
     p.add_argument("--key-depth", type=int, default=0, metavar="N",
                    help="mass/frequency keys over the first N MoE layers only (cheaper queries; default 0: all)")
     p.add_argument("--score", default=None, help="raw-logit, frequency, probability or softplus")
