@@ -284,7 +284,7 @@ def test_recipe_passes_run_in_order_and_are_recorded_in_order(tmp_path, scratch_
     ("passes:\n  - carve: {config: S1A1E4}\n  - crave: {config: S1A1E4}\n",
      r"r\.yaml, line 3: unknown pass 'crave'; known: merge, carve, finetune, host, prune, wanda, ptq$"),
     ("passes:\n  - carve:\n      config: S1A1E4\n      tokens: 512\n",
-     r"r\.yaml, line 4: unknown field 'passes\[0\]\.carve\.tokens'; known: config, calib_tokens, dataset$"),
+     r"r\.yaml, line 4: unknown field 'passes\[0\]\.carve\.tokens'; known: config, calib_tokens, dataset, router, atopk$"),
     ("passes:\n  - finetune:\n      minutes: soon\n",
      r"r\.yaml, line 3: field 'passes\[0\]\.finetune\.minutes' must be a number, got 'soon'$"),
     ("passes:\n  - finetune: {lora: 1}\n", r"r\.yaml, line 2: field 'passes\[0\]\.finetune\.lora' must be true or false"),
