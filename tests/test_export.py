@@ -378,7 +378,7 @@ def test_cli_export_bad_recipe_prints_one_line(tmp_path):
                                    str(tmp_path / "x.gguf")), capture_output=True, text=True, env=cli_env(), timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (f"error: {recipe}, line 2: unknown field 'passes[0].carve.tokens'; "
-                                                 "known: config, calib_tokens, dataset")
+                                                 "known: config, calib_tokens, dataset, router, atopk")
 
 
 def _pad_vocab(src: Path, dst: Path, extra: int) -> Path:
