@@ -313,7 +313,8 @@ def test_declared_defaults_apply(tmp_path):
     assert [p.name for p in chain] == ["merge", "carve", "finetune", "ptq"]
     spec = chain[0].recipe.spec
     assert (spec.method, spec.alpha, spec.density, spec.seed) == ("ties", 1.0, 0.2, 0)
-    assert chain[1].values == {"config": "s2a2e8", "calib_tokens": 16384, "dataset": "wiki"}
+    assert chain[1].values == {"config": "s2a2e8", "calib_tokens": 16384, "dataset": "wiki", "router": "fitted",
+                              "atopk": 10}
     assert chain[2].values == {"minutes": 3.0, "steps": None, "lora": True, "dataset": "wiki"}
     assert chain[3].values == {"method": "rtn", "bits": 4, "group_size": 64, "calib_tokens": 8192}
     assert chain[3].tag() == "rtn-w4g64"
