@@ -40,7 +40,9 @@ import json
 import math
 import random
 import re
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -134,8 +136,8 @@ def _norm(text: str) -> str:
     return re.sub(r"\W+", " ", text.lower()).strip()
 
 
-def eval_questions(n: int | None = None) -> set[str]:
-    """Normalised question texts of the benchmark's evaluation sets (every item, or the first ``n`` used)."""
+def eval_questions() -> set[str]:
+    """Normalised question texts of every item of the evaluation sets (:data:`EVAL_TASKS`' validation splits)."""
     from edgerun import data
 
     out = set()
@@ -501,7 +503,8 @@ class Selection:
 
     Attributes:
         method: ``paser`` or ``random``. budget: the fraction asked. size: samples selected.
-        ids: the selected samples' ids in selection order. clusters: every pool sample's cluster.
+        ids: the selected samples' ids in selection order. pool_ids: every pool sample's id, in pool order;
+        clusters: every pool sample's cluster.
         jsd: every pool sample's mean JSD (nats). cds: per-cluster degradation score. quota: per-cluster n_k.
         dropped: samples refused by the concept filter. topped_up: samples added outside the quotas because
             a cluster ran out of consistent samples. coords: 2-D projection of every sample (diffusion map).
@@ -846,8 +849,10 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
                 for name, value in state.items():
                     named[name].copy_(value)
             start = int(meta["step"])
-            for _ in range(start):
-                sched.step()
+            with warnings.catch_warnings():           # the schedule is replayed without optimizer steps
+                warnings.simplefilter("ignore")
+                for _ in range(start):
+                    sched.step()
             log(f"resuming recovery from the checkpoint at step {start} ({work})")
 
     def save_checkpoint(step: int) -> None:
@@ -895,8 +900,6 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         copy_tokenizer(pruned, tmp)
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)                                   # done: the checkpoint is spent
     return report
 
@@ -1039,8 +1042,6 @@ def run(pruned: str | Path, original: str | Path, out: str | Path, budget: float
         if method == "paser":
             plot_clusters(sel, out / "paser_clusters.png")
     except BaseException:
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)                                # the model with its selection, or nothing
         raise
     log(f"recovery: {report.steps} steps ({report.stopped}), loss {report.loss_first:.3f} -> "
