@@ -522,16 +522,20 @@ class HostPass(Pass):
 
         out, todo = output_of(out, lambda: cached_output(model, "host", model.name + "-granite"))
         if todo:
-            ctx.log("fitting linear routers to CMoE's choices (Granite shared-expert MoE host)")
+            ctx.log("hosting the carved MoE as Granite's shared-expert MoE (its fitted router as it is, or a "
+                    "linear router fitted to an analytical one)")
             b = bar("routers", ctx.progress)
             try:
                 to_granite(model, out, force=True, progress=b)
             finally:
                 _close(b)
         host = read_config(out)[MOE_KEY]
-        ctx.log(f"router agreement with CMoE's top-{host['active']} on held-out tokens: "
+        ctx.log(f"router agreement with the carved model's top-{host['active']} on held-out tokens: "
                 f"{host['router_agreement_mean']:.1%} (mean over layers)")
-        return out, [{"name": "host-as-granitemoe", "router": "linear, fitted to CMoE's top-k",
+        exact = host.get("host_router") == "exact"
+        return out, [{"name": "host-as-granitemoe",
+                      "router": "the carved model's fitted router (exact)" if exact
+                      else "linear, fitted to the carved model's top-k",
                       "router_temperature": host["router_temperature"],
                       "router_agreement_mean": host["router_agreement_mean"],
                       "router_agreement_by_layer": host["router_agreement"], "checkpoint": str(out)}]
