@@ -627,6 +627,12 @@ class WandaPass(Pass):
               check=positive),
     )
 
+    @classmethod
+    def from_yaml(cls, path, data, lines, prefix, src):
+        if isinstance(data.get("sparsity"), (int, float)) and not isinstance(data["sparsity"], bool):
+            data = {**data, "sparsity": str(data["sparsity"])}      # ``sparsity: 0.5`` reads as a number
+        return super().from_yaml(path, data, lines, prefix, src)
+
     def tag(self) -> str:
         return "wanda" + str(self.values["sparsity"]).replace(":", "of")
 
@@ -652,6 +658,59 @@ class WandaPass(Pass):
         record = read_config(out)[SPARSITY_KEY]
         ctx.log(f"wanda: {record['zero_fraction']:.1%} of the block linear weights are zero")
         return out, [{"name": "wanda", **record, "checkpoint": str(out)}]
+
+
+def _fraction(v) -> str | None:
+    return None if 0 < v <= 1 else f"must be a fraction of the pool in (0, 1], got {v!r}"
+
+
+@register
+class RecoverPass(Pass):
+    """PASER recovery of a pruned dense model: select recovery data, LoRA, merge (:mod:`converters.paser`).
+
+    The original is the export source (the JSD is taken between it and the pruned checkpoint); recipe only
+    (``- recover: {budget: 0.1}`` after ``- wanda: {sparsity: 0.5}``). The selection JSON and cluster PNG
+    are written inside the recovered checkpoint. Cached as ``<input>-<method><budget>-p<pool>-m<minutes>-s<seed>``.
+    """
+
+    name = "recover"
+    takes = ("dense",)
+    gives = "dense"
+    needs = "recover a pruned dense checkpoint (a wanda pass before it)"
+    params = (
+        Param("budget", float, 0.1, "fraction of the instruction pool to train on, in (0, 1]", check=_fraction),
+        Param("pool_size", int, 4000, "seeded subsample of the ~19,800-pair instruction pool", check=positive),
+        Param("clusters", int, 10, "capability clusters", check=positive),
+        Param("method", str, "paser", "paser, or random (the baseline)", choices=("paser", "random")),
+        Param("minutes", float, 5.0, "wall-time bound of the LoRA training (minutes)", check=positive),
+        Param("steps", int, None, "also bound the training in optimizer steps", check=positive),
+        Param("seed", int, 0, "pool subsample, clustering and training seed"),
+    )
+
+    def tag(self) -> str:
+        v = self.values
+        return f"{v['method']}{v['budget']:g}"
+
+    def label(self, label: str) -> str:
+        return f"{label} recovered {self.tag()}"
+
+    def apply(self, model, ctx, out):
+        from converters import paser   # torch, peft, scikit-learn
+
+        v = self.values
+        if ctx.source is None:
+            raise UsageError(f"{self.origin}: the recover pass needs the export source (the original model)")
+        name = f"{model.name}-{self.tag()}-p{v['pool_size']}-m{v['minutes']:g}-s{v['seed']}" + \
+            (f"-st{v['steps']}" if v["steps"] else "")
+        out, todo = output_of(out, lambda: cached_output(model, "recovered", name), "paser_selection.json")
+        if todo:
+            paser.run(model, ctx.source.path, out, budget=v["budget"], pool_size=v["pool_size"],
+                      clusters=v["clusters"], method=v["method"], seed=v["seed"], minutes=v["minutes"],
+                      steps=v["steps"], force=True, progress=ctx.progress, log=ctx.log)
+        rec = json.loads((out / "paser_selection.json").read_text(encoding="utf-8"))
+        return out, [{"name": "recover", "method": v["method"], "budget": v["budget"], "pool": rec["pool"],
+                      "selected": rec["selection"]["size"], "recovery": rec["recovery"], "seconds": rec["seconds"],
+                      "checkpoint": str(out)}]
 
 
 def _ptq_method(v) -> str | None:

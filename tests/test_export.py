@@ -282,7 +282,7 @@ def test_recipe_passes_run_in_order_and_are_recorded_in_order(tmp_path, scratch_
 
 @pytest.mark.parametrize("text, message", [
     ("passes:\n  - carve: {config: S1A1E4}\n  - crave: {config: S1A1E4}\n",
-     r"r\.yaml, line 3: unknown pass 'crave'; known: merge, carve, finetune, host, prune, wanda, ptq$"),
+     r"r\.yaml, line 3: unknown pass 'crave'; known: merge, carve, finetune, host, prune, wanda, recover, ptq$"),
     ("passes:\n  - carve:\n      config: S1A1E4\n      tokens: 512\n",
      r"r\.yaml, line 4: unknown field 'passes\[0\]\.carve\.tokens'; known: config, calib_tokens, dataset, router, atopk$"),
     ("passes:\n  - finetune:\n      minutes: soon\n",

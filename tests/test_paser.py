@@ -78,6 +78,20 @@ def test_prune_flag_makes_a_wanda_pass_before_carving():
         passes.from_flags("m", calib_tokens=10)
 
 
+def test_recipe_chains_wanda_then_recover(tmp_path):
+    from converters import passes
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - wanda: {sparsity: '2:4'}\n  - recover: {budget: 0.2, minutes: 1}\n")
+    chain = passes.load(recipe)
+    steps, kind = passes.plan(chain, "dense", writer="gguf")
+    assert [p.name for p in steps] == ["wanda", "recover"] and kind == "dense"
+    assert chain[1].values["budget"] == 0.2 and chain[1].values["method"] == "paser"
+    recipe.write_text("passes:\n  - wanda: {sparsity: 0.5}\n  - recover: {budget: 1.5}\n")
+    with pytest.raises(UsageError, match=r"line 3: field 'passes\[1\]\.recover\.budget' must be a fraction of the pool in \(0, 1\]"):
+        passes.load(recipe)
+
+
 # --- JSD, budgets, efficiency ----------------------------------------------------------------------------
 
 def test_jsd_of_identical_distributions_is_zero_and_of_disjoint_ones_ln2():
