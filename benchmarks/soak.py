@@ -43,7 +43,10 @@ def _sample(samples: list[dict], proc, turn: int, t0: float, log, label: str, wh
     """Append one sample of ``proc`` (psutil.Process): RSS bytes, open fds, threads, seconds since ``t0``;
     log it every 100 turns."""
     mem = proc.memory_info()
-    samples.append({"turn": turn, "rss": mem.rss, "fds": proc.num_fds(), "threads": proc.num_threads(),
+    # file-backed pages (mmap'd weights: llama.cpp's GGUF, safetensors) count in RSS as they are first
+    # touched (a MoE touches more experts' pages as more prompts arrive): resident, not leaked
+    samples.append({"turn": turn, "rss": mem.rss, "rss_file": getattr(mem, "shared", 0),
+                    "fds": proc.num_fds(), "threads": proc.num_threads(),
                     "t": round(time.perf_counter() - t0, 3)})
     if log and turn % 100 == 0:
         log(f"{label} {turn}: {whose}rss {mem.rss / 2**20:.1f} MiB, fds {samples[-1]['fds']}, "
@@ -202,8 +205,13 @@ def drift(samples: list[dict], warmup: int) -> dict:
     after = [x["rss"] / 2**20 for x in samples[warmup:]]
     q = max(1, len(after) // 4)
     first, last = statistics.median(after[:q]), statistics.median(after[-q:])
-    return {"rss_median_first_quarter_mib": round(first, 2), "rss_median_last_quarter_mib": round(last, 2),
-            "rss_drift_mib": round(last - first, 2), "rss_sd_after_warmup_mib": round(statistics.pstdev(after), 2)}
+    out = {"rss_median_first_quarter_mib": round(first, 2), "rss_median_last_quarter_mib": round(last, 2),
+           "rss_drift_mib": round(last - first, 2), "rss_sd_after_warmup_mib": round(statistics.pstdev(after), 2)}
+    if all("rss_file" in x for x in samples):
+        anon = [(x["rss"] - x["rss_file"]) / 2**20 for x in samples[warmup:]]
+        out["anon_drift_mib"] = round(statistics.median(anon[-q:]) - statistics.median(anon[:q]), 2)
+        out["file_drift_mib"] = round(last - first - out["anon_drift_mib"], 2)
+    return out
 
 
 def _summary(samples, warmup, asked, n_ctx, max_tokens, counts, threads, t0) -> dict:
@@ -325,7 +333,7 @@ def main() -> int:
 | RSS slope after warm-up | {s['rss_slope_kib_per_turn']} KiB/turn |
 | RSS slope over the second half of that | {s['rss_slope_second_half_kib_per_turn']} KiB/turn |
 | median RSS, first -> last quarter after warm-up (drift) | {s['rss_median_first_quarter_mib']} -> {s['rss_median_last_quarter_mib']} MiB ({s['rss_drift_mib']:+.2f} MiB; turn-to-turn SD {s['rss_sd_after_warmup_mib']} MiB) |
-| open file descriptors after warm-up | {s['fds_after_warmup']} |
+{f"| of which anonymous memory / file-backed pages (mmap'd weights first touched) | {s['anon_drift_mib']:+.2f} / {s['file_drift_mib']:+.2f} MiB |" + chr(10) if 'anon_drift_mib' in s else ''}| open file descriptors after warm-up | {s['fds_after_warmup']} |
 | threads after warm-up | {s['threads_after_warmup']} |
 """
     args.out.with_suffix(".md").write_text(md)
