@@ -299,6 +299,10 @@ def _commands(base: Path, tuned: Path, carved: Path, out: Path) -> dict:
         "experts calibrate": (edgerun_cmd("experts", "calibrate", str(carved), "--task", "code", "--calib-tokens",
                                           "512", "-o", str(out)),
                               lambda: all(json.loads(p.read_text())["stats"] for p in out.glob("*.json"))),
+        # PASER on the tiny pair (the tuned one as the "pruned" model): pool, embeddings, JSD, clusters, LoRA
+        "recover": (edgerun_cmd("recover", str(tuned), "--original", str(base), "--pool-size", "48", "--budget",
+                                "0.5", "--clusters", "3", "--steps", "8", "--minutes", "1", "-o", str(out)),
+                    lambda: _checkpoint_ok(out) and (out / "paser_selection.json").is_file()),
         # resumable: a partial run leaves finished steps (each file whole), and the next run completes
         "kv tune": (edgerun_cmd("kv", "tune", str(base), "--points", "3", "--context", "128", "--contexts", "1",
                                 "--calib-tokens", "512", "--task", "none", "--budget", "6", "-o", str(out)),
@@ -323,7 +327,7 @@ def _kv_tune_files_whole(out: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["merge", "carve", "experts calibrate", "kv tune"])
+@pytest.mark.parametrize("command", ["merge", "carve", "experts calibrate", "kv tune", "recover"])
 def test_command_interrupted(tiny_models, tmp_path, command):
     """The command killed by SIGINT or SIGTERM at a random moment: its output complete, or nothing there."""
     rng = random.Random(command)
@@ -339,7 +343,7 @@ def test_command_interrupted(tiny_models, tmp_path, command):
             assert complete(), (command, code, err[-2000:])
         else:
             assert code != 0
-        if command == "kv tune":                  # resumes to a full result from whatever the kill left
+        if command in ("kv tune", "recover"):     # resumes to a full result from whatever the kill left
             again = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=600)
             assert again.returncode == 0, again.stderr[-2000:]
-            assert list(out.glob("pareto-*.yaml")) and complete()
+            assert complete() and (command != "kv tune" or list(out.glob("pareto-*.yaml")))
