@@ -78,6 +78,13 @@ def fit_linear_router(moe: CarvedMoE, x: torch.Tensor, ridge: float = 1e-3) -> t
     Analytical router: the target is log(p + bias) (CMoE's softmax probabilities), i.e. the analytical
     scores up to a per-token constant, so the linear logits rank experts as CMoE's scores do wherever a
     linear map can. Fitted router: the target is its logits + bias.
+
+    Args:
+        moe: the carved layer (z = shared + routed experts, x = shared). x: (tokens, d) FFN inputs.
+        ridge: ridge penalty added to the diagonal of x^T x / tokens.
+
+    Returns:
+        (z - x, d) float32 router weights, one row per routed expert.
     """
     x = x.float()
     with torch.no_grad():

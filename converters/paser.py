@@ -280,6 +280,13 @@ def diffusion_map(x: np.ndarray, dims: int = 10, neighbors: int = 15, t: int = 1
 def cluster(coords: np.ndarray, k: int = 10, seed: int = 0) -> np.ndarray:
     """Spectral clustering (scikit-learn, k-nearest-neighbour affinity, QR label assignment) of ``coords`` into k.
 
+    PASER (Sec. 3.2, S2RIC: semantic-structural recovery instruction clustering) clusters the
+    instructions' diffusion-map coordinates into capability clusters.
+
+    Args:
+        coords: (n, dims) float64 diffusion-map coordinates (:func:`diffusion_map`).
+        k: number of clusters. seed: scikit-learn's random state.
+
     Returns:
         (n,) int64 labels in 0..k-1 (k capped at n // 2).
     """
@@ -321,6 +328,7 @@ def encode_pair(tokenizer, item: Instruction, max_tokens: int = MAX_TOKENS) -> t
     """Token ids of prompt + response (BOS first when the model uses one, EOS last) and the prompt's length.
 
     The prompt is :data:`PROMPT`; the sequence is cut to ``max_tokens`` keeping at least one response token.
+    Raises nothing of its own (a tokenizer error propagates).
     """
     from edgerun.data import bos_prefix
 
@@ -356,6 +364,10 @@ def sample_jsd(original, pruned, tokenizer, pool: Sequence[Instruction], batch: 
 
     Returns:
         (jsd (n,) float64 in nats, lengths (n,) int64: prompt + response tokens).
+
+    Raises:
+        RuntimeError: from torch, when the two models' vocabularies differ (:func:`check_match` refuses
+            such a pair first).
     """
     import torch
 
@@ -527,6 +539,7 @@ class Selection:
     seconds: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """JSON-ready dict of every field."""
         return asdict(self)
 
 
@@ -736,6 +749,7 @@ class RecoveryReport:
     masked: bool = False
 
     def as_dict(self) -> dict:
+        """JSON-ready dict of every field."""
         return asdict(self)
 
 
@@ -774,6 +788,7 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
             micro_batch: int = 4, seed: int = 0, checkpoint_every: int = 20, keep_sparsity: bool | None = None,
             force: bool = False, extra_config: dict | None = None,
             progress: Callable[[int, float], None] | None = None,
+            finish: Callable[[Path, "RecoveryReport"], None] | None = None,
             log: Callable[[str], None] = lambda m: None) -> RecoveryReport:
     """LoRA recovery of a pruned checkpoint on ``samples``, merged, written as a new dense checkpoint.
 
@@ -789,6 +804,8 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
         keep_sparsity: re-apply the pruned model's zero pattern after merging (None: when the checkpoint
             records a Wanda pruning).
         extra_config: recorded in ``config.json`` under ``edgerun_recovery`` with the report.
+        finish: called with the output's temporary directory and the report before it is renamed into
+            place, to add files that belong with the model (the selection record): all or nothing.
 
     Returns:
         :class:`RecoveryReport`.
@@ -900,6 +917,8 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
         copy_tokenizer(pruned, tmp)
+        if finish is not None:
+            finish(tmp, report)
     shutil.rmtree(work, ignore_errors=True)                                   # done: the checkpoint is spent
     return report
 
@@ -972,11 +991,13 @@ def run(pruned: str | Path, original: str | Path, out: str | Path, budget: float
     """
     from converters.passes import bar
     from converters.source import open_source
-    from edgerun.atomic import atomic_file
 
     t0 = time.perf_counter()
     if method not in ("paser", "random"):
         raise UsageError(f"unknown selection method {method!r}; use paser or random")
+    if not minutes > 0 or (steps is not None and steps < 1) or epochs < 1:
+        raise UsageError(f"the training bounds must be positive: --minutes {minutes}, --steps {steps}, "
+                         f"--epochs {epochs}")
     if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise UsageError(f"--budget is a fraction of the pool in (0, 1], got {budget}")
     out = Path(out)
@@ -1023,27 +1044,27 @@ def run(pruned: str | Path, original: str | Path, out: str | Path, budget: float
     chosen = [by_id[i] for i in sel.ids]
     log(f"training LoRA on {len(chosen)} samples (bounded to {minutes:g} min" +
         (f", {steps} steps" if steps else "") + ")")
+    record = {"method": method, "budget": budget, "pool": len(pool), "original": str(orig), "pruned": str(pruned),
+              "selection": sel.as_dict()}
+
+    def finish(tmp: Path, report: RecoveryReport) -> None:
+        # written into the output's temporary directory: the model with its selection, or nothing
+        seconds["train"] = report.seconds
+        record.update({"recovery": report.as_dict(), "seconds": seconds,
+                       "wall_seconds": round(time.perf_counter() - t0, 1)})
+        (tmp / "paser_selection.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+        if method == "paser":
+            plot_clusters(sel, tmp / "paser_clusters.png")
+
     b = bar("recovery", progress, "step", loss=True)
     try:
         report = recover(pruned, chosen, out, minutes=minutes, steps=steps, epochs=epochs, seed=seed, force=force,
                          extra_config={"method": method, "budget": budget, "original": str(orig),
                                        "pool": len(pool)},
-                         progress=b, log=log)
+                         progress=b, log=log, finish=finish)
     finally:
         if b:
             b.close()
-    seconds["train"] = report.seconds
-    record = {"method": method, "budget": budget, "pool": len(pool), "original": str(orig), "pruned": str(pruned),
-              "selection": sel.as_dict(), "recovery": report.as_dict(), "seconds": seconds,
-              "wall_seconds": round(time.perf_counter() - t0, 1)}
-    try:
-        with atomic_file(out / "paser_selection.json", force=True) as tmp:
-            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        if method == "paser":
-            plot_clusters(sel, out / "paser_clusters.png")
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)                                # the model with its selection, or nothing
-        raise
     log(f"recovery: {report.steps} steps ({report.stopped}), loss {report.loss_first:.3f} -> "
         f"{report.loss_last:.3f} nats/token")
     return record

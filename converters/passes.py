@@ -629,8 +629,13 @@ class WandaPass(Pass):
 
     @classmethod
     def from_yaml(cls, path, data, lines, prefix, src):
-        if isinstance(data.get("sparsity"), (int, float)) and not isinstance(data["sparsity"], bool):
-            data = {**data, "sparsity": str(data["sparsity"])}      # ``sparsity: 0.5`` reads as a number
+        sparsity = data.get("sparsity")
+        if isinstance(sparsity, int) and not isinstance(sparsity, bool) and sparsity > 1:
+            # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124
+            raise yamlfile.YamlError(f"{path}, line {lines.get(prefix + 'sparsity', '?')}: sparsity {sparsity} is not "
+                                     "a ratio; write N:M quoted (sparsity: '2:4') or a ratio in (0, 1)")
+        if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+            data = {**data, "sparsity": str(sparsity)}      # ``sparsity: 0.5`` reads as a number
         return super().from_yaml(path, data, lines, prefix, src)
 
     def tag(self) -> str:
@@ -700,7 +705,7 @@ class RecoverPass(Pass):
         v = self.values
         if ctx.source is None:
             raise UsageError(f"{self.origin}: the recover pass needs the export source (the original model)")
-        name = f"{model.name}-{self.tag()}-p{v['pool_size']}-m{v['minutes']:g}-s{v['seed']}" + \
+        name = f"{model.name}-{self.tag()}-p{v['pool_size']}-k{v['clusters']}-m{v['minutes']:g}-s{v['seed']}" + \
             (f"-st{v['steps']}" if v["steps"] else "")
         out, todo = output_of(out, lambda: cached_output(model, "recovered", name), "paser_selection.json")
         if todo:

@@ -361,7 +361,8 @@ def _add_export(sub) -> None:
     p.add_argument("--list-passes", action="store_true",
                    help="list the registered passes with their parameters (for --recipe) and exit")
     p.add_argument("--to", default="gguf", choices=["gguf", "onnx", "hf"],
-                   help="output format: gguf, onnx, or hf (a safetensors checkpoint; with --ptq) (default gguf)")
+                   help="output format: gguf, onnx, or hf (a safetensors checkpoint of the passes' result, e.g. "
+                        "--prune or --ptq) (default gguf)")
     p.add_argument("--quant", default=None,
                    help="GGUF: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, Q3_K_M, Q2_K, ... "
                         "(default Q8_0); ONNX: fp32, int8, int4 (default int4)")
@@ -378,8 +379,8 @@ def _add_export(sub) -> None:
     p.add_argument("--bits", type=int, default=None, help="PTQ weight bits: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=_positive_int, default=None, help="PTQ input columns per scale (default 64)")
     p.add_argument("--calib-tokens", type=_positive_int, default=None, metavar="N",
-                   help="calibration tokens of the carve, PTQ and aim-ties merge passes (default: each pass's own: "
-                        "carve 16384, PTQ 8192 in windows of 512, AIM 25600)")
+                   help="calibration tokens of the carve, PTQ, wanda and aim-ties merge passes (default: each pass's "
+                        "own: carve 16384, PTQ and wanda 8192 in windows of 512, AIM 25600)")
     _old_spelling(p, "--carve-tokens", "calib_tokens")
     p.add_argument("--calib-samples", type=_positive_int, default=None, help=argparse.SUPPRESS)  # old: PTQ windows of 512
     p.add_argument("--carve", default=None, metavar="SxAyEz",
@@ -814,6 +815,10 @@ def cmd_experts(args) -> int:
         tasks = [cal.parse_task(t) for t in (args.task or cal.DEFAULT_TASKS)]
         if score not in tcess.SCORES:
             raise UsageError(f"unknown score function '{score}'; valid: {', '.join(tcess.SCORES)}")
+        if args.key_depth < 0:
+            raise UsageError("--key-depth must be >= 0 (0: every MoE layer)")
+        if args.key_depth and args.key not in ("mass", "frequency"):
+            raise UsageError(f"--key-depth applies to the all-layer keys (--key mass or frequency), not '{args.key}'")
         if args.cluster:
             from profilers import cluster  # Ray: only with --cluster
 
@@ -823,8 +828,6 @@ def cmd_experts(args) -> int:
             model, tokenizer = cal.load_model(catalog.resolve(args.target))
             patterns = cal.calibrate(model, tokenizer, tasks, tokens=args.calib_tokens, key_layer=args.key_layer,
                                      score=score, name=str(args.target), progress=True)
-        if args.key_depth < 0:
-            raise UsageError("--key-depth must be >= 0 (0: every MoE layer)")
         for pat in patterns:   # every pattern holds the statistics of all keys: the key is a choice among them
             pat.key_kind, pat.key_depth = args.key, args.key_depth
             print(tcess.save(pat, args.output))

@@ -142,6 +142,30 @@ def test_fitted_router_selects_the_known_best_expert():
     assert not torch.equal(moe.route(fresh)[0][:, 0], best)
 
 
+def test_oracle_is_exact_in_chunks_and_greedy_past_the_set_limit(ffn, monkeypatch):
+    """Chunked evaluation gives the same sets as one pass; past EXACT_ORACLE_SETS the greedy sets are
+    distinct sorted experts whose remainder is never below the exact oracle's."""
+    from edgerun.moe import layer as moe_layer
+
+    (g, u, d), x = ffn
+    moe, *_ = carve_ffn(g, u, d, x, moe_config.parse("S2A2E8", 256))
+    probe = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = moe.oracle_select(probe)
+        monkeypatch.setattr(moe_layer, "ORACLE_CHUNK_FLOATS", 32 * 64 * 2)      # 2 sets per chunk
+        assert torch.equal(moe.oracle_select(probe), whole)
+        monkeypatch.setattr(moe_layer, "EXACT_ORACLE_SETS", 1)
+        greedy = moe.oracle_select(probe)
+        outs = moe.expert_outputs(probe)
+
+    def remainder(sets):
+        kept = outs.gather(1, sets[:, :, None].expand(-1, -1, outs.shape[-1])).sum(1)
+        return torch.linalg.vector_norm(outs.sum(1) - kept, dim=-1)
+
+    assert greedy.shape == whole.shape and bool((greedy[:, 1:] > greedy[:, :-1]).all())
+    assert bool((remainder(greedy) >= remainder(whole) - 1e-5).all())
+
+
 def test_oracle_is_the_best_router_by_brute_force(ffn):
     """Per token, over all C(6, 2) expert pairs, the oracle's pair leaves the smallest error against the dense
     FFN; so its mean error is at most the fitted, analytical and random routers'."""

@@ -313,6 +313,13 @@ def test_recover_cli_refuses_bad_budget_before_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("bounds", [{"minutes": 0}, {"minutes": -1}, {"steps": 0}, {"epochs": 0}])
+def test_non_positive_training_bounds_are_refused_before_work(tmp_path, bounds):
+    with pytest.raises(UsageError, match="training bounds must be positive"):
+        paser.run(tmp_path / "missing", tmp_path / "missing", tmp_path / "o", **bounds)
+    assert not (tmp_path / "o").exists()
+
+
 # --- the real model (slow) -----------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -56,6 +56,15 @@ def test_corrupted_pattern_is_refused(tmp_path):
         tcess.load(path)
 
 
+def test_key_depth_cuts_only_the_all_layer_keys():
+    """A layer key deeper than key_depth is still that layer's scores; mass/frequency keys use the first layers."""
+    p = _pattern(layers=4)
+    stats = p.stats
+    layer3 = tcess.key_vector(stats, p.tokens, "layer", key_layer=3, score="frequency", depth=2)
+    assert torch.equal(layer3, p.layer_scores(3, "frequency"))
+    assert tcess.key_vector(stats, p.tokens, "frequency", depth=2).shape == (2 * 4,)
+
+
 def test_pattern_from_another_model_is_refused():
     with pytest.raises(UsageError, match="made for a model with experts = 4, this model has 6"):
         tcess.check_model(_pattern(), {"layers": 2, "experts": 6, "top_k": 2})

@@ -36,6 +36,8 @@ from torch import nn
 
 ROUTER_KINDS = ("fitted", "analytical")
 ROUTING_OVERRIDES = (None, "oracle", "random")
+EXACT_ORACLE_SETS = 4096        # above this many C(E, k) expert sets the oracle is greedy (see oracle_select)
+ORACLE_CHUNK_FLOATS = 2 ** 25   # at most this many float32 (128 MiB) of candidate outputs at a time
 
 
 class CarvedMoE(nn.Module):
@@ -127,17 +129,44 @@ class CarvedMoE(nn.Module):
         sets, the one whose dropped remainder ``sum_{j not in S} E_j(x)`` has the smallest L2 norm.
 
         The best any router can do on this grouping for one layer's output (training-free gates of 1);
-        for measurement (it runs every expert), never for serving.
+        for measurement and router distillation (it runs every expert), never for serving. Exact while
+        C(E, k) <= :data:`EXACT_ORACLE_SETS`, evaluated in chunks of at most :data:`ORACLE_CHUNK_FLOATS`
+        floats; above that (e.g. E24 top-6: 134,596 sets) greedy: k times, add the expert that leaves the
+        smallest remainder (an upper bound on the exact oracle's remainder). Sets are sorted ascending.
         """
         import itertools
+        import math
 
         outs = self.expert_outputs(x.float())                              # (n, E, d)
         total = outs.sum(1)                                                # (n, d)
+        n, _, d = outs.shape
+        if math.comb(self.n_routed, self.top_k) > EXACT_ORACLE_SETS:
+            return self._greedy_oracle(outs, total)
         subsets = torch.tensor(list(itertools.combinations(range(self.n_routed), self.top_k)), dtype=torch.long)
         member = torch.zeros(len(subsets), self.n_routed).scatter_(1, subsets, 1.0)   # (S, E)
-        kept = torch.einsum("se,ned->nsd", member, outs)                   # (n, S, d)
-        norms = torch.linalg.vector_norm(total[:, None, :] - kept, dim=-1)  # (n, S)
-        return subsets[norms.argmin(1)]
+        best = torch.full((n,), float("inf"))
+        best_set = torch.zeros(n, dtype=torch.long)
+        chunk = max(1, ORACLE_CHUNK_FLOATS // max(1, n * d))
+        for s0 in range(0, len(subsets), chunk):
+            kept = torch.einsum("se,ned->nsd", member[s0:s0 + chunk], outs)              # (n, S_chunk, d)
+            value, index = torch.linalg.vector_norm(total[:, None, :] - kept, dim=-1).min(1)
+            better = value < best                                          # strict: ties keep the first set
+            best = torch.where(better, value, best)
+            best_set = torch.where(better, index + s0, best_set)
+        return subsets[best_set]
+
+    def _greedy_oracle(self, outs: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """Greedy expert sets (n, top_k) int64 for expert outputs ``outs`` (n, E, d) summing to ``total`` (n, d)."""
+        n = outs.shape[0]
+        rows = torch.arange(n)
+        remainder = total.clone()
+        taken = torch.zeros(n, self.n_routed, dtype=torch.bool)
+        for _ in range(self.top_k):
+            cost = torch.linalg.vector_norm(remainder[:, None, :] - outs, dim=-1).masked_fill(taken, float("inf"))
+            j = cost.argmin(1)
+            taken[rows, j] = True
+            remainder = remainder - outs[rows, j]
+        return taken.nonzero()[:, 1].reshape(n, self.top_k)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(selected expert ids (..., top_k) int64, their gates (..., top_k), router probs (..., n_routed))."""

@@ -153,10 +153,10 @@ def key_vector(stats: list[LayerStats], tokens: int, kind: str, key_layer: int =
     if kind not in KEYS:
         raise UsageError(f"unknown retrieval key '{kind}'; valid: {', '.join(KEYS)}")
     n = max(tokens, 1)
-    if depth > 0:
-        stats = stats[:depth]
     if kind == "layer":
         return scores(stats[key_layer], tokens, score)
+    if depth > 0:                      # only the all-layer keys are cut to the first layers
+        stats = stats[:depth]
     if kind == "frequency":
         return torch.tensor([c for s in stats for c in s.count], dtype=torch.float64) / n
     if kind == "mass":
@@ -296,7 +296,8 @@ def check_model(pattern: Pattern, model: dict) -> None:
     """Refuse a pattern made for another model, naming the mismatch.
 
     Raises:
-        UsageError: different number of layers, experts or top-k.
+        UsageError: different number of layers, experts or top-k, or a pattern calibrated on another routing
+            (a carved checkpoint's exact routing vs an engine host's or native MoE's router).
     """
     for key in ("layers", "experts", "top_k"):
         if pattern.model.get(key) != model.get(key):
