@@ -103,7 +103,7 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
     experts = None
     if adaptive_experts:
         engine_name = canonical_backend(backend or "llama.cpp")
-        experts = _expert_planner(model, engine_name, keep, patterns, assembler, notify)
+        experts = _expert_planner(model, engine_name, keep, patterns, assembler, notify, threads)
         path = experts.model_for(experts.patterns[0].task)
     else:
         engine_name = canonical_backend(backend) if backend else None
@@ -162,7 +162,7 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
     return session
 
 
-def _expert_planner(model, engine: str, keep: str, patterns, assembler, notify):
+def _expert_planner(model, engine: str, keep: str, patterns, assembler, notify, threads: int | None = None):
     """The PreMoe TAER half of the planner for a carved checkpoint."""
     from edgerun.moe.taer import ExpertPlanner  # torch: only adaptive-expert sessions need it
 
@@ -172,7 +172,7 @@ def _expert_planner(model, engine: str, keep: str, patterns, assembler, notify):
     path = catalog.resolve(model)
     if not path.is_dir():
         raise UsageError(f"--adaptive-experts needs a carved checkpoint directory, not {path}")
-    return ExpertPlanner(path, patterns, a, b, engine=engine, assembler=assembler, log=notify)
+    return ExpertPlanner(path, patterns, a, b, engine=engine, assembler=assembler, log=notify, threads=threads)
 
 
 def _kv_options(backend: str, kv_layout, engine_options: dict, notify) -> tuple:

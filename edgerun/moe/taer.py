@@ -35,14 +35,19 @@ class ExpertPlanner:
         a, b: route top-a among the top-b experts per layer.
         engine: ``llama.cpp`` (models from ``assembler``) or ``torch`` (exact CMoE routing from the store).
         assembler: see :class:`Assembler`; required for llama.cpp.
+        threads: torch threads of the retrieval pass (the session's ``--threads``; None: torch's default).
+            It sets torch's process-wide count, which on llama.cpp only the retrieval model uses.
 
     Raises:
         UsageError: a dense model, patterns for another model, bad a/b, llama.cpp without an assembler.
     """
 
     def __init__(self, model_dir: str | Path, patterns_dir: str | Path, a: int, b: int, engine: str = "llama.cpp",
-                 assembler: Assembler | None = None, log: Callable[[str], None] | None = None):
+                 assembler: Assembler | None = None, log: Callable[[str], None] | None = None,
+                 threads: int | None = None):
         self.model_dir = Path(model_dir)
+        if threads:
+            torch.set_num_threads(int(threads))   # more threads than the session's --threads fight over the CPUs
         cfg = read_config(self.model_dir)
         if MOE_KEY not in cfg:
             raise UsageError(f"{model_dir} is not a carved mixture of experts; --adaptive-experts needs one "
