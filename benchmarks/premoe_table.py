@@ -47,9 +47,17 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", nargs="*", default=None, help="with --retrieval: only these keys (e.g. layer mass@8)")
     ap.add_argument("--patterns-cache", type=Path, default=None,
                     help="with --retrieval: save the calibrated patterns here, or reuse them")
+    ap.add_argument("--specialization", action="store_true",
+                    help="own pattern vs 10+ random expert sets vs a pooled generic pattern, per held-out window, "
+                         "paired bootstrap (issue 16)")
+    ap.add_argument("--windows", type=int, default=16, help="with --specialization: held-out windows of 512 per task")
+    ap.add_argument("--seeds", type=int, default=10, help="with --specialization: random expert sets")
+    ap.add_argument("--b", type=int, default=None, help="with --specialization: routed experts kept (default half)")
     args = ap.parse_args(argv)
     if args.retrieval:
         return retrieval_main(args)
+    if args.specialization:
+        return specialization_main(args)
 
     import torch
 
@@ -157,6 +165,144 @@ def main(argv=None) -> int:
     (args.out / "premoe_table.md").write_text(_markdown(result))
     print(_markdown(result))
     return 0
+
+
+def pooled_pattern(patterns, name: str = "generic"):
+    """One pattern from several tasks' statistics summed (every task's calibration tokens pooled): the
+    task-agnostic control of the specialization measurement."""
+    from edgerun.moe import tcess
+
+    ps = list(patterns)
+    stats = []
+    for layer in range(len(ps[0].stats)):
+        fields = {}
+        for f in ("count", "logit_sum", "prob_sum", "softplus_sum", "mass_sum"):
+            rows = [getattr(p.stats[layer], f) for p in ps]
+            fields[f] = [sum(v) for v in zip(*rows)] if all(rows) else []
+        stats.append(tcess.LayerStats(**fields))
+    return tcess.Pattern(name, sum(p.tokens for p in ps), ps[0].model, ps[0].score, ps[0].key_layer, stats)
+
+
+def specialization_main(args) -> int:
+    """PreMoe's premise measured: does a task's own expert pattern beat random expert sets (equal b) and a
+    pooled generic pattern on the task's held-out text? Per-window NLL, paired bootstrap over windows.
+
+    Writes benchmarks/results/premoe_specialization.json and .md."""
+    import copy
+    import os
+
+    import torch
+
+    from converters.export import carved_cache
+    from converters.source import open_source
+    from edgerun import data
+    from edgerun.backends.base import log_softmax_at
+    from edgerun.backends.torch import TorchBackend
+    from edgerun.moe import adapters
+    from edgerun.moe import calibrate as cal
+    from profilers.accuracy import paired_difference
+
+    torch.set_num_threads(1)
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    cfg_name = args.config or "S2A2E8"
+    source = open_source("smollm2-135m-instruct", progress=False)
+    carved = carved_cache(source, cfg_name, 16384, False, print)
+    router = json.loads((carved / "config.json").read_text())["edgerun_moe"].get("router", "analytical")
+    base = TorchBackend(carved, n_ctx=600, threads=1)
+    model, tok = base.model, base.tokenizer
+    layers = adapters.moe_layers(model)
+    n_exp, top_k = layers[0].n_experts, layers[0].top_k
+    b = args.b or math.ceil(n_exp / 2)
+    a = min(top_k, b)
+    patterns = {p.task: p for p in cal.calibrate(model, tok, [(t, t) for t in TASKS], tokens=4096, name=cfg_name)}
+    generic = pooled_pattern(patterns.values())
+    # every held-out window up to --windows (a split with fewer gives all it has; the table says how many)
+    windows = {t: data.token_windows(tok, t, "heldout", 512)[:args.windows] for t in TASKS}
+
+    def nlls(m, task) -> list[float]:
+        out = []
+        with torch.inference_mode():
+            for w in windows[task]:
+                logits = m(input_ids=torch.tensor([w])).logits[0].float().numpy()
+                out.append(-float(log_softmax_at(logits[:-1], w[1:]).mean()))
+        return out
+
+    def pruned(keep):
+        m = copy.deepcopy(model)
+        adapters.prune(m, keep, a)
+        return m
+
+    full = {t: nlls(model, t) for t in TASKS}
+    print("full", {t: round(math.exp(statistics.mean(v)), 2) for t, v in full.items()}, flush=True)
+    own = {t: nlls(pruned(patterns[t].keep(b)), t) for t in TASKS}
+    gm = pruned(generic.keep(b))
+    gen = {t: nlls(gm, t) for t in TASKS}
+    del gm
+    rand = {t: [] for t in TASKS}
+    for seed in range(args.seeds):
+        rng = random.Random(seed)
+        rm = pruned([sorted(rng.sample(range(n_exp), b)) for _ in layers])
+        for t in TASKS:
+            rand[t].append(nlls(rm, t))
+        print("random seed", seed, flush=True)
+        del rm
+    rows = {}
+    all_own, all_rand, all_gen = [], [], []
+    for t in TASKS:
+        rmean = [statistics.mean(r[i] for r in rand[t]) for i in range(len(windows[t]))]
+        seed_ppl = [math.exp(statistics.mean(r)) for r in rand[t]]
+        rows[t] = {"windows": len(windows[t]), "full_ppl": math.exp(statistics.mean(full[t])),
+                   "own_ppl": math.exp(statistics.mean(own[t])), "generic_ppl": math.exp(statistics.mean(gen[t])),
+                   "random_ppl_mean": statistics.mean(seed_ppl), "random_ppl_min": min(seed_ppl),
+                   "random_ppl_max": max(seed_ppl),
+                   "own_beats_random_seeds": sum(math.exp(statistics.mean(own[t])) < p for p in seed_ppl),
+                   "own_minus_random": paired_difference(own[t], rmean),
+                   "own_minus_generic": paired_difference(own[t], gen[t])}
+        all_own += own[t]
+        all_rand += rmean
+        all_gen += gen[t]
+        print(t, rows[t], flush=True)
+    result = {"benchmark": "premoe_specialization", "config": cfg_name, "router": router, "routed_experts": n_exp,
+              "top_k": top_k, "b": b, "a": a, "seeds": args.seeds, "window_tokens": 512, "score": generic.score,
+              "rows": rows, "pooled": {"own_minus_random": paired_difference(all_own, all_rand),
+                                       "own_minus_generic": paired_difference(all_own, all_gen)},
+              "seconds": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d"),
+              "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "premoe_specialization.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = _specialization_markdown(result)
+    (args.out / "premoe_specialization.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _specialization_markdown(r: dict) -> str:
+    def ci(d):
+        lo, hi = d["ci95"]
+        verdict = "better" if hi < 0 else "worse" if lo > 0 else "within noise"
+        return f"{d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({verdict})"
+
+    lines = [f"# PreMoe specialization: own pattern vs random and generic ({r['config']}, {r['router']} router)", "",
+             f"{r['date']}. `python benchmarks/premoe_table.py --specialization --windows {max(v['windows'] for v in r['rows'].values())} "
+             f"--seeds {r['seeds']}`: the carved SmolLM2 ({r['routed_experts']} routed experts, top-{r['top_k']}) "
+             f"pruned to b = {r['b']} experts per layer (a = {r['a']}) by each task's own pattern (4,096 calibration "
+             f"tokens, TCESS `{r['score']}`), by {r['seeds']} random expert sets (the same sets for every task) and by "
+             "a *generic* pattern (the 7 tasks' statistics pooled). Held-out windows of 512 tokens never used for "
+             "the patterns; per window the NLL (nats/token); differences are own minus control, paired over windows, "
+             "95% BCa bootstrap (negative: the own pattern is better). "
+             f"{r['seconds']:.0f} s, 1 thread, load average {r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f}.",
+             "", "| task | windows | full | own | generic | random (mean, min-max) | own beats random sets | "
+             "own - random (nats/token) | own - generic (nats/token) |", "|---|---|---|---|---|---|---|---|---|"]
+    for t, v in r["rows"].items():
+        lines.append(f"| {t} | {v['windows']} | {v['full_ppl']:.2f} | {v['own_ppl']:.2f} | {v['generic_ppl']:.2f} | "
+                     f"{v['random_ppl_mean']:.2f} ({v['random_ppl_min']:.2f}-{v['random_ppl_max']:.2f}) | "
+                     f"{v['own_beats_random_seeds']}/{r['seeds']} | {ci(v['own_minus_random'])} | "
+                     f"{ci(v['own_minus_generic'])} |")
+    p = r["pooled"]
+    lines += ["", f"Pooled over every task's windows: own - random {ci(p['own_minus_random'])}, own - generic "
+                  f"{ci(p['own_minus_generic'])}.", ""]
+    return "\n".join(lines)
 
 
 def retrieval_main(args) -> int:

@@ -271,7 +271,7 @@ def test_recipe_passes_run_in_order_and_are_recorded_in_order(tmp_path, scratch_
     merged, carved, host = (Path(s["checkpoint"]) for s in steps[:3])
     assert steps[0]["method"] == "task-arithmetic" and steps[0]["alpha"] == 0.7      # the declared default
     assert (merged / mg.MERGE_META).is_file() and merged.parent == scratch_home / "cache" / "merged"
-    assert carved == scratch_home / "cache" / "carved" / f"{merged.name}-S1A1E4-t512"  # the carve ran on the merge
+    assert carved == scratch_home / "cache" / "carved" / f"{merged.name}-S1A1E4-t512-fitted"  # the carve ran on the merge
     assert steps[1]["config"] == "S1A1E4" and steps[1]["calibration"]["tokens"] == 512
     assert host == carved.with_name(carved.name + "-granite")
     assert json.loads(result.manifest.read_text())["passes"] == steps
