@@ -69,6 +69,18 @@ def _bootstrap_ratio(nll: list[float], ref: list[float], n: int = 2000, seed: in
     return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
+def _cell(row: dict) -> str:
+    """A result row as "perplexity (x dense, 95% interval)"."""
+    lo, hi = row["x_dense_ci95"]
+    return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
+
+
+def _ratio(a: dict, b: dict) -> str:
+    """Perplexity ratio of row a to row b, paired over windows, with its 95% bootstrap interval."""
+    lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
+    return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
+
+
 def routers_main(args) -> int:
     """The router comparison of issue 16 (see the module doc, ``--routers``)."""
     import os
@@ -80,10 +92,9 @@ def routers_main(args) -> int:
     from converters.moe_export import to_granite
     from converters.source import open_source
     from edgerun import data
-    from edgerun.backends.base import log_softmax_at
     from edgerun.backends.llamacpp import LlamaCppBackend
     from edgerun.moe.store import load_model
-    from profilers.accuracy import perplexity
+    from profilers.accuracy import perplexity, window_nlls
 
     torch.set_num_threads(args.threads)
     source = open_source("smollm2-135m-instruct", progress=False)
@@ -93,13 +104,7 @@ def routers_main(args) -> int:
     windows = data.token_windows(tok, "wiki", "heldout", 512, args.windows)
 
     def window_nll(model) -> list[float]:
-        """Mean next-token NLL (nats/token) per window."""
-        out = []
-        with torch.inference_mode():
-            for w in windows:
-                logits = model(input_ids=torch.tensor([w])).logits[0].float().numpy()
-                out.append(-float(log_softmax_at(logits[:-1], w[1:]).mean()))
-        return out
+        return window_nlls(model, windows)
 
     t0 = time.perf_counter()
     dense_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
@@ -276,13 +281,7 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cmoe_distill.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    def cell(row):
-        lo, hi = row["x_dense_ci95"]
-        return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
-
-    def ratio(a, b):
-        lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
-        return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
+    cell, ratio = _cell, _ratio
     md = ["# CMoE fine-tune with a trained router, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
           f"{result['date']}. The fitted-router carve (16,384 wiki calibration tokens) fine-tuned for {args.distill:g} "
           "minutes (gate scales, LoRA r=8, one 256-token window per step) with the router frozen (distillation "
@@ -305,13 +304,7 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
 
 
 def _variants_markdown(result: dict) -> str:
-    def cell(row):
-        lo, hi = row["x_dense_ci95"]
-        return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
-
-    def ratio(a, b):
-        lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
-        return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
+    cell, ratio = _cell, _ratio
     base = result["rows"][0]
     md = [f"# CMoE grouping and router-target variants, {result['config']} on SmolLM2-135M-Instruct (issue 16)", "",
           f"{result['date']}. Dense perplexity {result['dense_perplexity']:.3f} on held-out wiki ({result['windows']} x "
@@ -331,9 +324,7 @@ def _variants_markdown(result: dict) -> str:
 
 def _routers_markdown(r: dict) -> str:
     p = r["protocol"]
-    def cell(row):
-        lo, hi = row["x_dense_ci95"]
-        return f"{row['perplexity']:.2f} ({row['x_dense']:.2f}x, {lo:.2f}-{hi:.2f})"
+    cell, ratio = _cell, _ratio
     md = ["# CMoE routers on SmolLM2-135M-Instruct (issue 16)", "",
           f"{r['date']}. Dense source {r['source']}: perplexity {r['dense_perplexity']:.3f} on held-out wiki "
           f"({p['windows']} x {p['window']} tokens). Each configuration carved once (training-free, "
@@ -353,10 +344,6 @@ def _routers_markdown(r: dict) -> str:
     for name, c in r["configs"].items():
         rows = {x["routing"]: x for x in c["rows"] if x["routing"] != "random"}
         rand = next(x for x in c["rows"] if x["routing"] == "random")
-
-        def ratio(a, b):
-            lo, hi = _bootstrap_ratio(a["window_nll"], b["window_nll"])
-            return f"{math.exp(statistics.mean(a['window_nll']) - statistics.mean(b['window_nll'])):.3f} ({lo:.3f}-{hi:.3f})"
         md.append(f"| {name} | {ratio(rows['analytical'], rows['fitted'])} | {ratio(rows['fitted'], rows['oracle'])} | "
                   f"{ratio(rand, rows['fitted'])} |")
     md += ["", "Share of tokens whose expert set equals the oracle's (mean over layers):", "",

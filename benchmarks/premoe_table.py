@@ -196,11 +196,10 @@ def specialization_main(args) -> int:
     from converters.export import carved_cache
     from converters.source import open_source
     from edgerun import data
-    from edgerun.backends.base import log_softmax_at
     from edgerun.backends.torch import TorchBackend
     from edgerun.moe import adapters
     from edgerun.moe import calibrate as cal
-    from profilers.accuracy import paired_difference
+    from profilers.accuracy import paired_difference, window_nlls
 
     torch.set_num_threads(1)
     load0 = os.getloadavg()
@@ -221,12 +220,7 @@ def specialization_main(args) -> int:
     windows = {t: data.token_windows(tok, t, "heldout", 512)[:args.windows] for t in TASKS}
 
     def nlls(m, task) -> list[float]:
-        out = []
-        with torch.inference_mode():
-            for w in windows[task]:
-                logits = m(input_ids=torch.tensor([w])).logits[0].float().numpy()
-                out.append(-float(log_softmax_at(logits[:-1], w[1:]).mean()))
-        return out
+        return window_nlls(m, windows[task])
 
     def pruned(keep):
         m = copy.deepcopy(model)

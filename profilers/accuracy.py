@@ -124,6 +124,31 @@ class TaskResult:
         return asdict(self)
 
 
+def window_nlls(model, windows: Sequence[Sequence[int]]) -> list[float]:
+    """Mean next-token NLL of each token window under a transformers causal LM, nats/token.
+
+    For comparing torch models on the same windows (e.g. :func:`edgerun.data.token_windows`) item by item:
+    one forward per window (no cache), position t's logits scored against token t + 1.
+
+    Args:
+        model: a transformers causal LM (``model(input_ids=...).logits``), in eval mode.
+        windows: token id lists, each of 2+ tokens.
+
+    Returns:
+        One float per window.
+    """
+    import torch
+
+    from edgerun.backends.base import log_softmax_at
+
+    out = []
+    with torch.inference_mode():
+        for w in windows:
+            logits = model(input_ids=torch.tensor([list(w)])).logits[0].float().numpy()
+            out.append(-float(log_softmax_at(logits[:-1], w[1:]).mean()))
+    return out
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (95% for z = 1.96)."""
     if n == 0:
