@@ -325,14 +325,16 @@ def pattern_routing(pattern: Pattern) -> str | None:
     routing = pattern.model.get("routing")
     if routing in _ROUTING:
         return routing
+    from edgerun.formats.safetensors import read_config
+    from edgerun.moe.store import MOE_KEY, is_carved
+
     name = pattern.model.get("name")
     try:
-        cfg = json.loads((Path(name) / "config.json").read_text()) if name else None
-    except (OSError, ValueError):
+        cfg = read_config(name) if name else None
+    except ModelFileError:
         return None
-    if not isinstance(cfg, dict):
+    if cfg is None:
         return None
-    moe = cfg.get("edgerun_moe")
-    if isinstance(moe, dict):
-        return "standard" if "export" in moe else "carved"
+    if MOE_KEY in cfg:
+        return "carved" if is_carved(cfg) else "standard"
     return "standard" if cfg.get("num_local_experts") else None
