@@ -131,13 +131,21 @@ def gold_bpb(backend, requests: list[tuple[str, str]]) -> float:
     return sum(vals) / len(vals)
 
 
-def make_merge(name: str, base: Path, system2: Path, root: Path, log) -> dict:
-    """Run ``edgerun merge`` for one row in a fresh process (again if System-2 was retrained); return its record."""
-    method, flags = MERGES[name]
+def weights_mtime(checkpoint: Path) -> float:
+    """Modification time (s since the epoch) of the newest ``*.safetensors`` file of a checkpoint directory."""
+    return max(f.stat().st_mtime for f in checkpoint.glob("*.safetensors"))
+
+
+def make_merge(name: str, base: Path, model: Path, root: Path, log,
+               spec: tuple[str, list[str]] | None = None) -> dict:
+    """Run ``edgerun merge BASE MODEL`` into ``root/name`` in a fresh process (again when a parent's weights are
+    newer than the merge); return its ``edgerun_merge.json`` record. ``spec``: (method, extra CLI flags),
+    default ``MERGES[name]``."""
+    method, flags = spec or MERGES[name]
     out = root / name
     record = out / "edgerun_merge.json"
-    if not record.is_file() or record.stat().st_mtime < (system2 / "edgerun_train.json").stat().st_mtime:
-        cmd = [sys.executable, "-m", "edgerun.cli", "merge", str(base), str(system2), "--method", method, *flags,
+    if not record.is_file() or record.stat().st_mtime < max(weights_mtime(base), weights_mtime(model)):
+        cmd = [sys.executable, "-m", "edgerun.cli", "merge", str(base), str(model), "--method", method, *flags,
                "-o", str(out), "--force"]
         log(" ".join(cmd[2:]))
         subprocess.run(cmd, check=True, env=dict(os.environ))

@@ -287,6 +287,60 @@ def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0, res
             "n": len(d)}
 
 
+def bootstrap_mean(x: Sequence[float], seed: int = 0, resamples: int = 9999) -> dict:
+    """Mean of ``x`` with a 95% bootstrap interval (scipy BCa), e.g. mean generated tokens per reply.
+
+    Returns:
+        {"mean", "ci95" [low, high], "n"}; a constant series has the point interval.
+
+    Raises:
+        UsageError: fewer than 2 items.
+    """
+    from scipy.stats import bootstrap
+
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2:
+        raise UsageError(f"a bootstrap mean needs a series of 2+ items, got shape {x.shape}")
+    if np.all(x == x[0]):
+        return {"mean": float(x[0]), "ci95": [float(x[0]), float(x[0])], "n": len(x)}
+    res = bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=resamples, method="BCa",
+                    random_state=np.random.default_rng(seed))
+    return {"mean": float(x.mean()), "ci95": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
+            "n": len(x)}
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float], seed: int = 0, resamples: int = 9999) -> dict:
+    """``mean(a) / mean(b)`` over paired items with a 95% bootstrap interval (scipy BCa, items resampled in pairs).
+
+    Used for a length ratio on the same prompts (e.g. a merged model's reply tokens over the long
+    model's): the interval excludes 1 when the ratio is beyond prompt-to-prompt noise.
+
+    Returns:
+        {"ratio", "ci95" [low, high], "n"}; when ``a`` is a constant multiple of ``b`` the point interval.
+
+    Raises:
+        UsageError: different lengths, fewer than 2 pairs, or ``mean(b)`` of 0.
+    """
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise UsageError(f"a paired ratio needs two equal-length series of 2+ items, got {a.shape} and {b.shape}")
+    if b.mean() == 0:
+        raise UsageError("a paired ratio needs a denominator series with a non-zero mean")
+    ratio = float(a.mean() / b.mean())
+    if np.allclose(a, ratio * b, rtol=1e-12, atol=0):
+        return {"ratio": ratio, "ci95": [ratio, ratio], "n": len(a)}
+
+    def stat(x, y, axis=-1):
+        return np.mean(x, axis=axis) / np.mean(y, axis=axis)
+
+    res = bootstrap((a, b), stat, paired=True, vectorized=True, confidence_level=0.95, n_resamples=resamples,
+                    method="BCa", random_state=np.random.default_rng(seed))
+    return {"ratio": ratio, "ci95": [float(res.confidence_interval.low), float(res.confidence_interval.high)],
+            "n": len(a)}
+
+
 def kv_front_accuracy(model_dir: str | Path, front: list[Layout], out_dir: str | Path, task: str = "arc-easy",
                    n: int = 100, progress: bool = False) -> list[dict]:
     """Zero-shot log-likelihood accuracy of ``task`` for each KVTuner Pareto layout (and KV16), saved into the YAMLs.
