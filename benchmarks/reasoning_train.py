@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     lr, bsz, n_problems = args.lr or d["lr"], args.batch or d["batch"], args.problems or d["problems"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model, save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = open_source("smollm2-135m-instruct")
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{partial} holds a run with other settings ({state['settings']}); delete it or pass the same "
                   "settings", file=sys.stderr)
             return 2
-        model.load_state_dict(load_file(str(partial / "model.safetensors")))
+        load_model(model, str(partial / "model.safetensors"))
         optimizer.load_state_dict(torch.load(partial / "optimizer.pt", weights_only=True))
         sched.load_state_dict(state["scheduler"])
         step, tokens, losses, seconds_before = state["step"], state["tokens"], state["losses"], state["seconds"]
@@ -139,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
           f"full fine-tune of {source.label}", flush=True)
 
     def save_partial(seconds: float) -> None:
-        from safetensors.torch import save_file
         with atomic_dir(partial, force=True) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+            save_model(model, str(tmp / "model.safetensors"))      # tied embeddings stored once
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"settings": settings, "step": step, "tokens": tokens,
                                                         "losses": losses, "seconds": seconds,

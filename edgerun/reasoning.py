@@ -367,7 +367,11 @@ def extract_answer(text: str, fallback_last_number: bool = False) -> str | None:
 
 
 def final_answer(reply: str) -> str | None:
-    """The answer of a reply: read after ``</think>`` when the reply thinks, else from the whole reply."""
+    """The answer of a reply: read after ``</think>`` when the reply thinks, else from the whole reply.
+
+    A reply whose thinking never closed (cut by the token cap) has no answer (None)."""
+    if THINK_OPEN in reply and THINK_CLOSE not in reply:
+        return None
     tail = reply.rsplit(THINK_CLOSE, 1)[-1] if THINK_CLOSE in reply else reply
     return extract_answer(tail, fallback_last_number=True)
 
