@@ -103,21 +103,50 @@ def math_correct(reply: str, gold: str) -> bool:
 
 
 def generate(model, tokenizer, questions: list[str], max_new: int, batch: int) -> list[tuple[str, int, bool]]:
-    """Greedy replies: (text, generated tokens incl. the end-of-turn token, hit the cap)."""
+    """Greedy replies: (text, generated tokens incl. the end-of-turn token, hit the cap).
+
+    Chat template, ``batch`` left-padded prompts at a time, float KV cache; a reply that has emitted
+    ``<|im_end|>`` or EOS leaves the batch (its rows are dropped from the cache), so a batch costs the
+    compute of its replies, not ``batch`` times its longest one. Gives transformers' ``generate``
+    (greedy) replies token for token.
+    """
+    from transformers import DynamicCache
+
     tokenizer.padding_side = "left"
-    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    stop = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
     out = []
     for i in range(0, len(questions), batch):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                add_generation_prompt=True) for q in questions[i:i + batch]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        mask = enc.attention_mask                                   # (B, T) 1 = token, 0 = left padding
+        position = (mask.cumsum(-1) - 1).clamp(min=0)               # (B, T) positions from each prompt's start
+        cache = DynamicCache(config=model.config)
+        rows = list(range(len(texts)))                              # batch row -> reply index
+        replies: list[list[int]] = [[] for _ in texts]
         with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id or stop[-1])
-        for row in gen[:, enc.input_ids.shape[1]:].tolist():
-            n = next((j + 1 for j, t in enumerate(row) if t in stop), None)
-            length = n if n is not None else len(row)
-            out.append((tokenizer.decode(row[:length], skip_special_tokens=True), length, n is None))
+            logits = model(input_ids=enc.input_ids, attention_mask=mask, position_ids=position, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]        # (B, vocab)
+            position = position[:, -1:] + 1                                      # (B, 1)
+            for step in range(max_new):
+                token = logits.argmax(-1)                                        # (B,)
+                going = []
+                for k, r in enumerate(rows):
+                    replies[r].append(int(token[k]))
+                    if replies[r][-1] not in stop:
+                        going.append(k)
+                if not going or step == max_new - 1:
+                    break
+                if len(going) < len(rows):
+                    keep = torch.tensor(going)
+                    cache.batch_select_indices(keep)
+                    mask, position, token = mask[keep], position[keep], token[keep]
+                    rows = [rows[k] for k in going]
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                               use_cache=True).logits[:, -1]
+                position = position + 1
+        out += [(tokenizer.decode(r, skip_special_tokens=True), len(r), r[-1] not in stop) for r in replies]
     return out
 
 

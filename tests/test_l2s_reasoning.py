@@ -58,14 +58,14 @@ def test_summarize_counts_exact_matches_kinds_cap_and_thinking():
             outputs.append((reasoning.system2_reply(p), 200, False))
         elif i < 5:    # short, right
             outputs.append((reasoning.system1_reply(p), 8, False))
-        elif i == 5:   # cut at the cap inside its thinking: read from the whole text (reasoning.final_answer)
+        elif i == 5:   # cut at the cap inside its thinking: no answer (reasoning.final_answer), wrong
             outputs.append(("<think>\nStep 1: ... So the answer is " + p.answer, 640, True))
         else:          # short, wrong
             outputs.append((f"The answer is {int(p.answer) + 1}.", 8, False))
     row, per = l2s_reasoning.summarize(outputs, problems, resamples=200)
-    assert per["correct"] == [1, 1, 1, 1, 1, 1, 0, 0]
-    assert row["correct"] == 6 and row["accuracy"] == 0.75
-    assert row["ci95"] == [round(x, 4) for x in wilson_interval(6, 8)]
+    assert per["correct"] == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert row["correct"] == 5 and row["accuracy"] == 0.625
+    assert row["ci95"] == [round(x, 4) for x in wilson_interval(5, 8)]
     assert row["capped"] == 0.125 and row["think"] == 0.375
     assert row["mean_tokens"]["mean"] == (3 * 200 + 4 * 8 + 640) / 8
     kinds = {}
@@ -140,3 +140,26 @@ def test_end_to_end_on_tiny_parents_and_resume(smollm2_source, tmp_path):
     again = json.loads((tmp_path / "out" / "l2s_reasoning.json").read_text())
     assert again["rows"]["ta-0.5"]["generate_seconds"] == ta["generate_seconds"]
     assert (tmp_path / "merges" / "ta-0.5" / "edgerun_merge.json").stat().st_mtime == merge_mtime
+
+
+def test_generate_drops_finished_replies_and_matches_transformers_generate(smollm2_source):
+    """l2s_table.generate (finished replies leave the batch) gives transformers' greedy ``generate`` replies."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from l2s_table import generate
+
+    tok = AutoTokenizer.from_pretrained(smollm2_source.path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_source.path, dtype=torch.float32).eval()
+    questions = [p.question for p in reasoning.problems("test", 3)] + ["Say hi.", "Name a color, one word."]
+    mine = generate(model, tok, questions, 24, len(questions))
+    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    enc = tok([tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in questions], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        ref = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop, pad_token_id=stop[0])
+    for (text, n, capped), row in zip(mine, ref[:, enc.input_ids.shape[1]:].tolist()):
+        end = next((j + 1 for j, t in enumerate(row) if t in stop), None)
+        assert (n, capped) == (end or 24, end is None)
+        assert text == tok.decode(row[:n], skip_special_tokens=True)
+    assert any(not capped for _, _, capped in mine) and any(capped for _, _, capped in mine)   # both paths taken
