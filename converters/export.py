@@ -19,6 +19,8 @@ converters do not import profilers).
 
 from __future__ import annotations
 
+import hashlib
+
 import contextlib
 import shutil
 import time
@@ -67,14 +69,17 @@ def default_output(source: Source, src_name: str, to: str, quant: str) -> Path:
 def f32_cache(source: Source | Path, progress: Callable | None = None, label: str | None = None) -> Path:
     """A checkpoint (a Source, or a checkpoint directory) written as an F32 GGUF, cached per checkpoint.
 
-    Cached as ``$EDGERUN_HOME/cache/f32/<checkpoint dir name>.gguf``, rewritten when the checkpoint's
-    config.json is newer. ``label`` names the model in the GGUF (default: the source's label or the
-    directory name).
+    Cached as ``$EDGERUN_HOME/cache/f32/<checkpoint dir name>-<hash of its full path>.gguf`` (two
+    checkpoints with the same directory name never share a file), rewritten when any of the checkpoint's
+    files (config, weights, tokenizer, chat template) is newer. ``label`` names the model in the GGUF
+    (default: the source's label or the directory name).
     """
     path = source.path if isinstance(source, Source) else Path(source)
     name = label or (source.label if isinstance(source, Source) else path.name)
-    out = catalog.home() / "cache" / "f32" / f"{path.name}.gguf"
-    if not out.exists() or out.stat().st_mtime < (path / "config.json").stat().st_mtime:
+    key = hashlib.sha1(str(path.resolve()).encode("utf-8")).hexdigest()[:8]
+    out = catalog.home() / "cache" / "f32" / f"{path.name}-{key}.gguf"
+    newest = max(f.stat().st_mtime for f in path.iterdir() if f.is_file())
+    if not out.exists() or out.stat().st_mtime < newest:
         gguf_writer.write_f32(path, out, name=name, force=True, progress=progress)
     return out
 

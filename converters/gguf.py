@@ -209,6 +209,12 @@ def _write_tokenizer(w, checkpoint: Path, cfg: dict) -> None:
     vocab_padding(checkpoint)      # refuses fewer rows than tokens
     sidecar = read_tokenizer_sidecar(checkpoint)
     if sidecar is not None:
+        template = checkpoint / "chat_template.jinja"
+        if template.is_file():
+            # the checkpoint's own template wins over the one its GGUF source had (a fine-tune may change
+            # it, e.g. a reasoning model's template that knows <think> ... </think>)
+            sidecar = {k: v for k, v in sidecar.items() if k != "tokenizer.chat_template"}
+            w.add_chat_template(template.read_text(encoding="utf-8"))
         for key, entry in _pad_sidecar(sidecar, rows).items():
             types = [GGUFValueType[t] for t in entry["types"]]
             value = entry["value"]

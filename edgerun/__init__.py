@@ -38,7 +38,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
          seed: int | None = None, progress: bool = True, notify=None, adaptive_experts: bool = False,
          keep: str = "2/4", patterns: str | Path | None = None, assembler=None, kv_layout=None,
          device: str | Path | None = None, kv_type: str | None = None, kv_type_k: str | None = None,
-         kv_type_v: str | None = None, **engine_options) -> Session:
+         kv_type_v: str | None = None, trim_thinking: bool = False, verifier="rule", trim_confirmations: int = 2,
+         **engine_options) -> Session:
     """Open a chat session on ``model`` (a catalog name, a path, or None for the default model).
 
     Every message is planned once (:class:`edgerun.planner.Planner`): the model or the task's experts,
@@ -80,13 +81,20 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         kv_type, kv_type_k, kv_type_v: llama.cpp KV cache element types
             (:data:`edgerun.kv.types.KV_TYPES`): ``kv_type`` for K and V, the others for one each; a
             quantized V type turns flash attention on (said in a notice).
+        trim_thinking: TrimR (:mod:`edgerun.trimr`): while a reasoning model thinks, close its thinking once
+            ``trim_confirmations`` consecutive thoughts confirm the previous answer (or it underthinks or
+            loops). The model's chat template must know ``<think>``/``</think>``.
+        verifier: TrimR's verifier: ``"rule"`` (reads ``answer is N``), ``"llm"`` (the default model as a
+            yes/no verifier in a second llama.cpp context), a model name or GGUF path, or a verifier object.
+        trim_confirmations: TrimR's M (default 2).
         engine_options: passed to the engine (e.g. ``flash_attn``, ``cache_type_k``, ``mode`` for MixPE).
 
     Raises:
         UsageError: a seed outside 0..4294967294, a KV type that is unknown or whose block does not
             divide the model's head dimension, KV types with a KV layout or on another engine.
         EdgerunError: unknown model, bad file, download failure, missing chat template, engine error,
-            a plan that does not fit the device budget.
+            a plan that does not fit the device budget; with ``trim_thinking``, a template without thinking
+            markers or a verifier model that cannot be loaded.
     """
     label = str(model or catalog.DEFAULT_MODEL)
     pending: list[str] = []  # notices before the session exists, when it keeps them (no ``notify``)
@@ -151,13 +159,19 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
         # the seed every reply samples with is part of the settings a plan reports (/stats)
         planner = Planner(engine_name, budget, experts=experts, kv=kv_planner,
                           settings={**engine.engine_settings(), "seed": seed})
+        trim = None
+        if trim_thinking:
+            from edgerun import trimr
+
+            trimr.check_template(template.source, label)
+            trim = trimr.TrimConfig(verifier=trimr.make_verifier(verifier), confirmations=trim_confirmations)
     except BaseException:
         engine.close()
         raise
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     session = Session(engine, template, system=system, sampling=sampling, notify=notify, planner=planner,
-                      open_model=open_model)
+                      open_model=open_model, trim=trim)
     session.notices.extend(pending)
     return session
 

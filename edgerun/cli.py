@@ -82,6 +82,14 @@ def _add_chat(sub) -> None:
     p.add_argument("--backend", default=None, choices=["llama.cpp", "onnx", "torch", "mixpe"],
                    help="engine (default: llama.cpp for .gguf files, onnx for onnxruntime-genai directories, "
                         "torch for Hugging Face checkpoint directories)")
+    p.add_argument("--trim-thinking", action="store_true",
+                   help="TrimR: close a reasoning model's <think> section once thoughts keep confirming the same "
+                        "answer (or it underthinks or loops); see docs/trimr.md")
+    p.add_argument("--verifier", default=None, metavar="rule|llm|MODEL",
+                   help="TrimR's verifier: rule (reads 'answer is N', default), llm (the default model asked yes/no "
+                        "in a second llama.cpp context) or a model name / GGUF path")
+    p.add_argument("--trim-confirmations", type=int, default=None, metavar="M",
+                   help="TrimR: close after M consecutive confirmations of the same answer (default 2)")
     p.set_defaults(func=cmd_chat)
 
 
@@ -140,6 +148,14 @@ def format_turn(turn) -> str:
         lines.append(f"MixPE: {m['ops_per_token']['macs']:.3g} MACs/token, {m['ops_per_token']['shift_adds']:.3g} "
                      f"shift-adds, {m['ops_per_token']['dequant_ops']:.3g} dequant ops (dequant-loop: "
                      f"{d['ops_per_token']['dequant_ops']:.3g}); modelled energy {m['energy_vs_fp16']:.2f} x FP16")
+    t = turn.thinking
+    if t:
+        where = (f"closed for {t['closed']} after thought {t['closed_at_thought']} at token {t['closed_at_token']} "
+                 f"({t['budget_left_at_close']} of {t['budget_tokens']} budget tokens left)"
+                 if t["budget_left_at_close"] is not None else f"thinking ended: {t['closed']}")
+        mean = f", mean {t['verifier_ms_mean']:.1f} ms" if t["verifier_ms_mean"] is not None else ""
+        lines.append(f"TrimR: {t['thoughts']} thoughts | {t['verifier']} verifier: {t['verifier_calls']} calls, "
+                     f"{t['verifier_ms_total']:.0f} ms{mean}, {t['pending_at_close']} pending | {where}")
     return "\n".join(lines)
 
 
@@ -195,6 +211,11 @@ def cmd_chat(args) -> int:
         if not args.kv_layout:
             raise UsageError("--kv-working-copy applies to a packed KV cache: give --kv-layout")
         engine["kv_working_copy"] = args.kv_working_copy
+    if not args.trim_thinking and (args.verifier is not None or args.trim_confirmations is not None):
+        raise UsageError("--verifier and --trim-confirmations apply to --trim-thinking")
+    if args.trim_thinking:
+        engine.update(trim_thinking=True, verifier=args.verifier or "rule",
+                      trim_confirmations=args.trim_confirmations if args.trim_confirmations is not None else 2)
     session = edgerun.load(args.model, backend=args.backend, system=args.system, chat_template=args.chat_template,
                            n_ctx=args.ctx_size, threads=args.threads, max_tokens=args.max_tokens,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -208,7 +229,7 @@ def cmd_chat(args) -> int:
             return 0
         return _repl(session, args)
     finally:
-        session.backend.close()
+        session.close()
 
 
 def _repl(session, args) -> int:

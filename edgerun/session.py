@@ -33,6 +33,9 @@ class Turn:
         history: what happened to the conversation's KV cache: ``new`` (first turn), ``kept``,
             ``re-prefilled under the new layout`` or ``re-prefilled into the new model``.
         accounting: engine-specific counters after the reply (e.g. MixPE op counts), or {}.
+        thinking: with TrimR (``trim=``), the reply's thinking record
+            (:meth:`edgerun.trimr.ThinkingMonitor.record`: thoughts, verifier calls and ms, where and why the
+            thinking was closed), else {}.
     """
 
     plan: Plan
@@ -40,11 +43,13 @@ class Turn:
     load_ms: float = 0.0
     history: str = "new"
     accounting: dict = field(default_factory=dict)
+    thinking: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        """JSON-ready form: ``{"plan": ..., "stats": ..., "load_ms": ..., "history": ..., "accounting": ...}``."""
+        """JSON-ready form: ``{"plan": ..., "stats": ..., "load_ms": ..., "history": ..., "accounting": ...,
+        "thinking": ...}``."""
         return {"plan": self.plan.as_dict(), "stats": self.stats.as_dict(), "load_ms": self.load_ms,
-                "history": self.history, "accounting": self.accounting}
+                "history": self.history, "accounting": self.accounting, "thinking": self.thinking}
 
 
 def check_text(text, what: str = "message") -> None:
@@ -81,6 +86,8 @@ class Session:
             (e.g. that old turns were dropped); default: collected in ``notices``.
         planner: makes one :class:`~edgerun.planner.Plan` per message (default: the loaded model as is).
         open_model: opens a plan's model when it differs from the loaded one (adaptive experts).
+        trim: TrimR (:class:`edgerun.trimr.TrimConfig`, its ``verifier`` an object, not a name): trim the
+            thinking of a reasoning model while it streams; None: replies run untouched.
 
     Attributes:
         messages: the conversation so far, dicts with ``role`` and ``content``.
@@ -91,12 +98,14 @@ class Session:
 
     def __init__(self, backend: Backend, template: ChatTemplate, system: str | None = None,
                  sampling: SamplingParams | None = None, notify: Callable[[str], None] | None = None,
-                 planner: Planner | None = None, open_model: Callable[[Plan], Backend] | None = None):
+                 planner: Planner | None = None, open_model: Callable[[Plan], Backend] | None = None,
+                 trim=None):
         if system is not None:
             check_text(system, "system prompt")
         self.backend, self.template = backend, template
         self.planner = planner or Planner(backend.name, 0, settings=backend.engine_settings())
         self._open_model = open_model
+        self.trim = trim
         self.turns: list[Turn] = []
         self.system = system
         self.sampling = sampling or SamplingParams()
@@ -107,6 +116,13 @@ class Session:
         self.messages: list[dict] = []
         self.last_prompt = ""
         self.clear()
+
+    def close(self) -> None:
+        """Free the engine and, with TrimR, the verifier's model."""
+        self.backend.close()
+        verifier = getattr(self.trim, "verifier", None)
+        if hasattr(verifier, "close"):
+            verifier.close()
 
     # --- conversation ---------------------------------------------------------------------------
 
@@ -164,6 +180,9 @@ class Session:
                                  loaded=(self.backend.path, self.backend.memory().model_bytes), previous=previous)
         turn = self._apply(plan)
         self.turns.append(turn)
+        if self.trim is not None:
+            pieces = self._stream(messages, tokens, turn, self._trimmed(message, tokens, turn))
+            return pieces if stream else "".join(pieces)
         if stream:
             return self._stream(messages, tokens, turn)
         try:
@@ -226,16 +245,20 @@ class Session:
             turn.stats.finish_reason = "error"
         turn.accounting = self.backend.accounting()
 
-    def _stream(self, messages: list[dict], tokens: list[int], turn: Turn) -> Iterator[str]:
+    def _stream(self, messages: list[dict], tokens: list[int], turn: Turn,
+                source: Iterator[str] | None = None) -> Iterator[str]:
         pieces: list[str] = []
+        source = self.backend.stream(tokens, self.sampling) if source is None else source
         try:
-            for piece in self.backend.stream(tokens, self.sampling):
+            for piece in source:
                 pieces.append(piece)
                 yield piece
         except Exception:
+            _close(source)
             self._finish(turn, failed=True)       # the history stays as it was before this message
             raise
         except BaseException:                     # closed (Ctrl-C): keep what was shown
+            _close(source)                        # the engine's stream (and a TrimR verifier thread) end first
             if pieces:
                 self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
             # stopped before its first token: the message leaves no trace in the history, and its
@@ -245,6 +268,52 @@ class Session:
             raise
         self.messages = messages + [{"role": "assistant", "content": "".join(pieces)}]
         self._finish(turn)
+
+    def _trimmed(self, message: str, tokens: list[int], turn: Turn) -> Iterator[str]:
+        """The reply's pieces under TrimR: the engine's stream, stopped where the thinking monitor closes the
+        thinking, the injection appended, decoding continued from the kept text (the engine reuses its KV
+        cache up to it). Sets ``backend.last_stats`` to the whole reply's (every engine call summed) and
+        ``turn.thinking``; the verifier thread is joined however the reply ends."""
+        from edgerun.trimr import ThinkingMonitor, VerifierWorker
+
+        budget = reply_budget(self.backend.n_ctx, len(tokens), self.sampling.max_tokens)
+        worker = VerifierWorker(self.trim.verifier, message)
+        monitor = ThinkingMonitor(self.trim, worker, budget)
+        parts: list[GenerationStats] = []
+        kept, prompt = "", list(tokens)
+        try:
+            while True:
+                left = budget - monitor.tokens
+                if left < 1:
+                    break
+                it = self.backend.stream(prompt, dataclasses.replace(self.sampling, max_tokens=left))
+                action = None
+                try:
+                    for piece in it:
+                        shown, action = monitor.feed(piece)
+                        if shown:
+                            kept += shown
+                            yield shown
+                        if action is not None:
+                            break
+                finally:
+                    _close(it)
+                    parts.append(self.backend.last_stats)
+                if action is None:
+                    rest = monitor.flush()
+                    if rest:
+                        kept += rest
+                        yield rest
+                    break
+                kept += action.inject
+                yield action.inject
+                prompt = list(tokens) + self.backend.tokenize_markup(kept)
+                if len(prompt) >= self.backend.n_ctx:
+                    break
+        finally:
+            worker.close()
+            turn.thinking = monitor.record()
+            self.backend.last_stats = _sum_stats(parts)
 
     # --- context-window policy ------------------------------------------------------------------
 
@@ -305,3 +374,26 @@ class Session:
                 return user, tokens
             keep -= max(1, len(tokens) - limit)
         raise UsageError(f"message does not fit the context of {self.backend.n_ctx} tokens; raise --ctx-size")
+
+
+def _sum_stats(parts: list[GenerationStats]) -> GenerationStats:
+    """One reply's stats from its engine calls (a TrimR reply continues after each injection): the first
+    call's prompt and TTFT, every call's prefill, decode and generated tokens summed, the last call's finish
+    and context."""
+    if not parts:
+        return GenerationStats()
+    first, last = parts[0], parts[-1]
+    out = dataclasses.replace(last, prompt_tokens=first.prompt_tokens, ttft_ms=first.ttft_ms)
+    out.prefill_tokens = sum(p.prefill_tokens for p in parts)
+    out.generated_tokens = sum(p.generated_tokens for p in parts)
+    out.prefill_ms = sum(p.prefill_ms for p in parts)
+    out.decode_ms = sum(p.decode_ms for p in parts)
+    out.decode_steps = sum(p.decode_steps for p in parts)
+    return out
+
+
+def _close(it) -> None:
+    """Close a generator (runs its cleanup now); other iterators have nothing to close."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
