@@ -92,6 +92,58 @@ def simulated_rule_cut(reply: str) -> str | None:
     return None
 
 
+def thoughts_of(reply: str) -> list[str]:
+    """The thoughts of a reply's thinking section, split as TrimR splits them (nothing closed)."""
+    cfg = trimr.TrimConfig(verifier=trimr.RuleVerifier(), confirmations=10**6, budget_share=1.0,
+                           max_thoughts=10**6, loop_repeats=10**6)
+
+    class Silent:
+        name = "none"
+
+        def judge(self, *a):
+            return trimr.Verdict(-1, False, None)
+
+    worker = trimr.VerifierWorker(Silent(), "")
+    mon = trimr.ThinkingMonitor(cfg, worker, budget_tokens=10**9)
+    try:
+        for ch in reply:
+            mon.feed(ch)
+        mon.flush()
+    finally:
+        worker.close()
+    return mon.thoughts
+
+
+def verifier_agreement(llm, questions: list[str], replies: list[str]) -> dict:
+    """The LLM verifier against the rule verifier on the same untrimmed thoughts (synchronously): how often
+    they agree on "reaches an answer" and on "same answer as the previous thought" (the rule verifier is
+    exact on the testbed's replies, which state ``answer is N``)."""
+    rule = trimr.RuleVerifier()
+    agree_a = agree_s = n_a = n_s = 0
+    confusion = {"answer": {"tp": 0, "fp": 0, "fn": 0, "tn": 0}, "same": {"tp": 0, "fp": 0, "fn": 0, "tn": 0}}
+    ms = []
+    for q, reply in zip(questions, replies):
+        prev_r = prev_l = None
+        prev_text = ""
+        for t in thoughts_of(reply):
+            r = rule.judge(q, t, prev_r, prev_text)
+            lv = llm.judge(q, t, prev_r, prev_text)        # asked "same" whenever the true previous answered
+            ms.append(lv.ms)
+            n_a += 1
+            agree_a += r.reaches_answer == lv.reaches_answer
+            key = ("t" if lv.reaches_answer == r.reaches_answer else "f") + ("p" if lv.reaches_answer else "n")
+            confusion["answer"][key] += 1
+            if r.same_as_previous is not None and lv.same_as_previous is not None:
+                n_s += 1
+                agree_s += r.same_as_previous == lv.same_as_previous
+                key = ("t" if lv.same_as_previous == r.same_as_previous else "f") + ("p" if lv.same_as_previous else "n")
+                confusion["same"][key] += 1
+            prev_r, prev_l, prev_text = r, lv, t
+    return {"thoughts": n_a, "answer_agreement": agree_a / n_a if n_a else None,
+            "same_pairs": n_s, "same_agreement": agree_s / n_s if n_s else None,
+            "confusion_vs_rule": confusion, "ms_per_judgement": statistics.mean(ms) if ms else None}
+
+
 def budget_forced(session, question: str, budget: int, cap: int) -> tuple[str, int]:
     """Budget forcing: think at most ``budget`` tokens, then ``</think>`` + the answer prompt; (reply, tokens)."""
     s = session
@@ -139,10 +191,14 @@ def correct_gsm8k(reply: str, gold: str) -> bool:
         return False
 
 
-def summarize(results: dict[str, list[dict]], ok: list[list[bool]] | None = None) -> dict:
-    base = results["untrimmed"]
+def summarize(results: dict[str, list[dict]]) -> dict:
+    """Per row: accuracy, tokens, wall time and verifier figures; comparisons against ``untrimmed`` are
+    paired over the problems the row ran (the first n: a row may run on a prefix of the set)."""
     out = {}
     for row, items in results.items():
+        base = results["untrimmed"][:len(items)]
+        if not items:
+            continue
         hits = [it["correct"] for it in items]
         n = len(items)
         lo, hi = wilson_interval(sum(hits), n)
@@ -189,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads of the reasoning model")
     ap.add_argument("--model", type=Path, default=None, help="System-2 checkpoint (default: the reasoning cache)")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--agreement", type=int, default=40,
+                    help="untrimmed replies whose thoughts both verifiers judge, to compare them (0: none)")
+    ap.add_argument("--llm-n", type=int, default=None,
+                    help="run the trimr-llm row on the first N problems of each set only (default all)")
     ap.add_argument("--results", type=Path, default=None, help="directory of the result files")
     args = ap.parse_args(argv)
     global RESULTS
@@ -241,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, (q, gold, kind) in enumerate(items):
             order = rows[i % len(rows):] + rows[:i % len(rows)]
             for row in order:
+                if row == "trimr-llm" and args.llm_n is not None and i >= args.llm_n:
+                    continue
                 it = run_row(session, row, q, configs, budget, args.max_new)
                 it["correct"] = (reasoning.final_answer(it["reply"]) == gold if name == "testbed"
                                  else correct_gsm8k(it["reply"], gold))
@@ -254,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             r: {k: sum(x["correct"] for x in results[r] if x["kind"] == k) / max(1, sum(1 for x in results[r] if x["kind"] == k))
                 for k in sorted({x["kind"] for x in results[r]})} for r in rows}
         replies[name] = {r: [x["reply"] for x in results[r]] for r in rows}
+        if llm is not None and name == "testbed" and args.agreement:
+            k = args.agreement
+            payload["sets"][name]["llm_verifier_vs_rule"] = verifier_agreement(
+                llm, [q for q, _, _ in items[:k]], [x["reply"] for x in results["untrimmed"][:k]])
         payload["load_average"] = os.getloadavg()
         write(payload, replies)
     session.close()
@@ -289,7 +355,7 @@ def write(payload: dict, replies: dict) -> None:
                   "| wall vs untrimmed | per-problem wall ratio median (IQR) | closed | verifier calls/reply, ms/call, "
                   "share of wall | right->wrong / wrong->right |", "|" + "---|" * 11]
         for row, r in rows.items():
-            if row == "per_kind":
+            if row in ("per_kind", "llm_verifier_vs_rule"):
                 continue
             d = r.get("accuracy_minus_untrimmed")
             w = r.get("wall_ratio_per_problem")
@@ -306,9 +372,20 @@ def write(payload: dict, replies: dict) -> None:
             lines.append("| " + " | ".join(cells) + " |")
         pk = rows.get("per_kind", {})
         if pk and name == "testbed":
-            kinds = sorted(next(iter(pk.values())))
+            kinds = sorted({k for acc in pk.values() for k in acc})
             lines += ["", "| row | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
-            lines += ["| " + row + " | " + " | ".join(f"{acc[k]:.3f}" for k in kinds) + " |" for row, acc in pk.items()]
+            lines += ["| " + row + " | " + " | ".join(f"{acc[k]:.3f}" if k in acc else "" for k in kinds) + " |" for row, acc in pk.items()]
+        ag = rows.get("llm_verifier_vs_rule")
+        if ag:
+            c = ag["confusion_vs_rule"]
+            lines += ["", f"LLM verifier against the rule verifier on the thoughts of the first untrimmed replies "
+                      f"({ag['thoughts']} thoughts, {ag['same_pairs']} same-answer pairs; the rule verifier is exact "
+                      f"on this testbed): reaches-an-answer agreement {ag['answer_agreement']:.3f} "
+                      f"(said yes on {c['answer']['tp'] + c['answer']['fp']}, of which {c['answer']['fp']} wrongly), "
+                      + (f"same-answer agreement {ag['same_agreement']:.3f} (said same on "
+                         f"{c['same']['tp'] + c['same']['fp']}, of which {c['same']['fp']} wrongly); "
+                         if ag["same_agreement"] is not None else "")
+                      + f"{ag['ms_per_judgement']:.0f} ms per judgement."]
         lines.append("")
     with atomic_file(RESULTS / "trimr_table.md", force=True) as tmp:
         tmp.write_text("\n".join(lines))

@@ -179,7 +179,8 @@ class LLMVerifier:
         self._bias: dict[str, float] = {}
 
     def _log_odds(self, prompt: str) -> float:
-        parts = self.template.render_parts([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        parts = self.template.render_parts([{"role": "system", "content": "Answer Yes or No."},
+                                            {"role": "user", "content": prompt}], add_generation_prompt=True)
         ctx = self.backend.encode_chat(parts)
         yes, no = self.backend.continuation_logprobs(ctx, [self._yes, self._no])
         return float(yes.sum() - no.sum())
