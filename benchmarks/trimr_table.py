@@ -12,10 +12,10 @@ so wall-time ratios are paired):
 - ``trimr-llm``: ``--trim-thinking --verifier llm``, M = 2 (asynchronous: late verdicts apply at the
   next thought boundary);
 - ``budget``: budget forcing (Muennighoff et al., "s1", 2025): thinking cut at B tokens, then
-  ``</think>`` and the answer prompt injected, as TrimR injects them. B is chosen on a pilot of the
-  first ``--pilot`` problems so that mean(min(thinking length, B)) equals TrimR-rule's mean thinking
-  length there (TrimR-rule's cut point is simulated on the untrimmed text: with greedy decoding and a
-  synchronous rule verifier the trimmed reply is the untrimmed one up to the cut).
+  ``</think>`` and the answer prompt injected, as TrimR injects them (run on the engine directly, not
+  through the session's TrimR path). B is chosen per set on ``--pilot`` problems that are not scored
+  (the next ones after the scored set) so that mean(min(untrimmed thinking tokens, B)) equals the
+  measured TrimR-rule row's mean thinking tokens there; each row's realised thinking tokens are reported.
 
 Sets: ``--n`` held-out problems of :mod:`edgerun.reasoning` (default 300) and the first ``--gsm8k``
 GSM8K test problems (default 100; the last number after ``</think>`` is the answer). Per row: accuracy
@@ -74,22 +74,22 @@ def thinking_tokens(session, reply: str) -> int:
     return len(session.backend.tokenize(head))
 
 
-def simulated_rule_cut(reply: str) -> str | None:
-    """The thinking TrimR-rule (synchronous, M = 2) keeps of an untrimmed greedy reply, or None (no cut)."""
-    cfg = trimr.TrimConfig(verifier=trimr.RuleVerifier(), wait=True, budget_share=1.0, max_thoughts=10**6,
-                           loop_repeats=10**6)
-    worker = trimr.VerifierWorker(cfg.verifier, "")
-    mon = trimr.ThinkingMonitor(cfg, worker, budget_tokens=10**9)
-    kept = []
-    try:
-        for ch in reply:
-            shown, action = mon.feed(ch)
-            kept.append(shown)
-            if action is not None and action.reason == "overthinking":
-                return "".join(kept)
-    finally:
-        worker.close()
-    return None
+def calibrate_budget(session, configs: dict, pilot: list, cap: int) -> tuple[int, dict]:
+    """Budget forcing's B from a pilot set (problems not scored): the untrimmed and the TrimR-rule rows are
+    run on it, and B is the smallest thinking budget with mean(min(untrimmed thinking tokens, B)) >= the
+    TrimR-rule row's mean thinking tokens there."""
+    lengths, trimmed = [], []
+    for q, _, _ in pilot:
+        lengths.append(run_row(session, "untrimmed", q, configs, None, cap)["thinking_tokens"])
+        trimmed.append(run_row(session, "trimr-rule", q, configs, None, cap)["thinking_tokens"])
+    target = statistics.mean(trimmed)
+    budget = max(lengths)
+    for b in range(1, max(lengths) + 1):
+        if statistics.mean(min(x, b) for x in lengths) >= target:
+            budget = b
+            break
+    return budget, {"B": budget, "pilot_n": len(pilot), "pilot_untrimmed_thinking": statistics.mean(lengths),
+                    "pilot_trimr_rule_thinking": target}
 
 
 def thoughts_of(reply: str) -> list[str]:
@@ -227,6 +227,8 @@ def summarize(results: dict[str, list[dict]]) -> dict:
             ms = sum(t["verifier_ms_total"] for t in th)
             wall = sum(it["wall_s"] for it in items)
             r["closed"] = closed
+            # verifier busy time over the row's wall time (the verifier runs on its own core: busy, not
+            # necessarily added, time)
             r["verifier"] = {"calls_per_reply": calls / len(th), "ms_per_call": ms / calls if calls else None,
                              "ms_share_of_wall": ms / 1e3 / wall if wall else None,
                              "pending_at_close_mean": statistics.mean(t["pending_at_close"] for t in th),
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=300, help="held-out testbed problems")
     ap.add_argument("--gsm8k", type=int, default=100, help="first GSM8K test problems (0: none)")
-    ap.add_argument("--pilot", type=int, default=30, help="problems that set the budget-forcing B")
+    ap.add_argument("--pilot", type=int, default=30,
+                    help="problems per set, after the scored ones, that set the budget-forcing B")
     ap.add_argument("--max-new", type=int, default=640, help="reply cap (tokens)")
     ap.add_argument("--quant", default="Q8_0")
     ap.add_argument("--threads", type=int, default=1, help="threads of the reasoning model")
@@ -267,35 +270,23 @@ def main(argv: list[str] | None = None) -> int:
     if "trimr-llm" in rows:
         llm = trimr.open_llm_verifier(threads=1)
         configs["trimr-llm"] = trimr.TrimConfig(verifier=llm)
-    sets = {"testbed": [(p.question, p.answer, p.kind) for p in reasoning.problems("test", args.n)]}
+    n_pilot = args.pilot
+    tb = reasoning.problems("test", args.n + n_pilot)
+    sets = {"testbed": ([(p.question, p.answer, p.kind) for p in tb[:args.n]],
+                        [(p.question, p.answer, p.kind) for p in tb[args.n:]])}
     if args.gsm8k:
-        sets["gsm8k"] = [(p["question"], p["answer"], "gsm8k") for p in data.gsm8k_problems()[:args.gsm8k]]
-
-    # pilot: B so that budget forcing matches TrimR-rule's mean thinking length
-    pilot = sets["testbed"][:args.pilot]
-    lengths, cuts = [], []
-    for q, _, _ in pilot:
-        it = run_row(session, "untrimmed", q, configs, None, args.max_new)
-        lengths.append(it["thinking_tokens"])
-        cut = simulated_rule_cut(it["reply"])
-        cuts.append(len(session.backend.tokenize(cut + f"\n{reasoning.THINK_CLOSE}")) if cut else it["thinking_tokens"])
-    target = statistics.mean(cuts)
-    budget = max(lengths)
-    for b in range(1, max(lengths) + 1):
-        if statistics.mean(min(x, b) for x in lengths) >= target:
-            budget = b
-            break
-    log(f"pilot: untrimmed thinking {statistics.mean(lengths):.1f} tokens, TrimR-rule {target:.1f}; budget B = {budget}")
-
+        gsm = [(p["question"], p["answer"], "gsm8k") for p in data.gsm8k_problems()[:args.gsm8k + n_pilot]]
+        sets["gsm8k"] = (gsm[:args.gsm8k], gsm[args.gsm8k:])
+    train = json.loads((ckpt / "edgerun_train.json").read_text())
     payload = {"settings": {"model": str(ckpt), "gguf": gguf.name, "threads": args.threads, "verifier_threads": 1,
                             "max_new_tokens": args.max_new, "greedy": True, "confirmations": 2,
-                            "budget_B": budget, "pilot": {"n": len(pilot), "untrimmed_thinking": statistics.mean(lengths),
-                                                          "trimr_rule_thinking": target},
-                            "train": {k: v for k, v in json.loads((ckpt / "edgerun_train.json").read_text()).items()
+                            "train": {k: v for k, v in train.items()
                                       if k in ("steps", "tokens", "seconds", "loss_first", "loss_last", "examples")}},
                "sets": {}}
     replies = {}
-    for name, items in sets.items():
+    for name, (items, pilot) in sets.items():
+        budget, pilot_record = calibrate_budget(session, configs, pilot, args.max_new)
+        log(f"{name} pilot: {pilot_record}")
         results: dict[str, list[dict]] = {r: [] for r in rows}
         t_set = time.perf_counter()
         for i, (q, gold, kind) in enumerate(items):
@@ -312,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc = {r: sum(x["correct"] for x in results[r]) for r in rows}
                 log(f"{name} {i + 1}/{len(items)} correct {acc}  {time.perf_counter() - t_set:.0f} s")
         payload["sets"][name] = summarize(results)
+        payload["sets"][name]["budget_forcing"] = pilot_record
         payload["sets"][name]["per_kind"] = {
             r: {k: sum(x["correct"] for x in results[r] if x["kind"] == k) / max(1, sum(1 for x in results[r] if x["kind"] == k))
                 for k in sorted({x["kind"] for x in results[r]})} for r in rows}
@@ -345,17 +337,20 @@ def write(payload: dict, replies: dict) -> None:
     s = payload["settings"]
     lines = [f"# TrimR on the System-2 testbed model ({s['gguf']}, llama.cpp, greedy, {s['threads']} thread; "
              f"LLM verifier SmolLM2-135M-Instruct on 1 more thread)", "",
-             f"Cap {s['max_new_tokens']} tokens; M = {s['confirmations']}; budget forcing at B = {s['budget_B']} "
-             f"thinking tokens (pilot of {s['pilot']['n']}: untrimmed {s['pilot']['untrimmed_thinking']:.1f}, "
-             f"TrimR-rule {s['pilot']['trimr_rule_thinking']:.1f}). Rows interleaved per problem. Load average "
+             f"Cap {s['max_new_tokens']} tokens; M = {s['confirmations']}. Rows interleaved per problem. Load average "
              f"{tuple(round(x, 2) for x in payload.get('load_average', ()))}.", ""]
     for name, rows in payload["sets"].items():
-        lines += [f"## {name}", "",
+        bf = rows["budget_forcing"]
+        lines += [f"## {name}", "", f"Budget forcing at B = {bf['B']} thinking tokens, set on {bf['pilot_n']} unscored "
+                  f"pilot problems (untrimmed thinking {bf['pilot_untrimmed_thinking']:.1f} tokens, TrimR-rule "
+                  f"{bf['pilot_trimr_rule_thinking']:.1f}). Thinking tokens per row: "
+                  + ", ".join(f"{r} {v['thinking_tokens']['mean']:.1f}" for r, v in rows.items()
+                              if isinstance(v, dict) and "thinking_tokens" in v) + ".", "",
                   "| row | n | accuracy [95% CI] | vs untrimmed (paired) | tokens [95% CI] | tokens vs untrimmed "
                   "| wall vs untrimmed | per-problem wall ratio median (IQR) | closed | verifier calls/reply, ms/call, "
-                  "share of wall | right->wrong / wrong->right |", "|" + "---|" * 11]
+                  "busy share of wall | right->wrong / wrong->right |", "|" + "---|" * 11]
         for row, r in rows.items():
-            if row in ("per_kind", "llm_verifier_vs_rule"):
+            if row in ("per_kind", "llm_verifier_vs_rule", "budget_forcing"):
                 continue
             d = r.get("accuracy_minus_untrimmed")
             w = r.get("wall_ratio_per_problem")

@@ -96,6 +96,8 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             a plan that does not fit the device budget; with ``trim_thinking``, a template without thinking
             markers or a verifier model that cannot be loaded.
     """
+    if not trim_thinking and (verifier != "rule" or trim_confirmations != 2):
+        raise UsageError("verifier and trim_confirmations apply to trim_thinking=True")
     label = str(model or catalog.DEFAULT_MODEL)
     pending: list[str] = []  # notices before the session exists, when it keeps them (no ``notify``)
     notify_fn = notify or pending.append
@@ -164,6 +166,7 @@ def load(model: str | Path | None = None, *, backend: str | None = None, system:
             from edgerun import trimr
 
             trimr.check_template(template.source, label)
+            trimr.TrimConfig(confirmations=trim_confirmations)          # refuse a bad M before loading a verifier
             trim = trimr.TrimConfig(verifier=trimr.make_verifier(verifier), confirmations=trim_confirmations)
     except BaseException:
         engine.close()

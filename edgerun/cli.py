@@ -225,7 +225,11 @@ def cmd_chat(args) -> int:
                            kv_type_v=args.kv_type_v, **mixpe, **engine)
     try:
         if not interactive:
-            _print_reply(session.chat(prompt, stream=True))
+            pieces = session.chat(prompt, stream=True)
+            try:
+                _print_reply(pieces)
+            finally:
+                pieces.close()      # Ctrl-C: the reply (its engine stream, a TrimR verifier) ends before the models
             return 0
         return _repl(session, args)
     finally:

@@ -343,7 +343,7 @@ def system2_reply(p: Problem, seed: int = 0) -> str:
 
 # --- reading answers ------------------------------------------------------------------------------------
 
-_ANSWER_RE = re.compile(r"answer is:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_ANSWER_RE = re.compile(r"answer is:?\s*\$?\s*(-?\d[\d,]*(?:\.\d+|/\d+)?)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -359,6 +359,8 @@ def extract_answer(text: str, fallback_last_number: bool = False) -> str | None:
     if not found:
         return None
     s = found[-1].replace(",", "").rstrip(".")
+    if "/" in s:
+        return s                   # a fraction (a slip in an equation) is never an integer answer
     try:
         f = float(s)
     except ValueError:

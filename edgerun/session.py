@@ -106,6 +106,7 @@ class Session:
         self.planner = planner or Planner(backend.name, 0, settings=backend.engine_settings())
         self._open_model = open_model
         self.trim = trim
+        self._busy_workers: list = []     # TrimR verifier threads still in a call when their reply ended
         self.turns: list[Turn] = []
         self.system = system
         self.sampling = sampling or SamplingParams()
@@ -118,10 +119,14 @@ class Session:
         self.clear()
 
     def close(self) -> None:
-        """Free the engine and, with TrimR, the verifier's model."""
+        """Free the engine and, with TrimR, the verifier's model (after joining any verifier thread still in a
+        call, so no thread runs inside a freed model)."""
+        for w in self._busy_workers:
+            w.close(timeout=60.0)
+        self._busy_workers = [w for w in self._busy_workers if w.alive]
         self.backend.close()
         verifier = getattr(self.trim, "verifier", None)
-        if hasattr(verifier, "close"):
+        if hasattr(verifier, "close") and not self._busy_workers:
             verifier.close()
 
     # --- conversation ---------------------------------------------------------------------------
@@ -156,7 +161,7 @@ class Session:
         ``stream=True`` returns an iterator of text pieces as they are decoded; the message and the
         reply join the history when the iterator ends or is closed (a reply cut by Ctrl-C keeps what
         was shown). With ``stream=False`` returns the whole reply text (the engine's non-streaming
-        path). A reply that fails in the engine leaves the history as it was, and its record says
+        path; with TrimR the trimmed stream joined). A reply that fails in the engine leaves the history as it was, and its record says
         ``finish_reason="error"``.
 
         Raises:
@@ -274,17 +279,21 @@ class Session:
         thinking, the injection appended, decoding continued from the kept text (the engine reuses its KV
         cache up to it). Sets ``backend.last_stats`` to the whole reply's (every engine call summed) and
         ``turn.thinking``; the verifier thread is joined however the reply ends."""
-        from edgerun.trimr import ThinkingMonitor, VerifierWorker
+        from edgerun.trimr import THINK_OPEN, ThinkingMonitor, VerifierWorker
 
         budget = reply_budget(self.backend.n_ctx, len(tokens), self.sampling.max_tokens)
         worker = VerifierWorker(self.trim.verifier, message)
-        monitor = ThinkingMonitor(self.trim, worker, budget)
+        # a template whose generation prompt opens the thinking section (R1/Qwen3 style) starts inside it
+        opened = self.last_prompt.rstrip().endswith(THINK_OPEN)
+        monitor = ThinkingMonitor(self.trim, worker, budget, state="think" if opened else "pre")
         parts: list[GenerationStats] = []
         kept, prompt = "", list(tokens)
+        out_of_budget = False
         try:
             while True:
-                left = budget - monitor.tokens
+                left = budget - sum(p.generated_tokens for p in parts)
                 if left < 1:
+                    out_of_budget = True
                     break
                 it = self.backend.stream(prompt, dataclasses.replace(self.sampling, max_tokens=left))
                 action = None
@@ -307,13 +316,22 @@ class Session:
                     break
                 kept += action.inject
                 yield action.inject
+                # the kept text is tokenized again: the engine reuses its KV cache up to the longest common
+                # prefix with what it decoded, so only the injection (and any token the text splits
+                # differently) is prefilled
                 prompt = list(tokens) + self.backend.tokenize_markup(kept)
                 if len(prompt) >= self.backend.n_ctx:
+                    out_of_budget = True
                     break
         finally:
-            worker.close()
+            if not worker.close():
+                self._busy_workers.append(worker)          # a verifier call still runs: joined at close()
             turn.thinking = monitor.record()
-            self.backend.last_stats = _sum_stats(parts)
+            turn.thinking["verifier_thread_left_running"] = worker.alive
+            stats = _sum_stats(parts)
+            if out_of_budget:
+                stats.finish_reason = "length"
+            self.backend.last_stats = stats
 
     # --- context-window policy ------------------------------------------------------------------
 

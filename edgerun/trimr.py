@@ -61,7 +61,14 @@ class TrimConfig:
         loop_ngram, loop_repeats: a repetition loop: a ``loop_ngram``-word n-gram seen ``loop_repeats``
             times in the thinking.
         answer_prompt: text injected after the end-of-thinking marker (the model completes the answer).
-        wait: apply each verdict before decoding on (synchronous; for measuring what asynchrony costs).
+        wait: apply each thought's verdict before decoding on (synchronous). Default (None): synchronous for
+            a verifier that says it is cheap (``cheap = True``: the rule verifier, microseconds), asynchronous
+            otherwise (the LLM verifier: decoding never waits, a late verdict applies at the next boundary).
+        wait_timeout: seconds a synchronous wait may take before decoding goes on without the verdict.
+
+    Raises:
+        UsageError: a bad M, share or limit, or a verifier given by a name other than ``"rule"`` (names of
+            models are opened by :func:`make_verifier` / ``edgerun.load``).
     """
 
     verifier: object = "rule"
@@ -71,9 +78,17 @@ class TrimConfig:
     loop_ngram: int = 24
     loop_repeats: int = 5
     answer_prompt: str = "The answer is"
-    wait: bool = False
+    wait: bool | None = None
+    wait_timeout: float = 10.0
 
     def __post_init__(self):
+        if isinstance(self.verifier, str):
+            if self.verifier != "rule":
+                raise UsageError(f"TrimConfig takes a verifier object or 'rule', not {self.verifier!r}; "
+                                 "make_verifier() opens a model by name")
+            self.verifier = RuleVerifier()
+        if self.wait is None:
+            self.wait = bool(getattr(self.verifier, "cheap", False))
         if self.confirmations < 1:
             raise UsageError("--trim-confirmations must be >= 1")
         if not 0 < self.budget_share <= 1:
@@ -118,6 +133,10 @@ class Verdict:
 
 
 class Verifier(Protocol):
+    """What the worker calls per thought: ``judge`` returns a :class:`Verdict` (its ``index`` is set by the
+    worker); ``previous`` is the verdict of the thought before, ``previous_text`` its text. ``cheap = True``
+    makes TrimR apply its verdicts synchronously."""
+
     name: str
 
     def judge(self, question: str, thought: str, previous: "Verdict | None", previous_text: str) -> Verdict: ...
@@ -130,6 +149,7 @@ class RuleVerifier:
     """
 
     name = "rule"
+    cheap = True
 
     def judge(self, question: str, thought: str, previous: Verdict | None, previous_text: str) -> Verdict:
         t0 = time.perf_counter()
@@ -162,10 +182,14 @@ class LLMVerifier:
             from the worker thread.
         template: its :class:`~edgerun.templates.ChatTemplate`.
         max_chars: each text is cut to its last ``max_chars`` characters (bounds the call's prefill).
-        calibrate: subtract the content-free log-odds.
+        calibrate: subtract the log-odds of the same question with every text replaced by ``N/A``
+            (computed once per question kind).
+
+    Calls are serialised by a lock (one llama.cpp context is never used by two threads).
 
     Raises:
-        UsageError: the model's tokenizer has no single way to write ``Yes`` / ``No``.
+        UsageError: the model's tokenizer turns ``Yes`` or ``No`` into no token (multi-token words are
+            scored as the sum of their tokens' log-probabilities).
     """
 
     name = "llm"
@@ -177,6 +201,7 @@ class LLMVerifier:
         if not self._yes or not self._no:
             raise UsageError("the verifier model's tokenizer cannot write Yes/No")
         self._bias: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def _log_odds(self, prompt: str) -> float:
         parts = self.template.render_parts([{"role": "system", "content": "Answer Yes or No."},
@@ -190,12 +215,15 @@ class LLMVerifier:
         score = self._log_odds(fmt.format(question=question[-self.max_chars:], **cut))
         if self.calibrate:
             if kind not in self._bias:
-                self._bias[kind] = self._log_odds(fmt.format(question=question[-self.max_chars:],
-                                                             **{k: "N/A" for k in texts}))
+                self._bias[kind] = self._log_odds(fmt.format(question="N/A", **{k: "N/A" for k in texts}))
             score -= self._bias[kind]
         return score > 0
 
     def judge(self, question: str, thought: str, previous: Verdict | None, previous_text: str) -> Verdict:
+        with self._lock:
+            return self._judge(question, thought, previous, previous_text)
+
+    def _judge(self, question: str, thought: str, previous: Verdict | None, previous_text: str) -> Verdict:
         t0 = time.perf_counter()
         reaches = self._ask("answer", _Q_ANSWER, question, thought=thought)
         same, calls = None, 1
@@ -205,7 +233,9 @@ class LLMVerifier:
         return Verdict(-1, reaches, same, None, (time.perf_counter() - t0) * 1e3, calls)
 
     def close(self) -> None:
-        self.backend.close()
+        """Free the verifier's model (after the call in flight, if any)."""
+        with self._lock:
+            self.backend.close()
 
 
 def open_llm_verifier(model: str | None = None, threads: int = 1, n_ctx: int = 2048) -> LLMVerifier:
@@ -228,7 +258,7 @@ def open_llm_verifier(model: str | None = None, threads: int = 1, n_ctx: int = 2
         raise type(e)(f"the TrimR verifier model {label} cannot be loaded: {e}") from None
     try:
         special = backend.special_tokens
-        template = templates.choose(backend.chat_template, None, model_label=label,
+        template = templates.choose(backend.chat_template, None, model_label=f"the TrimR verifier {label}",
                                     bos_token=special["bos_token"], eos_token=special["eos_token"])
         return LLMVerifier(backend, template, label=label)
     except BaseException:
@@ -275,8 +305,9 @@ class VerifierWorker:
 
     def submit(self, index: int, thought: str) -> None:
         """Queue thought ``index`` for judging (returns at once)."""
-        self._idle.clear()
-        self._jobs.put((index, thought))
+        with self._lock:
+            self._idle.clear()
+            self._jobs.put((index, thought))
 
     def ready(self) -> list[Verdict]:
         """Verdicts that arrived since the last call, in thought order."""
@@ -285,11 +316,15 @@ class VerifierWorker:
         return out
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until every submitted thought is judged (synchronous mode); False on timeout."""
+        """Block until every submitted thought is judged (synchronous mode), at most ``timeout`` seconds;
+        False on timeout."""
         return self._idle.wait(timeout)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop after the call in flight and join the thread."""
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop after the call in flight and join the thread, waiting at most ``timeout`` seconds.
+
+        Returns True when the thread ended (False: a verifier call still runs; the thread is a daemon and
+        ends after it, and the session joins it again before closing the verifier)."""
         while True:  # drop queued jobs: the reply is over
             try:
                 self._jobs.get_nowait()
@@ -297,6 +332,7 @@ class VerifierWorker:
                 break
         self._jobs.put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
@@ -329,7 +365,10 @@ class ThinkingMonitor:
 
     Feed it every piece the engine yields (:meth:`feed`); it returns the text to show now (a possible
     marker start is held back) and an :class:`Action` when the thinking must close. :meth:`flush`
-    returns the held-back text at the end of the stream.
+    returns the held-back text at the end of the stream. ``tokens`` counts pieces fed (an engine yields
+    about one per token; llama.cpp and torch merge the pieces of a multi-byte character), the unit of the
+    underthinking share and of ``closed_at_token``. Start with ``state="think"`` when the prompt itself
+    opens the thinking section (templates that end the generation prompt with ``<think>``).
     """
 
     config: TrimConfig
@@ -363,7 +402,7 @@ class ThinkingMonitor:
     def _decide(self) -> Action | None:
         """At a thought boundary: close for overthinking, underthinking or none."""
         if self.config.wait:
-            self.worker.wait_idle()
+            self.worker.wait_idle(self.config.wait_timeout)
         self._apply_verdicts()
         if self.confirmations >= self.config.confirmations:
             return self._close("overthinking", "")
@@ -395,9 +434,10 @@ class ThinkingMonitor:
                     return True
         return False
 
-    def _end_thought(self, text: str) -> None:
+    def _end_thought(self, text: str, judge: bool = True) -> None:
         self.thoughts.append(text)
-        self.worker.submit(len(self.thoughts) - 1, text)
+        if judge:      # the thought the model ends with its own </think> needs no verdict: nothing is left to trim
+            self.worker.submit(len(self.thoughts) - 1, text)
 
     def feed(self, piece: str) -> tuple[str, Action | None]:
         """Take one decoded piece (one token's text); return (text to show now, action or None)."""
@@ -425,7 +465,7 @@ class ThinkingMonitor:
             k = self._pending.find("\n\n")
             if j >= 0 and (k < 0 or j < k):
                 self._thought += self._pending[:j]
-                self._end_thought(self._thought)
+                self._end_thought(self._thought, judge=False)
                 self._thought = ""
                 self.closed, self.closed_at_token, self.closed_at_thought = "model", self.tokens, len(self.thoughts)
                 out.append(self._pending[:j + len(THINK_CLOSE)])
@@ -447,11 +487,13 @@ class ThinkingMonitor:
                 self._pending = self._pending[k:]
                 break                                  # wait for enough text to decide
             if MARKER_RE.match(after):                 # a new thought starts: the current one is complete
-                self._thought += self._pending[:k]
+                head = self._pending[:k]
+                self._thought += head
                 self._end_thought(self._thought)
                 self._thought = ""
                 action = self._decide()
                 if action is not None:
+                    out.append(head)                   # the end of the thought is shown; the marker is dropped
                     return "".join(out), action
                 out.append(self._pending[:k + 2])
                 self._pending = self._pending[k + 2:]
@@ -460,16 +502,27 @@ class ThinkingMonitor:
             self._thought += self._pending[:k + 2]
             self._pending = self._pending[k + 2:]
         shown = "".join(out)
-        if self.state == "think" and shown and self._loop(shown):
-            self._thought += ""
-            return shown, self._close("loop", "")
+        if self.state == "think" and shown:
+            if self._loop(shown):
+                return shown, self._close("loop", "")
+            if "\n" in shown and self.tokens >= self.config.budget_share * self.budget_tokens:
+                # a long thought without markers: underthinking is checked at line ends too
+                self._end_thought(self._thought, judge=False)   # held-back text (a marker start) is dropped
+                return shown, self._close("underthinking", _CONCLUDE)
         return shown, None
 
     def flush(self) -> str:
-        """The held-back text at the end of the stream."""
+        """The held-back text at the end of the stream (a ``</think>`` held back there still ends the thinking)."""
         out, self._pending = self._pending, ""
-        if self.state == "think" and not self.closed:
-            self.closed = "none"
+        if self.state == "think":
+            j = out.find(THINK_CLOSE)
+            if j >= 0:
+                self._end_thought(self._thought + out[:j], judge=False)
+                self._thought = ""
+                self.closed, self.closed_at_token, self.closed_at_thought = "model", self.tokens, len(self.thoughts)
+                self.state = "post"
+            elif not self.closed:
+                self.closed = "none"
         return out
 
     def record(self) -> dict:
@@ -485,6 +538,7 @@ class ThinkingMonitor:
                 "closed": self.closed or ("none" if self.state != "pre" else "no thinking"),
                 "closed_at_token": self.closed_at_token, "closed_at_thought": self.closed_at_thought,
                 "budget_tokens": self.budget_tokens,
+                # the tokens the untrimmed reply could still have spent: the saving against the budget
                 "budget_left_at_close": (self.budget_tokens - self.closed_at_token
                                          if self.closed in ("overthinking", "underthinking", "loop") else None),
                 "verifier_errors": list(self.worker.errors)}
