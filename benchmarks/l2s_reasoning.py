@@ -303,14 +303,16 @@ def render(rows: dict, settings: dict) -> str:
     lines = [f"Long-to-Short merging on the reasoning testbed: System-1 (BASE) and System-2 fine-tunes of "
              f"SmolLM2-135M-Instruct and their merges (task vector = System-2 - System-1). First {settings['n']} "
              f"held-out problems of `edgerun.reasoning` (test split), greedy, cap {settings['max_new_tokens']} tokens "
-             f"(System-2's longest reference reply: {ref['max']} tokens, mean {ref['mean']}); float32 torch, "
+             f"(System-2's longest reference reply: {ref['max']} tokens, mean {ref['mean']}"
+             f"{'' if settings['max_new_tokens'] > ref['max'] else '; the cap cuts replies'}); float32 torch, "
              f"{settings['threads']} thread(s), batch {settings['batch']}; load average "
              f"{settings['load_avg_start'][0]} at the start, {settings['load_avg_end'][0]} at the end.", "",
              "Intervals: accuracy Wilson 95%; tokens 95% BCa bootstrap; differences and ratios paired over problems, "
              f"95% BCa bootstrap, {settings['resamples']} resamples, seed 0. Tokens include the end-of-turn token. "
              "think: share of replies with both `<think>` and `</think>`.", "",
-             "| model | accuracy [95%] | - System-1 [95%] | - System-2 [95%] | tokens [95%] | x System-2 [95%] "
-             "| capped | think | merge s | merge peak RSS MiB | generate s |", "|" + "---|" * 11]
+             "| model | accuracy [95%] | acc - System-1 [95%] | acc - System-2 [95%] | tokens [95%] "
+             "| tokens / System-2 [95%] | capped | think | merge s | merge peak RSS MiB | generate s |",
+             "|" + "---|" * 11]
     for name, r in rows.items():
         v1, v2 = r.get("vs_system1"), r.get("vs_system2")
         d1 = v1["accuracy_diff"] if v1 else None
