@@ -50,6 +50,7 @@ from edgerun.atomic import atomic_file  # noqa: E402
 from profilers.accuracy import bootstrap_mean, paired_difference, paired_ratio, wilson_interval  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TAG = "trimr_table"
 ROWS = ("untrimmed", "trimr-rule", "trimr-llm", "budget")
 ANSWER_PROMPT = "The answer is"
 
@@ -253,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llm-n", type=int, default=None,
                     help="run the trimr-llm row on the first N problems of each set only (default all)")
     ap.add_argument("--results", type=Path, default=None, help="directory of the result files")
+    ap.add_argument("--sets", default="testbed,gsm8k", help="sets to run: testbed, gsm8k")
+    ap.add_argument("--tag", default="trimr_table", help="stem of the result files")
     args = ap.parse_args(argv)
-    global RESULTS
-    RESULTS = args.results or RESULTS
+    global RESULTS, TAG
+    RESULTS, TAG = args.results or RESULTS, args.tag
+    wanted = args.sets.split(",")
     rows = [r for r in ROWS if r in args.rows.split(",")]
     ckpt = args.model or catalog.home() / "cache" / "reasoning" / "smollm2-135m-system2"
     if not (ckpt / "edgerun_train.json").is_file():
@@ -272,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         configs["trimr-llm"] = trimr.TrimConfig(verifier=llm)
     n_pilot = args.pilot
     tb = reasoning.problems("test", args.n + n_pilot)
-    sets = {"testbed": ([(p.question, p.answer, p.kind) for p in tb[:args.n]],
-                        [(p.question, p.answer, p.kind) for p in tb[args.n:]])}
-    if args.gsm8k:
+    sets = {}
+    if "testbed" in wanted:
+        sets["testbed"] = ([(p.question, p.answer, p.kind) for p in tb[:args.n]],
+                           [(p.question, p.answer, p.kind) for p in tb[args.n:]])
+    if args.gsm8k and "gsm8k" in wanted:
         gsm = [(p["question"], p["answer"], "gsm8k") for p in data.gsm8k_problems()[:args.gsm8k + n_pilot]]
         sets["gsm8k"] = (gsm[:args.gsm8k], gsm[args.gsm8k:])
     train = json.loads((ckpt / "edgerun_train.json").read_text())
@@ -330,9 +336,9 @@ def _ratio(x: dict | None) -> str:
 
 def write(payload: dict, replies: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with atomic_file(RESULTS / "trimr_table.json", force=True) as tmp:
+    with atomic_file(RESULTS / f"{TAG}.json", force=True) as tmp:
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    with atomic_file(RESULTS / "trimr_replies.json", force=True) as tmp:
+    with atomic_file(RESULTS / f"{TAG}.replies.json", force=True) as tmp:
         tmp.write_text(json.dumps(replies) + "\n")
     s = payload["settings"]
     lines = [f"# TrimR on the System-2 testbed model ({s['gguf']}, llama.cpp, greedy, {s['threads']} thread; "
@@ -382,7 +388,7 @@ def write(payload: dict, replies: dict) -> None:
                          if ag["same_agreement"] is not None else "")
                       + f"{ag['ms_per_judgement']:.0f} ms per judgement."]
         lines.append("")
-    with atomic_file(RESULTS / "trimr_table.md", force=True) as tmp:
+    with atomic_file(RESULTS / f"{TAG}.md", force=True) as tmp:
         tmp.write_text("\n".join(lines))
 
 
