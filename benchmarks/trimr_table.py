@@ -51,7 +51,7 @@ from profilers.accuracy import bootstrap_mean, paired_difference, paired_ratio, 
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TAG = "trimr_table"
-ROWS = ("untrimmed", "trimr-rule", "trimr-llm", "budget")
+ROWS = ("untrimmed", "trimr-rule", "trimr-llm", "trimr-llm-sync", "budget")
 ANSWER_PROMPT = "The answer is"
 
 
@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if "trimr-llm" in rows:
         llm = trimr.open_llm_verifier(threads=1)
         configs["trimr-llm"] = trimr.TrimConfig(verifier=llm)
+    if "trimr-llm-sync" in rows:      # the LLM verifier's verdicts applied before decoding goes on: its judgement
+        llm = llm or trimr.open_llm_verifier(threads=1)          # without its latency
+        configs["trimr-llm-sync"] = trimr.TrimConfig(verifier=llm, wait=True, wait_timeout=60.0)
     n_pilot = args.pilot
     tb = reasoning.problems("test", args.n + n_pilot)
     sets = {}
@@ -291,14 +294,15 @@ def main(argv: list[str] | None = None) -> int:
                "sets": {}}
     replies = {}
     for name, (items, pilot) in sets.items():
-        budget, pilot_record = calibrate_budget(session, configs, pilot, args.max_new)
+        budget, pilot_record = (calibrate_budget(session, configs, pilot, args.max_new) if "budget" in rows
+                                else (None, {"B": None, "pilot_n": 0}))
         log(f"{name} pilot: {pilot_record}")
         results: dict[str, list[dict]] = {r: [] for r in rows}
         t_set = time.perf_counter()
         for i, (q, gold, kind) in enumerate(items):
             order = rows[i % len(rows):] + rows[:i % len(rows)]
             for row in order:
-                if row == "trimr-llm" and args.llm_n is not None and i >= args.llm_n:
+                if row.startswith("trimr-llm") and args.llm_n is not None and i >= args.llm_n:
                     continue
                 it = run_row(session, row, q, configs, budget, args.max_new)
                 it["correct"] = (reasoning.final_answer(it["reply"]) == gold if name == "testbed"
@@ -347,9 +351,9 @@ def write(payload: dict, replies: dict) -> None:
              f"{tuple(round(x, 2) for x in payload.get('load_average', ()))}.", ""]
     for name, rows in payload["sets"].items():
         bf = rows["budget_forcing"]
-        lines += [f"## {name}", "", f"Budget forcing at B = {bf['B']} thinking tokens, set on {bf['pilot_n']} unscored "
+        lines += [f"## {name}", "", (f"Budget forcing at B = {bf['B']} thinking tokens, set on {bf['pilot_n']} unscored "
                   f"pilot problems (untrimmed thinking {bf['pilot_untrimmed_thinking']:.1f} tokens, TrimR-rule "
-                  f"{bf['pilot_trimr_rule_thinking']:.1f}). Thinking tokens per row: "
+                  f"{bf['pilot_trimr_rule_thinking']:.1f}). " if bf["B"] is not None else "") + "Thinking tokens per row: "
                   + ", ".join(f"{r} {v['thinking_tokens']['mean']:.1f}" for r, v in rows.items()
                               if isinstance(v, dict) and "thinking_tokens" in v) + ".", "",
                   "| row | n | accuracy [95% CI] | vs untrimmed (paired) | tokens [95% CI] | tokens vs untrimmed "
