@@ -49,6 +49,22 @@ def evaluate(gguf: Path, probs: list, cap: int, threads: int) -> list[dict]:
     return out
 
 
+def from_replies(ckpt: Path, replies: list[str], probs: list, cap: int) -> list[dict]:
+    """Items of replies generated elsewhere (same order as ``probs``): tokens counted with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    if len(replies) < len(probs):
+        raise SystemExit(f"{len(replies)} replies for {len(probs)} problems")
+    out = []
+    for p, reply in zip(probs, replies):
+        n = len(tok(reply, add_special_tokens=False).input_ids)
+        capped = n >= cap or (reasoning.THINK_OPEN in reply and reasoning.THINK_CLOSE not in reply)
+        out.append({"id": p.id, "kind": p.kind, "reply": reply, "tokens": n + (0 if capped else 1),
+                    "correct": reasoning.is_correct(reply, p), "capped": capped})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="system1,system2")
@@ -56,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new", type=int, default=640)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quant", default="Q8_0")
+    ap.add_argument("--system2-replies", type=Path, default=None,
+                    help="take System-2's replies from this benchmarks/trimr_table.py replies file (its untrimmed "
+                         "testbed row: the same model, engine and settings) instead of generating them again")
     args = ap.parse_args(argv)
     probs = reasoning.problems("test", args.n)
     path = RESULTS / "reasoning_eval.json"
@@ -63,10 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     payload["settings"] = {"n": args.n, "max_new_tokens": args.max_new, "threads": args.threads, "quant": args.quant,
                            "engine": "llama.cpp, greedy, chat template",
                            "longest_reference_system2_reply_chars": max(len(reasoning.system2_reply(p)) for p in probs)}
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    if args.system2_replies is not None and "system2" not in names:
+        names.append("system2")
+    for name in names:
         ckpt = catalog.home() / "cache" / "reasoning" / f"smollm2-135m-{name}"
         train = json.loads((ckpt / "edgerun_train.json").read_text())
-        items = evaluate(export_gguf(ckpt, args.quant), probs, args.max_new, args.threads)
+        if name == "system2" and args.system2_replies is not None:
+            items = from_replies(ckpt, json.loads(args.system2_replies.read_text())["testbed"]["untrimmed"], probs,
+                                 args.max_new)
+            payload["settings"]["system2_from"] = f"{args.system2_replies.name} (untrimmed testbed row); tokens " \
+                                                  "re-counted from the reply text plus the end-of-turn token"
+        else:
+            items = evaluate(export_gguf(ckpt, args.quant), probs, args.max_new, args.threads)
         hits = sum(x["correct"] for x in items)
         payload["models"][name] = {
             "accuracy": hits / len(items), "accuracy_ci95": list(wilson_interval(hits, len(items))),
