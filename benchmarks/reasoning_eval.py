@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     probs = reasoning.problems("test", args.n)
     path = RESULTS / "reasoning_eval.json"
     payload = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(catalog.home() / "cache" / "reasoning" / "smollm2-135m-system2")
     payload["settings"] = {"n": args.n, "max_new_tokens": args.max_new, "threads": args.threads, "quant": args.quant,
                            "engine": "llama.cpp, greedy, chat template",
-                           "longest_reference_system2_reply_chars": max(len(reasoning.system2_reply(p)) for p in probs)}
+                           "longest_reference_system2_reply_tokens": max(
+                               len(tok(reasoning.system2_reply(p), add_special_tokens=False).input_ids) for p in probs)}
     names = args.models.split(",")
     if args.system2_replies is not None and "system2" not in names:
         names.append("system2")
@@ -116,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# The reasoning testbed's models on {args.n} held-out problems",
              "", f"llama.cpp {args.quant}, greedy, {args.threads} thread, cap {args.max_new} tokens (System-2's longest "
-             f"reference reply on these problems: {payload['settings']['longest_reference_system2_reply_chars']} "
-             f"characters). Load average {tuple(round(x, 2) for x in payload['load_average'])}.", "",
+             f"reference reply on these problems: {payload['settings']['longest_reference_system2_reply_tokens']} "
+             f"tokens). " + (f"System-2's replies: {payload['settings']['system2_from']}. "
+                             if "system2_from" in payload["settings"] else "") + f"Load average {tuple(round(x, 2) for x in payload['load_average'])}.", "",
              "| model | training | accuracy [95% CI] | " + " | ".join(reasoning.KINDS) + " | tokens/reply [95% CI] "
              "| at cap | thinks |", "|" + "---|" * (7 + len(reasoning.KINDS) - 2)]
     for name, r in m.items():
