@@ -19,9 +19,8 @@ converters do not import profilers).
 
 from __future__ import annotations
 
-import hashlib
-
 import contextlib
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from converters import passes as passes_mod
 from converters.bpw import checkpoint_bpw, gguf_bpw, onnx_bpw
 from converters.source import Source, open_source
 from edgerun import catalog
+from edgerun.atomic import atomic_file
 from edgerun.backends import open_backend
 from edgerun.errors import UsageError
 from edgerun.formats.safetensors import read_config
@@ -69,18 +69,26 @@ def default_output(source: Source, src_name: str, to: str, quant: str) -> Path:
 def f32_cache(source: Source | Path, progress: Callable | None = None, label: str | None = None) -> Path:
     """A checkpoint (a Source, or a checkpoint directory) written as an F32 GGUF, cached per checkpoint.
 
-    Cached as ``$EDGERUN_HOME/cache/f32/<checkpoint dir name>-<hash of its full path>.gguf`` (two
-    checkpoints with the same directory name never share a file), rewritten when any of the checkpoint's
-    files (config, weights, tokenizer, chat template) is newer. ``label`` names the model in the GGUF
-    (default: the source's label or the directory name).
+    Cached as ``$EDGERUN_HOME/cache/f32/<checkpoint dir name>.gguf`` with a ``.source.json`` beside it
+    naming the checkpoint it was written from; rewritten when that is another checkpoint (two directories
+    of the same name never share a file, and a name keeps one file, so the cache does not grow with
+    temporary checkpoints) or when any of the checkpoint's files (config, weights, tokenizer, chat
+    template) is newer. ``label`` names the model in the GGUF (default: the source's label or the
+    directory name).
     """
     path = source.path if isinstance(source, Source) else Path(source)
     name = label or (source.label if isinstance(source, Source) else path.name)
-    key = hashlib.sha1(str(path.resolve()).encode("utf-8")).hexdigest()[:8]
-    out = catalog.home() / "cache" / "f32" / f"{path.name}-{key}.gguf"
+    out = catalog.home() / "cache" / "f32" / f"{path.name}.gguf"
+    record = out.with_name(out.name + ".source.json")
     newest = max(f.stat().st_mtime for f in path.iterdir() if f.is_file())
-    if not out.exists() or out.stat().st_mtime < newest:
+    try:
+        written_from = json.loads(record.read_text(encoding="utf-8")).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        written_from = None
+    if not out.exists() or out.stat().st_mtime < newest or written_from != str(path.resolve()):
         gguf_writer.write_f32(path, out, name=name, force=True, progress=progress)
+        with atomic_file(record, force=True) as tmp:
+            tmp.write_text(json.dumps({"checkpoint": str(path.resolve())}), encoding="utf-8")
     return out
 
 
