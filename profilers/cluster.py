@@ -85,11 +85,21 @@ def connected(address: str):
     if not _ADDRESS.match(address or ""):
         raise UsageError(f"bad --cluster address '{address}'; use auto, HOST:PORT or ray://HOST:PORT")
     ray = _ray()
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UsageError(f"cannot connect to a Ray cluster at {address}: {str(e).splitlines()[0]} "
-                         "(start one with 'edgerun worker --head', docs/cluster.md)") from None
+    for attempt in range(3):
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            break
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            # a head that has just started may refuse the first client ("Initialization failure from
+            # server") until its client server is up: try again twice, 2 s apart
+            transient = "Initialization failure" in str(e)
+            if attempt < 2 and transient:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                time.sleep(2.0)
+                continue
+            raise UsageError(f"cannot connect to a Ray cluster at {address}: {str(e).splitlines()[0]} "
+                             "(start one with 'edgerun worker --head', docs/cluster.md)") from None
     try:
         yield ray
     finally:
