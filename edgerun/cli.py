@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import signal
 import sys
 from pathlib import Path
@@ -1096,11 +1097,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_finished = False
+
+
 def _terminate(signum, frame):
+    if _finished:                      # the command is over (its outputs are in place): exit without
+        os._exit(128 + signum)         # raising into interpreter shutdown (atexit callbacks)
     raise SystemExit(128 + signum)     # unwinds like Ctrl-C: atomic writers remove their temporaries
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _finished
+    _finished = False
+    try:
+        return _main(argv)
+    finally:
+        _finished = True
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
