@@ -72,6 +72,21 @@ def batch_tensors(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torc
     return ids, mask, labels
 
 
+def train_step(model, optimizer, sched, batch: list[tuple[list[int], int]], pad_id: int,
+               bf16: bool = True) -> tuple[float, int]:
+    """One AdamW step on ``batch`` (loss on the reply tokens, bfloat16 autocast, gradients clipped at 1.0);
+    returns (loss, tokens in the batch)."""
+    ids, mask, labels = batch_tensors(batch, pad_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    sched.step()
+    return loss.item(), int(mask.sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-time bound of the training loop")
@@ -112,16 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     while time.perf_counter() - t0 < args.minutes * 60 and (args.steps is None or step < args.steps):
         first = (step * args.batch) % len(order)
         batch = [train[order[(first + j) % len(order)]] for j in range(args.batch)]
-        ids, mask, labels = batch_tensors(batch, pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        losses.append(round(loss.item(), 4))
-        tokens += int(mask.sum())
+        loss, n = train_step(model, optimizer, sched, batch, pad, bf16=not args.fp32)
+        losses.append(round(loss, 4))
+        tokens += n
         step += 1
         if step % 10 == 0:
             recent = losses[-10:]

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from converters.source import copy_tokenizer, open_source  # noqa: E402
 from edgerun import catalog, reasoning  # noqa: E402
 from edgerun.atomic import atomic_dir  # noqa: E402
-from l2s_system2 import batch_tensors  # noqa: E402
+from l2s_system2 import train_step  # noqa: E402
 
 DEFAULTS = {"system1": {"lr": 1e-4, "batch": 16, "problems": 20000},
             "system2": {"lr": 1e-4, "batch": 4, "problems": 20000}}
@@ -156,16 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if epoch not in epoch_batches:
             epoch_batches = {epoch: batches(train, bsz, args.seed + epoch)}
         batch = [train[j] for j in epoch_batches[epoch][step % per_epoch]]
-        ids, mask, labels = batch_tensors(batch, pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        losses.append(round(loss.item(), 4))
-        tokens += int(mask.sum())
+        loss, n = train_step(model, optimizer, sched, batch, pad)
+        losses.append(round(loss, 4))
+        tokens += n
         step += 1
         if step % 10 == 0:
             recent = losses[-10:]
