@@ -124,7 +124,7 @@ def verifier_agreement(llm, questions: list[str], replies: list[str]) -> dict:
     confusion = {"answer": {"tp": 0, "fp": 0, "fn": 0, "tn": 0}, "same": {"tp": 0, "fp": 0, "fn": 0, "tn": 0}}
     ms = []
     for q, reply in zip(questions, replies):
-        prev_r = prev_l = None
+        prev_r = None
         prev_text = ""
         for t in thoughts_of(reply):
             r = rule.judge(q, t, prev_r, prev_text)
@@ -139,7 +139,7 @@ def verifier_agreement(llm, questions: list[str], replies: list[str]) -> dict:
                 agree_s += r.same_as_previous == lv.same_as_previous
                 key = ("t" if lv.same_as_previous == r.same_as_previous else "f") + ("p" if lv.same_as_previous else "n")
                 confusion["same"][key] += 1
-            prev_r, prev_l, prev_text = r, lv, t
+            prev_r, prev_text = r, t
     return {"thoughts": n_a, "answer_agreement": agree_a / n_a if n_a else None,
             "same_pairs": n_s, "same_agreement": agree_s / n_s if n_s else None,
             "confusion_vs_rule": confusion, "ms_per_judgement": statistics.mean(ms) if ms else None}

@@ -8,18 +8,18 @@ any injection) and scripted verifiers; the tests on real models are marked slow.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import pytest
 
 from edgerun import reasoning, templates, trimr
-from edgerun.backends.base import Backend, GenerationStats, MemoryInfo, SamplingParams
-from edgerun.errors import BackendError, EdgerunError, UsageError
+from edgerun.backends.base import GenerationStats, SamplingParams
+from edgerun.errors import EdgerunError, UsageError
 from edgerun.session import Session
 from edgerun.trimr import ThinkingMonitor, TrimConfig, Verdict, VerifierWorker
+
+from test_serve import ScriptedBackend
 
 THOUGHTS = ["Step 1: 2 + 3 = 5.\nSo the answer is 5.",
             "Wait, let me double-check. 2 + 3 = 5. The answer is 5.",
@@ -229,24 +229,12 @@ def test_rule_verifier():
 
 # --- the session over a scripted engine -----------------------------------------------------------------
 
-class ThinkingEngine(Backend):
-    """An engine without a model: a token is a character; the reply is ``REPLY`` continued from whatever
+class ThinkingEngine(ScriptedBackend):
+    """test_serve's scripted engine (a token is a character) whose reply is ``REPLY`` continued from whatever
     the prompt already holds of it; after an injected end of thinking it answers `` 5.``."""
 
-    name = "scripted"
-
-    def __init__(self, n_ctx: int = 4096, gate: threading.Event | None = None):
-        self.path, self.n_ctx, self.threads = Path("scripted.bin"), n_ctx, 1
-        self.prompts: list[str] = []
-        self.last_stats = GenerationStats(context_size=n_ctx)
-
-    def encode_prompt(self, text):
-        return [ord(c) for c in text]
-
-    tokenize = encode_prompt
-
-    def detokenize(self, tokens):
-        return "".join(chr(t) for t in tokens)
+    def __init__(self, n_ctx: int = 4096):
+        super().__init__(REPLY, n_ctx)
 
     def stream(self, prompt_tokens: Sequence[int], sampling: SamplingParams) -> Iterator[str]:
         text = self.detokenize(prompt_tokens)
@@ -265,19 +253,6 @@ class ThinkingEngine(Backend):
             stats.generated_tokens, stats.finish_reason = n, finish
             stats.context_used = len(prompt_tokens) + n
             self.last_stats = stats
-
-    def complete(self, prompt_tokens, sampling):
-        return "".join(self.stream(prompt_tokens, sampling))
-
-    def logits(self, tokens):
-        return np.zeros((len(tokens), 8), dtype=np.float32)
-
-    def memory(self):
-        return MemoryInfo(0, 0, 0)
-
-    @property
-    def special_tokens(self):
-        return {"bos_token": "", "eos_token": ""}
 
 
 def session_with(verifier="rule", n_ctx=4096, **kw) -> tuple[Session, ThinkingEngine]:
