@@ -268,10 +268,16 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
     base = measure(load_model(carved), "fitted")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        frozen_steps = None
         for weight in (0.0, 1.0):
-            out, rep = finetune(carved, Path(tmp) / f"ft{weight:g}", minutes=args.distill, router_distill=weight)
+            # equal cost: the distilled run gets the frozen run's step count (its steps are slower: the
+            # oracle runs per layer), with a generous time bound so the steps, not the clock, end it
+            out, rep = finetune(carved, Path(tmp) / f"ft{weight:g}",
+                                minutes=args.distill if frozen_steps is None else 4 * args.distill,
+                                steps=frozen_steps, router_distill=weight)
+            frozen_steps = frozen_steps or rep.steps
             row = measure(load_model(out), "fitted")
-            rows.append({"router_distill": weight, "steps": rep.steps, "loss_first": rep.loss_first,
+            rows.append({"router_distill": weight, "steps": rep.steps, "seconds": rep.seconds, "loss_first": rep.loss_first,
                          "loss_last": rep.loss_last, "distill_loss_first": rep.distill_loss_first,
                          "distill_loss_last": rep.distill_loss_last, "fitted": row})
     result = {"benchmark": "cmoe_distill", "config": "S2A2E8", "minutes": args.distill, "dense_perplexity": dense_ppl,
@@ -279,13 +285,15 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
               "load_average_end": os.getloadavg(), "seconds": time.perf_counter() - t0,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cmoe_distill.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "cmoe_distill" if args.distill == 3 else f"cmoe_distill_{args.distill:g}min"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     cell, ratio = _cell, _ratio
     md = ["# CMoE fine-tune with a trained router, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
           f"{result['date']}. The fitted-router carve (16,384 wiki calibration tokens) fine-tuned for {args.distill:g} "
           "minutes (gate scales, LoRA r=8, one 256-token window per step) with the router frozen (distillation "
-          "weight 0) or distilled towards the oracle's expert sets (weight 1); perplexity on held-out wiki "
+          "weight 0) or distilled towards the oracle's expert sets (weight 1) for the frozen run's number of steps "
+          "(equal training; a distilled step is slower); perplexity on held-out wiki "
           f"({args.windows} x 512 tokens; dense {dense_ppl:.3f}); cells: perplexity (x dense, 95% paired bootstrap "
           f"interval); load average {result['load_average_end'][0]:.1f} at the end (the step counts show the "
           "budget the shared machine gave).", "",
@@ -295,10 +303,11 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
     for r in rows:
         d = (f"{r['distill_loss_first']:.3f} -> {r['distill_loss_last']:.3f}" if r["distill_loss_first"] is not None
              else "-")
-        md.append(f"| router {'distilled' if r['router_distill'] else 'frozen'} | {r['steps']} | "
+        secs = f" ({r['seconds']:.0f} s)" if "seconds" in r else ""
+        md.append(f"| router {'distilled' if r['router_distill'] else 'frozen'} | {r['steps']}{secs} | "
                   f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {d} | {cell(r['fitted'])} | "
                   f"{r['fitted']['oracle_agreement_mean']:.1%} | {ratio(r['fitted'], base)} |")
-    (args.out / "cmoe_distill.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
