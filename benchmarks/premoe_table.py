@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=16, help="with --specialization: held-out windows of 512 per task")
     ap.add_argument("--seeds", type=int, default=10, help="with --specialization: random expert sets")
     ap.add_argument("--b", type=int, default=None, help="with --specialization: routed experts kept (default half)")
+    ap.add_argument("--domains", default="", metavar="A,B,...",
+                    help="with --specialization: carve with the domain-aware grouping on these catalog texts "
+                         "(issue 16 item 4; 'tasks' = the 7 tasks), written as premoe_specialization_<config>_dom.*")
+    ap.add_argument("--calib-tokens", type=int, default=16384, help="with --specialization: the carve's calibration tokens")
     args = ap.parse_args(argv)
     if args.retrieval:
         return retrieval_main(args)
@@ -206,8 +210,13 @@ def specialization_main(args) -> int:
     t_start = time.perf_counter()
     cfg_name = args.config or "S2A2E8"
     source = open_source("smollm2-135m-instruct", progress=False)
-    carved = carved_cache(source, cfg_name, 16384, False, print)
-    router = json.loads((carved / "config.json").read_text())["edgerun_moe"].get("router", "analytical")
+    domains = ",".join(TASKS) if args.domains == "tasks" else args.domains
+    from converters import passes
+    step = passes.make("carve", config=cfg_name, calib_tokens=args.calib_tokens, domains=domains)
+    carved = step.apply(source.path, passes.Context(source=source, progress=False, log=print, label=source.label),
+                        None)[0]
+    meta = json.loads((carved / "config.json").read_text())["edgerun_moe"]
+    router = meta.get("router", "analytical")
     base = TorchBackend(carved, n_ctx=600, threads=1)
     model, tok = base.model, base.tokenizer
     layers = adapters.moe_layers(model)
@@ -258,15 +267,19 @@ def specialization_main(args) -> int:
         all_gen += gen[t]
         print(t, rows[t], flush=True)
     result = {"benchmark": "premoe_specialization", "config": cfg_name, "router": router, "routed_experts": n_exp,
+              "carve": {"calibration": meta["calibration"], **{k: meta[k] for k in ("domains", "domain_weight",
+                                                                                   "domain_purity") if k in meta}},
               "top_k": top_k, "b": b, "a": a, "seeds": args.seeds, "window_tokens": 512, "score": generic.score,
               "rows": rows, "pooled": {"own_minus_random": paired_difference(all_own, all_rand),
                                        "own_minus_generic": paired_difference(all_own, all_gen)},
               "seconds": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d"),
               "loadavg_start": load0, "loadavg_end": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "premoe_specialization.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "premoe_specialization" if cfg_name == "S2A2E8" and not domains and args.calib_tokens == 16384 else \
+        f"premoe_specialization_{cfg_name}" + ("_dom" if domains else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = _specialization_markdown(result)
-    (args.out / "premoe_specialization.md").write_text(md)
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 
@@ -279,13 +292,22 @@ def _specialization_markdown(r: dict) -> str:
 
     lines = [f"# PreMoe specialization: own pattern vs random and generic ({r['config']}, {r['router']} router)", "",
              f"{r['date']}. `python benchmarks/premoe_table.py --specialization --windows {max(v['windows'] for v in r['rows'].values())} "
-             f"--seeds {r['seeds']}`: the carved SmolLM2 ({r['routed_experts']} routed experts, top-{r['top_k']}) "
+             f"--seeds {r['seeds']} --config {r['config']}"
+             + (" --domains tasks" if r.get("carve", {}).get("domains") else "")
+             + f"`: the carved SmolLM2 ({r['routed_experts']} routed experts, top-{r['top_k']}) "
              f"pruned to b = {r['b']} experts per layer (a = {r['a']}) by each task's own pattern (4,096 calibration "
              f"tokens, TCESS `{r['score']}`), by {r['seeds']} random expert sets (the same sets for every task) and by "
              "a *generic* pattern (the 7 tasks' statistics pooled). Held-out windows of 512 tokens never used for "
              "the patterns; per window the NLL (nats/token); differences are own minus control, paired over windows, "
              "95% BCa bootstrap (negative: the own pattern is better). "
-             f"{r['seconds']:.0f} s, 1 thread, load average {r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f}.",
+             + (f"The carve is **domain-aware** on {', '.join(r['carve']['domains'])} "
+                f"({r['carve']['calibration']['tokens']} calibration tokens in equal shares, domain weight "
+                f"{r['carve']['domain_weight']}; mean domain purity of the routed experts by layer "
+                f"{min(r['carve']['domain_purity']):.2f}-{max(r['carve']['domain_purity']):.2f}). "
+                if r.get("carve", {}).get("domains") else
+                f"The carve is CMoE's co-activation grouping on {r.get('carve', {}).get('calibration', {}).get('tokens', 16384)} "
+                f"{r.get('carve', {}).get('calibration', {}).get('dataset', 'wiki')} tokens. ")
+             + f"{r['seconds']:.0f} s, 1 thread, load average {r['loadavg_start'][0]:.1f} -> {r['loadavg_end'][0]:.1f}.",
              "", "| task | windows | full | own | generic | random (mean, min-max) | own beats random sets | "
              "own - random (nats/token) | own - generic (nats/token) |", "|---|---|---|---|---|---|---|---|---|"]
     for t, v in r["rows"].items():

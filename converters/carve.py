@@ -33,6 +33,17 @@ arXiv 2502.04416; the released code's details where the paper is silent, see doc
 
 ATopK's K (``k_a``, default 10 as released) is a parameter: the carve marks the K largest |h| per token.
 
+**Domain-aware grouping** (``domains``, not in the paper; issue 16's specialisation option): the
+calibration tokens come in equal shares from several catalog texts (the *domains*), and the routed
+grouping adds each neuron's domain profile to the co-activation signal, so experts can align with
+domains. Per remaining neuron i its activation rate on each domain's tokens r_{d,i} and its domain
+preference q_{i,d} = r_{d,i} / sum_d' r_{d',i} (uniform for a neuron never active); routed expert j is
+given domain d(j) = j mod D (the domains in the order given); its seed is the unseeded neuron with the
+largest r_{d(j),i} q_{i,d(j)} (active on the domain and specific to it); the cost of neuron i to expert
+j is ``(1 - w) C_coact / mean(C_coact) + w (1 - q_{i,d(j)}) / mean(1 - q)`` with C_coact the usual
+column L1 to the seed and w = ``domain_weight`` (0.5); the same balanced assignment solves it. The
+shared expert, the routers and everything after the grouping are unchanged.
+
 Measurement options (not in the paper; ``benchmarks/cmoe_table.py --routers`` compares them by the
 oracle perplexity of the grouping): ``grouping="magnitude"`` profiles with each token's normalised
 |h| (``|h_i| / sum_k |h_k|``) instead of 0/1 markers (rates, seeds, L1 costs and representatives on
@@ -67,6 +78,7 @@ GROUPINGS = ("markers", "magnitude")
 TARGETS = ("mass", "output")
 DEFAULT_ROUTER = "fitted"
 RIDGE = 1e-2
+DOMAIN_WEIGHT = 0.5
 
 
 def activation_markers(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, k_a: int = K_A) -> torch.Tensor:
@@ -187,9 +199,38 @@ def fit_router(x: torch.Tensor, expert_gate: torch.Tensor, expert_up: torch.Tens
     return torch.linalg.solve(gram + lam * torch.eye(d), rhs).T.contiguous()
 
 
+def domain_preferences(profile: torch.Tensor, domains: torch.Tensor, n_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-domain activation rates and domain preferences of neurons (the domain-aware grouping, module doc).
+
+    Args:
+        profile: (tokens, n) float32, each token's markers (0/1) or normalised magnitudes.
+        domains: (tokens,) int64, the domain index of each token, in 0..n_domains-1.
+        n_domains: D.
+
+    Returns:
+        (rates (D, n) float32: mean profile over each domain's tokens, 0 for a domain with no tokens;
+        preferences (n, D) float32: rates normalised per neuron to sum 1, uniform 1/D for a neuron never active).
+
+    Raises:
+        ValueError: token counts differ, or a domain index outside 0..n_domains-1.
+    """
+    if domains.shape != (profile.shape[0],):
+        raise ValueError(f"{domains.shape[0] if domains.ndim else 0} domain labels for {profile.shape[0]} tokens")
+    if len(domains) and (int(domains.min()) < 0 or int(domains.max()) >= n_domains):
+        raise ValueError(f"domain labels must lie in 0..{n_domains - 1}")
+    onehot = F.one_hot(domains, n_domains).float()                            # (T, D)
+    counts = onehot.sum(0).clamp_min(1.0)
+    rates = (onehot.T @ profile) / counts[:, None]                            # (D, n)
+    total = rates.sum(0)                                                      # (n,)
+    prefs = torch.where(total[:, None] > 0, rates.T / total.clamp_min(1e-12)[:, None],
+                        torch.full((rates.shape[1], n_domains), 1.0 / n_domains))
+    return rates, prefs
+
+
 def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor,
               cfg: moe_config.MoEConfig, k_a: int = K_A, router: str = DEFAULT_ROUTER, grouping: str = "markers",
-              target: str = "mass") -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
+              target: str = "mass", domains: torch.Tensor | None = None, n_domains: int = 0,
+              domain_weight: float = DOMAIN_WEIGHT) -> tuple[CarvedMoE, torch.Tensor, torch.Tensor, dict]:
     """Carve one FFN on its calibration inputs (CMoE steps 1-4 of the module doc).
 
     Args:
@@ -200,14 +241,20 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
             computed and stored, this one routes.
         grouping: ``markers`` (CMoE's 0/1 ATopK profile) or ``magnitude`` (normalised |h|; module doc).
         target: the fitted router's target, ``mass`` or ``output`` (:func:`fit_router`).
+        domains: (tokens,) int64 domain index of each calibration token (the domain-aware grouping of the
+            module doc), with ``n_domains`` domains and the weight ``domain_weight`` in [0, 1]; None: CMoE's
+            co-activation grouping alone.
 
     Returns:
         (the :class:`CarvedMoE` layer, shared neuron ids int64 (x*m,), routed neuron ids int64
         (z-x, m) sorted per expert, statistics: mean activation rates and representative neurons).
 
     Raises:
-        ValueError: an unknown router, grouping or target, k_a outside 1..d_ff.
+        ValueError: an unknown router, grouping or target, k_a outside 1..d_ff, domain labels that do not
+            match the tokens, a domain weight outside [0, 1].
     """
+    if domains is not None and not 0.0 <= domain_weight <= 1.0:
+        raise ValueError(f"the domain weight must lie in [0, 1], got {domain_weight}")
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; valid: {', '.join(ROUTERS)}")
     if grouping not in GROUPINGS or target not in TARGETS:
@@ -224,9 +271,24 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
     order = torch.argsort(mu, descending=True, stable=True)
     shared = torch.sort(order[: cfg.shared_neurons]).values
     rest = torch.sort(order[cfg.shared_neurons:]).values                      # n = d_ff - x*m neurons
-    seeds = order[cfg.shared_neurons: cfg.shared_neurons + n_routed]         # highest-rate remaining neurons
     a = markers[:, rest]                                                      # (T, n)
-    cost = _column_l1(a, markers[:, seeds], grouping)                         # (n, z-x)
+    if domains is None:
+        seeds = order[cfg.shared_neurons: cfg.shared_neurons + n_routed]     # highest-rate remaining neurons
+        cost = _column_l1(a, markers[:, seeds], grouping)                     # (n, z-x)
+    else:
+        rates, prefs = domain_preferences(a, domains, n_domains)              # (D, n), (n, D)
+        expert_domain = torch.arange(n_routed) % n_domains
+        taken, seed_pos = torch.zeros(len(rest), dtype=torch.bool), []
+        for j in range(n_routed):
+            d = int(expert_domain[j])
+            score = torch.where(taken, torch.tensor(-1.0), rates[d] * prefs[:, d])
+            pos = int(torch.argmax(score))
+            taken[pos] = True
+            seed_pos.append(pos)
+        coact = _column_l1(a, a[:, seed_pos], grouping)                        # (n, z-x)
+        dom = 1.0 - prefs[:, expert_domain]                                   # (n, z-x)
+        cost = ((1.0 - domain_weight) * coact / coact.mean().clamp_min(1e-12)
+                + domain_weight * dom / dom.mean().clamp_min(1e-12))
     groups = torch.from_numpy(balanced_assignment(cost.double().numpy(), m))
     members = torch.stack([rest[groups == j] for j in range(n_routed)])      # (z-x, m), sorted ids
     reps = []
@@ -250,13 +312,17 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
                                            expert_down=torch.stack([w_down[:, members[j]] for j in range(n_routed)])))
     stats = {"mu_shared_mean": float(mu[shared].mean()) if len(shared) else None,
              "mu_routed_mean": float(mu[rest].mean()), "representatives": reps.tolist()}
+    if domains is not None:   # per expert, the share of its members' domain rates on its own domain
+        stats["expert_domains"] = expert_domain.tolist()
+        stats["domain_purity"] = [float(prefs[groups == j][:, int(expert_domain[j])].mean()) for j in range(n_routed)]
     return moe, shared, members, stats
 
 
 def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, tokens: int = 16384,
                      seq_len: int = 2048, dataset: str = "wiki", k_a: int = K_A, router: str = DEFAULT_ROUTER,
                      force: bool = False, progress: Callable[[int, int], None] | None = None,
-                     grouping: str = "markers", target: str = "mass") -> Path:
+                     grouping: str = "markers", target: str = "mass", domains: list[str] | None = None,
+                     domain_weight: float = DOMAIN_WEIGHT) -> Path:
     """Carve every FFN of an HF Llama checkpoint and write the carved checkpoint (see :mod:`edgerun.moe.store`).
 
     Args:
@@ -267,6 +333,9 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         k_a: neurons marked per token (ATopK's K; 10 as released).
         router: ``fitted`` (default) or ``analytical`` (CMoE's); recorded in the config as ``router``.
         grouping, target: measurement options of :func:`carve_ffn` (recorded when not the default).
+        domains: catalog texts for the domain-aware grouping (module doc): ``tokens`` split equally among
+            them (whole windows of ``seq_len``, shortened to a domain's share when that is smaller),
+            ``dataset`` unused; recorded with ``domain_weight`` in the config. None or one domain: CMoE's grouping.
         force: replace an existing output.
         progress: called as ``progress(done_layers, total_layers)``.
 
@@ -276,8 +345,8 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
 
     Raises:
         UsageError: unsupported architecture (non-Llama, non-SwiGLU), an already carved source, a bad
-            configuration, an unknown router or K, too little calibration text, output exists without
-            ``force``.
+            configuration, an unknown router or K, too little calibration text, a repeated domain or a
+            domain weight outside [0, 1], output exists without ``force``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only a carve loads a model
 
@@ -296,6 +365,15 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         raise UsageError(f"unknown grouping '{grouping}' or router target '{target}'")
     if not 1 <= k_a <= moe_cfg.d_ff:
         raise UsageError(f"ATopK K = {k_a} must be between 1 and the FFN width {moe_cfg.d_ff}")
+    domains = list(domains) if domains and len(domains) > 1 else None
+    if domains is not None:
+        if len(set(domains)) != len(domains):
+            raise UsageError(f"repeated domain in {','.join(domains)}")
+        if not 0.0 <= domain_weight <= 1.0:
+            raise UsageError(f"the domain weight must lie in [0, 1], got {domain_weight}")
+        seq_len = min(seq_len, tokens // len(domains))
+        if seq_len < 1:
+            raise UsageError(f"{tokens} calibration tokens cannot be shared among {len(domains)} domains")
     if tokens < seq_len:
         seq_len = tokens
     if out.exists() and not force:
@@ -304,15 +382,25 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     model.eval()
-    windows = calibration_windows(tokenizer, tokens // seq_len, seq_len, dataset)
+    if domains is None:
+        windows, window_domain = calibration_windows(tokenizer, tokens // seq_len, seq_len, dataset), None
+    else:
+        per_domain = max(1, tokens // len(domains) // seq_len)
+        windows, window_domain = [], []
+        for d, name in enumerate(domains):
+            windows += calibration_windows(tokenizer, per_domain, seq_len, name)
+            window_domain += [d] * per_domain
     hiddens, kwargs_list = block_inputs(model, windows)
     layers, carved = model.model.layers, []
     for i, layer in enumerate(layers):
         residuals, ffn_in = _ffn_inputs(layer, hiddens, kwargs_list)
         mlp = layer.mlp
+        token_domain = (None if window_domain is None else
+                        torch.cat([torch.full((len(f),), d, dtype=torch.int64) for f, d in zip(ffn_in, window_domain)]))
         moe, shared, members, stats = carve_ffn(mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
                                                 mlp.down_proj.weight.detach().float(), torch.cat(ffn_in), moe_cfg, k_a,
-                                                router, grouping, target)
+                                                router, grouping, target, domains=token_domain,
+                                                n_domains=len(domains or ()), domain_weight=domain_weight)
         layer.mlp = moe
         carved.append((moe, shared, members, stats))
         with torch.inference_mode():                            # layer i+1 is profiled on carved layer i
@@ -322,8 +410,11 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
     seconds = time.perf_counter() - t0
     meta = {**moe_cfg.as_dict(), "method": "cmoe", "router": router, **({"grouping": grouping} if grouping != "markers" else {}),
             **({"router_target": target} if target != "mass" else {}), "top_k": moe_cfg.active,
-            "k_a": k_a, "calibration": {"dataset": dataset, "split": "calibration", "tokens": len(windows) * seq_len,
-                                        "window": seq_len},
+            "k_a": k_a, "calibration": {"dataset": ",".join(domains) if domains else dataset, "split": "calibration",
+                                        "tokens": len(windows) * seq_len, "window": seq_len},
+            **({"domains": domains, "domain_weight": domain_weight,
+                "domain_purity": [round(sum(c[3]["domain_purity"]) / len(c[3]["domain_purity"]), 4)
+                                  for c in carved]} if domains else {}),
             "carve_seconds": round(seconds, 1), "source": str(checkpoint)}
     _save(model, carved, checkpoint, out, cfg, meta, force)
     return out

@@ -301,7 +301,12 @@ def carve_record(carved: Path) -> dict:
     meta = read_config(carved)[MOE_KEY]
     return {"name": "carve", "method": "cmoe", "config": meta["name"], "router": meta.get("router", "analytical"),
             "atopk": meta.get("k_a", 10), "calibration": meta["calibration"],
+            **({"domains": meta["domains"], "domain_weight": meta["domain_weight"]} if "domains" in meta else {}),
             "carve_seconds": meta.get("carve_seconds"), "checkpoint": str(carved)}
+
+
+def _unit_interval(v) -> str | None:
+    return None if 0 <= v <= 1 else f"must lie in [0, 1], got {v!r}"
 
 
 @register
@@ -408,7 +413,7 @@ class CarvePass(Pass):
     """Carve the dense FFNs into an SxAyEz mixture of experts, training-free (CMoE; :mod:`converters.carve`).
 
     Cached as ``$EDGERUN_HOME/cache/carved/<input>-<SxAyEz>-t<calib_tokens>-<router>`` (plus ``-k<atopk>``
-    off 10 and ``-<dataset>`` off wiki).
+    off 10, ``-<dataset>`` off wiki, ``-dom-<domains>`` for a domain-aware grouping and ``-w<weight>`` off 0.5).
     """
 
     name = "carve"
@@ -426,6 +431,10 @@ class CarvePass(Pass):
                                        "exactly) or analytical (CMoE's representative-neuron router)",
               choices=("fitted", "analytical")),
         Param("atopk", int, 10, "ATopK's K: neurons marked per calibration token for the grouping", check=positive),
+        Param("domains", str, "", "comma-separated catalog texts: a domain-aware grouping on calibration tokens "
+                                  "shared equally among them (replaces dataset; empty: CMoE's grouping)"),
+        Param("domain_weight", float, 0.5, "weight of the domain preference against co-activation in the "
+                                           "domain-aware grouping, in [0, 1]", check=_unit_interval),
     )
 
     def tag(self) -> str:
@@ -440,7 +449,11 @@ class CarvePass(Pass):
         cfg = moe_config.parse(self.values["config"], int(read_config(model)["intermediate_size"]))
         tokens, dataset = self.values["calib_tokens"], self.values["dataset"]
         router, k_a = self.values["router"], self.values["atopk"]
-        suffix = f"-{router}" + ("" if k_a == 10 else f"-k{k_a}") + ("" if dataset == "wiki" else f"-{dataset}")
+        domains = [d.strip() for d in self.values["domains"].split(",") if d.strip()]
+        weight = self.values["domain_weight"]
+        suffix = f"-{router}" + ("" if k_a == 10 else f"-k{k_a}") + ("" if dataset == "wiki" or domains else f"-{dataset}")
+        if len(domains) > 1:
+            suffix += "-dom-" + "-".join(domains) + ("" if weight == 0.5 else f"-w{weight:g}")
         out, todo = output_of(out, lambda: catalog.home() / "cache" / "carved"
                               / f"{model.name}-{cfg.name}-t{tokens}{suffix}")
         if todo:
@@ -449,7 +462,7 @@ class CarvePass(Pass):
             b = bar(f"carving {cfg.name}", ctx.progress, "layer")
             try:
                 carve_checkpoint(model, out, cfg.name, tokens=tokens, dataset=dataset, k_a=k_a, router=router,
-                                 force=True, progress=b)
+                                 force=True, progress=b, domains=domains or None, domain_weight=weight)
             finally:
                 _close(b)
         return out, [carve_record(out)]

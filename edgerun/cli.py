@@ -448,6 +448,12 @@ def _add_carve(sub) -> None:
                         "exports route identically); analytical: CMoE's representative-neuron router")
     p.add_argument("--atopk", type=_positive_int, default=10, metavar="K",
                    help="neurons marked per calibration token for the grouping (CMoE's ATopK; default 10)")
+    p.add_argument("--domains", default="", metavar="A,B,...",
+                   help="domain-aware grouping: calibrate on these catalog texts in equal shares (instead of "
+                        "--calib) and group neurons by co-activation and domain preference, so routed experts "
+                        "align with domains (e.g. wiki,code,multilingual,math)")
+    p.add_argument("--domain-weight", type=float, default=0.5, metavar="W",
+                   help="with --domains: weight of the domain preference against co-activation, 0..1 (default 0.5)")
     p.add_argument("--finetune", type=float, default=None, metavar="MINUTES", nargs="?", const=3.0,
                    help="then CMoE's light fine-tune on the calibration text: learnable gate scales, bias load "
                         "balancing and LoRA r=8 (peft), bounded to MINUTES (default 3)")
@@ -463,7 +469,8 @@ def cmd_carve(args) -> int:
     from converters.source import open_source  # torch (dequantizing a GGUF source)
 
     chain = [passes.make("carve", "--config", config=args.config, calib_tokens=args.calib_tokens, dataset=args.calib,
-                         router=args.router, atopk=args.atopk)]
+                         router=args.router, atopk=args.atopk, domains=args.domains,
+                         domain_weight=args.domain_weight)]
     if args.finetune is not None:
         chain.append(passes.make("finetune", "--finetune", minutes=args.finetune, steps=args.finetune_steps,
                                  lora=not args.no_lora, dataset=args.calib))

@@ -453,3 +453,69 @@ def test_cli_carve_with_finetune_writes_one_checkpoint_and_no_staging(tiny_llama
     bad = subprocess.run(edgerun_cmd("carve", str(tiny_llama), "--config", "S1A1E4", "--finetune", "0", "-o",
                                      str(tmp_path / "x")), capture_output=True, text=True, env=cli_env(), timeout=300)
     assert bad.returncode != 0 and "must be positive" in bad.stderr
+
+
+# --- domain-aware grouping (issue 16, item 4) -------------------------------------------------------
+
+def _two_domain_ffn():
+    """An FFN whose neurons 0-127 read only the first half of the input and 128-255 only the second; domain 0's
+    tokens live in the first half, domain 1's in the second, so each domain activates its own 128 neurons."""
+    torch.manual_seed(0)
+    d, d_ff, t = 32, 256, 1024
+    g, u = torch.zeros(d_ff, d), torch.zeros(d_ff, d)
+    for rows, cols in ((slice(0, 128), slice(0, 16)), (slice(128, 256), slice(16, 32))):
+        g[rows, cols], u[rows, cols] = torch.randn(128, 16), torch.randn(128, 16)
+    x, dom = torch.zeros(t, d), torch.arange(t) % 2
+    x[dom == 0, :16], x[dom == 1, 16:] = torch.randn(t // 2, 16), torch.randn(t // 2, 16)
+    return (g, u, torch.randn(d, d_ff) / 16), x, dom
+
+
+def test_domain_preferences_of_a_constructed_profile():
+    from converters.carve import domain_preferences
+
+    profile = torch.tensor([[1., 0., 0.], [1., 1., 0.], [0., 1., 0.], [0., 1., 0.]])   # 4 tokens, 3 neurons
+    rates, prefs = domain_preferences(profile, torch.tensor([0, 0, 1, 1]), 2)
+    assert torch.allclose(rates, torch.tensor([[1., .5, 0.], [0., 1., 0.]]))
+    assert torch.allclose(prefs, torch.tensor([[1., 0.], [1 / 3, 2 / 3], [.5, .5]]))   # never active: uniform
+    with pytest.raises(ValueError, match="domain labels"):
+        domain_preferences(profile, torch.tensor([0, 0, 1, 2]), 2)
+
+
+def test_a_domain_aware_carve_puts_each_domains_neurons_into_its_own_experts():
+    """Two synthetic domains with disjoint active neurons: the domain-aware grouping gives three experts to each
+    domain, each (nearly) made of that domain's neurons, where CMoE's co-activation grouping mixes them (its
+    sparse ATopK markers barely distinguish a same-domain pair from a cross-domain one)."""
+    (g, u, d), x, dom = _two_domain_ffn()
+    cfg = moe_config.parse("S2A2E8", 256)
+
+    def majority(members):
+        side = (members >= 128).float().mean(1)
+        return torch.maximum(side, 1 - side), side
+
+    _, _, plain, _ = carve_ffn(g, u, d, x, cfg)
+    _, _, aware, stats = carve_ffn(g, u, d, x, cfg, domains=dom, n_domains=2)
+    pure, side = majority(aware)
+    assert stats["expert_domains"] == [0, 1, 0, 1, 0, 1]
+    assert bool((pure >= 0.9).all()), side
+    assert [bool(s > 0.5) for s in side] == [False, True, False, True, False, True]   # expert j on domain j mod 2
+    assert float(pure.mean()) > float(majority(plain)[0].mean()) + 0.05
+    with pytest.raises(ValueError, match="domain weight"):
+        carve_ffn(g, u, d, x, cfg, domains=dom, n_domains=2, domain_weight=1.5)
+
+
+def test_a_domain_aware_checkpoint_calibrates_on_each_domain_and_records_it(tiny_llama, tmp_path):
+    from converters.carve import carve_checkpoint
+    from converters.passes import carve_record
+
+    out = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=1024, seq_len=256,
+                           domains=["wiki", "code"])
+    meta = json.loads((out / "config.json").read_text())["edgerun_moe"]
+    assert meta["domains"] == ["wiki", "code"] and meta["domain_weight"] == 0.5
+    assert meta["calibration"] == {"dataset": "wiki,code", "split": "calibration", "tokens": 1024, "window": 256}
+    assert len(meta["domain_purity"]) == 2 and all(0.5 <= p <= 1.0 for p in meta["domain_purity"])
+    assert carve_record(out)["domains"] == ["wiki", "code"]
+    with pytest.raises(UsageError, match="repeated domain"):
+        carve_checkpoint(tiny_llama, tmp_path / "c2", "S1A1E4", tokens=1024, domains=["wiki", "wiki"])
+    with pytest.raises(UsageError, match="domain weight"):
+        carve_checkpoint(tiny_llama, tmp_path / "c3", "S1A1E4", tokens=1024, domains=["wiki", "code"],
+                         domain_weight=2.0)
