@@ -212,7 +212,7 @@ def specialization_main(args) -> int:
     source = open_source("smollm2-135m-instruct", progress=False)
     domains = ",".join(TASKS) if args.domains == "tasks" else args.domains
     from converters import passes
-    step = passes.make("carve", config=cfg_name, calib_tokens=args.calib_tokens, domains=domains)
+    step = passes.make("carve", config=cfg_name, calib_tokens=args.calib_tokens, domains=domains or None)
     carved = step.apply(source.path, passes.Context(source=source, progress=False, log=print, label=source.label),
                         None)[0]
     meta = json.loads((carved / "config.json").read_text())["edgerun_moe"]

@@ -431,7 +431,7 @@ class CarvePass(Pass):
                                        "exactly) or analytical (CMoE's representative-neuron router)",
               choices=("fitted", "analytical")),
         Param("atopk", int, 10, "ATopK's K: neurons marked per calibration token for the grouping", check=positive),
-        Param("domains", str, "", "comma-separated catalog texts: a domain-aware grouping on calibration tokens "
+        Param("domains", str, None, "comma-separated catalog texts: a domain-aware grouping on calibration tokens "
                                   "shared equally among them (replaces dataset; empty: CMoE's grouping)"),
         Param("domain_weight", float, 0.5, "weight of the domain preference against co-activation in the "
                                            "domain-aware grouping, in [0, 1]", check=_unit_interval),
@@ -449,7 +449,7 @@ class CarvePass(Pass):
         cfg = moe_config.parse(self.values["config"], int(read_config(model)["intermediate_size"]))
         tokens, dataset = self.values["calib_tokens"], self.values["dataset"]
         router, k_a = self.values["router"], self.values["atopk"]
-        domains = [d.strip() for d in self.values["domains"].split(",") if d.strip()]
+        domains = [d.strip() for d in (self.values["domains"] or "").split(",") if d.strip()]
         weight = self.values["domain_weight"]
         suffix = f"-{router}" + ("" if k_a == 10 else f"-k{k_a}") + ("" if dataset == "wiki" or domains else f"-{dataset}")
         if len(domains) > 1:

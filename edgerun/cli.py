@@ -469,7 +469,7 @@ def cmd_carve(args) -> int:
     from converters.source import open_source  # torch (dequantizing a GGUF source)
 
     chain = [passes.make("carve", "--config", config=args.config, calib_tokens=args.calib_tokens, dataset=args.calib,
-                         router=args.router, atopk=args.atopk, domains=args.domains,
+                         router=args.router, atopk=args.atopk, domains=args.domains or None,
                          domain_weight=args.domain_weight)]
     if args.finetune is not None:
         chain.append(passes.make("finetune", "--finetune", minutes=args.finetune, steps=args.finetune_steps,
