@@ -41,12 +41,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ["S3A3E8", "S1A5E8", "S2A2E8", "S2A6E16", "S2A4E16"]
 
 
-def decode_speed(path: Path) -> float:
+def decode_speed(path: Path, threads: int | None = None) -> float:
     from edgerun.backends.llamacpp import LlamaCppBackend
     from edgerun.data import text
     from profilers import latency
 
-    b = LlamaCppBackend(path, n_ctx=512)
+    b = LlamaCppBackend(path, n_ctx=512, threads=threads)
     try:
         prompt = b.tokenize(text("wiki", "heldout"))[:128]
         latency.measure(b, prompt, 64)
@@ -415,6 +415,12 @@ def main(argv=None) -> int:
     from edgerun.moe import config as moe_config
     from profilers.accuracy import perplexity
 
+    import os
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     source = open_source("smollm2-135m-instruct", progress=False)
     ctx = 520
 
@@ -436,7 +442,7 @@ def main(argv=None) -> int:
     dense = {"perplexity_torch": ppl_torch(source.path), "perplexity_llamacpp_f32": ppl_gguf(dense_f32)}
     with tempfile.TemporaryDirectory() as tmp:
         q8 = gguf_writer.quantize(dense_f32, Path(tmp) / "dense-q8.gguf", "Q8_0")
-        dense["decode_tokens_per_s_q8_0"] = decode_speed(q8)
+        dense["decode_tokens_per_s_q8_0"] = decode_speed(q8, args.threads)
         print(f"dense: {dense}", flush=True)
         rows = []
         for name in args.configs:
@@ -452,8 +458,9 @@ def main(argv=None) -> int:
             f32 = gguf_writer.write_f32(granite, Path(tmp) / f"{name}.gguf")
             exported = ppl_gguf(f32)
             cq8 = gguf_writer.quantize(f32, Path(tmp) / f"{name}-q8.gguf", "Q8_0")
-            speed = decode_speed(cq8)
+            speed = decode_speed(cq8, args.threads)
             row = {"config": name, "active_fraction": cfg.active_fraction, "carve_seconds": carve_s,
+                   "router": json.loads((carved / "config.json").read_text())["edgerun_moe"]["router"],
                    "host_seconds": host_s, "perplexity_exact": exact, "perplexity_exported": exported,
                    "ratio_exact_vs_dense": exact / dense["perplexity_torch"],
                    "ratio_exported_vs_exact": exported / exact,
@@ -483,14 +490,19 @@ def main(argv=None) -> int:
     result = {"benchmark": "cmoe_table", "source": source.label, "dense": dense, "rows": rows,
               "default_moe_config_at_50_percent": best,
               "protocol": {"dataset": "wiki", "split": "heldout", "window": 512, "windows": args.windows},
+              "threads": args.threads, "load_average_start": load_start, "load_average_end": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cmoe_table.json").write_text(json.dumps(result, indent=2) + "\n")
     md = ["# CMoE on SmolLM2-135M-Instruct", "",
           f"{result['date']}. Dense source: {source.label}; perplexity {dense['perplexity_torch']:.3f} (torch) / "
           f"{dense['perplexity_llamacpp_f32']:.3f} (llama.cpp F32) on held-out wiki ({args.windows} x 512 tokens); "
-          f"dense Q8_0 decodes at {dense['decode_tokens_per_s_q8_0']:.1f} tokens/s. Training-free carving on 16,384 "
-          "wiki calibration tokens.", "",
+          f"dense Q8_0 decodes at {dense['decode_tokens_per_s_q8_0']:.1f} tokens/s ({args.threads} thread). "
+          "Training-free carving on 16,384 wiki calibration tokens, "
+          f"{' and '.join(sorted({r['router'] for r in rows}))} router (the default; the exported host routes "
+          "with the same linear router, so its agreement is exact by construction). Load average "
+          f"{load_start[0]:.1f} at the start, {result['load_average_end'][0]:.1f} at the end: the decode speeds are "
+          "single measurements on a shared machine (median of 3 runs of 64 tokens), the ratios taken in the same run.", "",
           "| config | active | carve s | ppl exact routing | x dense | router agreement (mean / min layer) | "
           "ppl exported routing | x exact | Q8_0 decode tok/s | x dense |",
           "|---|---|---|---|---|---|---|---|---|---|"]
