@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from edgerun.atomic import atomic_dir
 from edgerun.calibration import all_windows
@@ -126,12 +124,7 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
         p.requires_grad_(False)
     lora_info: dict = {}
     if lora:
-        from peft import LoraConfig, get_peft_model   # optional: LoRA only
-
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_MODULES,
-                            target_parameters=LORA_PARAMETERS)
-        model = get_peft_model(model, config)
-        lora_info = {"rank": rank, "alpha": 2 * rank, "modules": LORA_MODULES, "parameters": LORA_PARAMETERS}
+        model, lora_info = add_lora(model, rank)
     fitted = all(m.router_kind == "fitted" for m in moes)
     distill = (1.0 if fitted else 0.0) if router_distill is None else float(router_distill)
     if distill and not fitted:
@@ -214,23 +207,35 @@ def finetune(carved: str | Path, out: str | Path, minutes: float = 3.0, steps: i
     return out, report
 
 
+def add_lora(model, rank: int = 8, alpha: int | None = None):
+    """Wrap a carved torch model (:func:`edgerun.moe.store.load_model`) with LoRA adapters (peft).
+
+    LoRA of rank ``rank`` (Hu et al. 2021) on the attention projections (:data:`LORA_MODULES`, ``nn.Linear``)
+    and on the shared and routed expert tensors (:data:`LORA_PARAMETERS`, peft's ``target_parameters``:
+    the routed tensors (n_routed, m, d) / (n_routed, d, m) get one adapter per expert). Dropout is 0: peft's
+    parameter adapters do not support any. Only the adapters are trainable afterwards; ``merge_and_unload()``
+    folds them back into the carved tensors.
+
+    Args:
+        rank: LoRA rank r. alpha: LoRA alpha (None: 2 r).
+
+    Returns:
+        (the peft model, a record of the settings: rank, alpha, modules, parameters).
+    """
+    from peft import LoraConfig, get_peft_model   # optional: LoRA only
+
+    alpha = 2 * rank if alpha is None else alpha
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_MODULES,
+                        target_parameters=LORA_PARAMETERS)
+    return get_peft_model(model, config), {"rank": rank, "alpha": alpha, "modules": LORA_MODULES,
+                                           "parameters": LORA_PARAMETERS}
+
+
 def _save(model, carved: Path, out: Path, report: FinetuneReport, lr: float, bias_step: float, dataset: str,
           force: bool) -> None:
     cfg = json.loads((carved / "config.json").read_text())
-    dense = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." not in k}
-    if cfg.get("tie_word_embeddings", False):
-        dense.pop("lm_head.weight", None)
     cfg[store.MOE_KEY] = {**cfg[store.MOE_KEY], "finetune": {**asdict(report), "lr": lr, "bias_step": bias_step,
                                                              "dataset": dataset, "split": "calibration",
                                                              "source": str(carved)}}
     with atomic_dir(out, force=force) as tmp:
-        save_file(dense, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "experts").mkdir()
-        for i, layer in enumerate(model.model.layers):
-            old = store.read_layer(carved, i, experts=[])
-            save_file(store.layer_tensors(layer.mlp, old["neurons.shared"], old["neurons.experts"]),
-                      str(store.layer_file(tmp, i)), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        for f in carved.iterdir():
-            if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-                shutil.copy2(f, tmp / f.name)
+        store.save_model(model, carved, tmp, cfg)

@@ -676,11 +676,32 @@ def plot_clusters(selection: Selection, path: str | Path) -> Path:
 
 # --- models: matching, loading ----------------------------------------------------------------------------
 
+MOE_KEY = "edgerun_moe"      # edgerun.moe.store.MOE_KEY, without importing torch to read a config
+
+
+def is_carved(checkpoint: str | Path) -> bool:
+    """True for a carved MoE checkpoint in edgerun's expert-store layout (``edgerun carve``, PEP-pruned or not).
+
+    Raises:
+        ModelFileError: no readable config.json.
+    """
+    from edgerun.formats import safetensors as st_format
+
+    cfg = st_format.read_config(Path(checkpoint))
+    return MOE_KEY in cfg and "export" not in cfg[MOE_KEY]
+
+
 def check_match(pruned: Path, original: Path) -> None:
     """Check that ``pruned`` is a pruned copy of ``original``: same architecture, same tensor names and shapes.
 
+    A carved MoE (edgerun's expert-store layout, e.g. carved and PEP-pruned) is checked against its dense
+    source on the dense parts only: the config fields below (``intermediate_size`` is the dense FFN width a
+    carve keeps in its config) and every tensor outside the FFNs (embeddings, attention, norms); its FFNs
+    are experts and have no dense counterpart.
+
     Raises:
-        UsageError: the first difference, named (architecture, a config field, a tensor's shape, a missing tensor).
+        UsageError: the first difference, named (architecture, a config field, a tensor's shape, a missing
+            tensor); the engine host of a carved MoE (recover the carved checkpoint instead).
         ModelFileError: unreadable checkpoints.
     """
     from safetensors import safe_open
@@ -688,10 +709,17 @@ def check_match(pruned: Path, original: Path) -> None:
     from edgerun.formats import safetensors as st_format
 
     cp, co = st_format.read_config(pruned), st_format.read_config(original)
+    if MOE_KEY in cp and "export" in cp[MOE_KEY]:
+        raise UsageError(f"{pruned} is the engine host of a carved MoE ({cp.get('model_type')}); recover the carved "
+                         "checkpoint in the expert-store layout (edgerun carve, PEP-pruned with "
+                         "converters.prune.prune_carved) and export the recovered one")
     if cp.get("model_type") != co.get("model_type"):
         raise UsageError(f"the pruned model is {cp.get('model_type')} but the original is {co.get('model_type')}: "
                          "give the model it was pruned from")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+    carved = MOE_KEY in cp or MOE_KEY in co
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size") + \
+        (("intermediate_size",) if carved else ())
+    for key in keys:
         if cp.get(key) != co.get(key):
             raise UsageError(f"the pruned model's {key} is {cp.get(key)} but the original's is {co.get(key)}: "
                              "give the model it was pruned from")
@@ -705,6 +733,8 @@ def check_match(pruned: Path, original: Path) -> None:
         return out
 
     sp, so = shapes(pruned), shapes(original)
+    if carved:                                    # the FFNs are experts: compare the dense parts only
+        sp, so = ({k: v for k, v in d.items() if ".mlp." not in k} for d in (sp, so))
     for name in sorted(set(sp) | set(so)):
         if name == "lm_head.weight" and (name not in sp or name not in so):
             continue                                                          # tied embeddings written or not
@@ -716,9 +746,15 @@ def check_match(pruned: Path, original: Path) -> None:
 
 
 def _load(path: Path):
+    """A float32 causal LM in eval mode: a carved checkpoint through :func:`edgerun.moe.store.load_model` (a Llama
+    whose FFNs are :class:`edgerun.moe.layer.CarvedMoE`, exact CMoE routing), any other through transformers."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if is_carved(path):
+        from edgerun.moe import store
+
+        return store.load_model(path, dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model
@@ -790,17 +826,23 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
             progress: Callable[[int, float], None] | None = None,
             finish: Callable[[Path, "RecoveryReport"], None] | None = None,
             log: Callable[[str], None] = lambda m: None) -> RecoveryReport:
-    """LoRA recovery of a pruned checkpoint on ``samples``, merged, written as a new dense checkpoint.
+    """LoRA recovery of a pruned checkpoint on ``samples``, merged, written as a new checkpoint of the same kind.
 
     LoRA (peft) with rank 8, alpha 16, dropout 0.05 on q/k/v/o and gate/up/down (PASER's recovery setting),
     AdamW at ``lr`` with 10% linear warm-up, micro-batches of ``micro_batch``, loss on the response tokens.
+    A carved MoE (expert-store layout, e.g. PEP-pruned) gets the same LoRA on q/k/v/o and on its shared and
+    routed expert tensors (:func:`converters.cmoe_finetune.add_lora`; dropout 0, which peft's parameter
+    adapters require); its routers, gate scales and selection bias stay frozen, so it routes as before and
+    its engine host exports the router exactly; the merged model is written in the store layout with the
+    pruned model's expert count (:func:`edgerun.moe.store.save_model`).
     Training stops at ``epochs`` passes, ``steps`` optimizer steps or ``minutes`` of wall time, whichever
     comes first. Every ``checkpoint_every`` steps the adapter is saved atomically to
     ``.<out name>.recover/`` beside ``out``; a run interrupted (Ctrl-C) keeps that last complete checkpoint
     and leaves nothing at ``out``; the same call again resumes from it (same samples and settings).
 
     Args:
-        pruned: the pruned dense checkpoint. samples: the training pairs. out: output checkpoint directory.
+        pruned: the pruned checkpoint (dense, or carved in the store layout). samples: the training pairs.
+        out: output checkpoint directory.
         keep_sparsity: re-apply the pruned model's zero pattern after merging (None: when the checkpoint
             records a Wanda pruning).
         extra_config: recorded in ``config.json`` under ``edgerun_recovery`` with the report.
@@ -831,6 +873,7 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     cfg = st_format.read_config(pruned)
+    carved = MOE_KEY in cfg and "export" not in cfg[MOE_KEY]
     if keep_sparsity is None:
         keep_sparsity = "edgerun_sparsity" in cfg
     torch.manual_seed(seed)
@@ -839,10 +882,17 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     encoded = [encode_pair(tokenizer, s) for s in samples]
     model = _load(pruned)
     masks = sparsity_masks(model) if keep_sparsity else {}
-    lora = {"r": rank, "alpha": alpha, "dropout": 0.05, "modules": LORA_MODULES, "lr": lr,
-            "micro_batch": micro_batch, "max_tokens": MAX_TOKENS}
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05,
-                                             target_modules=LORA_MODULES, init_lora_weights=True))
+    if carved:
+        from converters.cmoe_finetune import add_lora
+
+        model, info = add_lora(model, rank, alpha)
+        lora = {"r": rank, "alpha": alpha, "dropout": 0.0, "modules": info["modules"],
+                "parameters": info["parameters"], "lr": lr, "micro_batch": micro_batch, "max_tokens": MAX_TOKENS}
+    else:
+        lora = {"r": rank, "alpha": alpha, "dropout": 0.05, "modules": LORA_MODULES, "lr": lr,
+                "micro_batch": micro_batch, "max_tokens": MAX_TOKENS}
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.05,
+                                                 target_modules=LORA_MODULES, init_lora_weights=True))
     trainable = [p for p in model.parameters() if p.requires_grad]
     per_epoch = math.ceil(len(encoded) / micro_batch)
     total = per_epoch * epochs if steps is None else min(steps, per_epoch * epochs)
@@ -914,9 +964,14 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     cfg = dict(cfg)
     cfg["edgerun_recovery"] = {**(extra_config or {}), **report.as_dict()}
     with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-        copy_tokenizer(pruned, tmp)
+        if carved:
+            from edgerun.moe import store
+
+            store.save_model(model, pruned, tmp, cfg)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+            copy_tokenizer(pruned, tmp)
         if finish is not None:
             finish(tmp, report)
     shutil.rmtree(work, ignore_errors=True)                                   # done: the checkpoint is spent

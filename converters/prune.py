@@ -91,3 +91,39 @@ def prune_host(host: str | Path, out: str | Path, keep: list[list[int]], a: int,
             if f.is_file() and f.name not in ("config.json",) and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
     return out
+
+
+def prune_carved(carved: str | Path, out: str | Path, task: str, a: int, b: int, patterns: str | Path | None = None,
+                 force: bool = False) -> Path:
+    """PEP-prune a carved checkpoint in the expert-store layout to the top-b experts of ``task``, routing top-a.
+
+    The task's TCESS pattern is calibrated on the carved model itself (its exact CMoE routing) and cached,
+    or read from ``patterns`` (:func:`edgerun.moe.calibrate.task_pattern`); the kept experts' tensors are
+    copied by :func:`edgerun.moe.store.select_experts`. The result is still a carved checkpoint (torch
+    engine; ``edgerun export`` hosts it for GGUF/ONNX; ``edgerun recover`` recovers it).
+
+    Args:
+        carved: the carved checkpoint. out: output directory (written atomically). task: a built-in task
+            or one in ``patterns``. a, b: route top-a of the kept top-b routed experts per layer.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        UsageError: not a carved checkpoint; no such pattern or one made for another model; bad a/b.
+    """
+    from edgerun.moe import tcess
+    from edgerun.moe.calibrate import task_pattern
+    from edgerun.moe.store import is_carved, select_experts
+
+    carved = Path(carved)
+    cfg = st_format.read_config(carved)
+    if not is_carved(cfg):
+        raise UsageError(f"{carved} is not a carved checkpoint in the expert-store layout (edgerun carve makes one)")
+    meta = cfg[MOE_KEY]
+    check_keep([[0] * b] * cfg["num_hidden_layers"], a, cfg["num_hidden_layers"], meta["routed"])
+    pattern, path = task_pattern(carved, task, patterns)
+    tcess.check_model(pattern, {"layers": cfg["num_hidden_layers"], "experts": meta["routed"], "top_k": meta["active"],
+                                "routing": "carved"})
+    return select_experts(carved, out, pattern.keep(b), a,
+                          {"task": task, "pattern": str(path), "score": pattern.score}, force=force)

@@ -232,15 +232,17 @@ def _tokenizer(words: list[str]):
                                    unk_token="<unk>")
 
 
-def _tiny(directory: Path, pool, hidden: int = 32, seed: int = 0, prune: bool = True) -> Path:
+def _tiny(directory: Path, pool, hidden: int = 32, seed: int = 0, prune: bool = True,
+          extra_words: list[str] = (), intermediate: int = 64) -> Path:
+    """A tiny Llama (2 layers, FFN ``intermediate``) with a word-level tokenizer of the pool's words and ``extra_words``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import re
 
     words = re.findall(r"\w+|[^\w\s]", " ".join(paser.PROMPT + p.instruction + " " + p.response for p in pool))
-    tok = _tokenizer(words)
+    tok = _tokenizer(words + list(extra_words))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                                          pad_token_id=0, tie_word_embeddings=True))

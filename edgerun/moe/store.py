@@ -138,6 +138,35 @@ def load_model(checkpoint: str | Path, dtype=torch.float32):
     return model
 
 
+def save_model(model, source: str | Path, directory: str | Path, config: dict) -> None:
+    """Write a carved torch model (:func:`load_model`'s kind, LoRA merged) into ``directory`` in the store layout.
+
+    ``model.safetensors`` gets every tensor outside the FFNs (float32; ``lm_head.weight`` left out when
+    the embeddings are tied), ``experts/layer-XX.safetensors`` each layer's :class:`CarvedMoE` tensors with
+    the neuron ids of ``source``'s store (the same layer files the model was loaded from, so the expert
+    count is the model's), ``config.json`` is ``config``; every other file of ``source`` (tokenizer,
+    generation config) is copied. ``directory`` must exist: callers write into an atomic temporary
+    directory (:func:`edgerun.atomic.atomic_dir`) so the checkpoint appears whole or not at all.
+
+    Raises:
+        ModelFileError: a missing or corrupted layer file in ``source``.
+    """
+    source, directory = Path(source), Path(directory)
+    dense = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".mlp." not in k}
+    if config.get("tie_word_embeddings", False):
+        dense.pop("lm_head.weight", None)
+    save_file(dense, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "experts").mkdir()
+    for i, layer in enumerate(model.model.layers):
+        old = read_layer(source, i, experts=[])
+        save_file(layer_tensors(layer.mlp, old["neurons.shared"], old["neurons.experts"]),
+                  str(layer_file(directory, i)), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for f in source.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, directory / f.name)
+
+
 def check_keep(keep: list[list[int]], a: int, n_layers: int, n_experts: int) -> None:
     """Check a per-layer expert selection ``keep`` (n_layers lists of b ids) routing top-``a``.
 
