@@ -22,6 +22,18 @@ Writes ``benchmarks/results/paser_table.json`` and ``.md`` after every model (a 
 already measured with the same settings).
 
     nice -n 10 python benchmarks/paser_table.py [--pool 300] [--n 60] [--budgets 0.04,0.1,0.2] [--seeds 0,1,2]
+
+**Carved mode** (``--carved S3A3E8 --prune-experts wiki:3/3``): the pruned model is the CMoE carve of the same
+source (``carve`` pass: fitted router, 16,384 wiki calibration tokens, cached) PEP-pruned on its expert store
+(``converters.prune.prune_carved``: the task's TCESS pattern calibrated on the carved model, 4,096 tokens;
+keep the top-b routed experts per layer, route top-a). Rows: ``carved`` (unpruned carve), ``pep`` (pruned,
+no recovery), then the same PASER / random / full rows; recovery trains LoRA on the attention projections
+and the shared and routed expert tensors (routers frozen) and writes a carved checkpoint. JSD is scored
+between the dense source and the pruned carve (torch, exact CMoE routing). Each carved model is measured
+through the ``host`` pass (Granite host, its fitted router exported exactly) and its F32 GGUF in llama.cpp,
+like the dense rows. Writes ``paser_table_carved.json`` / ``.md``.
+
+    nice -n 10 python benchmarks/paser_table.py --carved S3A3E8 --prune-experts wiki:3/3 --pool 300 --minutes 2
 """
 
 from __future__ import annotations
@@ -49,14 +61,25 @@ TASKS = ("arc-easy", "piqa", "boolq", "hellaswag")
 
 
 def evaluate(checkpoint: Path, label: str, n: int) -> dict:
-    """Perplexity and task accuracy of a checkpoint through its F32 GGUF in llama.cpp (1 thread)."""
+    """Perplexity and task accuracy of a checkpoint through its F32 GGUF in llama.cpp (1 thread).
+
+    A carved checkpoint is hosted first by the export's ``host`` pass (what ``edgerun export --to gguf`` runs);
+    its router agreement and expert counts are recorded under ``host``."""
     from converters.gguf import write_f32
     from edgerun.backends import open_backend
     from profilers.accuracy import perplexity, task_accuracy
 
     t0 = time.perf_counter()
+    host_record = None
     with tempfile.TemporaryDirectory(dir=catalog.home() / "tmp") as tmp:
         gguf = Path(tmp) / "model.gguf"
+        if paser.is_carved(checkpoint):
+            host, recs = passes.make("host").apply(checkpoint, passes.Context(progress=False, log=lambda m: None),
+                                                  Path(tmp) / "host")
+            hcfg = json.loads((host / "config.json").read_text())
+            host_record = {"experts": hcfg["num_local_experts"], "experts_per_token": hcfg["num_experts_per_tok"],
+                           "router": recs[0]["router"], "router_agreement_mean": recs[0]["router_agreement_mean"]}
+            checkpoint = host
         write_f32(checkpoint, gguf, name=label, force=True)
         backend = open_backend("llama.cpp", gguf, n_ctx=1024, threads=1)
         try:
@@ -65,7 +88,35 @@ def evaluate(checkpoint: Path, label: str, n: int) -> dict:
         finally:
             backend.close()
     return {"perplexity": ppl, "tasks": tasks, "mean_accuracy": sum(t["accuracy"] for t in tasks.values()) / len(tasks),
-            "eval_seconds": round(time.perf_counter() - t0, 1)}
+            "eval_seconds": round(time.perf_counter() - t0, 1), **({"host": host_record} if host_record else {})}
+
+
+def carved_pruned(source, cfg_name: str, spec: str, work: Path, log=print) -> tuple[Path, Path, dict]:
+    """(the carve of ``source``, its PEP-pruned copy, the pruning record) for ``--carved``/``--prune-experts``.
+
+    The task pattern is calibrated on the carved model (torch, 1 thread, 4,096 tokens) into ``work``."""
+    from converters.prune import parse_spec, prune_carved
+    from edgerun.moe import calibrate as cal
+    from edgerun.moe import tcess
+
+    task, a, b = parse_spec(spec)
+    carved = passes.make("carve", config=cfg_name).apply(
+        source.path, passes.Context(source=source, progress=False, log=log, label=source.label), None)[0]
+    patterns = work / f"patterns-{carved.name}"
+    t0 = time.perf_counter()
+    if not (patterns / f"{task}.json").is_file():
+        model, tok = cal.load_model(carved, threads=1)
+        torch.set_num_threads(1)
+        for p in cal.calibrate(model, tok, [(task, task)], tokens=4096, name=carved.name):
+            tcess.save(p, patterns)
+        del model
+    pruned = work / f"{carved.name}-{task}{a}of{b}"
+    if not (pruned / "config.json").is_file():
+        prune_carved(carved, pruned, task, a, b, patterns=patterns, force=True)
+    meta = json.loads((pruned / "config.json").read_text())["edgerun_moe"]
+    return carved, pruned, {"config": cfg_name, "task": task, "a": a, "b": b, "routed_before": json.loads(
+        (carved / "config.json").read_text())["edgerun_moe"]["routed"], "keep": meta["pruned"]["keep"],
+        "score": meta["pruned"]["score"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
@@ -80,12 +131,19 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=10)
     ap.add_argument("--sparsity", default="0.5", help="Wanda sparsity (0.5 or 2:4)")
     ap.add_argument("--only", default=None, help="comma-separated model names to run")
-    ap.add_argument("--out", default="paser_table", help="result file stem in benchmarks/results")
+    ap.add_argument("--carved", default=None, metavar="SxAyEz",
+                    help="carved mode: recover the CMoE carve of the source, PEP-pruned by --prune-experts")
+    ap.add_argument("--prune-experts", default="wiki:3/3", metavar="TASK:a/b",
+                    help="carved mode: keep the task's top-b routed experts per layer, route top-a")
+    ap.add_argument("--out", default=None, help="result file stem in benchmarks/results (default paser_table, "
+                                                "paser_table_carved in carved mode)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     budgets = [float(b) for b in args.budgets.split(",") if b]
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    settings = {k: getattr(args, k) for k in ("pool", "n", "minutes", "epochs", "clusters", "sparsity")}
+    args.out = args.out or ("paser_table_carved" if args.carved else "paser_table")
+    keys = ("pool", "n", "minutes", "epochs", "clusters") + (("carved", "prune_experts") if args.carved else ("sparsity",))
+    settings = {k: getattr(args, k) for k in keys}
     json_path, md_path = RESULTS / f"{args.out}.json", RESULTS / f"{args.out}.md"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if results.get("settings") != settings:
@@ -101,11 +159,21 @@ def main() -> None:
             tmp.write_text(table(results), encoding="utf-8")
 
     source = open_source(catalog.DEFAULT_MODEL, progress=False)
-    wanda = passes.make("wanda", sparsity=args.sparsity)
     t = time.perf_counter()
-    pruned, recs = wanda.apply(source.path, passes.Context(source=source, progress=False, log=print), None)
-    results["wanda"] = {k: v for k, v in recs[0].items() if k != "layers"}
-    results["wanda"]["seconds_this_run"] = round(time.perf_counter() - t, 1)
+    if args.carved:
+        carved, pruned, results["pep"] = carved_pruned(source, args.carved, args.prune_experts, work)
+        torch.set_num_threads(1)
+        dense = RESULTS / "paser_table.json"          # the dense source, measured the same way by the dense table
+        if dense.is_file():
+            d = json.loads(dense.read_text())
+            if d["settings"]["n"] == args.n and "unpruned" in d["rows"]:
+                results["dense_reference"] = {k: d["rows"]["unpruned"][k] for k in ("perplexity", "tasks",
+                                                                                     "mean_accuracy")}
+    else:
+        wanda = passes.make("wanda", sparsity=args.sparsity)
+        pruned, recs = wanda.apply(source.path, passes.Context(source=source, progress=False, log=print), None)
+        results["wanda"] = {k: v for k, v in recs[0].items() if k != "layers"}
+        results["wanda"]["seconds_this_run"] = round(time.perf_counter() - t, 1)
     pool = paser.instruction_pool(args.pool, seed=0)
     by_id = {p.id: p for p in pool}
     wanted = set(args.only.split(",")) if args.only else None
@@ -122,10 +190,15 @@ def main() -> None:
         save()
         print(f"  {name}: ppl {row['perplexity']['perplexity']:.2f}, mean acc {row['mean_accuracy']:.3f}", flush=True)
 
-    cell("unpruned", lambda: evaluate(source.path, "unpruned", args.n))
-    cell(f"wanda{args.sparsity}", lambda: evaluate(pruned, "wanda", args.n))
-
-    scores_path = work / f"scores-{args.pool}-{args.sparsity.replace(':', 'of')}.json"
+    if args.carved:
+        spec = args.prune_experts.replace(":", "-").replace("/", "of")
+        cell(f"carved-{args.carved}", lambda: evaluate(carved, "carved", args.n))
+        cell(f"pep-{spec}", lambda: evaluate(pruned, "pep", args.n))
+        scores_path = work / f"scores-{args.pool}-{pruned.name}.json"
+    else:
+        cell("unpruned", lambda: evaluate(source.path, "unpruned", args.n))
+        cell(f"wanda{args.sparsity}", lambda: evaluate(pruned, "wanda", args.n))
+        scores_path = work / f"scores-{args.pool}-{args.sparsity.replace(':', 'of')}.json"
 
     def scores():
         if scores_path.is_file():
@@ -147,7 +220,7 @@ def main() -> None:
         return s
 
     def recovered(name: str, chosen: list, extra: dict) -> dict:
-        out = work / name
+        out = work / (f"{pruned.name}-{name}" if args.carved else name)
         report = paser.recover(pruned, chosen, out, minutes=args.minutes, epochs=args.epochs, force=True,
                                extra_config=extra)
         row = evaluate(out, name, args.n)
@@ -205,7 +278,13 @@ def _mean_jsd(ids: list, s: dict) -> float:
 def table(results: dict) -> str:
     """The markdown table of the results so far."""
     st = results["settings"]
-    lines = [f"# PASER recovery of Wanda-pruned SmolLM2-135M ({st['sparsity']} sparsity)", "",
+    if "carved" in st:
+        pep = results.get("pep", {})
+        title = (f"# PASER recovery of SmolLM2-135M carved {st['carved']} and PEP-pruned ({st['prune_experts']}: "
+                 f"{pep.get('b')} of {pep.get('routed_before')} routed experts kept, top-{pep.get('a')})")
+    else:
+        title = f"# PASER recovery of Wanda-pruned SmolLM2-135M ({st['sparsity']} sparsity)"
+    lines = [title, "",
              f"Scale: pool {st['pool']} pairs, {st['n']} items per task, recovery bounded to {st['epochs']} epochs "
              f"or {st['minutes']:g} min on one CPU thread; load average at the end {results.get('load_average')}.", "",
              "| model | samples | steps (stop) | train s | wiki ppl | ARC-E | PIQA | BoolQ | HellaSwag | mean acc |",
@@ -233,6 +312,21 @@ def table(results: dict) -> str:
     for r in results["rows"].values():
         if r.get("method") == "random" and "selected_mean_jsd" in r:
             lines.append(f"- random seed {r['seed']}: mean JSD of the selection {r['selected_mean_jsd']:.4f} nats")
+    if "carved" in st:
+        pep, hosts = results.get("pep", {}), {n: r["host"] for n, r in results["rows"].items() if "host" in r}
+        keep = pep.get("keep") or [[]]
+        lines += ["", f"PEP: the '{pep.get('task')}' TCESS pattern ({pep.get('score')}) calibrated on the carved model "
+                      f"keeps {pep.get('b')} of {pep.get('routed_before')} routed experts per layer (layer 0: {keep[0]}, "
+                      f"{len({tuple(k) for k in keep})} distinct sets over {len(keep)} layers; all in the JSON), routing "
+                      f"top-{pep.get('a')}; each model is measured through its Granite host (the export's host pass) "
+                      "as an F32 GGUF in llama.cpp:"]
+        for n, h in hosts.items():
+            lines.append(f"- {n}: host with {h['experts']} experts, top-{h['experts_per_token']}, {h['router']}, "
+                         f"router agreement {h['router_agreement_mean']:.3f}")
+        ref = results.get("dense_reference")
+        if ref:
+            lines.append(f"- dense source (paser_table.json, same evaluation): wiki ppl "
+                         f"{ref['perplexity']['perplexity']:.2f}, mean acc {ref['mean_accuracy']:.3f}")
     return "\n".join(lines) + "\n"
 
 

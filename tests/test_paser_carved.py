@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+import subprocess
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ import torch
 from converters import paser
 from edgerun.errors import UsageError
 
+from conftest import cli_env, edgerun_cmd
 from test_paser import _pool, _tiny
 
 
@@ -37,7 +38,7 @@ def carved_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("carved-paser")
     pool = _pool(16)
     dense = _tiny(root / "dense", pool, prune=False, extra_words=_calibration_words(), intermediate=128)
-    carved = carve_checkpoint(dense, root / "carved", "S1A2E4", tokens=1024, seq_len=128)
+    carved = carve_checkpoint(dense, root / "carved", "S1A2E4", tokens=512, seq_len=128)
     pruned = select_experts(carved, root / "pruned", [[0, 2], [0, 2]], 2, {"task": "test", "score": "hand"})
     return pool, dense, carved, pruned
 
@@ -121,3 +122,53 @@ def test_a_different_vocabulary_is_named(carved_pair, tmp_path):
     assert json.loads((small / "config.json").read_text())["vocab_size"] != cfg["vocab_size"]
     with pytest.raises(UsageError, match="vocab_size is"):
         paser.check_match(pruned, small)
+
+
+def test_prune_carved_keeps_the_patterns_top_experts(carved_pair, tmp_path):
+    from converters.prune import prune_carved
+    from edgerun.moe import calibrate as cal
+    from edgerun.moe import tcess
+
+    torch.set_num_threads(1)
+    _, _, carved, _ = carved_pair
+    model, tok = cal.load_model(carved, threads=1)
+    pattern = cal.calibrate(model, tok, [("wiki", "wiki")], tokens=256, name="tiny")[0]
+    tcess.save(pattern, tmp_path / "patterns")
+    out = prune_carved(carved, tmp_path / "p", "wiki", 1, 2, patterns=tmp_path / "patterns")
+    meta = json.loads((out / "config.json").read_text())["edgerun_moe"]
+    assert meta["pruned"]["keep"] == pattern.keep(2) and (meta["routed"], meta["active"]) == (2, 1)
+    with pytest.raises(UsageError, match="b = 4 exceeds the 3 routed experts"):
+        prune_carved(carved, tmp_path / "q", "wiki", 2, 4, patterns=tmp_path / "patterns")
+    with pytest.raises(UsageError, match="not a carved checkpoint"):
+        prune_carved(carved_pair[1], tmp_path / "r", "wiki", 1, 2, patterns=tmp_path / "patterns")
+
+
+@pytest.mark.slow
+def test_recovered_carved_smollm2_exports_to_gguf_with_its_pruned_expert_count(smollm2_source, tmp_path):
+    """The real model carved S3A3E8 (2,048 calibration tokens, cached), PEP-pruned by hand to 3 of its 5 routed
+    experts, PASER-recovered for 3 steps, then `edgerun export --to gguf` (the host pass): 3 experts, top-3, chats."""
+    from converters.export import carved_cache
+    from edgerun.formats import gguf as gguf_format
+    from edgerun.moe.store import select_experts
+
+    torch.set_num_threads(1)
+    carved = carved_cache(smollm2_source, "S3A3E8", 2048, False, lambda m: None)
+    layers = json.loads((carved / "config.json").read_text())["num_hidden_layers"]
+    pruned = select_experts(carved, tmp_path / "pruned", [[0, 2, 4]] * layers, 3, {"task": "hand", "score": "-"})
+    out = tmp_path / "recovered"
+    record = paser.run(pruned, str(smollm2_source.path), out, budget=0.25, pool_size=24, clusters=3, steps=3,
+                       progress=False, log=lambda m: None)
+    assert record["recovery"]["steps"] == 3 and (out / "paser_selection.json").is_file()
+    assert (out / "paser_clusters.png").is_file() and paser.is_carved(out)
+    gguf_path = tmp_path / "r.gguf"
+    r = subprocess.run(edgerun_cmd("export", str(out), "--to", "gguf", "--quant", "Q8_0", "--no-verify", "-o",
+                                   str(gguf_path)), capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "r.gguf.manifest.json").read_text())
+    assert [p["name"] for p in manifest["passes"]] == ["host-as-granitemoe"]
+    meta = gguf_format.validate(gguf_path).metadata
+    assert (meta["granitemoe.expert_count"], meta["granitemoe.expert_used_count"]) == (3, 3)
+    chat = subprocess.run(edgerun_cmd("chat", str(gguf_path), "-p", "What is the capital of France?", "--temperature",
+                                      "0", "--max-tokens", "8"), capture_output=True, text=True, env=cli_env(),
+                          timeout=300)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
