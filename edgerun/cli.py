@@ -562,7 +562,8 @@ def _add_recover(sub) -> None:
                                    "(r 8, alpha 16, lr 3e-4), merged into a checkpoint that exports like any other. "
                                    "The selection (JSON) and a PNG of the clusters are written beside the weights.")
     p.add_argument("pruned", help="the pruned checkpoint directory (e.g. from edgerun export --prune wanda:0.5 --to hf, "
-                                  "or the wanda pass's cached output)")
+                                  "or the wanda pass's cached output), or a carved MoE in the expert-store layout "
+                                  "(edgerun carve, PEP-pruned or not; recovered into the same layout)")
     p.add_argument("--original", required=True, help="the model it was pruned from (catalog name, .gguf or checkpoint)")
     p.add_argument("--budget", type=float, default=0.1, help="fraction of the pool to train on, in (0, 1] (default 0.1)")
     p.add_argument("--pool-size", type=_positive_int, default=4000,
