@@ -165,7 +165,7 @@ def test_recovered_carved_smollm2_exports_to_gguf_with_its_pruned_expert_count(s
                                    str(gguf_path)), capture_output=True, text=True, env=cli_env(), timeout=900)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "r.gguf.manifest.json").read_text())
-    assert [p["name"] for p in manifest["passes"]] == ["host-as-granitemoe"]
+    assert "host-as-granitemoe" in [p["name"] for p in manifest["passes"]]
     meta = gguf_format.validate(gguf_path).metadata
     assert (meta["granitemoe.expert_count"], meta["granitemoe.expert_used_count"]) == (3, 3)
     chat = subprocess.run(edgerun_cmd("chat", str(gguf_path), "-p", "What is the capital of France?", "--temperature",
