@@ -17,6 +17,9 @@ Measured per model, on its F32 GGUF in llama.cpp (one thread): perplexity on 4 x
 wiki text, and zero-shot accuracy (log-likelihood of the choices, ``profilers.accuracy.task_accuracy``) on
 ``--n`` items each of ARC-Easy, PIQA, BoolQ and HellaSwag, with Wilson 95% intervals; the mean of the four.
 Wall times: PASER's selection (embedding, JSD scoring, clustering and selection) and each training run.
+With ``--heldout-loss N``: each model's mean response loss (nats/token, teacher-forced, torch) on N
+instruction pairs drawn (seed 1) from the rest of the instruction pool, none of them in the recovery pool:
+what recovery trains for, on pairs it never saw.
 
 Writes ``benchmarks/results/paser_table.json`` and ``.md`` after every model (a re-run skips the models
 already measured with the same settings).
@@ -42,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -131,6 +135,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=10)
     ap.add_argument("--sparsity", default="0.5", help="Wanda sparsity (0.5 or 2:4)")
     ap.add_argument("--only", default=None, help="comma-separated model names to run")
+    ap.add_argument("--heldout-loss", type=int, default=0, metavar="N",
+                    help="also measure each model's response loss (nats/token) on N instruction pairs outside the pool")
     ap.add_argument("--carved", default=None, metavar="SxAyEz",
                     help="carved mode: recover the CMoE carve of the source, PEP-pruned by --prune-experts")
     ap.add_argument("--prune-experts", default="wiki:3/3", metavar="TASK:a/b",
@@ -259,6 +265,25 @@ def main() -> None:
         else:
             cell(f"random-{args.random_budget:g}-s{v}", lambda v=v: random_row(v))
     cell("full", lambda: recovered("full", list(pool), {"method": "full", "budget": 1.0}))
+    if args.heldout_loss:
+        # the response loss each model gets on instruction pairs outside the pool (what recovery trains for)
+        pool_ids = {p.id for p in pool}
+        rest = [p for p in paser.instruction_pool(None) if p.id not in pool_ids]
+        held = sorted(random.Random(1).sample(range(len(rest)), args.heldout_loss))
+        held = [rest[i] for i in held]
+        for name, row in results["rows"].items():
+            if "heldout_loss" in row:
+                continue
+            if args.carved:
+                path = {f"carved-{args.carved}": carved}.get(name, pruned if name.startswith("pep-") else None)
+                path = path or work / f"{pruned.name}-{name}"
+            else:
+                path = {"unpruned": source.path}.get(name, pruned if name.startswith("wanda") else work / name)
+            t0 = time.perf_counter()
+            row["heldout_loss"] = {"pairs": len(held), "nats_per_token": paser.losses_on(path, held),
+                                   "seconds": round(time.perf_counter() - t0, 1)}
+            print(f"  {name}: held-out response loss {row['heldout_loss']['nats_per_token']:.3f}", flush=True)
+            save()
     save()
 
 
@@ -287,8 +312,8 @@ def table(results: dict) -> str:
     lines = [title, "",
              f"Scale: pool {st['pool']} pairs, {st['n']} items per task, recovery bounded to {st['epochs']} epochs "
              f"or {st['minutes']:g} min on one CPU thread; load average at the end {results.get('load_average')}.", "",
-             "| model | samples | steps (stop) | train s | wiki ppl | ARC-E | PIQA | BoolQ | HellaSwag | mean acc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | samples | steps (stop) | train s | wiki ppl | ARC-E | PIQA | BoolQ | HellaSwag | mean acc "
+             "| held-out loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         rec = r.get("recovery")
         cells = [name, str(r.get("samples", "-")),
@@ -298,6 +323,7 @@ def table(results: dict) -> str:
             a = r["tasks"][t]
             cells.append(f"{a['accuracy']:.3f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}]")
         cells.append(f"{r['mean_accuracy']:.3f}")
+        cells.append(f"{r['heldout_loss']['nats_per_token']:.3f}" if "heldout_loss" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     sel = [r for r in results["rows"].values() if r.get("method") == "paser"]
     if sel:
