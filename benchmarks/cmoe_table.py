@@ -293,7 +293,7 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
           f"{result['date']}. The fitted-router carve (16,384 wiki calibration tokens) fine-tuned for {args.distill:g} "
           "minutes (gate scales, LoRA r=8, one 256-token window per step) with the router frozen (distillation "
           "weight 0) or distilled towards the oracle's expert sets (weight 1) for the frozen run's number of steps "
-          "(equal training; a distilled step is slower); perplexity on held-out wiki "
+          "(equal training; each run's wall time in brackets); perplexity on held-out wiki "
           f"({args.windows} x 512 tokens; dense {dense_ppl:.3f}); cells: perplexity (x dense, 95% paired bootstrap "
           f"interval); load average {result['load_average_end'][0]:.1f} at the end (the step counts show the "
           "budget the shared machine gave).", "",
