@@ -51,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -271,16 +272,24 @@ def main() -> None:
         rest = [p for p in paser.instruction_pool(None) if p.id not in pool_ids]
         held = sorted(random.Random(1).sample(range(len(rest)), args.heldout_loss))
         held = [rest[i] for i in held]
-        for name, row in results["rows"].items():
-            if "heldout_loss" in row:
+        todo = list(results["rows"].items())
+        if args.carved and "dense_reference" in results:
+            todo.append(("dense source", results["dense_reference"]))
+        for name, row in todo:
+            if "heldout_loss" in row and "per_pair" in row["heldout_loss"]:
                 continue
-            if args.carved:
+            if name == "dense source":
+                path = source.path
+            elif args.carved:
                 path = {f"carved-{args.carved}": carved}.get(name, pruned if name.startswith("pep-") else None)
                 path = path or work / f"{pruned.name}-{name}"
             else:
                 path = {"unpruned": source.path}.get(name, pruned if name.startswith("wanda") else work / name)
             t0 = time.perf_counter()
-            row["heldout_loss"] = {"pairs": len(held), "nats_per_token": paser.losses_on(path, held),
+            nll, tokens = paser.response_nlls(path, held)
+            row["heldout_loss"] = {"pairs": len(held), "tokens": int(tokens.sum()),
+                                   "nats_per_token": float(nll.sum() / tokens.sum()),
+                                   "per_pair": [round(float(v), 5) for v in nll / np.maximum(tokens, 1)],
                                    "seconds": round(time.perf_counter() - t0, 1)}
             print(f"  {name}: held-out response loss {row['heldout_loss']['nats_per_token']:.3f}", flush=True)
             save()
@@ -352,8 +361,38 @@ def table(results: dict) -> str:
         ref = results.get("dense_reference")
         if ref:
             lines.append(f"- dense source (paser_table.json, same evaluation): wiki ppl "
-                         f"{ref['perplexity']['perplexity']:.2f}, mean acc {ref['mean_accuracy']:.3f}")
+                         f"{ref['perplexity']['perplexity']:.2f}, mean acc {ref['mean_accuracy']:.3f}"
+                         + (f", held-out loss {ref['heldout_loss']['nats_per_token']:.3f}" if "heldout_loss" in ref
+                            else ""))
+    lines += heldout_notes(results)
     return "\n".join(lines) + "\n"
+
+
+def heldout_notes(results: dict) -> list[str]:
+    """Paired differences of the held-out response loss (per pair, nats/token; BCa 95%): each recovered model
+    against the pruned one, and each PASER budget against the mean of the random seeds."""
+    from profilers.accuracy import paired_difference
+
+    rows = {n: r for n, r in results["rows"].items() if "per_pair" in r.get("heldout_loss", {})}
+    base = next((n for n in rows if n.startswith(("pep-", "wanda"))), None)
+    if base is None:
+        return []
+    first = next(iter(rows.values()))["heldout_loss"]
+    out = ["", f"Held-out response loss (nats/token) on {first['pairs']} instruction pairs outside the pool "
+               f"({first['tokens']} response tokens), per-pair paired differences with BCa 95% intervals:"]
+    for n, r in rows.items():
+        if r.get("recovery"):
+            d = paired_difference(r["heldout_loss"]["per_pair"], rows[base]["heldout_loss"]["per_pair"])
+            out.append(f"- {n} - {base}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+    rand = [r["heldout_loss"]["per_pair"] for r in rows.values() if r.get("method") == "random"]
+    if rand:
+        mean_random = [sum(v) / len(v) for v in zip(*rand)]
+        for n, r in rows.items():
+            if r.get("method") == "paser":
+                d = paired_difference(r["heldout_loss"]["per_pair"], mean_random)
+                out.append(f"- {n} - mean of the {len(rand)} random seeds: {d['mean']:+.3f} "
+                           f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+    return out
 
 
 if __name__ == "__main__":

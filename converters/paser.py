@@ -1008,7 +1008,18 @@ def _train(model, optimizer, sched, trainable, encoded, batches, start, steps, m
 
 
 def losses_on(model_dir: str | Path, samples: Sequence[Instruction]) -> float:
-    """Mean response loss (nats/token) of a checkpoint on ``samples`` (teacher-forced, no grad)."""
+    """Mean response loss (nats/token) of a checkpoint on ``samples`` (teacher-forced, no grad), token-weighted."""
+    nll, tokens = response_nlls(model_dir, samples)
+    return float(nll.sum() / max(1, tokens.sum()))
+
+
+def response_nlls(model_dir: str | Path, samples: Sequence[Instruction]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample response negative log-likelihood of a checkpoint (dense or carved), teacher-forced, no grad.
+
+    Returns:
+        (summed NLL over each sample's response tokens (n,) float64 in nats, response tokens (n,) int64);
+        ``nll / tokens`` is each sample's mean loss in nats/token.
+    """
     import torch
     from transformers import AutoTokenizer
 
@@ -1016,15 +1027,18 @@ def losses_on(model_dir: str | Path, samples: Sequence[Instruction]) -> float:
     model = _load(Path(model_dir))
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     encoded = [encode_pair(tok, s) for s in samples]
-    total = count = 0.0
+    nll, tokens = np.zeros(len(encoded)), np.zeros(len(encoded), dtype=np.int64)
     with torch.inference_mode():
         for start in range(0, len(encoded), 8):
             idx = list(range(start, min(start + 8, len(encoded))))
             ids, attn, labels = _collate(encoded, idx, pad)
-            n = int((labels[:, 1:] != -100).sum())
-            total += float(model(input_ids=ids, attention_mask=attn, labels=labels).loss) * n
-            count += n
-    return total / max(1.0, count)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            target = labels[:, 1:]
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                          reduction="none")                  # (b, t-1)
+            nll[idx] = per_token.sum(1).double().numpy()
+            tokens[idx] = (target != -100).sum(1).numpy()
+    return nll, tokens
 
 
 # --- the whole step ------------------------------------------------------------------------------------------

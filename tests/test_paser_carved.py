@@ -57,6 +57,12 @@ def test_carved_pruned_model_scores_against_the_dense_original(carved_pair):
     assert same == pytest.approx([0.0] * 4, abs=1e-6)
     scores, lengths = paser.sample_jsd(paser._load(dense), model, tok, pool[:4])
     assert (scores > 0).all() and (scores < 0.6932).all() and (lengths > 0).all()
+    nll, tokens = paser.response_nlls(pruned, pool[:3])                   # per sample, batched with padding
+    ids, n_prompt = paser.encode_pair(tok, pool[1])
+    with torch.inference_mode():
+        alone = model(input_ids=torch.tensor([ids]), labels=torch.tensor([[-100] * n_prompt + ids[n_prompt:]])).loss
+    assert tokens[1] == len(ids) - n_prompt and nll[1] / tokens[1] == pytest.approx(float(alone), rel=1e-4)
+    assert paser.losses_on(pruned, pool[:3]) == pytest.approx(nll.sum() / tokens.sum())
 
 
 def test_recovery_of_a_pruned_carved_moe_lowers_the_loss_and_keeps_the_store_layout(carved_pair, tmp_path):
