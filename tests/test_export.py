@@ -284,7 +284,7 @@ def test_recipe_passes_run_in_order_and_are_recorded_in_order(tmp_path, scratch_
     ("passes:\n  - carve: {config: S1A1E4}\n  - crave: {config: S1A1E4}\n",
      r"r\.yaml, line 3: unknown pass 'crave'; known: merge, carve, finetune, host, prune, wanda, recover, ptq$"),
     ("passes:\n  - carve:\n      config: S1A1E4\n      tokens: 512\n",
-     r"r\.yaml, line 4: unknown field 'passes\[0\]\.carve\.tokens'; known: config, calib_tokens, dataset, router, atopk$"),
+     r"r\.yaml, line 4: unknown field 'passes\[0\]\.carve\.tokens'; known: config, calib_tokens, dataset, router, atopk, domains, domain_weight$"),
     ("passes:\n  - finetune:\n      minutes: soon\n",
      r"r\.yaml, line 3: field 'passes\[0\]\.finetune\.minutes' must be a number, got 'soon'$"),
     ("passes:\n  - finetune: {lora: 1}\n", r"r\.yaml, line 2: field 'passes\[0\]\.finetune\.lora' must be true or false"),
@@ -314,7 +314,7 @@ def test_declared_defaults_apply(tmp_path):
     spec = chain[0].recipe.spec
     assert (spec.method, spec.alpha, spec.density, spec.seed) == ("ties", 1.0, 0.2, 0)
     assert chain[1].values == {"config": "s2a2e8", "calib_tokens": 16384, "dataset": "wiki", "router": "fitted",
-                              "atopk": 10}
+                              "atopk": 10, "domains": None, "domain_weight": 0.5}
     assert chain[2].values == {"minutes": 3.0, "steps": None, "lora": True, "dataset": "wiki"}
     assert chain[3].values == {"method": "rtn", "bits": 4, "group_size": 64, "calib_tokens": 8192}
     assert chain[3].tag() == "rtn-w4g64"
@@ -379,7 +379,7 @@ def test_cli_export_bad_recipe_prints_one_line(tmp_path):
                                    str(tmp_path / "x.gguf")), capture_output=True, text=True, env=cli_env(), timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (f"error: {recipe}, line 2: unknown field 'passes[0].carve.tokens'; "
-                                                 "known: config, calib_tokens, dataset, router, atopk")
+                                                 "known: config, calib_tokens, dataset, router, atopk, domains, domain_weight")
 
 
 def _pad_vocab(src: Path, dst: Path, extra: int) -> Path:
