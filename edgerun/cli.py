@@ -814,14 +814,24 @@ def cmd_device(args) -> int:
 
 
 def _add_experts(sub) -> None:
-    p = sub.add_parser("experts", help="expert patterns of an MoE model: calibrate, list, show (PreMoe)",
-                       description="edgerun experts calibrate MODEL --task NAME=DATA ... -o DIR | list DIR | show FILE")
-    p.add_argument("action", choices=["calibrate", "list", "show"])
-    p.add_argument("target", help="MODEL (calibrate), a patterns DIR (list) or a pattern FILE (show)")
+    p = sub.add_parser("experts", help="expert patterns of an MoE model: calibrate, list, show, prune (PreMoe)",
+                       description="edgerun experts calibrate MODEL --task NAME=DATA ... -o DIR | list DIR | show FILE "
+                                   "| prune CARVED --prune-experts TASK:a/b -o OUT")
+    p.add_argument("action", choices=["calibrate", "list", "show", "prune"])
+    p.add_argument("target", help="MODEL (calibrate), a patterns DIR (list), a pattern FILE (show) or a carved "
+                                  "checkpoint (prune)")
+    p.add_argument("--prune-experts", metavar="TASK:a/b",
+                   help="prune: keep the task's top-b routed experts per layer and route top-a (PreMoe PEP); the "
+                        "output is a carved checkpoint (torch; export hosts it; recover recovers it)")
+    p.add_argument("--patterns", default=None, metavar="DIR",
+                   help="prune: the task's pattern from DIR (default: calibrated on the model and cached)")
+    p.add_argument("--force", action="store_true", help="prune: overwrite an existing output")
     p.add_argument("--task", action="append", default=[],
                    help="NAME=DATA, DATA a catalog text (wiki, c4, tiny, code, multilingual, technical), math, "
                         "or a text file; repeatable (default: all seven built-in tasks)")
-    p.add_argument("-o", "--output", default="patterns", help="patterns directory (calibrate; default ./patterns)")
+    p.add_argument("-o", "--output", default=None,
+                   help="patterns directory (calibrate; default ./patterns) or the pruned checkpoint (prune; default "
+                        "./<model>-<task>-a<a>b<b>)")
     p.add_argument("--calib-tokens", type=_positive_int, default=4096, metavar="N",
                    help="calibration tokens per task (default 4096)")
     _old_spelling(p, "--tokens", "calib_tokens")
@@ -845,6 +855,18 @@ def cmd_experts(args) -> int:
     from edgerun.moe import tcess  # torch
 
     score = args.score or tcess.DEFAULT_SCORE
+    if args.action == "prune":
+        from converters.prune import parse_spec, prune_carved  # the converter layer: the CLI sits on top
+
+        if not args.prune_experts:
+            raise UsageError("experts prune needs --prune-experts TASK:a/b, e.g. wiki:2/4")
+        task, a, b = parse_spec(args.prune_experts)
+        src = Path(catalog.resolve(args.target))
+        out = Path(args.output or f"{src.name}-{task}-a{a}b{b}")
+        print(prune_carved(src, out, task, a, b, patterns=args.patterns, force=args.force))
+        return 0
+    if args.output is None:
+        args.output = "patterns"
     if args.action == "calibrate":
         tasks = [cal.parse_task(t) for t in (args.task or cal.DEFAULT_TASKS)]
         if score not in tcess.SCORES:

@@ -147,6 +147,17 @@ def test_prune_carved_keeps_the_patterns_top_experts(carved_pair, tmp_path):
         prune_carved(carved, tmp_path / "q", "wiki", 2, 4, patterns=tmp_path / "patterns")
     with pytest.raises(UsageError, match="not a carved checkpoint"):
         prune_carved(carved_pair[1], tmp_path / "r", "wiki", 1, 2, patterns=tmp_path / "patterns")
+    # the same from the command line: `edgerun experts prune`, then its refusals
+    from edgerun import cli
+
+    assert cli.main(["experts", "prune", str(carved), "--prune-experts", "wiki:1/2", "--patterns",
+                     str(tmp_path / "patterns"), "-o", str(tmp_path / "cli")]) == 0
+    cli_meta = json.loads((tmp_path / "cli" / "config.json").read_text())["edgerun_moe"]
+    assert cli_meta["pruned"]["keep"] == meta["pruned"]["keep"]
+    assert cli.main(["experts", "prune", str(carved), "--prune-experts", "wiki:1/2", "--patterns",
+                     str(tmp_path / "patterns"), "-o", str(tmp_path / "cli")]) != 0       # exists, no --force
+    assert cli.main(["experts", "prune", str(carved), "-o", str(tmp_path / "none")]) != 0  # no TASK:a/b
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow
