@@ -168,7 +168,9 @@ def main(argv=None) -> int:
               "seconds": round(time.perf_counter() - t0, 1), "load_average": [load0, os.getloadavg()],
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "cmoe_router_ceiling" + ("" if args.train_windows == 8 else f"_train{args.train_windows}")
+    stem = ("cmoe_router_ceiling" + ("" if args.config == "S2A2E8" else f"_{args.config}")
+            + ("" if args.train_windows == 8 else f"_train{args.train_windows}")
+            + ("" if args.test_windows == 8 else f"_test{args.test_windows}") + ("" if args.iters == 100 else f"_it{args.iters}"))
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     r = result
     md = [f"# How close can a linear router get to the oracle? ({args.config}, fitted-router carve)", "",

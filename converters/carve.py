@@ -247,14 +247,19 @@ def carve_ffn(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, x:
 
     Returns:
         (the :class:`CarvedMoE` layer, shared neuron ids int64 (x*m,), routed neuron ids int64
-        (z-x, m) sorted per expert, statistics: mean activation rates and representative neurons).
+        (z-x, m) sorted per expert, statistics: mean activation rates and representative neurons, and
+        with ``domains`` each expert's domain ``expert_domains`` and ``domain_purity``, the mean preference
+        of its neurons for that domain in [0, 1] (1/D: none)).
 
     Raises:
         ValueError: an unknown router, grouping or target, k_a outside 1..d_ff, domain labels that do not
-            match the tokens, a domain weight outside [0, 1].
+            match the tokens or are not int64, n_domains < 1, a domain weight outside [0, 1].
     """
-    if domains is not None and not 0.0 <= domain_weight <= 1.0:
-        raise ValueError(f"the domain weight must lie in [0, 1], got {domain_weight}")
+    if domains is not None:
+        if not 0.0 <= domain_weight <= 1.0:
+            raise ValueError(f"the domain weight must lie in [0, 1], got {domain_weight}")
+        if n_domains < 1 or domains.dtype != torch.int64:
+            raise ValueError(f"domain labels need n_domains >= 1 (got {n_domains}) and dtype int64 (got {domains.dtype})")
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; valid: {', '.join(ROUTERS)}")
     if grouping not in GROUPINGS or target not in TARGETS:
@@ -333,9 +338,10 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         k_a: neurons marked per token (ATopK's K; 10 as released).
         router: ``fitted`` (default) or ``analytical`` (CMoE's); recorded in the config as ``router``.
         grouping, target: measurement options of :func:`carve_ffn` (recorded when not the default).
-        domains: catalog texts for the domain-aware grouping (module doc): ``tokens`` split equally among
-            them (whole windows of ``seq_len``, shortened to a domain's share when that is smaller),
-            ``dataset`` unused; recorded with ``domain_weight`` in the config. None or one domain: CMoE's grouping.
+        domains: two or more catalog texts for the domain-aware grouping (module doc), at most one per routed
+            expert: ``tokens`` split equally among them (whole windows of ``seq_len``, shortened to a
+            domain's share when that is smaller), ``dataset`` unused; recorded with ``domain_weight`` in the
+            config. None: CMoE's grouping.
         force: replace an existing output.
         progress: called as ``progress(done_layers, total_layers)``.
 
@@ -345,8 +351,9 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
 
     Raises:
         UsageError: unsupported architecture (non-Llama, non-SwiGLU), an already carved source, a bad
-            configuration, an unknown router or K, too little calibration text, a repeated domain or a
-            domain weight outside [0, 1], output exists without ``force``.
+            configuration, an unknown router or K, too little calibration text, fewer than two, repeated
+            or more domains than routed experts, a domain weight outside [0, 1], output exists without
+            ``force``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only a carve loads a model
 
@@ -365,10 +372,16 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         raise UsageError(f"unknown grouping '{grouping}' or router target '{target}'")
     if not 1 <= k_a <= moe_cfg.d_ff:
         raise UsageError(f"ATopK K = {k_a} must be between 1 and the FFN width {moe_cfg.d_ff}")
-    domains = list(domains) if domains and len(domains) > 1 else None
+    domains = list(domains) if domains else None
     if domains is not None:
+        if len(domains) < 2:
+            raise UsageError(f"a domain-aware carve needs at least two domains (got {','.join(domains)}); "
+                             "for one calibration text use --calib")
         if len(set(domains)) != len(domains):
             raise UsageError(f"repeated domain in {','.join(domains)}")
+        if len(domains) > moe_cfg.routed:
+            raise UsageError(f"{len(domains)} domains for {moe_cfg.routed} routed experts: every domain needs an "
+                             f"expert; use more experts (e.g. a larger z in SxAyEz) or fewer domains")
         if not 0.0 <= domain_weight <= 1.0:
             raise UsageError(f"the domain weight must lie in [0, 1], got {domain_weight}")
         seq_len = min(seq_len, tokens // len(domains))

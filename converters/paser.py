@@ -857,7 +857,8 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
         :class:`RecoveryReport`.
 
     Raises:
-        UsageError: no samples, non-positive bounds, ``out`` exists without ``force``.
+        UsageError: no samples, non-positive bounds, ``out`` exists without ``force``, a carved MoE whose
+            Wanda zeros would have to be kept.
         ModelFileError: unreadable checkpoint.
     """
     import torch
@@ -880,6 +881,9 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     carved = MOE_KEY in cfg and "export" not in cfg[MOE_KEY]
     if keep_sparsity is None:
         keep_sparsity = "edgerun_sparsity" in cfg
+    if carved and keep_sparsity:
+        raise UsageError(f"{pruned} is a carved MoE of a Wanda-pruned model: recovery cannot re-apply the zero "
+                         "pattern to its expert tensors; carve the unpruned model, or recover with keep_sparsity=False")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(pruned)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

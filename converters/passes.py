@@ -452,7 +452,7 @@ class CarvePass(Pass):
         domains = [d.strip() for d in (self.values["domains"] or "").split(",") if d.strip()]
         weight = self.values["domain_weight"]
         suffix = f"-{router}" + ("" if k_a == 10 else f"-k{k_a}") + ("" if dataset == "wiki" or domains else f"-{dataset}")
-        if len(domains) > 1:
+        if domains:
             suffix += "-dom-" + "-".join(domains) + ("" if weight == 0.5 else f"-w{weight:g}")
         out, todo = output_of(out, lambda: catalog.home() / "cache" / "carved"
                               / f"{model.name}-{cfg.name}-t{tokens}{suffix}")

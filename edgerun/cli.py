@@ -860,8 +860,13 @@ def cmd_experts(args) -> int:
 
         if not args.prune_experts:
             raise UsageError("experts prune needs --prune-experts TASK:a/b, e.g. wiki:2/4")
+        if args.task or args.score:
+            raise UsageError("--task and --score apply to experts calibrate; prune takes the task from "
+                             "--prune-experts and its pattern from --patterns (or calibrates a built-in task)")
         task, a, b = parse_spec(args.prune_experts)
-        src = Path(catalog.resolve(args.target))
+        src = Path(args.target).resolve()
+        if not src.is_dir():
+            raise UsageError(f"{args.target} is not a carved checkpoint directory (edgerun carve makes one)")
         out = Path(args.output or f"{src.name}-{task}-a{a}b{b}")
         print(prune_carved(src, out, task, a, b, patterns=args.patterns, force=args.force))
         return 0

@@ -501,14 +501,26 @@ def test_a_domain_aware_carve_puts_each_domains_neurons_into_its_own_experts():
     assert float(pure.mean()) > float(majority(plain)[0].mean()) + 0.05
     with pytest.raises(ValueError, match="domain weight"):
         carve_ffn(g, u, d, x, cfg, domains=dom, n_domains=2, domain_weight=1.5)
+    with pytest.raises(ValueError, match="n_domains >= 1"):
+        carve_ffn(g, u, d, x, cfg, domains=dom)
 
 
-def test_a_domain_aware_checkpoint_calibrates_on_each_domain_and_records_it(tiny_llama, tmp_path):
+def test_a_domain_aware_checkpoint_calibrates_on_each_domain_and_records_it(tiny_llama, tmp_path, monkeypatch):
+    from converters import carve
     from converters.carve import carve_checkpoint
     from converters.passes import carve_record
 
+    calls = []
+    real = carve.calibration_windows
+
+    def recording(tokenizer, n, seq_len, dataset="wiki"):
+        calls.append((dataset, n, seq_len))
+        return real(tokenizer, n, seq_len, dataset)
+
+    monkeypatch.setattr(carve, "calibration_windows", recording)
     out = carve_checkpoint(tiny_llama, tmp_path / "carved", "S1A1E4", tokens=1024, seq_len=256,
                            domains=["wiki", "code"])
+    assert calls == [("wiki", 2, 256), ("code", 2, 256)]
     meta = json.loads((out / "config.json").read_text())["edgerun_moe"]
     assert meta["domains"] == ["wiki", "code"] and meta["domain_weight"] == 0.5
     assert meta["calibration"] == {"dataset": "wiki,code", "split": "calibration", "tokens": 1024, "window": 256}
@@ -516,6 +528,11 @@ def test_a_domain_aware_checkpoint_calibrates_on_each_domain_and_records_it(tiny
     assert carve_record(out)["domains"] == ["wiki", "code"]
     with pytest.raises(UsageError, match="repeated domain"):
         carve_checkpoint(tiny_llama, tmp_path / "c2", "S1A1E4", tokens=1024, domains=["wiki", "wiki"])
+    with pytest.raises(UsageError, match="at least two domains"):
+        carve_checkpoint(tiny_llama, tmp_path / "c4", "S1A1E4", tokens=1024, domains=["code"])
+    with pytest.raises(UsageError, match="4 domains for 3 routed experts"):
+        carve_checkpoint(tiny_llama, tmp_path / "c5", "S1A1E4", tokens=1024, domains=["wiki", "code", "c4", "tiny"])
+    assert not any((tmp_path / c).exists() for c in ("c2", "c3", "c4", "c5"))
     with pytest.raises(UsageError, match="domain weight"):
         carve_checkpoint(tiny_llama, tmp_path / "c3", "S1A1E4", tokens=1024, domains=["wiki", "code"],
                          domain_weight=2.0)

@@ -365,3 +365,23 @@ def test_taer_retrieves_the_right_task_on_the_real_carved_model(smollm2_source):
     # chance is 8 of 16; benchmarks/premoe_table.py --retrieval measures every key on all 7 tasks (code and
     # tiny stories: 10/10 each with the mass key there)
     assert hits >= 14, misses
+
+
+def test_the_cached_pattern_key_changes_with_the_model_files(tmp_path):
+    """Two models of the same directory name, or one re-carved in place, never share a cached pattern."""
+    import os
+
+    from edgerun.moe.calibrate import _cache_key
+
+    a, b = tmp_path / "x" / "carved", tmp_path / "y" / "carved"
+    for d in (a, b):
+        (d / "experts").mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "experts" / "layer-00.safetensors").write_bytes(b"0" * 8)
+    assert _cache_key(a).startswith("carved-") and _cache_key(a) != _cache_key(b)
+    before = _cache_key(a)
+    assert _cache_key(a) == before
+    f = a / "experts" / "layer-00.safetensors"
+    f.write_bytes(b"1" * 16)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert _cache_key(a) != before
