@@ -264,12 +264,13 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
 
     from converters.cmoe_finetune import finetune
 
-    carved = carve("S2A2E8", 10)
+    config = args.distill_config
+    carved = carve(config, 10)
     base = measure(load_model(carved), "fitted")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         frozen_steps = None
-        for weight in (0.0, 1.0):
+        for weight in args.distill_weights:
             # equal cost: the distilled run gets the frozen run's step count (its steps are slower: the
             # oracle runs per layer), with a generous time bound so the steps, not the clock, end it
             out, rep = finetune(carved, Path(tmp) / f"ft{weight:g}",
@@ -280,16 +281,17 @@ def _distill(args, source, dense_ppl, dense_nll, measure, load_model, carve, t0)
             rows.append({"router_distill": weight, "steps": rep.steps, "seconds": rep.seconds, "loss_first": rep.loss_first,
                          "loss_last": rep.loss_last, "distill_loss_first": rep.distill_loss_first,
                          "distill_loss_last": rep.distill_loss_last, "fitted": row})
-    result = {"benchmark": "cmoe_distill", "config": "S2A2E8", "minutes": args.distill, "dense_perplexity": dense_ppl,
+    result = {"benchmark": "cmoe_distill", "config": config, "minutes": args.distill, "dense_perplexity": dense_ppl,
               "training_free": base, "rows": rows, "windows": args.windows, "threads": args.threads,
               "load_average_end": os.getloadavg(), "seconds": time.perf_counter() - t0,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "cmoe_distill" if args.distill == 3 else f"cmoe_distill_{args.distill:g}min"
+    stem = ("cmoe_distill" + ("" if config == "S2A2E8" else f"_{config}")
+            + ("" if args.distill == 3 else f"_{args.distill:g}min"))
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     cell, ratio = _cell, _ratio
-    md = ["# CMoE fine-tune with a trained router, S2A2E8 on SmolLM2-135M-Instruct (issue 16)", "",
+    md = [f"# CMoE fine-tune with a trained router, {config} on SmolLM2-135M-Instruct (issue 16)", "",
           f"{result['date']}. The fitted-router carve (16,384 wiki calibration tokens) fine-tuned for {args.distill:g} "
           "minutes (gate scales, LoRA r=8, one 256-token window per step) with the router frozen (distillation "
           "weight 0) or distilled towards the oracle's expert sets (weight 1) for the frozen run's number of steps "
@@ -387,6 +389,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distill", type=float, default=None, metavar="MINUTES",
                     help="with --routers: S2A2E8 fine-tuned MINUTES with the router frozen and distilled "
                          "(writes cmoe_distill.*)")
+    ap.add_argument("--distill-config", default="S2A2E8", help="with --distill: the configuration fine-tuned")
+    ap.add_argument("--distill-weights", type=lambda v: [float(x) for x in v.split(",")], default=[0.0, 1.0],
+                    help="with --distill: router distillation weights, one run each (default 0,1: frozen, distilled)")
     ap.add_argument("--variants", action="store_true",
                     help="with --routers: grouping (markers / magnitude) and router-target (mass / output) "
                          "variants of S2A2E8 (or the first --configs) instead (writes cmoe_groupings*.*)")
