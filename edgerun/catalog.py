@@ -185,6 +185,17 @@ def home() -> Path:
     return base / "edgerun"
 
 
+def stamp(path: str | os.PathLike, *extra: str) -> str:
+    """A cache-key part for a local model file or directory: SHA-256 (hex) of ``extra``, its resolved path and
+    the relative name, size (bytes) and modification time (ns) of every file under it, so the key changes
+    whenever the model is rewritten (a re-export, a re-carve in place) or another model has the same name."""
+    path = Path(path)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    return hashlib.sha256(repr((extra, str(path.resolve()), [(str(p.relative_to(path)) if path.is_dir() else p.name,
+                                                               p.stat().st_size, p.stat().st_mtime_ns)
+                                                              for p in files])).encode()).hexdigest()
+
+
 def get(name: str) -> CatalogEntry:
     """Return the catalog entry called ``name``.
 

@@ -17,7 +17,6 @@ open raises it again as the backend's one-line error.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -39,10 +38,7 @@ _OPENERS = {
 def _stamp(engine: str, path: Path) -> Path:
     from edgerun import catalog  # the cache home; a light import
 
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
-    key = hashlib.sha256(repr((engine, str(path.resolve()),
-                               [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])).encode())
-    return catalog.home() / "cache" / "opened" / f"{engine}-{key.hexdigest()[:24]}"
+    return catalog.home() / "cache" / "opened" / f"{engine}-{catalog.stamp(path, engine)[:24]}"
 
 
 def first_open(engine: str, path: str | Path, timeout: float = TIMEOUT_S) -> float | None:

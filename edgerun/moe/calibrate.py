@@ -74,19 +74,9 @@ def task_text(data: str, split: str = "calibration") -> str:
 
 
 def _cache_key(model_path: Path) -> str:
-    """``<name>-<12 hex>``: the model directory's name and a hash of its resolved path and of the size and
-    modification time of its config and weight files, so a re-carved or another model of the same name
-    never reuses a stale cached pattern."""
-    import hashlib
-
-    h = hashlib.sha256(str(model_path.resolve()).encode())
-    files = [model_path / "config.json", *sorted(model_path.glob("*.safetensors")),
-             *sorted(model_path.glob("experts/*.safetensors"))]
-    for f in files:
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(model_path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return f"{model_path.name}-{h.hexdigest()[:12]}"
+    """``<name>-<12 hex>``: the model directory's name and :func:`edgerun.catalog.stamp` of its files, so a
+    re-carved or another model of the same name never reuses a stale cached pattern."""
+    return f"{model_path.name}-{catalog.stamp(model_path)[:12]}"
 
 
 def calibrate(model, tokenizer, tasks: list[tuple[str, str]], tokens: int = 4096, window: int = 512,
@@ -186,7 +176,7 @@ def task_pattern(model_path: str | Path, task: str, patterns_dir: str | Path | N
     """The pattern of ``task`` for the model at ``model_path``: from ``patterns_dir``, else calibrated and cached.
 
     Without ``patterns_dir`` the task must be a built-in one (``DEFAULT_TASKS``); its pattern is
-    calibrated once and cached under ``$EDGERUN_HOME/cache/patterns/<model>-<hash>/`` (hash of the model files, :func:`_cache_key`).
+    calibrated once and cached under ``$EDGERUN_HOME/cache/patterns/<model>-<hash>/`` (:func:`_cache_key`).
 
     Raises:
         UsageError: no such pattern; a pattern made for another model.
