@@ -680,9 +680,6 @@ def plot_clusters(selection: Selection, path: str | Path) -> Path:
 
 # --- models: matching, loading ----------------------------------------------------------------------------
 
-MOE_KEY = "edgerun_moe"      # edgerun.moe.store.MOE_KEY, without importing torch to read a config
-
-
 def is_carved(checkpoint: str | Path) -> bool:
     """True for a carved MoE checkpoint in edgerun's expert-store layout (``edgerun carve``, PEP-pruned or not).
 
@@ -690,9 +687,9 @@ def is_carved(checkpoint: str | Path) -> bool:
         ModelFileError: no readable config.json.
     """
     from edgerun.formats import safetensors as st_format
+    from edgerun.moe import store   # torch: only where a model is read
 
-    cfg = st_format.read_config(Path(checkpoint))
-    return MOE_KEY in cfg and "export" not in cfg[MOE_KEY]
+    return store.is_carved(st_format.read_config(Path(checkpoint)))
 
 
 def check_match(pruned: Path, original: Path) -> None:
@@ -711,9 +708,10 @@ def check_match(pruned: Path, original: Path) -> None:
     from safetensors import safe_open
 
     from edgerun.formats import safetensors as st_format
+    from edgerun.moe.store import MOE_KEY, is_carved as carved_config
 
     cp, co = st_format.read_config(pruned), st_format.read_config(original)
-    if MOE_KEY in cp and "export" in cp[MOE_KEY]:
+    if MOE_KEY in cp and not carved_config(cp):
         raise UsageError(f"{pruned} is the engine host of a carved MoE ({cp.get('model_type')}); recover the carved "
                          "checkpoint in the expert-store layout (edgerun carve, PEP-pruned with "
                          "converters.prune.prune_carved) and export the recovered one")
@@ -869,6 +867,7 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     from converters.source import copy_tokenizer
     from edgerun.atomic import atomic_dir
     from edgerun.formats import safetensors as st_format
+    from edgerun.moe import store
 
     pruned, out = Path(pruned), Path(out)
     if not samples:
@@ -878,7 +877,7 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to overwrite it")
     cfg = st_format.read_config(pruned)
-    carved = MOE_KEY in cfg and "export" not in cfg[MOE_KEY]
+    carved = store.is_carved(cfg)
     if keep_sparsity is None:
         keep_sparsity = "edgerun_sparsity" in cfg
     if carved and keep_sparsity:
@@ -973,8 +972,6 @@ def recover(pruned: str | Path, samples: Sequence[Instruction], out: str | Path,
     cfg["edgerun_recovery"] = {**(extra_config or {}), **report.as_dict()}
     with atomic_dir(out, force=force) as tmp:
         if carved:
-            from edgerun.moe import store
-
             store.save_model(model, pruned, tmp, cfg)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
