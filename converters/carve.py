@@ -403,13 +403,13 @@ def carve_checkpoint(checkpoint: str | Path, out: str | Path, config: str, token
         for d, name in enumerate(domains):
             windows += calibration_windows(tokenizer, per_domain, seq_len, name)
             window_domain += [d] * per_domain
+    token_domain = (None if window_domain is None else       # the domain of every calibration token, all layers
+                    torch.cat([torch.full((w.shape[1],), d, dtype=torch.int64) for w, d in zip(windows, window_domain)]))
     hiddens, kwargs_list = block_inputs(model, windows)
     layers, carved = model.model.layers, []
     for i, layer in enumerate(layers):
         residuals, ffn_in = _ffn_inputs(layer, hiddens, kwargs_list)
         mlp = layer.mlp
-        token_domain = (None if window_domain is None else
-                        torch.cat([torch.full((len(f),), d, dtype=torch.int64) for f, d in zip(ffn_in, window_domain)]))
         moe, shared, members, stats = carve_ffn(mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float(),
                                                 mlp.down_proj.weight.detach().float(), torch.cat(ffn_in), moe_cfg, k_a,
                                                 router, grouping, target, domains=token_domain,
