@@ -286,21 +286,26 @@ def test_recovery_lowers_the_loss_and_keeps_the_sparsity(tmp_path):
     assert json.loads((out / "config.json").read_text())["edgerun_recovery"]["steps"] == 40
 
 
+def interrupted_recovery(pruned, pool, out, stop_at: int, steps: int, every: int) -> dict:
+    """Run :func:`paser.recover` with a Ctrl-C raised at step ``stop_at``; return the state of its last
+    complete checkpoint (``.<out>.recover/state.json``)."""
+    def interrupt(step, loss):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        paser.recover(pruned, pool, out, steps=steps, epochs=5, checkpoint_every=every, progress=interrupt)
+    return json.loads((out.parent / f".{out.name}.recover" / "state.json").read_text())
+
+
 def test_ctrl_c_keeps_the_last_checkpoint_and_writes_nothing_then_resumes(tmp_path):
     torch.set_num_threads(1)
     pool = _pool(16)
     pruned = _tiny(tmp_path / "pruned", pool)
     out = tmp_path / "recovered"
-
-    def interrupt(step, loss):
-        if step == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        paser.recover(pruned, pool, out, steps=10, epochs=5, checkpoint_every=3, progress=interrupt)
+    state = interrupted_recovery(pruned, pool, out, stop_at=7, steps=10, every=3)
     assert not out.exists()
     assert not list(tmp_path.glob("*.partial"))
-    state = json.loads((tmp_path / ".recovered.recover" / "state.json").read_text())
     assert state["step"] == 6
     report = paser.recover(pruned, pool, out, steps=10, epochs=5, checkpoint_every=3)
     assert report.resumed_from == 6 and report.steps == 10

@@ -15,7 +15,7 @@ from converters import paser
 from edgerun.errors import UsageError
 
 from conftest import cli_env, edgerun_cmd
-from test_paser import _pool, _tiny
+from test_paser import _pool, _tiny, interrupted_recovery
 
 
 def _calibration_words() -> list[str]:
@@ -94,15 +94,9 @@ def test_ctrl_c_during_carved_recovery_writes_nothing_then_resumes(carved_pair, 
     torch.set_num_threads(1)
     pool, _, _, pruned = carved_pair
     out = tmp_path / "recovered"
-
-    def interrupt(step, loss):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        paser.recover(pruned, pool, out, steps=6, epochs=5, checkpoint_every=2, progress=interrupt)
+    state = interrupted_recovery(pruned, pool, out, stop_at=5, steps=6, every=2)
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
-    assert json.loads((tmp_path / ".recovered.recover" / "state.json").read_text())["step"] == 4
+    assert state["step"] == 4
     report = paser.recover(pruned, pool, out, steps=6, epochs=5, checkpoint_every=2)
     assert report.resumed_from == 4 and report.steps == 6
     assert (out / "experts" / "layer-01.safetensors").is_file() and not (tmp_path / ".recovered.recover").exists()
