@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -99,25 +98,16 @@ def evaluate(checkpoint: Path, label: str, n: int) -> dict:
 def carved_pruned(source, cfg_name: str, spec: str, work: Path, log=print) -> tuple[Path, Path, dict]:
     """(the carve of ``source``, its PEP-pruned copy, the pruning record) for ``--carved``/``--prune-experts``.
 
-    The task pattern is calibrated on the carved model (torch, 1 thread, 4,096 tokens) into ``work``."""
+    The task pattern is calibrated on the carved model (4,096 tokens) and cached by ``prune_carved``."""
     from converters.prune import parse_spec, prune_carved
-    from edgerun.moe import calibrate as cal
-    from edgerun.moe import tcess
 
     task, a, b = parse_spec(spec)
     carved = passes.make("carve", config=cfg_name).apply(
         source.path, passes.Context(source=source, progress=False, log=log, label=source.label), None)[0]
-    patterns = work / f"patterns-{carved.name}"
     t0 = time.perf_counter()
-    if not (patterns / f"{task}.json").is_file():
-        model, tok = cal.load_model(carved, threads=1)
-        torch.set_num_threads(1)
-        for p in cal.calibrate(model, tok, [(task, task)], tokens=4096, name=carved.name):
-            tcess.save(p, patterns)
-        del model
     pruned = work / f"{carved.name}-{task}{a}of{b}"
     if not (pruned / "config.json").is_file():
-        prune_carved(carved, pruned, task, a, b, patterns=patterns, force=True)
+        prune_carved(carved, pruned, task, a, b, force=True)
     meta = json.loads((pruned / "config.json").read_text())["edgerun_moe"]
     return carved, pruned, {"config": cfg_name, "task": task, "a": a, "b": b, "routed_before": json.loads(
         (carved / "config.json").read_text())["edgerun_moe"]["routed"], "keep": meta["pruned"]["keep"],
