@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     from converters import passes
     from converters.source import open_source
     from edgerun import data
+    from edgerun.calibration import run_with_input_hooks
     from edgerun.moe.store import load_model
     from profilers.accuracy import window_nlls
 
@@ -104,15 +105,7 @@ def main(argv=None) -> int:
 
     def capture(windows):
         got = [[] for _ in moes]
-        hs = [m.register_forward_pre_hook(lambda mod, a, i=i: got[i].append(a[0].reshape(-1, a[0].shape[-1])))
-              for i, m in enumerate(moes)]
-        try:
-            with torch.inference_mode():
-                for w in windows:
-                    model(input_ids=w)
-        finally:
-            for h in hs:
-                h.remove()
+        run_with_input_hooks(model, dict(enumerate(moes)), windows, lambda i, x: got[i].append(x))
         return [torch.cat(g).float() for g in got]
 
     x_train = capture(train_w)
