@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cmoe_table import _bootstrap_ratio
-    from converters import passes
+    from converters.export import carved_cache
     from converters.source import open_source
     from edgerun import data
     from edgerun.calibration import run_with_input_hooks
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0, load0 = time.perf_counter(), os.getloadavg()
     source = open_source("smollm2-135m-instruct", progress=False)
-    carved = passes.make("carve", config=args.config, calib_tokens=16384).apply(
-        source.path, passes.Context(source=source, progress=False, log=print, label=source.label), None)[0]
+    carved = carved_cache(source, args.config, 16384, False, print)
     model = load_model(carved).eval()
     moes = [layer.mlp for layer in model.model.layers]
     from transformers import AutoTokenizer

@@ -99,11 +99,11 @@ def carved_pruned(source, cfg_name: str, spec: str, work: Path, log=print) -> tu
     """(the carve of ``source``, its PEP-pruned copy, the pruning record) for ``--carved``/``--prune-experts``.
 
     The task pattern is calibrated on the carved model (4,096 tokens) and cached by ``prune_carved``."""
+    from converters.export import carved_cache
     from converters.prune import parse_spec, prune_carved
 
     task, a, b = parse_spec(spec)
-    carved = passes.make("carve", config=cfg_name).apply(
-        source.path, passes.Context(source=source, progress=False, log=log, label=source.label), None)[0]
+    carved = carved_cache(source, cfg_name, 16384, False, log)
     t0 = time.perf_counter()
     pruned = work / f"{carved.name}-{task}{a}of{b}"
     if not (pruned / "config.json").is_file():

@@ -211,10 +211,7 @@ def specialization_main(args) -> int:
     cfg_name = args.config or "S2A2E8"
     source = open_source("smollm2-135m-instruct", progress=False)
     domains = ",".join(TASKS) if args.domains == "tasks" else args.domains
-    from converters import passes
-    step = passes.make("carve", config=cfg_name, calib_tokens=args.calib_tokens, domains=domains or None)
-    carved = step.apply(source.path, passes.Context(source=source, progress=False, log=print, label=source.label),
-                        None)[0]
+    carved = carved_cache(source, cfg_name, args.calib_tokens, False, print, domains=domains or None)
     meta = json.loads((carved / "config.json").read_text())["edgerun_moe"]
     router = meta.get("router", "analytical")
     base = TorchBackend(carved, n_ctx=600, threads=1)

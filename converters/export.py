@@ -92,9 +92,11 @@ def f32_cache(source: Source | Path, progress: Callable | None = None, label: st
     return out
 
 
-def carved_cache(source: Source, config: str, tokens: int, progress: bool, log: Callable[[str], None]) -> Path:
-    """The source carved with CMoE ``config`` on ``tokens`` calibration tokens, cached (the ``carve`` pass)."""
-    step = passes_mod.make("carve", config=config, calib_tokens=tokens)
+def carved_cache(source: Source, config: str, tokens: int, progress: bool, log: Callable[[str], None],
+                 **params) -> Path:
+    """The source carved with CMoE ``config`` on ``tokens`` calibration tokens, cached (the ``carve`` pass;
+    ``params``: its other parameters, e.g. ``domains``, ``router``, ``atopk``)."""
+    step = passes_mod.make("carve", config=config, calib_tokens=tokens, **params)
     ctx = passes_mod.Context(source=source, progress=progress, log=log, label=source.label)
     return step.apply(source.path, ctx, None)[0]
 
